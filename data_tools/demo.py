@@ -1,0 +1,285 @@
+"""A procedural image-text data set for the demo: coloured shapes with varied captions.
+
+32 classes (8 colours × 4 shapes) drawn with PIL on varied backgrounds, so a tiny CLIP learns
+something measurable in minutes and zero-shot accuracy on the held-out eval split means something.
+Each shard depends only on (seed, split, shard id): reruns give the same bytes, shards are written in
+parallel, and complete shards are skipped (resumable).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data_tools.shards import ShardWriter, is_complete, key_for, make_uid, shard_name, write_sizes
+
+# Saturated, far-apart colours so the colour word is unambiguous at 64 px.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (35, 75, 225),
+    "yellow": (245, 220, 35),
+    "purple": (135, 45, 180),
+    "orange": (250, 135, 25),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+CLASSNAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+TEMPLATES = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+    "a small {}.",
+    "a large {}.",
+)
+BACKGROUNDS = {"solid": "plain", "gradient": "gradient", "noise": "textured"}
+SPLIT_STREAMS = {"train": 0, "eval": 1}  # eval draws from its own seed stream: held out
+SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down for anti-aliased edges
+MIN_CONTRAST = 120.0  # least RGB distance between a background and the shape colour
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: everything its content depends on."""
+
+    folder: Path
+    split: str
+    shard_id: int
+    start: int
+    count: int
+    image_size: int
+    seed: int
+    index_digits: int
+
+
+def write_demo_data(
+    output: Path,
+    samples: int = 64000,
+    eval_samples: int = 1600,
+    image_size: int = 64,
+    samples_per_shard: int = 4000,
+    seed: int = 0,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Write the demo set under ``output`` (train/, eval/, classnames.txt, templates.txt, demo.json).
+
+    Returns the demo.json content plus how many shards were written and skipped.
+    """
+    output = Path(output)
+    settings = _validate(samples, eval_samples, image_size, samples_per_shard, seed, workers)
+    _check_previous_settings(output, settings)
+    output.mkdir(parents=True, exist_ok=True)
+    tasks = _plan(output, settings)
+    pending = [task for task in tasks if not _is_done(task)]
+    _run(pending, workers)
+    for split in {task.split for task in tasks}:
+        write_sizes(output / split)
+    (output / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    (output / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    info = {**settings, "classes": len(CLASSNAMES), **_shard_specs(tasks)}
+    _write_json_atomic(output / "demo.json", info)
+    return {**info, "shards_written": len(pending), "shards_skipped": len(tasks) - len(pending)}
+
+
+def _validate(
+    samples: int, eval_samples: int, image_size: int, samples_per_shard: int, seed: int, workers: int
+) -> dict[str, int]:
+    """The settings that determine the data, after checking each one."""
+    minimums = {"samples": 1, "eval_samples": 0, "image_size": 16, "samples_per_shard": 1, "workers": 1}
+    values = dict(samples=samples, eval_samples=eval_samples, image_size=image_size)
+    values.update(samples_per_shard=samples_per_shard, workers=workers)
+    for name, minimum in minimums.items():
+        if values[name] < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {values[name]}")
+    del values["workers"]  # how many processes write the data does not change it
+    return {**values, "seed": seed}
+
+
+def _check_previous_settings(output: Path, settings: dict[str, int]) -> None:
+    """Refuse to mix shards written with other settings into one folder."""
+    info_file = output / "demo.json"
+    if not info_file.exists():
+        return
+    previous = json.loads(info_file.read_text())
+    changed = [f"{k} {previous.get(k)} -> {v}" for k, v in settings.items() if previous.get(k) != v]
+    if changed:
+        raise ValueError(f"{output} holds demo data with other settings ({', '.join(changed)})")
+
+
+def _plan(output: Path, settings: dict[str, int]) -> list[ShardTask]:
+    """The shards of both splits, largest work first."""
+    per_shard = settings["samples_per_shard"]
+    index_digits = max(4, len(str(per_shard - 1)))
+    tasks = []
+    for split, total in (("train", settings["samples"]), ("eval", settings["eval_samples"])):
+        for shard_id, start in enumerate(range(0, total, per_shard)):
+            count = min(per_shard, total - start)
+            args = (split, shard_id, start, count, settings["image_size"], settings["seed"], index_digits)
+            tasks.append(ShardTask(output / split, *args))
+    return tasks
+
+
+def _is_done(task: ShardTask) -> bool:
+    """A shard is skipped when it is complete and holds the expected number of samples."""
+    if not is_complete(task.folder, task.shard_id):
+        return False
+    stats = json.loads((task.folder / f"{shard_name(task.shard_id)}_stats.json").read_text())
+    return stats.get("count") == task.count
+
+
+def _run(tasks: list[ShardTask], workers: int) -> None:
+    """Write shards in a process pool (or in this process for one worker or one shard)."""
+    progress = tqdm(total=sum(task.count for task in tasks), unit="img", disable=None)
+    if workers == 1 or len(tasks) <= 1:
+        for task in tasks:
+            progress.update(write_shard(task))
+    else:
+        with Pool(min(workers, len(tasks))) as pool:
+            for count in pool.imap_unordered(write_shard, tasks):
+                progress.update(count)
+    progress.close()
+
+
+def write_shard(task: ShardTask) -> int:
+    """Write one shard; classes go round robin over global indices, shuffled inside the shard."""
+    rng = np.random.default_rng([task.seed, SPLIT_STREAMS[task.split], task.shard_id])
+    labels = (task.start + np.arange(task.count)) % len(CLASSNAMES)
+    rng.shuffle(labels)
+    with ShardWriter(task.folder, task.shard_id) as writer:
+        for index, label in enumerate(labels.tolist()):
+            key = key_for(task.shard_id, index, task.index_digits)
+            image_bytes, caption, meta = render_sample(rng, label, task.image_size)
+            meta["path"] = f"demo/{task.split}/{key}"
+            meta["uid"] = make_uid("demo", str(task.seed), task.split, key)
+            extras = {"cls": str(label)} if task.split == "eval" else None
+            writer.add(key, image_bytes, caption, meta, extras=extras)
+    return task.count
+
+
+def render_sample(rng: np.random.Generator, label: int, image_size: int) -> tuple[bytes, str, dict]:
+    """Draw one sample of class ``label``: JPEG bytes, a caption, and its json metadata."""
+    colour, shape = CLASSNAMES[label].split(" ")
+    fill = COLOURS[colour]
+    background_kind = str(rng.choice(list(BACKGROUNDS)))
+    background = _background(rng, background_kind, fill, image_size)
+    fraction = float(rng.uniform(0.35, 0.8))
+    mask = _shape_mask(rng, shape, fraction, image_size)
+    image = Image.composite(Image.new("RGB", background.size, fill), background, mask)
+    if rng.random() < 0.5:
+        image = _add_noise(rng, image, sigma=float(rng.uniform(1.0, 4.0)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    caption = _caption(rng, colour, shape, fraction, BACKGROUNDS[background_kind])
+    meta = {"label": label, "classname": CLASSNAMES[label], "background": background_kind}
+    return buffer.getvalue(), caption, meta
+
+
+def _background_colour(rng: np.random.Generator, avoid: tuple[int, int, int]) -> np.ndarray:
+    """A muted random colour far enough from the shape colour that the shape stays visible."""
+    for _ in range(32):
+        grey = rng.uniform(60, 200)
+        colour = 0.5 * rng.uniform(0, 255, size=3) + 0.5 * grey
+        if np.linalg.norm(colour - np.asarray(avoid)) >= MIN_CONTRAST:
+            return colour
+    return np.full(3, 255.0 - np.mean(avoid))  # fallback: the opposite grey always contrasts
+
+
+def _background(rng: np.random.Generator, kind: str, avoid: tuple[int, int, int], size: int) -> Image.Image:
+    """A solid, two-colour gradient, or noise-textured background."""
+    first = _background_colour(rng, avoid)
+    if kind == "solid":
+        return Image.new("RGB", (size, size), tuple(int(c) for c in first))
+    pixels = np.broadcast_to(first, (size, size, 3)).astype(np.float32)
+    if kind == "gradient":
+        second = _background_colour(rng, avoid)
+        angle = rng.uniform(0, 2 * math.pi)
+        ys, xs = np.mgrid[0:size, 0:size] / (size - 1)
+        t = xs * math.cos(angle) + ys * math.sin(angle)
+        t = (t - t.min()) / (t.max() - t.min())
+        pixels = first * (1 - t[..., None]) + second * t[..., None]
+    elif kind == "noise":
+        pixels = pixels + 14.0 * rng.standard_normal(pixels.shape, dtype=np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def _shape_mask(rng: np.random.Generator, shape: str, fraction: float, size: int) -> Image.Image:
+    """An anti-aliased mask of the shape: its extent is ``fraction`` of the image side."""
+    canvas = size * SUPERSAMPLE
+    radius = fraction * canvas / 2
+    cx, cy = rng.uniform(radius, canvas - radius, size=2)
+    rotation = rng.uniform(0, 2 * math.pi)
+    mask = Image.new("L", (canvas, canvas), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, radius, rotation), fill=255)
+    return mask.reduce(SUPERSAMPLE)
+
+
+def _polygon(shape: str, cx: float, cy: float, radius: float, rotation: float) -> list[tuple[float, float]]:
+    """Vertices of a rotated square, triangle or five-pointed star inside a circle of ``radius``."""
+    corners = {"square": 4, "triangle": 3, "star": 10}[shape]
+    points = []
+    for i in range(corners):
+        r = radius * (0.45 if shape == "star" and i % 2 else 1.0)
+        angle = rotation + 2 * math.pi * i / corners
+        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+    return points
+
+
+def _add_noise(rng: np.random.Generator, image: Image.Image, sigma: float) -> Image.Image:
+    """Light Gaussian pixel noise, like sensor noise on a photo."""
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += sigma * rng.standard_normal(pixels.shape, dtype=np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def _caption(rng: np.random.Generator, colour: str, shape: str, fraction: float, background: str) -> str:
+    """A caption that always names colour and shape, in one of several phrasings."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    size = "small" if fraction < 0.5 else "large" if fraction > 0.65 else "medium-sized"
+    name = f"{colour} {shape}"
+    captions = (
+        f"a photo of {article} {name}",
+        f"{article} {name} on a {background} background",
+        f"a {size} {name}",
+        name,
+        f"a picture of {article} {name}",
+        f"{article} {name}",
+        f"a {shape} coloured {colour}",
+        f"a {size} {name} on a {background} background",
+        f"the {shape} is {colour}",
+        f"a drawing of {article} {name}",
+    )
+    return captions[int(rng.integers(len(captions)))]
+
+
+def _shard_specs(tasks: list[ShardTask]) -> dict[str, Any]:
+    """Shard counts and brace-expanded shard specs (relative to the output folder) per split."""
+    specs: dict[str, Any] = {}
+    for split in SPLIT_STREAMS:
+        count = sum(task.split == split for task in tasks)
+        specs[f"{split}_shards"] = count
+        specs[split] = f"{split}/{{00000..{count - 1:05d}}}.tar" if count else None
+    return specs
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON under a temp name and rename it, so demo.json appears only when all is written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)

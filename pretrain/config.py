@@ -1,0 +1,259 @@
+"""The run config: one dataclass per component, merged defaults <- YAML <- command-line dotlist.
+
+Every key can be overridden as `section.key=value`. Unknown keys and values of the wrong type raise
+`ConfigError` with one line that names the key, so the CLI can exit 2 with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+class ConfigError(ValueError):
+    """A config problem, described in one line that names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; outputs go to `{dir}/{name}/`."""
+    dir: str = "runs"
+    """Parent folder of run directories."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-clip"
+    """An open_clip model name (e.g. ViT-B-32), a config in configs/models/, or a path to a JSON config."""
+    pretrained: str | None = None
+    """open_clip pretrained tag or weights file to start from (None: random init)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic"
+    """Shard spec (brace-expanded, `::`-joined sources) or the word `synthetic`."""
+    train_weights: list[float] | None = None
+    """Sampling weight of each `::`-joined source."""
+    workers: int = 0
+    """Data-loading worker processes per rank."""
+    synthetic_classes: int = 16
+    """Synthetic data: number of latent classes (images and texts of a class correlate, so loss falls)."""
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 0, "data.workers", f"must be >= 0, got {self.workers}")
+        _check(self.synthetic_classes > 0, "data.synthetic_classes", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run in total."""
+    batch_size: int = 16
+    """Samples per rank per micro-step."""
+    accum_steps: int = 1
+    """Micro-steps per optimizer step; all accumulated samples are negatives for each other."""
+    seed: int = 0
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast; also on CPU)."""
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    warmup_steps: int = 10
+    weight_decay: float = 0.2
+    """Applied to weight matrices only; gains, biases and the logit scale get none."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "accum_steps"):
+            value = getattr(self, name)
+            _check(value > 0, f"train.{name}", f"must be > 0, got {value}")
+        _check(
+            self.precision in PRECISIONS,
+            "train.precision",
+            f"must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(
+            self.device in ("auto", "cpu", "cuda"),
+            "train.device",
+            f"must be auto, cpu or cuda, got {self.device!r}",
+        )
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "ddp"
+    """ddp, fsdp or deepspeed."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.strategy in STRATEGIES,
+            "dist.strategy",
+            f"must be one of {STRATEGIES}, got {self.strategy!r}",
+        )
+        _check(self.zero_stage in (1, 2, 3), "dist.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
+        _check(self.backend in ("auto", "nccl", "gloo"), "dist.backend", f"bad backend {self.backend!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Checkpoint cadence in steps (a checkpoint is always written at the end)."""
+    keep: int = 3
+    """How many checkpoints to keep (oldest deleted first)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every > 0, "checkpoint.every", f"must be > 0, got {self.every}")
+        _check(self.keep > 0, "checkpoint.keep", f"must be > 0, got {self.keep}")
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Metrics cadence in steps (the final step is always logged)."""
+    wandb: bool = False
+    wandb_project: str = "clip-pretrain"
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.every > 0, "log.every", f"must be > 0, got {self.every}")
+
+
+@dataclass
+class EvalConfig:
+    zeroshot: str | None = None
+    """Folder with `classnames.txt`, `templates.txt` and labelled shards in `eval/` (as demo-data writes)."""
+    every: int = 0
+    """Evaluate every N steps (0: only at the end of training)."""
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval.every", "must be >= 0")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resume: str | None = None
+    """null, `latest`, or a checkpoint path."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, for error suggestions and docs."""
+    keys = []
+    for f in fields(cls):
+        sub = f.default_factory if is_dataclass(f.default_factory) else None
+        keys += all_keys(sub, f"{prefix}{f.name}.") if sub else [f"{prefix}{f.name}"]
+    return keys
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    first = str(getattr(err, "msg", err)).splitlines()[0]
+    if "not in" in first:
+        # A wrong section name is matched against section names, a wrong key against full dotted keys.
+        candidates = all_keys() if "." in key else [f.name for f in fields(Config)]
+        close = difflib.get_close_matches(key, candidates, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown config key '{key}'{hint}"
+    return f"{key}: {first}"
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return data
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} must look like section.key=value")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Merge defaults <- YAML file <- `section.key=value` overrides into a validated `Config`."""
+    layers = [OmegaConf.structured(Config)]
+    if path is not None:
+        layers.append(OmegaConf.create(_read_yaml(path)))
+    layers.append(_parse_overrides(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    except ValueError as e:  # __post_init__ checks raise ConfigError (a ValueError) naming the key
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def redacted(cfg: Config) -> dict:
+    """The config as a dict with values of secret-looking keys replaced."""
+
+    def scrub(d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            secret = any(w in k.lower() for w in SECRET_WORDS) and v is not None
+            out[k] = scrub(v) if isinstance(v, dict) else ("***" if secret else v)
+        return out
+
+    return scrub(to_dict(cfg))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically (temp name, then rename)."""
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(redacted(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,93 @@
+"""Export a trained model to the open_clip hub layout, loadable with `open_clip ... "local-dir:DIR"`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import open_clip
+from safetensors.torch import save_file
+
+from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
+from pretrain.metrics import read_metrics
+from pretrain.model import load_trained, resolve_model_name
+
+
+def preprocess_cfg(model) -> dict:
+    """Image normalisation and resize settings the model was trained with (open_clip's keys)."""
+    visual = model.visual
+    cfg = {"size": visual.image_size, "mean": list(visual.image_mean), "std": list(visual.image_std)}
+    cfg.update(
+        {
+            k: v
+            for k, v in getattr(visual, "preprocess_cfg", {}).items()
+            if k in ("interpolation", "resize_mode")
+        }
+    )
+    return cfg
+
+
+def _model_card(name: str, train_cfg: dict, evals: list[dict], checkpoint: Path) -> str:
+    results = "\n".join(
+        f"- step {e['step']} {e['eval']}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in e.items() if isinstance(v, float))
+        for e in evals
+    )
+    return f"""---
+library_name: open_clip
+tags: [clip, zero-shot-image-classification]
+---
+# {name}
+
+A CLIP model trained with this project's `pretrain` trainer (open_clip architecture `{name}`).
+
+## Use
+```python
+import open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH_TO_THIS_FOLDER")
+tokenizer = open_clip.get_tokenizer("local-dir:PATH_TO_THIS_FOLDER")
+```
+
+## Training data
+`{train_cfg.get("data", {}).get("train", "unknown")}`
+
+## Training config
+Exported from `{checkpoint}` (step {train_cfg.get("_step", "?")}).
+```json
+{json.dumps({k: v for k, v in train_cfg.items() if not k.startswith("_")}, indent=2)}
+```
+
+## Evaluation
+{results or "No evaluation results were recorded for this run."}
+"""
+
+
+def export(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write open_clip_config.json, open_clip_model.safetensors, tokenizer files and README.md to `output`."""
+    folder = resolve_checkpoint(checkpoint)
+    state = load_trainer_state(folder)
+    cfg = state["config"]
+    bundle = load_trained(folder)
+    name = resolve_model_name(cfg["model"]["name"])
+    out = Path(output)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": preprocess_cfg(bundle.model)}
+    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.model.state_dict().items()}
+    save_file(tensors, str(tmp / "open_clip_model.safetensors"))
+    if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers; open_clip's BPE needs no files
+        bundle.tokenizer.save_pretrained(str(tmp))
+    evals = [
+        r
+        for r in read_metrics(folder.parent.parent / "metrics.jsonl")
+        if "eval" in r and r["step"] <= state["step"]
+    ]
+    (tmp / "README.md").write_text(_model_card(name, {**cfg, "_step": state["step"]}, evals, folder))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,103 @@
+"""Build open_clip models from open_clip names, the project's JSON configs, or a JSON file path."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from pretrain.config import ConfigError, ModelConfig
+
+log = logging.getLogger("pretrain")
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+@dataclass
+class ModelBundle:
+    """A model with the tokenizer and image transforms open_clip pairs with it."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    preprocess_train: Callable[[Any], torch.Tensor]
+    preprocess_val: Callable[[Any], torch.Tensor]
+    name: str
+
+
+_registered: set[Path] = set()
+
+
+def register_model_configs(path: Path = MODEL_CONFIG_DIR) -> None:
+    """Make JSON model configs (a file or a folder of them) known to open_clip by their file stem."""
+    path = path.resolve()
+    if path.exists() and path not in _registered:
+        open_clip.add_model_config(path)
+        _registered.add(path)
+
+
+def resolve_model_name(name: str) -> str:
+    """The open_clip name for `name`; a path to a JSON config is registered under its stem."""
+    register_model_configs()
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"model.name: model config file not found: {path}")
+        register_model_configs(path)
+        return path.stem
+    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+        return name
+    known = ", ".join(m for m in open_clip.list_models() if not m.startswith(("EVA", "RN", "Mobile", "PE-")))
+    raise ConfigError(
+        f"model.name: unknown model {name!r} (configs/models/ has tiny-clip; open_clip has {known[:200]}...)"
+    )
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
+    """Create the model (fp32 weights; autocast handles bf16) with its tokenizer and transforms."""
+    name = resolve_model_name(cfg.name)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=cfg.pretrained, device=device
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters", name, n_params / 1e6)
+    return ModelBundle(model, open_clip.get_tokenizer(name), preprocess_train, preprocess_val, name)
+
+
+def context_length(model: torch.nn.Module) -> int:
+    return int(getattr(model, "context_length", 77))
+
+
+def image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def clamp_logit_scale(model: torch.nn.Module, max_scale: float = 100.0) -> None:
+    """Keep the learnable temperature in [1, max_scale] (as CLIP does), after each optimizer step."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
+    """A model from an export folder, a checkpoint folder, a run directory, or an open_clip name."""
+    from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
+    from pretrain.parallel.base import Strategy
+
+    path = Path(spec)
+    if (path / "open_clip_config.json").is_file():
+        return build_model(ModelConfig(name=f"local-dir:{path}"), device)
+    if path.exists():
+        folder = resolve_checkpoint(path)
+        saved = load_trainer_state(folder)["config"]
+        bundle = build_model(
+            ModelConfig(name=saved["model"]["name"]), device
+        )  # weights come from the checkpoint
+        Strategy().load(folder, bundle.model, None)
+        return bundle
+    return build_model(ModelConfig(name=str(spec)), device)

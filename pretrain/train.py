@@ -1,0 +1,51 @@
+"""Entry point: `python -m pretrain.train --config FILE [section.key=value ...]` (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import ConfigError, load_config
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag or value in one line on stderr and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (e.g. configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def run(config: str | None, overrides: list[str]) -> int:
+    """Load the config, train, close; errors a user can fix become one line and a non-zero exit."""
+    from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
+
+    try:
+        cfg = load_config(config, overrides)
+        trainer = Trainer(cfg)
+    except (ConfigError, RunDirError, FileNotFoundError, NotImplementedError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except NonFiniteLossError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="pretrain train", description="Train a CLIP model.")
+    add_train_args(parser)
+    args = parser.parse_args(argv)
+    return run(args.config, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The training loop: step-based, gradient accumulation with all accumulated samples as negatives,
+atomic checkpoints with exact resume, metrics on a fixed cadence."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import Config, redacted, save_config
+from pretrain.data import build_source
+from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
+from pretrain.loss import ClipLoss
+from pretrain.metrics import MetricsWriter, setup_logging
+from pretrain.model import build_model, clamp_logit_scale
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.parallel import build_strategy
+
+log = logging.getLogger("pretrain")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory holds work that this run would overwrite."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps completed."""
+    samples_seen: int = 0
+    """Global samples consumed (all ranks, all micro-steps)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.info = detect()
+        setup_logging(self.info.is_main)
+        self.device = select_device(cfg.train.device, self.info)
+        init_distributed(self.info, self.device, cfg.dist.backend)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self.bundle = build_model(cfg.model, self.device)
+        self.model = self.bundle.model
+        self.strategy = build_strategy(cfg.dist, self.info)
+        self.module = self.strategy.wrap(self.model, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.loss_fn = ClipLoss()
+        seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
+        self.source = build_source(cfg, self.bundle, self.info)
+        self.state = TrainState()
+        self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        resume_from = self._prepare_run_dir()
+        if resume_from is not None:
+            self.load(resume_from)
+        self.metrics = MetricsWriter(cfg, self.info.is_main, resume_step=self.state.step)
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.cfg.run_dir / "checkpoints"
+
+    def _prepare_run_dir(self) -> Path | None:
+        """Create the run directory, write the resolved config, and pick the checkpoint to resume."""
+        run_dir = self.cfg.run_dir
+        existing = ckpt.complete_checkpoints(self.ckpt_root)
+        if self.cfg.resume is None and existing:
+            raise RunDirError(
+                f"{run_dir} already has checkpoints; pass resume=latest to continue it or choose another run.name"
+            )
+        if self.info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, run_dir / "config.yaml")
+        if self.cfg.resume is None or (self.cfg.resume == "latest" and not existing):
+            if self.cfg.resume == "latest":
+                log.info("resume=latest: no checkpoint in %s yet, starting from step 0", run_dir)
+            return None
+        return ckpt.resolve_checkpoint(run_dir if self.cfg.resume == "latest" else self.cfg.resume)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def train(self, until: int | None = None) -> TrainState:
+        """Train to `train.steps`; `until` stops early after that step with a checkpoint (an interruption)."""
+        cfg = self.cfg
+        log.info(
+            "training %s for %d steps, global batch %d", self.bundle.name, cfg.train.steps, self.global_batch
+        )
+        self._mark = (time.perf_counter(), self.state.step)
+        while self.state.step < cfg.train.steps:
+            loss = self.train_step()
+            step, final = self.state.step, self.state.step == cfg.train.steps
+            if step % cfg.log.every == 0 or final:
+                self.log_train(loss)
+            if cfg.eval.zeroshot and ((cfg.eval.every and step % cfg.eval.every == 0) or final):
+                self.evaluate()
+            if step % cfg.checkpoint.every == 0 or final or step == until:
+                self.save()
+            if step == until:
+                break
+        return self.state
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over `accum_steps` micro-batches; returns the (device) loss."""
+        micro = [self._to_device(self.source.next_batch()) for _ in range(self.cfg.train.accum_steps)]
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        loss = self._forward_backward(micro[0]) if len(micro) == 1 else self._accumulated(micro)
+        self.strategy.step(self.module, self.optimizer, self.cfg.train.grad_clip)
+        self.scheduler.step()
+        clamp_logit_scale(self.model)
+        self._nonfinite |= ~torch.isfinite(loss)
+        self.state.step += 1
+        self.state.samples_seen += self.global_batch
+        return loss
+
+    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def _features(self, images: torch.Tensor, texts: torch.Tensor):
+        bf16 = self.cfg.train.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            image_f, text_f, scale = self.module(images, texts)[:3]
+        return image_f.float(), text_f.float(), scale.float()
+
+    def _forward_backward(self, batch) -> torch.Tensor:
+        loss = self.loss_fn(*self._features(*batch))
+        self.strategy.backward(loss)
+        return loss.detach()
+
+    def _accumulated(self, micro: list) -> torch.Tensor:
+        """Every accumulated sample is a negative for every other (open_clip's accum-freq).
+
+        Features of all micro-batches are first computed without grad; then each micro-batch is recomputed
+        with grad and its loss taken against the cached rest. The summed gradients equal the gradient of
+        the loss over the whole accumulated batch. The logit scale gets its gradient once (last micro-step).
+        """
+        with torch.no_grad():
+            cached = [self._features(*batch) for batch in micro]
+        for j, batch in enumerate(micro):
+            last = j == len(micro) - 1
+            with contextlib.nullcontext() if last else self.strategy.no_sync(self.module):
+                image_f, text_f, scale = self._features(*batch)
+                images = torch.cat([c[0] for c in cached[:j]] + [image_f] + [c[0] for c in cached[j + 1 :]])
+                texts = torch.cat([c[1] for c in cached[:j]] + [text_f] + [c[1] for c in cached[j + 1 :]])
+                loss = self.loss_fn(images, texts, scale if last else scale.detach())
+                self.strategy.backward(loss)
+        return loss.detach()
+
+    # ---- logging, eval, checkpoints -------------------------------------------------------------------
+    def _check_finite(self) -> None:
+        bad = self._nonfinite.float()
+        if world()[1] > 1:
+            bad = all_reduce_mean(bad)
+        if bad.item() > 0:
+            latest = self.ckpt_root / "latest"
+            kept = latest.read_text().strip() if latest.is_file() else "none"
+            raise NonFiniteLossError(
+                f"non-finite loss at or before step {self.state.step}; last good checkpoint: {kept} (not overwritten)"
+            )
+
+    def log_train(self, loss: torch.Tensor) -> None:
+        self._check_finite()
+        now, step = time.perf_counter(), self.state.step
+        started, start_step = self._mark
+        row = {
+            "step": step,
+            "samples_seen": self.state.samples_seen,
+            "loss": float(all_reduce_mean(loss).item()),
+            "lr": float(self.last_lr),
+            "samples_per_s": (step - start_step) * self.global_batch / max(now - started, 1e-9),
+            "logit_scale": float(self.model.logit_scale.exp().item()),
+        }
+        if hasattr(self.source, "skipped"):
+            row["data_skipped"] = int(self.source.skipped)
+        self.metrics.write(row)
+        self._mark = (time.perf_counter(), step)
+
+    def evaluate(self) -> dict:
+        from pretrain.evaluation.zeroshot import run_zeroshot
+
+        result = {}
+        if self.info.is_main:
+            result = run_zeroshot(
+                self.model, self.bundle, self.cfg.eval.zeroshot, self.device, self.cfg.eval.batch_size
+            )
+            self.metrics.write({"step": self.state.step, "eval": "zeroshot", **result})
+        ckpt.barrier()
+        self._mark = (time.perf_counter(), self.state.step)  # eval time is not training throughput
+        return result
+
+    def save(self) -> Path:
+        self._check_finite()
+
+        def write_shared(folder: Path) -> None:
+            self.strategy.save(folder, self.module, self.optimizer, self.info.is_main)
+            if self.info.is_main:
+                trainer_state = {
+                    **vars(self.state),
+                    "scheduler": self.scheduler.state_dict(),
+                    "config": redacted(self.cfg),
+                }
+                torch.save(trainer_state, folder / "trainer.pt")
+
+        rank_state = {"rng": ckpt.rng_state(), "data": self.source.state_dict()}
+        path = ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.state.step,
+            write_shared,
+            rank_state,
+            self.info.rank,
+            self.cfg.checkpoint.keep,
+        )
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def load(self, folder: Path) -> None:
+        self.strategy.load(folder, self.module, self.optimizer)
+        trainer_state = ckpt.load_trainer_state(folder)
+        self.state = TrainState(step=trainer_state["step"], samples_seen=trainer_state["samples_seen"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        rank_state = ckpt.load_rank_state(folder, self.info.rank)
+        self.source.load_state_dict(rank_state["data"])
+        ckpt.set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d", folder, self.state.step)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.source.close()
+        shutdown()

@@ -1,0 +1,42 @@
+"""metrics.jsonl carries the contract fields; wandb (offline) and tensorboard receive the same metrics."""
+
+from __future__ import annotations
+
+from helpers import TINY, read_jsonl
+
+from pretrain.config import load_config
+from pretrain.trainer import Trainer
+
+
+def train(tmp_path, overrides):
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", *overrides])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return cfg.run_dir
+
+
+def test_metrics_contract_fields_and_final_step(tmp_path, demo_data):
+    run_dir = train(tmp_path, ["train.steps=7", "log.every=3", f"data.train={demo_data}/train/{{00000..00003}}.tar",
+                               f"eval.zeroshot={demo_data}"])  # fmt: skip
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [3, 6, 7]  # the final step is always logged
+    for r in train_rows:
+        assert isinstance(r["step"], int) and isinstance(r["samples_seen"], int)
+        assert all(isinstance(r[k], float) for k in ("loss", "lr", "samples_per_s"))
+        assert r["samples_seen"] == r["step"] * 16 and r["data_skipped"] == 0
+    evals = [r for r in rows if "eval" in r]
+    assert evals[-1]["eval"] == "zeroshot" and evals[-1]["step"] == 7 and 0 <= evals[-1]["top1"] <= 1
+
+
+def test_wandb_offline_and_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = train(tmp_path, ["train.steps=2", "log.every=1", "log.wandb=true", "log.tensorboard=true"])
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline_runs and list(offline_runs[0].glob("*.wandb"))

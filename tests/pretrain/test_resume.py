@@ -1,0 +1,107 @@
+"""Interrupted + resumed == uninterrupted: identical parameters and identical metrics on CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, read_jsonl, run_cmd
+from safetensors.torch import load_file
+
+from pretrain.config import load_config
+from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
+
+COMPARED = ("step", "samples_seen", "loss", "lr", "logit_scale", "data_skipped")
+
+
+def run(tmp: Path, name: str, overrides: list[str], until: int | None = None) -> Path:
+    cfg = load_config(TINY, [f"run.dir={tmp}", f"run.name={name}", "log.every=1", *overrides])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train(until=until)
+    finally:
+        trainer.close()
+    return cfg.run_dir
+
+
+def assert_same_run(a: Path, b: Path, steps: int) -> None:
+    ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [{k: r.get(k) for k in COMPARED} for r in ma] == [{k: r.get(k) for k in COMPARED} for r in mb]
+    assert [r["step"] for r in ma if "loss" in r] == list(range(1, steps + 1))
+    final = f"checkpoints/step_{steps:08d}/model.safetensors"
+    pa, pb = load_file(a / final), load_file(b / final)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+@pytest.mark.parametrize(
+    "data, extra",
+    [("synthetic", []), ("synthetic", ["train.accum_steps=2", "train.batch_size=8"]), ("shards", [])],
+)
+def test_resume_equals_uninterrupted(tmp_path, demo_data, data, extra):
+    train = f"{demo_data}/train/{{00000..00003}}.tar" if data == "shards" else "synthetic"
+    overrides = [f"data.train={train}", "train.steps=8", "checkpoint.every=3", *extra]
+    straight = run(tmp_path, "straight", overrides)
+    run(tmp_path, "resumed", overrides, until=5)  # stops after step 5 with a checkpoint: an interruption
+    resumed = run(tmp_path, "resumed", [*overrides, "resume=latest"])
+    assert_same_run(straight, resumed, steps=8)
+
+
+def test_resume_from_explicit_checkpoint_path(tmp_path):
+    overrides = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5"]
+    straight = run(tmp_path, "straight", overrides)
+    other = run(tmp_path, "other", [*overrides, f"resume={straight}/checkpoints/step_00000004"])
+    a = load_file(straight / "checkpoints/step_00000006/model.safetensors")
+    b = load_file(other / "checkpoints/step_00000006/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_are_pruned_and_latest_points_to_newest(tmp_path):
+    run_dir = run(tmp_path, "prune", ["train.steps=7", "checkpoint.every=2", "checkpoint.keep=2"])
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000006", "step_00000007"]
+    assert (run_dir / "checkpoints/latest").read_text() == "step_00000007"
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    run(tmp_path, "taken", ["train.steps=2"])
+    with pytest.raises(RunDirError, match="resume=latest"):
+        run(tmp_path, "taken", ["train.steps=2"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=nan", "train.steps=10", "checkpoint.every=2"])
+    trainer = Trainer(cfg)
+    real_loss = trainer.loss_fn
+
+    def poisoned(img, txt, scale):
+        loss = real_loss(img, txt, scale)
+        return loss * float("nan") if trainer.state.step >= 3 else loss
+
+    trainer.loss_fn = poisoned
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint: step_00000002"):
+        trainer.train()
+    trainer.close()
+    assert (cfg.run_dir / "checkpoints/latest").read_text() == "step_00000002"
+    assert not (cfg.run_dir / "checkpoints/step_00000004").exists()
+
+
+def test_cli_resume_latest_continues_a_finished_run(tmp_path):
+    """`resume=latest` on a run that already reached train.steps does nothing and exits 0."""
+    args = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "--config",
+        str(TINY),
+        f"run.dir={tmp_path}",
+        "train.steps=2",
+    ]
+    assert run_cmd(args).returncode == 0
+    proc = run_cmd([*args, "resume=latest", "train.steps=3"])
+    assert proc.returncode == 0, proc.stderr
+    steps = [r["step"] for r in read_jsonl(tmp_path / "tiny/metrics.jsonl")]
+    assert steps == [2, 3]
