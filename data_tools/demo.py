@@ -49,6 +49,12 @@ BACKGROUNDS = {"solid": "plain", "gradient": "gradient", "noise": "textured"}
 SPLIT_STREAMS = {"train": 0, "eval": 1}  # eval draws from its own seed stream: held out
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down for anti-aliased edges
 MIN_CONTRAST = 120.0  # least RGB distance between a background and the shape colour
+GENERATOR_VERSION = 2  # bump when drawing changes, so stale folders are not mixed with new shards
+SIZE_RANGE = (0.45, 0.85)  # shape extent as a fraction of the image side
+# Shapes stand upright with a little jitter: a tiny ViT learns upright shapes in minutes on a CPU, while
+# arbitrary rotations need far more steps than a demo has.
+ROTATION_JITTER = math.radians(15)
+UPRIGHT = {"square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2, "circle": 0.0}
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ def _validate(
         if values[name] < minimum:
             raise ValueError(f"{name} must be at least {minimum}, got {values[name]}")
     del values["workers"]  # how many processes write the data does not change it
-    return {**values, "seed": seed}
+    return {**values, "seed": seed, "generator": GENERATOR_VERSION}
 
 
 def _check_previous_settings(output: Path, settings: dict[str, int]) -> None:
@@ -175,7 +181,7 @@ def render_sample(rng: np.random.Generator, label: int, image_size: int) -> tupl
     fill = COLOURS[colour]
     background_kind = str(rng.choice(list(BACKGROUNDS)))
     background = _background(rng, background_kind, fill, image_size)
-    fraction = float(rng.uniform(0.35, 0.8))
+    fraction = float(rng.uniform(*SIZE_RANGE))
     mask = _shape_mask(rng, shape, fraction, image_size)
     image = Image.composite(Image.new("RGB", background.size, fill), background, mask)
     if rng.random() < 0.5:
@@ -220,7 +226,7 @@ def _shape_mask(rng: np.random.Generator, shape: str, fraction: float, size: int
     canvas = size * SUPERSAMPLE
     radius = fraction * canvas / 2
     cx, cy = rng.uniform(radius, canvas - radius, size=2)
-    rotation = rng.uniform(0, 2 * math.pi)
+    rotation = UPRIGHT[shape] + rng.uniform(-ROTATION_JITTER, ROTATION_JITTER)
     mask = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(mask)
     if shape == "circle":
@@ -251,7 +257,7 @@ def _add_noise(rng: np.random.Generator, image: Image.Image, sigma: float) -> Im
 def _caption(rng: np.random.Generator, colour: str, shape: str, fraction: float, background: str) -> str:
     """A caption that always names colour and shape, in one of several phrasings."""
     article = "an" if colour[0] in "aeiou" else "a"
-    size = "small" if fraction < 0.5 else "large" if fraction > 0.65 else "medium-sized"
+    size = "small" if fraction < 0.58 else "large" if fraction > 0.72 else "medium-sized"
     name = f"{colour} {shape}"
     captions = (
         f"a photo of {article} {name}",

@@ -308,15 +308,16 @@ def _sizes_from_stats(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def iter_shard(source: str | Path | BinaryIO) -> Iterator[dict[str, Any]]:
+def iter_shard(source: str | Path | BinaryIO, decode: bool = True) -> Iterator[dict[str, Any]]:
     """Stream the samples of one tar in order, without loading it whole.
 
     Members are grouped by key into ``{"__key__": key, "jpg": bytes, "txt": str, "json": dict, ...}``;
-    other extensions stay bytes. ``source`` is a local path or an open binary stream (e.g. fsspec).
+    other extensions stay bytes (all of them with ``decode=False``, so a reader can survive bad text).
+    ``source`` is a local path or an open binary stream (e.g. fsspec).
     """
     if isinstance(source, (str, Path)):
         with open(source, "rb") as f:
-            yield from iter_shard(f)
+            yield from iter_shard(f, decode)
         return
     sample: dict[str, Any] = {}
     with tarfile.open(fileobj=source, mode="r|*") as tar:
@@ -329,7 +330,8 @@ def iter_shard(source: str | Path | BinaryIO) -> Iterator[dict[str, Any]]:
                 yield sample
                 sample = {}
             sample["__key__"] = key
-            sample[ext] = _decode_member(ext, tar.extractfile(member).read())
+            data = tar.extractfile(member).read()
+            sample[ext] = _decode_member(ext, data) if decode else data
     if sample:
         yield sample
 

@@ -52,14 +52,44 @@ class DataConfig:
     """Shard spec (brace-expanded, `::`-joined sources) or the word `synthetic`."""
     train_weights: list[float] | None = None
     """Sampling weight of each `::`-joined source."""
+    sampling: str = "epoch"
+    """`epoch` (every shard once per epoch, split across ranks and workers) or `resampled` (shards drawn
+    with replacement by weight, the LAION-5B recipe)."""
+    shuffle_buffer: int = 1000
+    """Samples per shuffle block of each worker (1: no sample shuffling)."""
     workers: int = 0
-    """Data-loading worker processes per rank."""
+    """Data-loading worker processes per rank (0: load in the training process)."""
+    prefetch: int = 2
+    """Batches each worker prepares ahead."""
+    pin_memory: bool = True
+    """Pin host batches for faster copies to the GPU (ignored on CPU)."""
+    decode: str = "cpu"
+    """`cpu` (decode + model transform in workers), `device` (workers decode at reduced size; resize and
+    normalise on the device) or `nvjpeg` (workers pass JPEG bytes; the GPU decodes)."""
+    max_bad_fraction: float = 0.5
+    """Stop when more than this fraction of the last `bad_window` samples of a worker were bad."""
+    bad_window: int = 1000
+    retries: int = 3
+    """Attempts (with exponential backoff) to open a shard before skipping it."""
     synthetic_classes: int = 16
     """Synthetic data: number of latent classes (images and texts of a class correlate, so loss falls)."""
 
     def __post_init__(self) -> None:
-        _check(self.workers >= 0, "data.workers", f"must be >= 0, got {self.workers}")
-        _check(self.synthetic_classes > 0, "data.synthetic_classes", "must be > 0")
+        _check(
+            self.sampling in ("epoch", "resampled"),
+            "data.sampling",
+            f"must be epoch or resampled, got {self.sampling!r}",
+        )
+        _check(
+            self.decode in ("cpu", "device", "nvjpeg"),
+            "data.decode",
+            f"must be cpu, device or nvjpeg, got {self.decode!r}",
+        )
+        for name in ("workers", "retries"):
+            _check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("shuffle_buffer", "prefetch", "bad_window", "synthetic_classes"):
+            _check(getattr(self, name) > 0, f"data.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in (0, 1]")
 
 
 @dataclass

@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     times = {}
     start = time.perf_counter()
-    write_demo_data(args.data)
+    try:
+        write_demo_data(args.data)
+    except ValueError as e:  # written by an older demo or other settings: the demo's own folder, redraw it
+        print(f"redrawing the demo data: {e}")
+        shutil.rmtree(args.data)
+        write_demo_data(args.data)
     times["demo data"] = time.perf_counter() - start
     result, run_dir = train_demo(args.config, args.data, args.overrides)
     times["train + eval"] = time.perf_counter() - start - times["demo data"]

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 from pretrain.config import Config, redacted
@@ -18,8 +19,9 @@ log = logging.getLogger("pretrain")
 
 
 def setup_logging(is_main: bool) -> None:
-    """One logger for the project; only rank 0 prints below WARNING."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """One logger for the project; only rank 0 prints below WARNING. Progress goes to stdout, so stderr
+    holds only what went wrong (a bad input is one line there)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     logging.getLogger("pretrain").setLevel(logging.INFO if is_main else logging.WARNING)
 
 

@@ -19,6 +19,17 @@ log = logging.getLogger("pretrain")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns (on the root logger) whenever a model starts without pretrained weights: for
+    pretraining from scratch that is the point, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+logging.getLogger().addFilter(_QuietRandomInit())
+
+
 @dataclass
 class ModelBundle:
     """A model with the tokenizer and image transforms open_clip pairs with it."""

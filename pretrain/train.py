@@ -27,7 +27,7 @@ def run(config: str | None, overrides: list[str]) -> int:
     try:
         cfg = load_config(config, overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, RunDirError, FileNotFoundError, NotImplementedError) as e:
+    except (ConfigError, RunDirError, FileNotFoundError, NotImplementedError, ValueError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
     try:

@@ -64,10 +64,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.loss_fn = ClipLoss()
         seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
-        self.source = build_source(cfg, self.bundle, self.info)
+        self.source = build_source(cfg, self.bundle, self.info, self.device)
         self.state = TrainState()
         self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._last_skipped = 0
         resume_from = self._prepare_run_dir()
         if resume_from is not None:
             self.load(resume_from)
@@ -188,6 +189,9 @@ class Trainer:
         }
         if hasattr(self.source, "skipped"):
             row["data_skipped"] = int(self.source.skipped)
+            if row["data_skipped"] != self._last_skipped:
+                log.warning("data skipped so far: %s", self.source.skipped_by_reason())
+                self._last_skipped = row["data_skipped"]
         self.metrics.write(row)
         self._mark = (time.perf_counter(), step)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +40,62 @@ def torchrun(nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_image_folder(folder: Path, count: int, size: int = 24, corrupt: bool = True) -> list[str]:
+    """Images ``img000.png``… of varied sizes, each with a same-name ``.txt`` caption of i+1 words.
+
+    With ``corrupt``, also ``broken.jpg`` (not an image) with a caption. Returns the image names.
+    """
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(count):
+        pixels = rng.integers(0, 255, (size + i, size + 2 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
+        (folder / f"img{i:03d}.txt").write_text(" ".join(["word"] * (i + 1)))
+        names.append(f"img{i:03d}.png")
+    if corrupt:
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff this is not a jpeg")
+        (folder / "broken.txt").write_text("a broken image")
+        names.append("broken.jpg")
+    return names
+
+
+def _file_handler(files: dict[str, bytes], delay: float) -> type:
+    """A request handler serving ``files`` (name -> bytes) after ``delay`` seconds; 404 for others."""
+    import http.server
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            time.sleep(delay)
+            data = files.get(self.path.lstrip("/"))
+            self.send_response(200 if data is not None else 404)
+            self.send_header("Content-Length", str(len(data or b"")))
+            self.end_headers()
+            self.wfile.write(data or b"")
+
+        def log_message(self, *args) -> None:  # keep test output quiet
+            pass
+
+    return Handler
+
+
+@contextlib.contextmanager
+def serve_files(files: dict[str, bytes], delay: float = 0.0) -> Iterator[str]:
+    """A local HTTP server on 127.0.0.1 (free port) in a thread; yields its base URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _file_handler(files, delay))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

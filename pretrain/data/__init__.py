@@ -1,16 +1,20 @@
-"""Training data sources behind one small interface: `next_batch()`, `state_dict()`, `load_state_dict()`."""
+"""Training data sources behind one small interface: `next_batch()`, `state_dict()`, `load_state_dict()`,
+`close()` (and `skipped`, bad samples so far, for sources that read shards).
+
+Imports stay lazy so that light users of `pretrain.data.spec` (the data_tools commands) do not pay for
+torch and open_clip at start-up.
+"""
 
 from __future__ import annotations
 
-from pretrain.config import Config
-from pretrain.data.synthetic import SyntheticSource
-from pretrain.distributed import DistInfo
-from pretrain.model import ModelBundle, context_length, image_size
 
+def build_source(cfg, bundle, info, device):
+    """The micro-batch source for this rank: synthetic data or the sharded WebDataset pipeline."""
+    from pretrain.model import context_length, image_size
 
-def build_source(cfg: Config, bundle: ModelBundle, info: DistInfo):
-    """The micro-batch source for this rank: synthetic data or local shards."""
     if cfg.data.train == "synthetic":
+        from pretrain.data.synthetic import SyntheticSource
+
         return SyntheticSource(
             seed=cfg.train.seed,
             batch_size=cfg.train.batch_size,
@@ -20,13 +24,9 @@ def build_source(cfg: Config, bundle: ModelBundle, info: DistInfo):
             context_length=context_length(bundle.model),
             classes=cfg.data.synthetic_classes,
         )
-    from pretrain.data.shard_source import ShardSource
+    from pretrain.data.loader import WebDatasetSource
 
-    return ShardSource(
-        cfg.data.train,
-        cfg.train.batch_size,
-        info.rank,
-        info.world_size,
-        bundle.preprocess_train,
-        bundle.tokenizer,
-    )
+    return WebDatasetSource(
+        cfg.data.train, cfg.data, cfg.data.sampling, cfg.train.seed, cfg.train.batch_size,
+        info.rank, info.world_size, bundle, device,
+    )  # fmt: skip

@@ -1,8 +1,31 @@
-"""Shard specs: brace-expanded URLs, several sources joined with `::`."""
+"""Shard specs: brace-expanded URLs, several sources joined with `::`, optional weights, sample counts.
+
+A URL is a local path, `s3://...` (s3fs; endpoint from `AWS_ENDPOINT_URL`), `http(s)://...`, or
+`pipe:COMMAND` (the command's stdout is the tar). Sample counts come from `sizes.json` or the
+`*_stats.json` files next to the shards.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+
 from braceexpand import braceexpand
+
+from pretrain.data.io import check_readable, open_url
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `::`-separated part of a spec."""
+
+    spec: str
+    urls: tuple[str, ...]
+    weight: float = 1.0
+    samples: int | None = None
+    """Total samples when known (from sizes.json / _stats.json), else None."""
 
 
 def expand_sources(spec: str) -> list[list[str]]:
@@ -16,3 +39,66 @@ def expand_sources(spec: str) -> list[list[str]]:
 def expand_urls(spec: str) -> list[str]:
     """All shard URLs of a spec, sources concatenated."""
     return [url for source in expand_sources(spec) for url in source]
+
+
+def _is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
+
+
+def _shard_dir_and_name(url: str) -> tuple[str, str]:
+    if url.startswith("pipe:"):
+        return "", ""
+    return posixpath.dirname(url), posixpath.basename(url)
+
+
+def _read_json(url: str) -> dict | None:
+    try:
+        with open_url(url, retries=0) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in these shards from `sizes.json` (one read per folder) or each shard's `_stats.json`."""
+    total, sizes_by_dir = 0, {}
+    for url in urls:
+        folder, name = _shard_dir_and_name(url)
+        if not name:
+            return None
+        if folder not in sizes_by_dir:
+            sizes_by_dir[folder] = _read_json(posixpath.join(folder, "sizes.json")) or {}
+        n = sizes_by_dir[folder].get(name)
+        if n is None:
+            stats = _read_json(posixpath.join(folder, name.removesuffix(".tar") + "_stats.json"))
+            n = None if stats is None else stats.get("successes", stats.get("count"))
+        if n is None:
+            return None
+        total += int(n)
+    return total
+
+
+def parse_spec(spec: str, weights: list[float] | None = None, need_counts: bool = False) -> list[Source]:
+    """The sources of a spec with weights and counts; a missing or empty source is a clear error."""
+    parts = [s.strip() for s in spec.split("::") if s.strip()]
+    expanded = expand_sources(spec)
+    if weights is not None and len(weights) != len(parts):
+        raise ValueError(f"data.train_weights has {len(weights)} values for {len(parts)} sources in {spec!r}")
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise ValueError(f"data.train_weights must be >= 0 with a positive sum, got {weights}")
+    sources = []
+    for i, (part, urls) in enumerate(zip(parts, expanded)):
+        missing = [u for u in urls if _is_local(u) and not os.path.isfile(u.removeprefix("file://"))]
+        if missing:
+            raise FileNotFoundError(
+                f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} in source {part!r})"
+            )
+        check_readable(urls[0])
+        samples = count_samples(urls)
+        if samples == 0 or (samples is None and need_counts):
+            why = (
+                "holds no samples" if samples == 0 else "has no sizes.json or *_stats.json next to its shards"
+            )
+            raise ValueError(f"source {part!r} {why}")
+        sources.append(Source(part, tuple(urls), 1.0 if weights is None else float(weights[i]), samples))
+    return sources

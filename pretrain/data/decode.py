@@ -1,0 +1,77 @@
+"""Turning raw tar samples into model inputs, fast, and naming what is wrong with bad ones.
+
+JPEGs much larger than the model input are decoded at reduced size (libjpeg's DCT scaling through PIL's
+`draft`), which is several times cheaper than a full decode and loses nothing the resize would keep.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; `reason` is the counter it is reported under."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def caption_of(raw: dict) -> str:
+    data = raw.get("txt")
+    if data is None:
+        raise BadSample("missing_caption")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
+    except UnicodeDecodeError as e:
+        raise BadSample("bad_caption", str(e)) from None
+    if not text.strip():
+        raise BadSample("empty_caption")
+    return text
+
+
+def open_image(raw: dict, min_size: int) -> Image.Image:
+    """Decode the sample's image in RGB, at reduced size when it is at least twice `min_size`."""
+    data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+    if data is None:
+        raise BadSample("missing_image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format == "JPEG":
+            image.draft("RGB", (min_size, min_size))  # keeps both sides >= min_size
+        image = image.convert("RGB")
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample("bad_image", str(e)) from None
+    return image
+
+
+def decode_cpu(
+    raw: dict, transform: Callable[[Image.Image], torch.Tensor], size: int
+) -> tuple[torch.Tensor, str]:
+    """(image tensor, caption): the model's own transform runs in the loader worker."""
+    caption = caption_of(raw)
+    return transform(open_image(raw, size)), caption
+
+
+def decode_uint8(raw: dict, size: int) -> tuple[torch.Tensor, str]:
+    """(uint8 CHW tensor at reduced-decode size, caption): resizing and normalising happen on the device."""
+    caption = caption_of(raw)
+    image = open_image(raw, size)
+    tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return tensor.view(image.height, image.width, 3).permute(2, 0, 1), caption
+
+
+def raw_image_bytes(raw: dict) -> tuple[torch.Tensor, str]:
+    """(encoded JPEG bytes as a uint8 tensor, caption): for nvJPEG decoding on the GPU."""
+    caption = caption_of(raw)
+    data = next((raw[e] for e in ("jpg", "jpeg") if e in raw), None)
+    if data is None:
+        raise BadSample("missing_image", "gpu decoding needs JPEG")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), caption

@@ -1,0 +1,68 @@
+"""Opening shard URLs: local paths, s3:// (s3fs), http(s):// and pipe:COMMAND, with retries and backoff."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import BinaryIO
+
+log = logging.getLogger("pretrain")
+
+
+def _fs_options(url: str) -> dict:
+    """s3fs takes its endpoint from AWS_ENDPOINT_URL (the standard variable) when set."""
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+    return {}
+
+
+@contextlib.contextmanager
+def _pipe(command: str) -> Iterator[BinaryIO]:
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
+    try:
+        yield proc.stdout
+    finally:
+        proc.stdout.close()
+        if proc.wait() != 0:
+            log.warning("pipe:%s exited with %d", command, proc.returncode)
+
+
+def _open_once(url: str) -> contextlib.AbstractContextManager[BinaryIO]:
+    if url.startswith("pipe:"):
+        return _pipe(url[len("pipe:") :])
+    if "://" not in url or url.startswith("file://"):
+        return open(url.removeprefix("file://"), "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb", **_fs_options(url)).open()
+
+
+def open_url(url: str, retries: int = 3, backoff: float = 0.5) -> contextlib.AbstractContextManager[BinaryIO]:
+    """Open a shard for streaming; transient failures are retried with exponential backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return _open_once(url)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if attempt == retries:
+                raise
+            delay = backoff * 2**attempt
+            log.warning("opening %s failed (%s); retry %d/%d in %.1fs", url, e, attempt + 1, retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def check_readable(url: str) -> None:
+    """Raise a clear error when a shard cannot be opened (start-up check of each source)."""
+    if url.startswith("pipe:"):
+        return
+    try:
+        with open_url(url, retries=1) as f:
+            f.read(1)
+    except OSError as e:
+        raise FileNotFoundError(f"shard not readable: {url} ({e})") from None

@@ -1,0 +1,182 @@
+"""The main-process side of the WebDataset pipeline: a DataLoader over `ShardStream`, its resume state,
+and the device-side finishing of images (resize/crop/normalise on the GPU, optional nvJPEG decoding).
+
+The DataLoader takes batches from its workers round-robin, so batch `k` comes from worker `k % workers`.
+The source records the `Position` each consumed batch carries; a checkpoint stores those and the number of
+batches consumed. On resume, worker `j` takes the role of worker `(j + consumed) % workers`, so the next
+batch comes from the same worker, at the same position, as it would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from pretrain.data import decode as dec
+from pretrain.data.spec import parse_spec
+from pretrain.data.stream import Position, ShardStream, StreamConfig
+
+log = logging.getLogger("pretrain")
+
+DECODERS = ("cpu", "device", "nvjpeg")
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(images)
+
+
+def _as_list(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    return images
+
+
+class DeviceFinish:
+    """Resize (shorter side), center-crop and normalise uint8 images on the device; decode JPEGs there first
+    when given encoded bytes (nvJPEG through torchvision on CUDA)."""
+
+    def __init__(self, size: int, mean, std, device: torch.device, encoded: bool) -> None:
+        self.size, self.device, self.encoded = size, device, encoded
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        if self.encoded:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
+        out = [self._resize_crop(img.to(self.device, non_blocking=True)) for img in images]
+        return (torch.stack(out) / 255.0 - self.mean) / self.std
+
+    def _resize_crop(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        scale = self.size / min(h, w)
+        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        x = F.interpolate(
+            img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+        )
+        top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        return x[0, :, top : top + self.size, left : left + self.size].clamp(0, 255)
+
+
+class WebDatasetSource:
+    """Micro-batches for one rank from sharded WebDataset streams, with exact resume."""
+
+    def __init__(
+        self,
+        spec: str,
+        data_cfg,
+        mode: str,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        bundle,
+        device,
+    ):
+        self.cfg, self.device, self.world = data_cfg, device, world
+        self.workers = data_cfg.workers
+        sources = parse_spec(spec, data_cfg.train_weights if mode != "eval" else None)
+        self.stream_cfg = StreamConfig(
+            sources=tuple(s.urls for s in sources),
+            weights=tuple(s.weight for s in sources),
+            mode=mode,
+            seed=seed, rank=rank, world=world, batch_size=batch_size,
+            shuffle_buffer=data_cfg.shuffle_buffer, max_bad_fraction=data_cfg.max_bad_fraction,
+            bad_window=data_cfg.bad_window, retries=data_cfg.retries,
+        )  # fmt: skip
+        self.decode, self.collate, self.finish = self._decoders(bundle)
+        self.tokenize = bundle.tokenizer
+        self.positions: dict[int, Position] = {}
+        self.micro_batches = 0
+        self._iter = None
+        total = sum(s.samples or 0 for s in sources)
+        log.info("data: %d shards in %d sources (%s samples), %s sampling", sum(len(s.urls) for s in sources),
+                 len(sources), total or "unknown", self.stream_cfg.mode)  # fmt: skip
+
+    def _decoders(self, bundle):
+        from pretrain.model import image_size
+
+        size = image_size(bundle.model)
+        kind = self.cfg.decode
+        if kind == "cpu":
+            transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
+            return functools.partial(dec.decode_cpu, transform=transform, size=size), _stack, None
+        visual = bundle.model.visual
+        finish = DeviceFinish(
+            size, visual.image_mean, visual.image_std, self.device, encoded=kind == "nvjpeg"
+        )
+        decode = dec.raw_image_bytes if kind == "nvjpeg" else functools.partial(dec.decode_uint8, size=size)
+        return decode, _as_list, finish
+
+    def _start(self) -> None:
+        slots = max(1, self.workers)
+        dataset = ShardStream(
+            self.stream_cfg,
+            self.decode,
+            self.collate,
+            self.tokenize,
+            dict(self.positions),
+            self.micro_batches % slots,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
+            prefetch_factor=self.cfg.prefetch if self.workers else None,
+            persistent_workers=False,
+        )
+        self._iter = iter(loader)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts, _ = self.next_batch_with_info()
+        return images, texts
+
+    def next_batch_with_info(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if self._iter is None:
+            self._start()
+        images, texts, info = next(self._iter)
+        self.positions[info["role"]] = info["position"]
+        self.micro_batches += 1
+        if self.finish is not None:
+            images = self.finish(images)
+        return images, texts, info
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        total = Counter()
+        for pos in self.positions.values():
+            total.update(pos.skipped)
+        return dict(total)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason().values())
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "webdataset",
+            "micro_batches": self.micro_batches,
+            "workers": self.workers,
+            "world": self.world,
+            "positions": {role: asdict(p) for role, p in self.positions.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "webdataset":
+            raise ValueError(f"checkpoint data state is {state.get('kind')!r}, this run reads shards")
+        for key, now in (("workers", self.workers), ("world", self.world)):
+            if state[key] != now:
+                raise ValueError(
+                    f"exact resume needs the checkpoint's {key} ({state[key]}); this run has {now}"
+                )
+        self.micro_batches = int(state["micro_batches"])
+        self.positions = {int(r): Position(**p) for r, p in state["positions"].items()}
+        self.close()
+
+    def close(self) -> None:
+        self._iter = None  # the DataLoader iterator shuts its workers down when collected

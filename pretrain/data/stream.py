@@ -1,0 +1,211 @@
+"""The loader-worker side of the WebDataset pipeline: shards -> raw samples -> shuffled blocks -> batches.
+
+Each worker reads its own shard sequence (`ShardPlan`). Shuffling is by *blocks*: the next
+`shuffle_buffer` raw samples of the worker's stream are permuted by an RNG seeded from (seed, slot,
+block number), and blocks never cross an epoch. Every batch carries the worker's `Position` after it, so the
+main process always knows, per worker, exactly where the consumed data ends; resuming re-reads at most the
+current block and continues mid-block. Bad samples, truncated tars and unreachable shards are skipped and
+counted by reason; a window with too many bad samples stops the run with the shards named.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_tools.shards import iter_shard
+from pretrain.data.decode import BadSample
+from pretrain.data.io import open_url
+from pretrain.data.plan import ShardPlan
+
+log = logging.getLogger("pretrain")
+
+
+@dataclass
+class Position:
+    """Where a worker's stream stands: the current block starts `offset` raw samples into shard `shard`."""
+
+    shard: int = 0
+    offset: int = 0
+    block: int = 0
+    emitted: int = 0
+    """Entries of the block's permutation already used."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Cumulative bad samples / shards by reason."""
+    epoch: int = 0
+
+
+@dataclass
+class StreamConfig:
+    sources: tuple[tuple[str, ...], ...]
+    weights: tuple[float, ...]
+    mode: str
+    seed: int
+    rank: int
+    world: int
+    batch_size: int
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.5
+    bad_window: int = 1000
+    retries: int = 3
+
+
+class ShardReader:
+    """Raw samples of a plan from a position, keeping the current tar open between blocks."""
+
+    def __init__(self, plan: ShardPlan, retries: int) -> None:
+        self.plan, self.retries = plan, retries
+        self._live: tuple[int, int, Iterator[dict]] | None = None  # (shard n, offset, iterator)
+        self.failed_in_a_row = 0
+
+    def _open(self, n: int, offset: int, counts: Counter | None) -> Iterator[dict] | None:
+        """An iterator over shard `n` from raw sample `offset`; None (counted) if it cannot be opened."""
+        url, _ = self.plan.shard(n)
+        try:
+            stream = open_url(url, self.retries)
+        except OSError as e:
+            self._count(counts, "unreachable_shard", url, e)
+            return None
+        return self._samples(stream, url, offset, counts)
+
+    def _samples(self, stream, url: str, offset: int, counts: Counter | None) -> Iterator[dict]:
+        with stream as f:
+            try:
+                for i, raw in enumerate(iter_shard(f, decode=False)):
+                    if i >= offset:
+                        raw["__url__"] = url
+                        yield raw
+            except (tarfile.TarError, EOFError, OSError) as e:
+                self._count(counts, "truncated_tar", url, e)
+        self.failed_in_a_row = 0
+
+    def _count(self, counts: Counter | None, reason: str, url: str, error: Exception) -> None:
+        log.warning("skipping the rest of %s: %s (%s)", url, reason, error)
+        self.failed_in_a_row += 1
+        if counts is not None:
+            counts[reason] += 1
+        if self.failed_in_a_row >= min(self.plan.total, 20):
+            raise RuntimeError(
+                f"{self.failed_in_a_row} shards in a row failed to read; last: {url} ({error})"
+            )
+
+    def read_block(self, start: Position, size: int, counts: Counter | None) -> tuple[list[dict], Position]:
+        """Up to `size` raw samples from `start`, not crossing an epoch; returns them and the end position."""
+        n, offset, block = start.shard, start.offset, []
+        planned = self.plan.shard(n)
+        epoch = None if planned is None else planned[1]
+        while len(block) < size and planned is not None and planned[1] == epoch:
+            it = (
+                self._live[2]
+                if self._live and self._live[:2] == (n, offset)
+                else self._open(n, offset, counts)
+            )
+            for raw in it or ():
+                block.append(raw)
+                offset += 1
+                if len(block) == size:
+                    self._live = (n, offset, it)
+                    return block, replace(start, shard=n, offset=offset, epoch=epoch)
+            n, offset, self._live = n + 1, 0, None
+            planned = self.plan.shard(n)
+        return block, replace(start, shard=n, offset=offset, epoch=epoch if epoch is not None else 0)
+
+
+class ShardStream(IterableDataset):
+    """Batches `(inputs, texts, info)` for one rank; `info` has the worker role, keys and its `Position`."""
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        decode: Callable[[dict], tuple[torch.Tensor, str]],
+        collate: Callable[[list[torch.Tensor]], torch.Tensor | list],
+        tokenize: Callable[[list[str]], torch.Tensor],
+        positions: dict[int, Position] | None = None,
+        role_offset: int = 0,
+    ) -> None:
+        self.cfg, self.decode, self.collate, self.tokenize = cfg, decode, collate, tokenize
+        self.positions = positions or {}
+        self.role_offset = role_offset
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        role = ((info.id if info else 0) + self.role_offset) % workers
+        c = self.cfg
+        plan = ShardPlan(c.sources, c.weights, c.mode, c.seed, c.rank * workers + role, c.world * workers)
+        items = []
+        for item in self._samples(plan, role):
+            items.append(item)
+            if len(items) == c.batch_size:
+                yield self._batch(items, role)
+                items = []
+        if items and c.mode == "eval":
+            yield self._batch(items, role)
+
+    def _batch(self, items: list, role: int) -> tuple:
+        images, captions, keys, positions = zip(*items)
+        info = {
+            "role": role,
+            "keys": list(keys),
+            "position": positions[-1],
+            "epochs": [p.epoch for p in positions],
+        }
+        return self.collate(list(images)), self.tokenize(list(captions)), info
+
+    def _samples(self, plan: ShardPlan, role: int) -> Iterator[tuple]:
+        c = self.cfg
+        reader = ShardReader(plan, c.retries)
+        pos = replace(self.positions.get(role, Position()))
+        pos.skipped = Counter(pos.skipped)
+        window: deque[tuple[bool, str]] = deque(maxlen=c.bad_window)
+        while True:
+            block, end = reader.read_block(
+                pos, max(1, c.shuffle_buffer), pos.skipped if pos.emitted == 0 else None
+            )
+            if not block:
+                return
+            order = self._order(plan, pos.block, len(block))
+            for idx in range(pos.emitted, len(block)):
+                raw = block[order[idx]]
+                pos.emitted = idx + 1
+                try:
+                    torch.manual_seed(
+                        self._sample_seed(plan, pos.block, idx)
+                    )  # augmentation replays on resume
+                    image, caption = self.decode(raw)
+                except BadSample as e:
+                    pos.skipped[e.reason] += 1
+                    self._watch(window, True, raw["__url__"])
+                    continue
+                self._watch(window, False, raw["__url__"])
+                yield image, caption, raw["__key__"], replace(pos, skipped=dict(pos.skipped), epoch=end.epoch)
+            pos = replace(end, block=pos.block + 1, emitted=0, skipped=pos.skipped)
+
+    def _order(self, plan: ShardPlan, block: int, n: int) -> np.ndarray:
+        if self.cfg.mode == "eval" or self.cfg.shuffle_buffer <= 1:
+            return np.arange(n)
+        return np.random.default_rng([self.cfg.seed, plan.slot, plan.slots, block]).permutation(n)
+
+    def _sample_seed(self, plan: ShardPlan, block: int, idx: int) -> int:
+        return int(
+            np.random.SeedSequence([self.cfg.seed, plan.slot, plan.slots, block, idx]).generate_state(1)[0]
+        )
+
+    def _watch(self, window: deque, bad: bool, url: str) -> None:
+        window.append((bad, url))
+        if len(window) < window.maxlen:
+            return
+        fraction = sum(b for b, _ in window) / len(window)
+        if fraction > self.cfg.max_bad_fraction:
+            shards = sorted({u for b, u in window if b})
+            raise RuntimeError(
+                f"{fraction:.0%} of the last {len(window)} samples were bad (data.max_bad_fraction="
+                f"{self.cfg.max_bad_fraction}); shards: {', '.join(shards[:10])}"
+            )

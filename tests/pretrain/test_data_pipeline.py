@@ -1,0 +1,190 @@
+"""The WebDataset pipeline: ranks x workers, exact mid-epoch resume, epoch coverage, bad data survived."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, read_jsonl, run_cmd, torchrun
+from PIL import Image
+from safetensors.torch import load_file
+
+from data_tools.shards import iter_shard
+from pretrain.config import load_config
+from pretrain.data.loader import WebDatasetSource
+from pretrain.data.plan import ShardPlan
+from pretrain.model import build_model
+from pretrain.trainer import Trainer
+
+SPEC = "train/{00000..00003}.tar"
+
+
+def train(tmp: Path, name: str, overrides: list[str], until: int | None = None) -> Path:
+    cfg = load_config(TINY, [f"run.dir={tmp}", f"run.name={name}", "log.every=1", *overrides])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train(until=until)
+    finally:
+        trainer.close()
+    return cfg.run_dir
+
+
+def same_params(a: Path, b: Path, step: int) -> bool:
+    pa = load_file(a / f"checkpoints/step_{step:08d}/model.safetensors")
+    pb = load_file(b / f"checkpoints/step_{step:08d}/model.safetensors")
+    return all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize("nproc, workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
+def test_trains_on_shards_with_ranks_and_workers(tmp_path, demo_data, nproc, workers):
+    args = ["-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "train.steps=3",
+            "train.batch_size=8", f"data.train={demo_data}/{SPEC}", f"data.workers={workers}", "log.every=1"]  # fmt: skip
+    proc = torchrun(nproc, args) if nproc > 1 else run_cmd([sys.executable, *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "tiny/metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["data_skipped"] == 0 for r in rows)
+    assert rows[-1]["samples_seen"] == 3 * 8 * nproc
+
+
+@pytest.mark.parametrize("sampling", ["epoch", "resampled"])
+def test_mid_epoch_resume_with_workers_equals_uninterrupted(tmp_path, demo_data, sampling):
+    overrides = [f"data.train={demo_data}/{SPEC}", f"data.sampling={sampling}", "data.workers=2",
+                 "data.shuffle_buffer=48", "train.steps=12", "train.batch_size=16", "checkpoint.every=100"]  # fmt: skip
+    straight = train(tmp_path, "straight", overrides)
+    train(tmp_path, "resumed", overrides, until=7)  # 7 x 16 = 112 samples: mid-block, mid-shard, mid-epoch
+    resumed = train(tmp_path, "resumed", [*overrides, "resume=latest"])
+    assert same_params(straight, resumed, 12)
+    losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl")] for d in (straight, resumed)]
+    assert losses[0] == losses[1]
+
+
+def test_epoch_mode_two_ranks_two_workers_reads_every_sample_once(demo_data):
+    bundle = build_model(load_config(TINY).model)
+    cfg = load_config(TINY, ["data.workers=2", "data.shuffle_buffer=40", "data.sampling=epoch"]).data
+    keys = []
+    for rank in range(2):
+        source = WebDatasetSource(
+            f"{demo_data}/{SPEC}", cfg, "epoch", 0, 8, rank, 2, bundle, torch.device("cpu")
+        )
+        moved_on = set()
+        while len(moved_on) < 2:  # until both workers of this rank have started epoch 1
+            _, _, info = source.next_batch_with_info()
+            keys += [k for k, e in zip(info["keys"], info["epochs"]) if e == 0]
+            if 1 in info["epochs"]:
+                moved_on.add(info["role"])
+        source.close()
+    expected = [s["__key__"] for i in range(4) for s in iter_shard(demo_data / f"train/{i:05d}.tar")]
+    assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
+
+
+def eval_keys(demo_data: Path, rank: int, world: int, workers: int) -> list[str]:
+    bundle = build_model(load_config(TINY).model)
+    cfg = load_config(TINY, [f"data.workers={workers}"]).data
+    source = WebDatasetSource(
+        f"{demo_data}/{SPEC}", cfg, "eval", 0, 10, rank, world, bundle, torch.device("cpu")
+    )
+    keys = []
+    try:
+        while True:
+            keys += source.next_batch_with_info()[2]["keys"]
+    except StopIteration:
+        return keys
+
+
+def test_eval_mode_reads_each_sample_once_across_ranks(demo_data):
+    keys = eval_keys(demo_data, 0, 2, 2) + eval_keys(demo_data, 1, 2, 2)
+    assert sorted(keys) == sorted(
+        s["__key__"] for i in range(4) for s in iter_shard(demo_data / f"train/{i:05d}.tar")
+    )
+
+
+def jpeg(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict]) -> list[int]:
+    """Write samples ({key, jpg?, txt?}) to a tar; returns the byte offset where each sample starts."""
+    starts = []
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            starts.append(tar.offset)
+            for ext in ("jpg", "txt"):
+                if ext in s:
+                    info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                    info.size = len(s[ext])
+                    tar.addfile(info, io.BytesIO(s[ext]))
+    return starts
+
+
+@pytest.fixture
+def bad_shards(tmp_path) -> Path:
+    """4 shards x 16 samples with 4 planted problems: truncated JPEG, missing .txt, bad UTF-8, truncated tar."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for shard in range(4):
+        samples = [{"key": f"{shard:05d}{i:04d}", "jpg": jpeg((16 * i, 100, 50 * shard)), "txt": f"colour {i}".encode()}
+                   for i in range(16)]  # fmt: skip
+        if shard == 0:
+            samples[3]["jpg"] = samples[3]["jpg"][:200]
+        if shard == 1:
+            del samples[5]["txt"]
+        if shard == 2:
+            samples[9]["txt"] = b"caf\xe9 \xff"
+        starts = write_tar(folder / f"{shard:05d}.tar", samples)
+        if shard == 3:  # cut inside sample 7: samples 0-6 survive, the rest of the tar is unreadable
+            data = (folder / "00003.tar").read_bytes()
+            (folder / "00003.tar").write_bytes(data[: starts[7] + 700])
+    (folder / "sizes.json").write_text(json.dumps({f"{s:05d}.tar": 16 for s in range(4)}))
+    return folder
+
+
+def test_bad_data_is_skipped_and_counted_exactly(tmp_path, bad_shards):
+    good = 3 * 16 - 3 + 7  # 52 samples in one epoch: 13 steps of 4 end exactly at the epoch's end
+    run_dir = train(tmp_path, "bad", [f"data.train={bad_shards}/{{00000..00003}}.tar", "train.batch_size=4",
+                                      f"train.steps={good // 4}", "data.shuffle_buffer=16"])  # fmt: skip
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == 13 and rows[-1]["data_skipped"] == 4
+
+
+def test_mostly_bad_data_stops_with_the_shards_named(tmp_path, bad_shards):
+    for shard in range(3):  # every image undecodable
+        samples = [{"key": f"{shard:05d}{i:04d}", "jpg": b"not a jpeg", "txt": b"x"} for i in range(16)]
+        write_tar(bad_shards / f"{shard:05d}.tar", samples)
+    with pytest.raises(RuntimeError, match=r"samples were bad .* shards: .*00000.tar"):
+        train(tmp_path, "worse", [f"data.train={bad_shards}/{{00000..00002}}.tar", "train.batch_size=4",
+                                  "train.steps=5", "data.bad_window=20"])  # fmt: skip
+
+
+def test_missing_source_is_a_clear_startup_error(tmp_path, demo_data):
+    args = [sys.executable, "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}",
+            f"data.train={demo_data}/{SPEC}::{tmp_path}/nope/{{00000..00001}}.tar"]  # fmt: skip
+    proc = run_cmd(args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"pretrain: error: shard not found: {tmp_path}/nope/00000.tar (2 of 2 in source '{tmp_path}/nope/{{00000..00001}}.tar')"
+    ]
+
+
+def test_resampled_sources_follow_their_weights():
+    plan = ShardPlan((("a0", "a1"), ("b0",)), (3.0, 1.0), "resampled", seed=0, slot=1, slots=4)
+    drawn = Counter(plan.shard(n)[0][0] for n in range(4000))
+    assert 2.7 < drawn["a"] / drawn["b"] < 3.3
+    assert [plan.shard(n) for n in range(50)] == [plan.shard(n) for n in range(50)]  # a pure function of n
+
+
+def test_epoch_plan_deals_every_shard_once_per_epoch():
+    urls = tuple(f"s{i}" for i in range(7))
+    plans = [ShardPlan((urls,), (1.0,), "epoch", seed=3, slot=s, slots=3) for s in range(3)]
+    for epoch in range(2):
+        seen = [p.shard(epoch * p.per_epoch + i) for p in plans for i in range(p.per_epoch)]
+        assert sorted(u for u, _ in seen) == sorted(urls) and {e for _, e in seen} == {epoch}
+    with pytest.raises(ValueError, match="cannot feed 8 loader slots"):
+        ShardPlan((urls,), (1.0,), "epoch", seed=3, slot=0, slots=8)

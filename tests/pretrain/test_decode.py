@@ -1,0 +1,74 @@
+"""Fast decoding: the reduced-size CPU path, the device path and the nvJPEG path give the same tensors up
+to resampling differences (the GPU paths run here on the CPU, through the same code)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY
+from PIL import Image
+
+from data_tools.shards import ShardWriter, key_for, write_sizes
+from pretrain.config import load_config
+from pretrain.data.decode import BadSample, decode_cpu, open_image
+from pretrain.data.loader import WebDatasetSource
+from pretrain.model import build_model
+
+
+def photo(seed: int, w: int, h: int) -> bytes:
+    """A smooth, photo-like JPEG (gradients and blobs) much larger than the 64 px model input."""
+    ys, xs = np.mgrid[0:h, 0:w] / max(w, h)
+    rng = np.random.default_rng(seed)
+    channels = [np.sin(xs * rng.uniform(2, 8) + ys * rng.uniform(2, 8) + rng.uniform(0, 6)) for _ in range(3)]
+    pixels = ((np.stack(channels, -1) + 1) * 127.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def large_shard(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("large")
+    with ShardWriter(folder, 0) as writer:
+        for i in range(12):
+            writer.add(key_for(0, i), photo(i, 640 + 37 * i, 480 + 23 * i), f"photo {i}", {"path": f"p{i}"})
+    write_sizes(folder)
+    return folder / "00000.tar"
+
+
+def batches(shard, decode: str) -> torch.Tensor:
+    bundle = build_model(load_config(TINY).model)
+    cfg = load_config(TINY, [f"data.decode={decode}"]).data
+    source = WebDatasetSource(str(shard), cfg, "eval", 0, 12, 0, 1, bundle, torch.device("cpu"))
+    return source.next_batch()[0]
+
+
+@pytest.mark.parametrize("decode", ["device", "nvjpeg"])
+def test_device_paths_match_the_cpu_path(large_shard, decode):
+    cpu, other = batches(large_shard, "cpu"), batches(large_shard, decode)
+    assert cpu.shape == other.shape == (12, 3, 64, 64)
+    diff = (cpu - other).abs()
+    # Normalised units (0.06 is ~4/255 of a pixel value): the CPU path resamples a 1/8-scale DCT decode,
+    # nvJPEG the full image; nothing else differs.
+    assert diff.mean() < 0.06 and diff.max() < 0.5
+
+
+def test_draft_decodes_large_jpegs_at_reduced_size():
+    raw = {"jpg": photo(0, 1024, 768), "txt": b"x"}
+    image = open_image(raw, 64)
+    assert min(image.size) >= 64 and image.size[0] <= 1024 // 4  # 1/8 scale gives 128x96: both >= 64
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [({"txt": b"x"}, "missing_image"), ({"jpg": b"garbage", "txt": b"x"}, "bad_image"),
+     ({"jpg": photo(1, 80, 80)}, "missing_caption"), ({"jpg": photo(1, 80, 80), "txt": b"\xff\xfe"}, "bad_caption"),
+     ({"jpg": photo(1, 80, 80), "txt": b"  "}, "empty_caption")],
+)  # fmt: skip
+def test_bad_samples_name_their_reason(raw, reason):
+    with pytest.raises(BadSample) as err:
+        decode_cpu(raw, transform=lambda im: im, size=64)
+    assert err.value.reason == reason

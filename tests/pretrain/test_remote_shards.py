@@ -1,0 +1,69 @@
+"""Training from s3:// (a local moto S3 server) and http:// (a local HTTP server) shards."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import TINY, read_jsonl
+
+from pretrain.config import load_config
+from pretrain.trainer import Trainer
+
+
+def train(tmp: Path, spec: str, workers: int) -> list[dict]:
+    cfg = load_config(TINY, [f"run.dir={tmp}", f"data.train={spec}", f"data.workers={workers}", "train.steps=3",
+                             "train.batch_size=8", "log.every=1"])  # fmt: skip
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return read_jsonl(cfg.run_dir / "metrics.jsonl")
+
+
+@pytest.fixture
+def http_root(demo_data):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(demo_data))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_trains_from_http_shards(tmp_path, http_root, workers):
+    rows = train(tmp_path, f"{http_root}/train/{{00000..00003}}.tar", workers)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["data_skipped"] == 0
+
+
+@pytest.fixture
+def s3_bucket(demo_data, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="bucket")
+    for path in (demo_data / "train").iterdir():
+        if path.suffix in (".tar", ".json"):
+            s3.upload_file(str(path), "bucket", path.name)
+    yield "s3://bucket"
+    server.stop()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_trains_from_s3_shards(tmp_path, s3_bucket, workers):
+    rows = train(tmp_path, f"{s3_bucket}/{{00000..00003}}.tar", workers)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["data_skipped"] == 0
