@@ -23,8 +23,9 @@ class BadSample(ValueError):
         self.reason = reason
 
 
-def caption_of(raw: dict) -> str:
-    data = raw.get("txt")
+def caption_of(raw: dict, key: str = "txt") -> str:
+    """The sample's text under `key` (`txt` captions; `cls` labels in eval shards)."""
+    data = raw.get(key)
     if data is None:
         raise BadSample("missing_caption")
     try:
@@ -53,10 +54,10 @@ def open_image(raw: dict, min_size: int) -> Image.Image:
 
 
 def decode_cpu(
-    raw: dict, transform: Callable[[Image.Image], torch.Tensor], size: int
+    raw: dict, transform: Callable[[Image.Image], torch.Tensor], size: int, text_key: str = "txt"
 ) -> tuple[torch.Tensor, str]:
     """(image tensor, caption): the model's own transform runs in the loader worker."""
-    caption = caption_of(raw)
+    caption = caption_of(raw, text_key)
     return transform(open_image(raw, size)), caption
 
 

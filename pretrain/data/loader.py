@@ -35,6 +35,10 @@ def _as_list(images: list[torch.Tensor]) -> list[torch.Tensor]:
     return images
 
 
+def _labels(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([int(t) for t in texts])
+
+
 class DeviceFinish:
     """Resize (shorter side), center-crop and normalise uint8 images on the device; decode JPEGs there first
     when given encoded bytes (nvJPEG through torchvision on CUDA)."""
@@ -77,8 +81,10 @@ class WebDatasetSource:
         world: int,
         bundle,
         device,
+        labels: bool = False,
     ):
-        self.cfg, self.device, self.world = data_cfg, device, world
+        """`labels=True` reads eval shards' integer labels (KEY.cls) instead of tokenised captions."""
+        self.cfg, self.device, self.world, self.labels = data_cfg, device, world, labels
         self.workers = data_cfg.workers
         sources = parse_spec(spec, data_cfg.train_weights if mode != "eval" else None)
         self.stream_cfg = StreamConfig(
@@ -90,7 +96,7 @@ class WebDatasetSource:
             bad_window=data_cfg.bad_window, retries=data_cfg.retries,
         )  # fmt: skip
         self.decode, self.collate, self.finish = self._decoders(bundle)
-        self.tokenize = bundle.tokenizer
+        self.tokenize = _labels if labels else bundle.tokenizer
         self.positions: dict[int, Position] = {}
         self.micro_batches = 0
         self._iter = None
@@ -102,10 +108,11 @@ class WebDatasetSource:
         from pretrain.model import image_size
 
         size = image_size(bundle.model)
-        kind = self.cfg.decode
+        kind = "cpu" if self.labels else self.cfg.decode  # eval-time labels: the plain CPU path
         if kind == "cpu":
             transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
-            return functools.partial(dec.decode_cpu, transform=transform, size=size), _stack, None
+            text_key = "cls" if self.labels else "txt"
+            return functools.partial(dec.decode_cpu, transform=transform, size=size, text_key=text_key), _stack, None
         visual = bundle.model.visual
         finish = DeviceFinish(
             size, visual.image_mean, visual.image_std, self.device, encoded=kind == "nvjpeg"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import torchrun
 from open_clip.loss import ClipLoss as OpenClipLoss
 
 from pretrain.loss import ClipLoss
@@ -46,46 +45,22 @@ def test_rejects_bad_chunk_size():
         ClipLoss(chunk_size=0)
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    img, txt, scale = features()
-    n = img.shape[0] // world
-    mine = slice(rank * n, (rank + 1) * n)
-    i, t, s = (
-        img[mine].clone().requires_grad_(),
-        txt[mine].clone().requires_grad_(),
-        scale.clone().requires_grad_(),
-    )
-    loss = ClipLoss(chunk_size=5)(i, t, s)
-    loss.backward()
-    # DDP averages parameter gradients over ranks; do the same for the scale.
-    dist.all_reduce(s.grad)
-    queue.put((rank, loss.item(), i.grad, t.grad, s.grad / world))
-    dist.destroy_process_group()
-
-
-def test_gathered_loss_and_gradients_equal_single_process():
+def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
     """W ranks with local rows vs all columns == one process on the concatenated batch."""
     world = 2
     img, txt, scale = features()
+    torch.save((img, txt, scale), tmp_path / "features.pt")
+    worker = Path(__file__).with_name("gather_worker.py")
+    proc = torchrun(world, [str(worker), str(tmp_path / "features.pt"), str(tmp_path / "rank")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     i, t, s = (x.clone().requires_grad_() for x in (img, txt, scale))
     ref = ClipLoss()(i, t, s)
     ref.backward()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = 29000 + os.getpid() % 1000
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     n = img.shape[0] // world
-    mean_loss = sum(r[1] for r in results) / world
-    assert abs(mean_loss - ref.item()) < 1e-10
+    assert abs(sum(r[0].item() for r in results) / world - ref.item()) < 1e-10
     # The gradient of the mean over ranks w.r.t. each rank's features is its slice of d(ref)/d(features) * W.
-    for rank, _, gi, gt, gs in results:
+    for rank, (_, gi, gt, gs) in enumerate(results):
         torch.testing.assert_close(gi / world, i.grad[rank * n : (rank + 1) * n])
         torch.testing.assert_close(gt / world, t.grad[rank * n : (rank + 1) * n])
         torch.testing.assert_close(gs, s.grad)
