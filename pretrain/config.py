@@ -144,6 +144,23 @@ class DistConfig:
     """DeepSpeed ZeRO stage (1, 2 or 3)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (less activation memory, ~30% more compute)."""
+    compile: bool = False
+    """torch.compile each transformer block (applied after activation checkpointing, before sharding)."""
+    param_dtype: str = "auto"
+    """FSDP compute dtype of the gathered weights: auto (bf16 under train.precision=bf16, else fp32),
+    fp32 or bf16."""
+    reduce_dtype: str = "fp32"
+    """FSDP gradient reduce-scatter dtype (fp32 or bf16)."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered weights after forward (ZeRO-3-like); false keeps them to backward (ZeRO-2-like)."""
+    offload: bool = False
+    """Keep sharded parameters and optimizer states in CPU memory (FSDP CPUOffloadPolicy; DeepSpeed
+    offload_optimizer, and offload_param at stage 3)."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config used whole instead of the one built from these keys (batch keys are set to
+    match train.*)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -153,6 +170,9 @@ class DistConfig:
         )
         _check(self.zero_stage in (1, 2, 3), "dist.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
         _check(self.backend in ("auto", "nccl", "gloo"), "dist.backend", f"bad backend {self.backend!r}")
+        for name, allowed in (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16"))):
+            value = getattr(self, name)
+            _check(value in allowed, f"dist.{name}", f"must be one of {allowed}, got {value!r}")
 
 
 @dataclass

@@ -98,7 +98,7 @@ def clamp_logit_scale(model: torch.nn.Module, max_scale: float = 100.0) -> None:
 def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
     """A model from an export folder, a checkpoint folder, a run directory, or an open_clip name."""
     from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
-    from pretrain.parallel.base import Strategy
+    from pretrain.parallel import load_model_weights
 
     path = Path(spec)
     if (path / "open_clip_config.json").is_file():
@@ -109,6 +109,6 @@ def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelB
         bundle = build_model(
             ModelConfig(name=saved["model"]["name"]), device
         )  # weights come from the checkpoint
-        Strategy().load(folder, bundle.model, None)
+        load_model_weights(folder, bundle.model)
         return bundle
     return build_model(ModelConfig(name=str(spec)), device)

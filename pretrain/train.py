@@ -22,6 +22,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def run(config: str | None, overrides: list[str]) -> int:
     """Load the config, train, close; errors a user can fix become one line and a non-zero exit."""
+    from pretrain.preemption import requeue_slurm_job
     from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
 
     try:
@@ -37,6 +38,8 @@ def run(config: str | None, overrides: list[str]) -> int:
         return 1
     finally:
         trainer.close()
+    if trainer.preempted and trainer.info.is_main:
+        requeue_slurm_job()  # a no-op outside SLURM; the requeued job resumes with resume=latest
     return 0
 
 

@@ -22,6 +22,7 @@ from pretrain.metrics import MetricsWriter, setup_logging
 from pretrain.model import build_model, clamp_logit_scale
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy
+from pretrain.preemption import Preemption
 
 log = logging.getLogger("pretrain")
 
@@ -58,10 +59,11 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.bundle = build_model(cfg.model, self.device)
         self.model = self.bundle.model
-        self.strategy = build_strategy(cfg.dist, self.info)
+        self.strategy = build_strategy(cfg, self.info)
         self.module = self.strategy.wrap(self.model, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(optimizer, cfg.train)
+        self.module, self.optimizer = self.strategy.attach_optimizer(self.module, optimizer)
         self.loss_fn = ClipLoss()
         seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
         self.source = build_source(cfg, self.bundle, self.info, self.device)
@@ -73,6 +75,7 @@ class Trainer:
         if resume_from is not None:
             self.load(resume_from)
         self.metrics = MetricsWriter(cfg, self.info.is_main, resume_step=self.state.step)
+        self.preemption, self.preempted = Preemption(), False  # last: nothing after it can fail
 
     # ---- set-up -------------------------------------------------------------------------------------
     @property
@@ -111,9 +114,11 @@ class Trainer:
                 self.log_train(loss)
             if cfg.eval.zeroshot and ((cfg.eval.every and step % cfg.eval.every == 0) or final):
                 self.evaluate()
-            if step % cfg.checkpoint.every == 0 or final or step == until:
+            stop = self.preemption.should_stop()  # a SIGUSR1/SIGTERM on any rank: checkpoint and leave
+            if step % cfg.checkpoint.every == 0 or final or step == until or stop:
                 self.save()
-            if step == until:
+            if step == until or stop:
+                self.preempted = stop and not final  # a finished run needs no requeue
                 break
         return self.state
 
@@ -124,7 +129,8 @@ class Trainer:
         loss = self._forward_backward(micro[0]) if len(micro) == 1 else self._accumulated(micro)
         self.strategy.step(self.module, self.optimizer, self.cfg.train.grad_clip)
         self.scheduler.step()
-        clamp_logit_scale(self.model)
+        with self.strategy.gathered([self.model.logit_scale]):
+            clamp_logit_scale(self.model)
         self._nonfinite |= ~torch.isfinite(loss)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
@@ -185,7 +191,7 @@ class Trainer:
             "loss": float(all_reduce_mean(loss).item()),
             "lr": float(self.last_lr),
             "samples_per_s": (step - start_step) * self.global_batch / max(now - started, 1e-9),
-            "logit_scale": float(self.model.logit_scale.exp().item()),
+            "logit_scale": float(self.strategy.full_tensor(self.model.logit_scale).exp().item()),
         }
         if hasattr(self.source, "skipped"):
             row["data_skipped"] = int(self.source.skipped)
@@ -196,15 +202,23 @@ class Trainer:
         self._mark = (time.perf_counter(), step)
 
     def evaluate(self) -> dict:
+        """Zero-shot eval on every rank. Replicated weights (DDP): each rank takes its share of the eval shards
+        and the counts are summed. Sharded weights (FSDP, ZeRO-3) run forward only on all ranks together,
+        so every rank then evaluates all of it in lockstep."""
         from pretrain.evaluation.zeroshot import run_zeroshot
 
-        result = {}
-        if self.info.is_main:
+        split = not self.strategy.collective_eval
+        with self.strategy.eval_context(self.model):
             result = run_zeroshot(
-                self.model, self.bundle, self.cfg.eval.zeroshot, self.device, self.cfg.eval.batch_size
+                self.model,
+                self.bundle,
+                self.cfg.eval.zeroshot,
+                self.device,
+                self.cfg.eval.batch_size,
+                split=split,
             )
+        if self.info.is_main:
             self.metrics.write({"step": self.state.step, "eval": "zeroshot", **result})
-        ckpt.barrier()
         self._mark = (time.perf_counter(), self.state.step)  # eval time is not training throughput
         return result
 
@@ -244,6 +258,7 @@ class Trainer:
         log.info("resumed from %s at step %d", folder, self.state.step)
 
     def close(self) -> None:
+        self.preemption.close()
         self.metrics.close()
         self.source.close()
         shutdown()

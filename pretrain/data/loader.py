@@ -112,7 +112,11 @@ class WebDatasetSource:
         if kind == "cpu":
             transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
             text_key = "cls" if self.labels else "txt"
-            return functools.partial(dec.decode_cpu, transform=transform, size=size, text_key=text_key), _stack, None
+            return (
+                functools.partial(dec.decode_cpu, transform=transform, size=size, text_key=text_key),
+                _stack,
+                None,
+            )
         visual = bundle.model.visual
         finish = DeviceFinish(
             size, visual.image_mean, visual.image_std, self.device, encoded=kind == "nvjpeg"

@@ -33,7 +33,9 @@ class ShardPlan:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"data.sampling must be one of {MODES}, got {self.mode!r}")
-        if self.mode != "resampled" and self.total < self.slots:
+        if (
+            self.mode == "epoch" and self.total < self.slots
+        ):  # an eval slot without shards just has nothing to do
             raise ValueError(
                 f"{self.total} shards cannot feed {self.slots} loader slots (ranks x workers) in {self.mode} mode: "
                 "use fewer workers, more shards, or data.sampling=resampled"
@@ -62,6 +64,8 @@ class ShardPlan:
             p = np.asarray(self.weights) / sum(self.weights)
             source = self.sources[rng.choice(len(self.sources), p=p)]
             return source[rng.integers(len(source))], 0
+        if self.per_epoch == 0:
+            return None
         epoch, i = divmod(n, self.per_epoch)
         if self.mode == "eval":
             return (self._flat(self.slot + i * self.slots), 0) if epoch == 0 else None

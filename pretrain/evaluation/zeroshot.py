@@ -51,13 +51,17 @@ def run_zeroshot(
     model.eval()
     classifier = build_zero_shot_classifier(model, bundle.tokenizer, classnames, templates, device=device)
     data_cfg = DataConfig(workers=workers)
-    source = WebDatasetSource(eval_spec(folder), data_cfg, "eval", 0, batch_size, rank, size, bundle, device, labels=True)
+    source = WebDatasetSource(
+        eval_spec(folder), data_cfg, "eval", 0, batch_size, rank, size, bundle, device, labels=True
+    )
     counts = torch.zeros(3, dtype=torch.long, device=device)  # top-1 hits, top-5 hits, samples
     k = min(5, len(classnames))
     for images, labels in _batches(source):
         topk = (model.encode_image(images.to(device), normalize=True) @ classifier).topk(k, dim=1).indices
         hits = topk == labels.to(device)[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
+        counts += torch.stack(
+            [hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)]
+        )
     if size > 1:
         torch.distributed.all_reduce(counts)
     model.train(was_training)

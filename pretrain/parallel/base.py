@@ -1,4 +1,4 @@
-"""The one interface every parallel strategy implements (DDP now; FSDP2 and DeepSpeed plug in here)."""
+"""The one interface every parallel strategy implements (single process, DDP, FSDP2, DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrain.config import DistConfig
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The residual blocks of both open_clip towers (the unit of checkpointing, compiling and sharding)."""
+    towers = [getattr(model.visual, "transformer", None), getattr(model, "transformer", None)]
+    return [block for tower in towers if tower is not None for block in tower.resblocks]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every block in backward (open_clip's own per-block non-reentrant checkpointing)."""
+    model.set_grad_checkpointing(True)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place: the module tree (and checkpoint keys) stay as they are."""
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def apply_vector_scalars(model: nn.Module) -> None:
+    """Turn 0-dim parameters (CLIP's logit_scale) into shape [1]: FSDP2 cannot shard a scalar and
+    DeepSpeed cannot broadcast one. Checkpoints then hold shape [1]; see `vector_scalar_views`."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.ndim == 0:
+                setattr(module, name, nn.Parameter(param.detach().reshape(1), param.requires_grad))
+
+
+def vector_scalar_views(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a plain model with scalars seen as shape-[1] views, to load such checkpoints in place."""
+    return {k: v.reshape(1) if v.ndim == 0 else v for k, v in model.state_dict().items()}
+
 
 class Strategy:
     """Wraps the model for training, steps the optimizer, and saves/loads its own checkpoint files.
@@ -16,9 +49,30 @@ class Strategy:
     """
 
     name = "single"
+    collective_eval = False
+    """True when the model can only run forward on all ranks together (sharded weights): eval then runs
+    on every rank and only rank 0 reports."""
+
+    def __init__(self, cfg: DistConfig | None = None, precision: str = "fp32") -> None:
+        self.cfg = cfg or DistConfig()
+        self.precision = precision
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Model transforms in their fixed order: activation checkpointing, then compile (then sharding)."""
+        if self.cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if self.cfg.compile:
+            apply_compile(model)
+        return model
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        return model.to(device)
+        return self.prepare(model.to(device))
+
+    def attach_optimizer(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Hand the optimizer to the engine; engines that own it (DeepSpeed) return their own pair."""
+        return module, optimizer
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return module
@@ -40,6 +94,18 @@ class Strategy:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        """Context in which `params` are whole and in-place changes stick (DeepSpeed stage 3 partitions them)."""
+        return contextlib.nullcontext()
+
+    def eval_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Context in which `model.encode_image` / `encode_text` can be called directly (for eval)."""
+        return contextlib.nullcontext()
+
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A parameter as one plain tensor (sharded strategies gather it; call on every rank)."""
+        return tensor
 
     def save(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer, is_main: bool) -> None:
         """Write model and optimizer state into `folder` (a full state, written by the main rank)."""

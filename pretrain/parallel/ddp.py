@@ -15,7 +15,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        model = model.to(device)
+        model = self.prepare(model.to(device))
         device_ids = [device.index] if device.type == "cuda" else None
         # Every rank starts from rank 0's weights (DDP broadcasts them at construction).
         return DistributedDataParallel(model, device_ids=device_ids)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from helpers import TINY, read_jsonl
+import json
+import sys
+
+from helpers import TINY, read_jsonl, run_cmd, torchrun
 
 from pretrain.config import load_config
 from pretrain.trainer import Trainer
@@ -40,3 +43,17 @@ def test_wandb_offline_and_tensorboard(tmp_path, monkeypatch):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+
+
+def test_eval_split_across_ranks_equals_single_process_eval(tmp_path, demo_data):
+    """With DDP each rank evaluates its share of the eval shards; the summed result is the whole set's."""
+    args = ["-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "train.steps=2", "train.batch_size=8",
+            f"data.train={demo_data}/train/{{00000..00003}}.tar", f"eval.zeroshot={demo_data}", "eval.batch_size=10"]  # fmt: skip
+    proc = torchrun(2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distributed = [r for r in read_jsonl(tmp_path / "tiny/metrics.jsonl") if "eval" in r][-1]
+    proc = run_cmd([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(tmp_path / "tiny"),
+                    "--zeroshot", str(demo_data)])  # fmt: skip
+    single = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert distributed["samples"] == single["samples"] == 64
+    assert (distributed["top1"], distributed["top5"]) == (single["top1"], single["top5"])

@@ -1,0 +1,223 @@
+"""``data-tools build``: turn raw image-text pairs into WebDataset shards in the img2dataset layout.
+
+Input rows go to shards by row order (shard id = row index // samples_per_shard), so the output depends
+only on the input and the settings, never on workers or nodes. A first pass streams the input once and
+writes each pending shard's rows to a small hidden file; then each shard is one runner task that fetches,
+resizes and writes its images. Complete shards are skipped on a rerun; a failed image is a parquet row
+with its status, never a crashed job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import UnidentifiedImageError
+
+from data_tools.atomic import atomic_path, write_atomic
+from data_tools.images import FetchError, ImageConfig, ResizeError, fetch, process
+from data_tools.inputs import InputRow, InputSpec, iter_rows, resolve_input
+from data_tools.runner import RunSummary, Task, owns, resolve_rank_world, run_tasks
+from data_tools.shards import ShardWriter, is_complete, key_for, make_uid, shard_name, write_sizes
+
+log = logging.getLogger("data_tools")
+
+ROWS_DIR = ".build"  # per-shard input rows, removed once the shard is complete
+SETTINGS_FILE = "build.json"
+_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
+_ROWS_SCHEMA = pa.schema([("kind", pa.string()), ("source", pa.string()), ("caption", pa.string())])
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How images are read; changes neither which rows go where nor the stored bytes."""
+
+    threads: int = 8
+    """Images fetched and resized at once inside one shard task."""
+    timeout: float = 10.0
+    """Seconds before a URL download is abandoned."""
+    retries: int = 2
+    """Extra attempts for a URL after a transient error, with exponential backoff."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """The payload of one shard task: everything writing the shard needs."""
+
+    output: Path
+    shard_id: int
+    rows_file: Path
+    base: Path
+    index_digits: int
+    image: ImageConfig
+    fetching: FetchConfig
+
+
+def build(
+    input_path: str | Path,
+    output: str | Path,
+    samples_per_shard: int = 10000,
+    image: ImageConfig | None = None,
+    fetching: FetchConfig | None = None,
+    source_col: str | None = None,
+    caption_col: str | None = None,
+    workers: int = 1,
+    rank: int | None = None,
+    world: int | None = None,
+) -> RunSummary:
+    """Build shards from ``input_path`` into ``output``; returns the run summary of this node."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    image, fetching = image or ImageConfig(), fetching or FetchConfig()
+    spec = resolve_input(input_path, source_col, caption_col)
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    _check_settings(output, _settings(spec, samples_per_shard, image))
+    rank, world = resolve_rank_world(rank, world)
+    shards = _split_rows(spec, output, samples_per_shard, rank, world)
+    digits = max(4, len(str(samples_per_shard - 1)))
+    tasks = [_task(output, i, spec.base, digits, image, fetching) for i in range(shards)]
+    summary = run_tasks(tasks, write_shard, workers=workers, rank=rank, world=world, desc="build")
+    _finish(output, tasks)
+    return summary
+
+
+def _settings(spec: InputSpec, samples_per_shard: int, image: ImageConfig) -> dict[str, Any]:
+    """What the output depends on, so a rerun into the same folder cannot mix two builds."""
+    columns = {"source_col": spec.source_col, "caption_col": spec.caption_col}
+    return {
+        "input": str(spec.path),
+        **columns,
+        "samples_per_shard": samples_per_shard,
+        **dataclasses.asdict(image),
+    }
+
+
+def _check_settings(output: Path, settings: dict[str, Any]) -> None:
+    path = output / SETTINGS_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
+        if changed:
+            raise ValueError(f"{output} holds a build with other settings ({', '.join(changed)})")
+        return
+    write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode("utf-8"))
+
+
+def _split_rows(spec: InputSpec, output: Path, samples_per_shard: int, rank: int, world: int) -> int:
+    """Stream the input once, saving the rows of this node's pending shards; returns the shard count."""
+    rows = iter_rows(spec)
+    shard_id = 0
+    while chunk := list(islice(rows, samples_per_shard)):
+        if owns(shard_id, rank, world) and not is_complete(output, shard_id):
+            _write_rows(_rows_file(output, shard_id), chunk)
+        shard_id += 1
+    if shard_id == 0:
+        raise ValueError(f"no input rows found in {spec.path}")
+    return shard_id
+
+
+def _rows_file(output: Path, shard_id: int) -> Path:
+    return output / ROWS_DIR / f"{shard_name(shard_id)}.parquet"
+
+
+def _write_rows(path: Path, rows: list[InputRow]) -> None:
+    """Save a shard's input rows under a temp name, then rename (a killed run never leaves half)."""
+    table = pa.Table.from_pylist([dataclasses.asdict(row) for row in rows], schema=_ROWS_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _task(
+    output: Path, shard_id: int, base: Path, digits: int, image: ImageConfig, fetching: FetchConfig
+) -> Task:
+    name = shard_name(shard_id)
+    job = ShardJob(output, shard_id, _rows_file(output, shard_id), base, digits, image, fetching)
+    return Task(name=name, output=output / f"{name}_stats.json", payload=job)
+
+
+def write_shard(task: Task) -> int:
+    """Runner task: fetch and resize a shard's images and write the shard; returns the rows processed."""
+    job: ShardJob = task.payload
+    rows = [InputRow(**r) for r in pq.read_table(job.rows_file).to_pylist()]
+    remove_stale_temps(job.output, task.name)
+    with ThreadPoolExecutor(job.fetching.threads) as pool, ShardWriter(job.output, job.shard_id) as writer:
+        results = _in_order(pool, lambda row: _load(row, job), rows, window=4 * job.fetching.threads)
+        for index, (row, result) in enumerate(zip(rows, results)):
+            _add(writer, key_for(job.shard_id, index, job.index_digits), row, result)
+    job.rows_file.unlink(missing_ok=True)
+    return len(rows)
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
+    """``fn`` over ``items`` in order with at most ``window`` in flight, so a shard is never all in memory."""
+    in_flight: deque[Future] = deque()
+    for item in items:
+        in_flight.append(pool.submit(fn, item))
+        if len(in_flight) >= window:
+            yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
+def remove_stale_temps(folder: Path, name: str) -> None:
+    """Remove temp files a killed writer of shard ``name`` left (only its one owner writes a shard)."""
+    for pattern in (f".{name}.*.tmp", f".{name}_stats.json.*.tmp"):
+        for stale in folder.glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
+def _load(row: InputRow, job: ShardJob) -> tuple[bytes, int, int] | tuple[str, str]:
+    """The stored bytes and original size of a row's image, or its failure (status, message)."""
+    if not row.source:
+        return "failed_to_download", "empty source"
+    location = row.source if row.kind == "url" else str(job.base / row.source)
+    try:
+        data = fetch(location, job.fetching.timeout, job.fetching.retries)
+    except FetchError as error:
+        return "failed_to_download", str(error)
+    try:
+        return process(data, job.image)
+    except ResizeError as error:
+        return "failed_to_resize", str(error)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        # PIL names the in-memory buffer's address; drop it so reruns write the same parquet bytes
+        return "failed_to_decode", _ADDRESS.sub("", f"{type(error).__name__}: {error}")
+
+
+def _add(writer: ShardWriter, key: str, row: InputRow, result: tuple) -> None:
+    uid = make_uid(row.source, row.caption)
+    source = {row.kind: row.source}
+    if len(result) == 2:
+        status, message = result
+        writer.add_failure(key, uid, row.caption, status, message, source)
+        return
+    data, width, height = result
+    meta = {**source, "uid": uid, "original_width": width, "original_height": height}
+    writer.add(key, data, row.caption, meta)
+
+
+def _finish(output: Path, tasks: list[Task]) -> None:
+    """Drop leftover row files of complete shards; write sizes.json once every shard is complete."""
+    for task in tasks:
+        if task.output.exists():
+            task.payload.rows_file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: other nodes' shards are still pending
+        (output / ROWS_DIR).rmdir()
+    pending = sum(not task.output.exists() for task in tasks)
+    if pending:
+        log.info("sizes.json not written yet: %d shards are not complete", pending)
+    else:
+        write_sizes(output)

@@ -1,0 +1,282 @@
+"""Keep lists from CLIP scores and basic image/caption rules, over an embeddings folder (see embed.py).
+
+The CLIP-score threshold is global: either given (``min_score``) or the score that keeps the top
+``keep_fraction`` of all samples. The quantile is exact without holding every score at once: pass one
+counts scores into 65,536 fixed bins over [-1, 1]; pass two reads back only the scores inside the bin that
+holds the quantile and sorts those. Both passes read just the ``clip_score`` column of each metadata
+parquet, so memory is the histogram plus one bin's scores, whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_tools.atomic import atomic_path, write_atomic
+from data_tools.embeddings import metadata_files, shard_index
+from data_tools.shards import iter_shard
+
+QUANTILE_BINS = 65536
+PLOT_BINS = 100
+FORMATS = ("parquet", "datacomp")
+KEEP_SCHEMA = pa.schema([("uid", pa.string())])
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """What a sample must satisfy to be kept; ``None`` switches a rule off."""
+
+    min_score: float | None = None
+    """Keep samples whose clip_score is at least this."""
+    keep_fraction: float | None = None
+    """Keep the top fraction of all samples by clip_score (ties at the threshold are all kept)."""
+    min_side: int | None = None
+    """Least image side in pixels (the source size: original_width/height, else width/height)."""
+    max_aspect_ratio: float | None = None
+    """Largest long side / short side."""
+    min_words: int | None = None
+    """Least number of whitespace-separated words in the caption."""
+
+    def __post_init__(self) -> None:
+        if self.min_score is not None and self.keep_fraction is not None:
+            raise ValueError("give min_score or keep_fraction, not both")
+        if self.keep_fraction is not None and not 0.0 <= self.keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in [0, 1], got {self.keep_fraction}")
+        if self.min_side is not None and self.min_side < 1:
+            raise ValueError(f"min_side must be at least 1, got {self.min_side}")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1.0:
+            raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+        if self.min_words is not None and self.min_words < 0:
+            raise ValueError(f"min_words must be at least 0, got {self.min_words}")
+
+    @property
+    def needs_sizes(self) -> bool:
+        return self.min_side is not None or self.max_aspect_ratio is not None
+
+
+def read_scores(path: Path) -> np.ndarray:
+    """The clip_score column of one metadata parquet (float32)."""
+    return pq.read_table(path, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False)
+
+
+def _quantile_bin(scores: np.ndarray) -> np.ndarray:
+    """The fixed bin of each score; the same function in both passes, so the counts agree exactly."""
+    scaled = np.floor((np.clip(scores, -1.0, 1.0) + 1.0) * (QUANTILE_BINS / 2.0))
+    return np.minimum(scaled.astype(np.int64), QUANTILE_BINS - 1)
+
+
+def score_threshold(files: list[Path], keep_fraction: float) -> float:
+    """The clip_score of the ``round(keep_fraction * n)``-th best sample (+inf when that is zero)."""
+    counts = np.zeros(QUANTILE_BINS, dtype=np.int64)
+    for path in files:
+        counts += np.bincount(_quantile_bin(read_scores(path)), minlength=QUANTILE_BINS)
+    keep = round(keep_fraction * int(counts.sum()))
+    if keep == 0:
+        return math.inf
+    above = np.cumsum(counts[::-1])[::-1]  # above[b]: samples in bin b or higher
+    target = int(np.flatnonzero(above >= keep)[-1])
+    in_bin = [s[_quantile_bin(s) == target] for s in map(read_scores, files)]
+    ranked = np.sort(np.concatenate(in_bin))[::-1]
+    higher = int(above[target] - counts[target])
+    return float(ranked[keep - higher - 1])
+
+
+def _sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
+    """Source width and height per row (original size where known); None when the table has none."""
+    names = table.column_names
+    pairs = [("original_width", "original_height"), ("width", "height")]
+    columns = [(table[w], table[h]) for w, h in pairs if w in names and h in names]
+    if not columns:
+        return None
+    width = np.full(table.num_rows, np.nan)
+    height = np.full(table.num_rows, np.nan)
+    for w, h in columns:
+        fill = np.isnan(width)
+        width[fill] = w.to_numpy(zero_copy_only=False).astype(float)[fill]
+        height[fill] = h.to_numpy(zero_copy_only=False).astype(float)[fill]
+    return width, height
+
+
+def _sizes_from_shard(url: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Width and height of ``keys`` read from the KEY.json members of the shard they came from."""
+    from pretrain.data.io import open_url
+
+    found: dict[str, tuple[float, float]] = {}
+    with open_url(url) as stream:
+        for sample in iter_shard(stream):
+            meta = sample.get("json") or {}
+            width = meta.get("original_width") or meta.get("width")
+            height = meta.get("original_height") or meta.get("height")
+            found[sample["__key__"]] = (width or math.nan, height or math.nan)
+    pairs = np.array([found.get(k, (math.nan, math.nan)) for k in keys], dtype=float).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def rule_masks(
+    table: pa.Table, cfg: FilterConfig, threshold: float, sizes: tuple[np.ndarray, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """One boolean 'passes' mask per active rule (score, min_side, max_aspect_ratio, min_words).
+
+    ``sizes`` (width, height per row) is needed, and must be complete, when a size rule is on.
+    """
+    masks = {}
+    if threshold > -math.inf:
+        masks["score"] = table["clip_score"].to_numpy(zero_copy_only=False) >= threshold
+    if cfg.needs_sizes:
+        width, height = sizes
+        if cfg.min_side is not None:
+            masks["min_side"] = np.minimum(width, height) >= cfg.min_side
+        if cfg.max_aspect_ratio is not None:
+            ratio = np.maximum(width, height) / np.maximum(np.minimum(width, height), 1)
+            masks["max_aspect_ratio"] = ratio <= cfg.max_aspect_ratio
+    if cfg.min_words is not None:
+        words = [len((c or "").split()) for c in table["caption"].to_pylist()]
+        masks["min_words"] = np.array(words, dtype=np.int64) >= cfg.min_words
+    return masks
+
+
+def datacomp_uids(uids: list[str] | np.ndarray) -> np.ndarray:
+    """DataComp's keep-list array: sorted ``np.dtype("u8,u8")`` pairs, high 64 bits of the 32-hex uid first."""
+    raw = bytes.fromhex("".join(uids))
+    halves = np.frombuffer(raw, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    pairs = np.empty(len(halves), dtype=np.dtype("u8,u8"))
+    pairs["f0"], pairs["f1"] = halves[:, 0], halves[:, 1]
+    pairs.sort()
+    return pairs
+
+
+def _threshold(files: list[Path], cfg: FilterConfig) -> float:
+    if cfg.keep_fraction is not None:
+        return score_threshold(files, cfg.keep_fraction)
+    return -math.inf if cfg.min_score is None else cfg.min_score
+
+
+def _shard_url(metadata: Path, urls: list[str] | None) -> str:
+    """The shard that ``metadata_{i}.parquet`` came from: the i-th of ``--shards``."""
+    if urls is None:
+        raise ValueError(f"size rules need width/height: {metadata.name} has none, pass --shards")
+    index = shard_index(metadata)
+    if index >= len(urls):
+        raise ValueError(f"{metadata.name} has no shard in --shards ({len(urls)} shards)")
+    return urls[index]
+
+
+def _filtered_tables(
+    files: list[Path], cfg: FilterConfig, threshold: float, urls: list[str] | None
+) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
+    """Each metadata table with its rule masks, sizes looked up in the shards only when needed."""
+    for path in files:
+        table = pq.read_table(path)
+        sizes = _sizes(table) if cfg.needs_sizes else None
+        if cfg.needs_sizes and (sizes is None or np.isnan(sizes[0]).any()):
+            sizes = _sizes_from_shard(_shard_url(path, urls), table["key"].to_pylist())
+            if np.isnan(sizes[0]).any():
+                raise ValueError(f"size rules: some samples of {path.name} are not in its shard")
+        yield table, rule_masks(table, cfg, threshold, sizes)
+
+
+def filter_embeddings(
+    embeddings: str | Path,
+    output: str | Path,
+    cfg: FilterConfig,
+    fmt: str = "parquet",
+    shard_urls: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write the keep list ``output`` (+ ``.npy`` for datacomp, summary json and histogram png)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    files = metadata_files(embeddings)
+    if not files:
+        raise ValueError(f"no metadata/metadata_*.parquet in {embeddings}")
+    output = Path(output)
+    threshold = _threshold(files, cfg)
+    tally = _Tally()
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
+        for table, masks in _filtered_tables(files, cfg, threshold, shard_urls):
+            keep = tally.add(table, masks)
+            writer.write_table(pa.table({"uid": table["uid"].filter(pa.array(keep))}, schema=KEEP_SCHEMA))
+    if fmt == "datacomp":
+        kept = pq.read_table(output, columns=["uid"])["uid"].to_pylist()
+        with atomic_path(output.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
+            np.save(f, datacomp_uids(kept))
+    summary = tally.summary(cfg, threshold, output, fmt)
+    write_atomic(summary_path(output), json.dumps(summary, indent=1).encode("utf-8"))
+    plot_histogram(tally, threshold, histogram_path(output))
+    return summary
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}_summary.json")
+
+
+def histogram_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}_scores.png")
+
+
+class _Tally:
+    """Counts and score histograms gathered while streaming the tables."""
+
+    def __init__(self) -> None:
+        self.samples = self.kept = 0
+        self.removed: dict[str, int] = {}
+        self.edges = np.linspace(-1.0, 1.0, PLOT_BINS + 1)
+        self.all_hist = np.zeros(PLOT_BINS, dtype=np.int64)
+        self.kept_hist = np.zeros(PLOT_BINS, dtype=np.int64)
+
+    def add(self, table: pa.Table, masks: dict[str, np.ndarray]) -> np.ndarray:
+        """Record one table; returns its keep mask (all rules pass)."""
+        keep = np.ones(table.num_rows, dtype=bool)
+        for rule, passes in masks.items():
+            self.removed[rule] = self.removed.get(rule, 0) + int((~passes).sum())
+            keep &= passes
+        scores = np.clip(table["clip_score"].to_numpy(zero_copy_only=False), -1.0, 1.0)
+        self.all_hist += np.histogram(scores, self.edges)[0]
+        self.kept_hist += np.histogram(scores[keep], self.edges)[0]
+        self.samples += table.num_rows
+        self.kept += int(keep.sum())
+        return keep
+
+    def summary(self, cfg: FilterConfig, threshold: float, output: Path, fmt: str) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "kept": self.kept,
+            "kept_fraction": self.kept / self.samples if self.samples else 0.0,
+            "score_threshold": threshold if math.isfinite(threshold) else None,
+            "failed_rule": self.removed,
+            "config": asdict(cfg),
+            "keep_list": str(output),
+            "format": fmt,
+        }
+
+
+def plot_histogram(tally: _Tally, threshold: float, path: Path) -> None:
+    """A PNG of the clip_score distribution, all samples against kept ones, with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    centres = (tally.edges[:-1] + tally.edges[1:]) / 2
+    width = tally.edges[1] - tally.edges[0]
+    ax.bar(centres, tally.all_hist, width=width, color="0.75", label="all")
+    ax.bar(centres, tally.kept_hist, width=width, color="tab:blue", label="kept")
+    if math.isfinite(threshold):
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.3f}")
+    used = np.flatnonzero(tally.all_hist)
+    if len(used):
+        ax.set_xlim(tally.edges[used[0]] - width, tally.edges[used[-1] + 1] + width)
+    ax.set(xlabel="clip_score (cosine)", ylabel="samples", title=f"{tally.kept} of {tally.samples} kept")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,255 @@
+"""``data-tools reshard``: write the samples a keep list selects into new shards of a chosen size.
+
+Several keep lists select their intersection. A uid listed k times is written k times (DataComp-style
+upsampling; an intersection takes the smallest count). The kept samples, in input order, form one stream
+of known length (counted cheaply from the input parquets first); output shard j is positions
+[j·N, (j+1)·N) of that stream, optionally shuffled within fixed windows by a seeded permutation. Each
+output shard is thus a pure function of the inputs, so it is a runner task: resumable, spread over
+workers and nodes, and a rerun after a kill writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_tools.atomic import atomic_path, write_atomic
+from data_tools.build import remove_stale_temps
+from data_tools.runner import RunSummary, Task, run_tasks
+from data_tools.shards import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, write_sizes
+
+log = logging.getLogger("data_tools")
+
+SELECTION_DIR = ".reshard"  # per input shard: kept keys and their counts, removed when all is written
+SETTINGS_FILE = "reshard.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_SELECTION_SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int32())])
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One input shard: its tar, its selection file, and where its kept samples start in the stream."""
+
+    tar: Path
+    selection: Path
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """The payload of one output task: stream positions [start, end) with the window shuffle."""
+
+    output: Path
+    shard_id: int
+    start: int
+    end: int
+    total: int
+    window: int
+    seed: int
+    index_digits: int
+    inputs: tuple[InputShard, ...]
+
+
+def reshard(
+    shards: str,
+    keep_files: list[str | Path],
+    output: str | Path,
+    samples_per_shard: int = 10000,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    workers: int = 1,
+    rank: int | None = None,
+    world: int | None = None,
+) -> RunSummary:
+    """Write the kept samples of ``shards`` into ``output``; returns the run summary of this node."""
+    if samples_per_shard < 1 or shuffle_buffer < 0:
+        raise ValueError("samples_per_shard must be at least 1 and shuffle_buffer at least 0")
+    tars = _input_tars(shards)
+    keep = load_keep(keep_files)
+    output = Path(output).resolve()
+    settings = {
+        "shards": [str(t.resolve()) for t in tars],
+        "keep": [str(Path(k).resolve()) for k in keep_files],
+    }
+    settings |= {"samples_per_shard": samples_per_shard, "shuffle_buffer": shuffle_buffer, "seed": seed}
+    _check_settings(output, settings)
+    inputs = _select(tars, keep, output / SELECTION_DIR)
+    tasks = plan(output, inputs, samples_per_shard, shuffle_buffer, seed)
+    summary = run_tasks(tasks, write_output_shard, workers=workers, rank=rank, world=world, desc="reshard")
+    _finish(output, tasks)
+    return summary
+
+
+def _input_tars(spec: str) -> list[Path]:
+    from pretrain.data.spec import expand_urls  # pretrain.data pulls in torch: only when needed
+
+    tars = [Path(url) for url in expand_urls(spec)]
+    missing = [t for t in tars if not (t.is_file() and t.with_name(f"{t.stem}_stats.json").is_file())]
+    if missing:
+        raise ValueError(f"not a complete local shard: {missing[0]} ({len(missing)} of {len(tars)})")
+    return tars
+
+
+def load_keep(paths: list[str | Path]) -> Counter[str]:
+    """uid -> times to write it; several lists keep only uids in all of them, with the smallest count."""
+    if not paths:
+        raise ValueError("need at least one keep list")
+    kept: Counter[str] | None = None
+    for path in paths:
+        counts = Counter(_read_uids(Path(path)))
+        kept = counts if kept is None else kept & counts  # Counter & is the min count of common keys
+    return kept
+
+
+def _read_uids(path: Path) -> Iterator[str]:
+    """The uids of a keep list: a parquet ``uid`` column or a DataComp ``.npy`` of u8,u8 pairs."""
+    if not path.is_file():
+        raise ValueError(f"keep list not found: {path}")
+    if path.suffix == ".npy":
+        pairs = np.load(path)
+        for high, low in zip(pairs[pairs.dtype.names[0]], pairs[pairs.dtype.names[1]]):
+            yield f"{int(high):016x}{int(low):016x}"
+        return
+    parquet = pq.ParquetFile(path)
+    if "uid" not in parquet.schema_arrow.names:
+        raise ValueError(f"keep list {path} has no uid column")
+    for batch in parquet.iter_batches(columns=["uid"], batch_size=65536):
+        yield from batch.column(0).to_pylist()
+
+
+def _select(tars: list[Path], keep: Counter[str], folder: Path) -> list[InputShard]:
+    """Save each input shard's kept keys with counts; returns the shards with their stream offsets."""
+    inputs, start = [], 0
+    for index, tar in enumerate(tars):
+        keys, counts = [], []
+        for key, uid in _successful_samples(tar):
+            if keep.get(uid, 0) > 0:
+                keys.append(key)
+                counts.append(keep[uid])
+        selection = folder / f"{index:05d}.parquet"
+        with atomic_path(selection) as tmp:
+            pq.write_table(pa.table({"key": keys, "count": counts}, schema=_SELECTION_SCHEMA), tmp)
+        inputs.append(InputShard(tar, selection, start, sum(counts)))
+        start += sum(counts)
+    return inputs
+
+
+def _successful_samples(tar: Path) -> Iterator[tuple[str, str]]:
+    """(key, uid) of the samples in a shard: from its parquet when there is one, else from the tar."""
+    parquet = tar.with_suffix(".parquet")
+    if parquet.is_file():
+        table = pq.read_table(parquet, columns=["key", "uid", "status"])
+        for key, uid, status in zip(*(table.column(c).to_pylist() for c in ("key", "uid", "status"))):
+            if status == SUCCESS:
+                yield key, uid
+        return
+    for sample in iter_shard(tar):
+        yield sample["__key__"], sample["json"]["uid"]
+
+
+def _check_settings(output: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into a folder written with other inputs or settings (its plan would differ)."""
+    path = output / SETTINGS_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = [k for k, v in settings.items() if previous.get(k) != v]
+        if changed:
+            raise ValueError(f"{output} holds a reshard with other {', '.join(changed)}")
+        return
+    write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode("utf-8"))
+
+
+def plan(
+    output: Path, inputs: list[InputShard], samples_per_shard: int, shuffle_buffer: int, seed: int
+) -> list[Task]:
+    """One task per output shard, each with the input shards its stream positions come from."""
+    total = sum(shard.count for shard in inputs)
+    window = max(1, shuffle_buffer)
+    digits = max(4, len(str(samples_per_shard - 1)))
+    tasks = []
+    for shard_id, start in enumerate(range(0, total, samples_per_shard)):
+        end = min(start + samples_per_shard, total)
+        low, high = start // window * window, min(-(-end // window) * window, total)
+        needed = tuple(s for s in inputs if s.count and s.start < high and s.start + s.count > low)
+        job = OutputShard(output, shard_id, start, end, total, window, seed, digits, needed)
+        name = shard_name(shard_id)
+        tasks.append(Task(name=name, output=output / f"{name}_stats.json", payload=job))
+    return tasks
+
+
+def source_positions(start: int, end: int, total: int, window: int, seed: int) -> list[int]:
+    """The kept-stream positions written at output positions [start, end): a seeded shuffle per window."""
+    if window == 1:
+        return list(range(start, end))
+    sources = []
+    for first in range(start // window * window, end, window):
+        size = min(window, total - first)
+        permutation = np.random.default_rng([seed, first // window]).permutation(size) + first
+        sources.extend(permutation[max(start, first) - first : min(end, first + size) - first].tolist())
+    return sources
+
+
+def write_output_shard(task: Task) -> int:
+    """Runner task: stream the needed input samples and write them in output order; returns the count."""
+    job: OutputShard = task.payload
+    remove_stale_temps(job.output, task.name)
+    sources = source_positions(job.start, job.end, job.total, job.window, job.seed)
+    stream = _kept_stream(job.inputs, min(sources), max(sources) + 1)
+    wanted, buffer = set(sources), {}
+    with ShardWriter(job.output, job.shard_id) as writer:
+        for index, source in enumerate(sources):
+            while source not in buffer:  # read on; a window's samples wait in the buffer
+                position, sample = next(stream)
+                if position in wanted:
+                    buffer[position] = sample
+            _add(writer, key_for(job.shard_id, index, job.index_digits), buffer.pop(source))
+    return len(sources)
+
+
+def _kept_stream(inputs: tuple[InputShard, ...], low: int, high: int) -> Iterator[tuple[int, dict]]:
+    """(stream position, sample) for positions [low, high): kept samples, each repeated per its count."""
+    for shard in inputs:
+        if shard.start + shard.count <= low or shard.start >= high:
+            continue
+        table = pq.read_table(shard.selection)
+        counts = dict(zip(table.column("key").to_pylist(), table.column("count").to_pylist()))
+        position = shard.start
+        for sample in iter_shard(shard.tar):
+            for _ in range(counts.get(sample["__key__"], 0)):
+                if low <= position < high:
+                    yield position, sample
+                position += 1
+            if position >= high:
+                return
+
+
+def _add(writer: ShardWriter, key: str, sample: dict) -> None:
+    """Copy a sample under a new key: its image bytes, caption, extra members and KEY.json fields."""
+    ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
+    reserved = {"__key__", "__url__", ext, "txt", "json"}
+    extras = {name: data for name, data in sample.items() if name not in reserved}
+    writer.add(key, sample[ext], sample["txt"], sample["json"], ext=ext, extras=extras)
+
+
+def _finish(output: Path, tasks: list[Task]) -> None:
+    """Once every output shard is complete: write sizes.json and drop the selection files."""
+    pending = sum(not task.output.exists() for task in tasks)
+    if pending:
+        log.info("sizes.json not written yet: %d shards are not complete", pending)
+        return
+    write_sizes(output)
+    for selection in (output / SELECTION_DIR).glob("*.parquet"):
+        selection.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (output / SELECTION_DIR).rmdir()

@@ -1,0 +1,178 @@
+"""The one task runner for every data_tools job: a process pool locally, a rank/world split across nodes.
+
+A job is a list of tasks, each with the one file whose existence marks it complete (written last, by the
+task). Running a job again skips complete tasks, so a killed job resumes where it stopped; nodes given
+the same task list and their own rank each take a disjoint share, so together they cover it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger("data_tools")
+
+# Rank/world variables of the launchers we support, in order of preference.
+_LAUNCHER_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+@dataclass
+class Task:
+    """One unit of work: ``output`` existing means it is complete (the task writes it last)."""
+
+    name: str
+    output: Path
+    payload: Any = None
+
+
+@dataclass
+class RunSummary:
+    """What a run did: task names done, skipped (already complete) and failed with the reason."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
+    unit: str = "samples"
+
+    def ok(self) -> bool:
+        """Whether every task of this node is complete."""
+        return not self.failed
+
+    def line(self, desc: str = "") -> str:
+        """One line, e.g. ``build: 3 done, 1 skipped, 1 failed; 300 samples in 2.0 s (150.0/s); failed 00004: ...``."""
+        prefix = f"{desc}: " if desc else ""
+        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        failures = "".join(f"; failed {name}: {reason}" for name, reason in self.failed)
+        return (
+            f"{prefix}{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed; "
+            f"{self.samples} {self.unit} in {self.seconds:.1f} s ({rate:.1f}/s){failures}"
+        )
+
+
+def node_split(tasks: list[Task], rank: int, world: int) -> list[Task]:
+    """This node's share: task ``i`` goes to rank ``i % world``, order kept."""
+    _check_rank_world(rank, world)
+    return [task for i, task in enumerate(tasks) if owns(i, rank, world)]
+
+
+def owns(index: int, rank: int, world: int) -> bool:
+    """Whether task number ``index`` of a job belongs to ``rank`` (lets a job prepare only its share)."""
+    return index % world == rank
+
+
+def resolve_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    """Rank and world size: explicit arguments, else torchrun's or SLURM's environment, else (0, 1)."""
+    if rank is None or world is None:
+        env_rank, env_world = _rank_world_from_env()
+        rank = env_rank if rank is None else rank
+        world = env_world if world is None else world
+    _check_rank_world(rank, world)
+    return rank, world
+
+
+def _rank_world_from_env() -> tuple[int, int]:
+    for rank_var, world_var in _LAUNCHER_ENV:
+        if rank_var in os.environ and world_var in os.environ:
+            try:
+                return int(os.environ[rank_var]), int(os.environ[world_var])
+            except ValueError:
+                raise ValueError(f"{rank_var}/{world_var} must be integers") from None
+    return 0, 1
+
+
+def _check_rank_world(rank: int, world: int) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank {rank}, world {world}")
+
+
+def run_tasks(
+    tasks: list[Task],
+    fn: Callable[[Task], int],
+    *,
+    workers: int = 1,
+    rank: int | None = None,
+    world: int | None = None,
+    desc: str = "",
+    unit: str = "samples",
+) -> RunSummary:
+    """Run this node's incomplete tasks with ``fn`` (returns samples processed); one failure stops no other.
+
+    ``fn`` must be picklable (a module-level function) when ``workers > 1``; with one worker it runs in
+    this process, which makes debugging easy.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    _check_unique([task.name for task in tasks])
+    rank, world = resolve_rank_world(rank, world)
+    start = time.perf_counter()
+    summary = RunSummary(unit=unit)
+    pending = []
+    for task in node_split(tasks, rank, world):
+        if Path(task.output).exists():
+            summary.skipped.append(task.name)
+        else:
+            pending.append(task)
+    _run_pending(pending, fn, workers, summary, desc, unit)
+    summary.seconds = time.perf_counter() - start
+    _log_summary(summary, desc, rank, world)
+    return summary
+
+
+def _check_unique(names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"task names must be unique, {duplicate!r} repeats")
+
+
+def _run_pending(
+    pending: list[Task], fn: Callable[[Task], int], workers: int, summary: RunSummary, desc: str, unit: str
+) -> None:
+    """Run tasks in a pool (or in-process for one worker), recording each outcome as it arrives."""
+    progress = tqdm(total=None, desc=desc or None, unit=f" {unit}", disable=None, dynamic_ncols=True)
+    guarded = partial(_call_guarded, fn)
+    try:
+        if workers == 1 or len(pending) <= 1:
+            outcomes = map(guarded, pending)
+            _collect(outcomes, summary, progress, len(pending))
+        else:
+            with Pool(min(workers, len(pending))) as pool:
+                _collect(pool.imap_unordered(guarded, pending), summary, progress, len(pending))
+    finally:
+        progress.close()
+
+
+def _call_guarded(fn: Callable[[Task], int], task: Task) -> tuple[str, int, str | None]:
+    """Run one task; an exception becomes its failure reason instead of ending the job."""
+    try:
+        return task.name, int(fn(task) or 0), None
+    except Exception as error:  # noqa: BLE001 - any task error is recorded, the job goes on
+        return task.name, 0, f"{type(error).__name__}: {error}"
+
+
+def _collect(outcomes: Any, summary: RunSummary, progress: tqdm, total_tasks: int) -> None:
+    for name, samples, error in outcomes:
+        if error is None:
+            summary.done.append(name)
+            summary.samples += samples
+        else:
+            summary.failed.append((name, error))
+            log.warning("task %s failed: %s", name, error)
+        progress.update(samples)
+        finished = len(summary.done) + len(summary.failed)
+        progress.set_postfix_str(f"tasks {finished}/{total_tasks}", refresh=False)
+
+
+def _log_summary(summary: RunSummary, desc: str, rank: int, world: int) -> None:
+    node = f"{desc} rank {rank}/{world}" if world > 1 else desc
+    (log.error if summary.failed else log.info)("%s", summary.line(node))

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Launch `pretrain.train` under torchrun on this node; run it once per node for multi-node jobs.
+#
+#   launch/torchrun.sh --config configs/tiny.yaml [section.key=value ...]
+#
+# Environment (all optional):
+#   NPROC_PER_NODE   processes on this node (default: number of GPUs, else 1)
+#   NNODES           nodes in the job (default 1: a standalone single-node run)
+#   NODE_RANK        this node's rank; when set (or SLURM_NODEID is), ranks are static and node 0 hosts the
+#                    rendezvous at MASTER_ADDR:MASTER_PORT; when unset, c10d elastic rendezvous is used
+#   MASTER_ADDR, MASTER_PORT   rendezvous host and port (default 127.0.0.1:29500)
+#   RDZV_ID          rendezvous id for c10d (default SLURM_JOB_ID, else "pretrain")
+#   SHUTDOWN_TIMEOUT seconds torchrun waits for workers to checkpoint after a signal (default 110)
+#   PYTHON           interpreter (default: .venv/bin/python if present, else python3)
+#   DRY_RUN=1        print the command instead of running it
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-pretrain}}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+
+if [ "$NNODES" = 1 ]; then
+  rdzv=(--standalone)
+elif [ -n "$NODE_RANK" ]; then
+  rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+else
+  rdzv=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID")
+fi
+
+# torchrun forwards SIGUSR1 (SLURM's pre-timeout warning) and SIGTERM to every worker; the workers finish
+# the step, checkpoint and exit 0 within SHUTDOWN_TIMEOUT (see pretrain/preemption.py).
+cmd=("$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC_PER_NODE"
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-110}"
+  -m pretrain.train "$@")
+
+if [ -n "${DRY_RUN:-}" ]; then
+  echo "${cmd[*]}"
+else
+  exec "${cmd[@]}"
+fi

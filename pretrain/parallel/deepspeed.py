@@ -1,0 +1,134 @@
+"""DeepSpeed ZeRO (stage 1: optimizer states, 2: + gradients, 3: + weights sharded across ranks).
+
+The engine owns backward, gradient clipping and the optimizer step; the optimizer (AdamW, our parameter
+groups) and the LR schedule stay the project's. Checkpoints are DeepSpeed's own folder (`engine.
+save_checkpoint`) inside the step folder; `load_deepspeed_weights` reads them back with DeepSpeed's
+zero_to_fp32 utility, without a process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain.config import ConfigError, DistConfig, TrainConfig
+from pretrain.distributed import world
+from pretrain.parallel.base import Strategy, apply_vector_scalars, vector_scalar_views
+
+DS_DIR = "deepspeed"
+"""Sub-folder of a step folder holding DeepSpeed's checkpoint."""
+TAG = "state"
+"""DeepSpeed checkpoint tag (the step folder already names the step)."""
+
+
+def build_deepspeed_config(cfg: DistConfig, train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config from `dist.*` / `train.*`, or the user's JSON file; batch keys always follow train.*."""
+    if cfg.deepspeed_config:
+        config = json.loads(Path(cfg.deepspeed_config).read_text())
+    else:
+        zero: dict = {"stage": cfg.zero_stage}
+        if cfg.offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if cfg.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        config = {
+            "zero_optimization": zero,
+            "bf16": {"enabled": train.precision == "bf16"},
+            "gradient_clipping": train.grad_clip,
+            "zero_allow_untested_optimizer": True,  # our torch AdamW with its parameter groups
+            "steps_per_print": 10**9,
+        }
+    config["train_micro_batch_size_per_gpu"] = train.batch_size
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = train.batch_size * world_size
+    return config
+
+
+def load_deepspeed_weights(folder: Path, model: nn.Module) -> None:
+    """Consolidate the fp32 weights of a DeepSpeed checkpoint (any stage) into a plain model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder / DS_DIR), tag=TAG)
+    with torch.no_grad():
+        for name, target in vector_scalar_views(model).items():
+            if name in state:
+                target.copy_(state[name].reshape(target.shape))
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def __init__(self, cfg: DistConfig, precision: str, train: TrainConfig) -> None:
+        super().__init__(cfg, precision)
+        if train.accum_steps != 1:
+            raise ConfigError("train.accum_steps: must be 1 with dist.strategy=deepspeed (not supported yet)")
+        self.train_cfg = train
+        self.stage = cfg.zero_stage  # the config file's stage once the engine is built
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        model = self.prepare(model.to(device))
+        apply_vector_scalars(model)
+        return model
+
+    def attach_optimizer(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Hand model and optimizer to the DeepSpeed engine (process group already initialised)."""
+        import deepspeed
+
+        config = build_deepspeed_config(self.cfg, self.train_cfg, world()[1])
+        self.stage = config.get("zero_optimization", {}).get("stage", 0)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        self.engine = engine
+        return engine, ds_optimizer
+
+    @property
+    def collective_eval(self) -> bool:
+        """Stage 3 shards the weights: only all ranks together can run the model, also for eval."""
+        return self.stage == 3
+
+    def unwrap(self, module: nn.Module) -> nn.Module:
+        return getattr(module, "module", module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
+    ) -> torch.Tensor | None:
+        """The engine clips (`gradient_clipping`), steps and zeroes the gradients."""
+        self.engine.step()
+        return None
+
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    def eval_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """encode_image / encode_text skip the engine's forward: at stage 3 gather all weights for eval."""
+        return self.gathered(list(model.parameters()))
+
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self.gathered([tensor]):
+            return tensor.detach().clone()
+
+    def save(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer, is_main: bool) -> None:
+        """Every rank writes its ZeRO partitions; rank 0 the module states."""
+        self.engine.save_checkpoint(str(folder / DS_DIR), tag=TAG, save_latest=False)
+
+    def load(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is None:
+            load_deepspeed_weights(folder, module)
+            return
+        self.engine.load_checkpoint(
+            str(folder / DS_DIR), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )

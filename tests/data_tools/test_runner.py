@@ -1,0 +1,89 @@
+"""The task runner: node split, rank/world resolution, skipping complete tasks, isolating failures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from data_tools.cli import job_status
+from data_tools.runner import RunSummary, Task, node_split, resolve_rank_world, run_tasks
+
+
+def write_output(task: Task) -> int:
+    """A task that fails for payload < 0 and otherwise writes its output, 'processing' payload samples."""
+    if task.payload < 0:
+        raise ValueError(f"bad payload {task.payload}")
+    task.output.write_text(str(task.payload))
+    return task.payload
+
+
+def make_tasks(folder: Path, payloads: list[int]) -> list[Task]:
+    return [Task(f"t{i}", folder / f"t{i}.done", payload) for i, payload in enumerate(payloads)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_node_split_is_disjoint_and_covering(tmp_path: Path, world: int) -> None:
+    tasks = make_tasks(tmp_path, list(range(11)))
+    shares = [node_split(tasks, rank, world) for rank in range(world)]
+    names = [task.name for share in shares for task in share]
+    assert sorted(names) == sorted(task.name for task in tasks) and len(names) == len(set(names))
+    assert [task.name for task in shares[0]] == [f"t{i}" for i in range(0, 11, world)]  # stable order
+
+
+def test_resolve_rank_world(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_rank_world(None, None) == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert resolve_rank_world(None, None) == (3, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_rank_world(None, None) == (1, 2)  # torchrun before SLURM
+    assert resolve_rank_world(0, 3) == (0, 3)  # explicit arguments win
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="rank"):
+            resolve_rank_world(rank, world)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failure_is_reported_and_others_complete(tmp_path: Path, workers: int, caplog) -> None:
+    tasks = make_tasks(tmp_path, [3, -1, 5, 7])
+    with caplog.at_level(logging.INFO, logger="data_tools"):
+        summary = run_tasks(tasks, write_output, workers=workers, rank=0, world=1, desc="job")
+    assert sorted(summary.done) == ["t0", "t2", "t3"] and summary.samples == 15
+    assert summary.failed == [("t1", "ValueError: bad payload -1")] and not summary.ok()
+    assert all(tasks[i].output.exists() for i in (0, 2, 3)) and not tasks[1].output.exists()
+    assert "job: 3 done, 0 skipped, 1 failed" in caplog.text and "ValueError: bad payload -1" in caplog.text
+
+
+def test_complete_tasks_are_skipped(tmp_path: Path) -> None:
+    tasks = make_tasks(tmp_path, [1, 2, 3])
+    tasks[1].output.write_text("done before")
+    summary = run_tasks(tasks, write_output, rank=0, world=1)
+    assert summary.skipped == ["t1"] and summary.done == ["t0", "t2"] and summary.ok()
+    assert tasks[1].output.read_text() == "done before"
+    again = run_tasks(tasks, write_output, workers=2, rank=0, world=1)
+    assert again.skipped == ["t0", "t1", "t2"] and again.done == [] and again.samples == 0
+
+
+def test_nodes_together_run_every_task_once(tmp_path: Path) -> None:
+    tasks = make_tasks(tmp_path, [1] * 7)
+    summaries = [run_tasks(tasks, write_output, rank=rank, world=3) for rank in range(3)]
+    done = [name for summary in summaries for name in summary.done]
+    assert sorted(done) == sorted(task.name for task in tasks) and len(done) == 7
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unique"):
+        run_tasks(make_tasks(tmp_path, [1]) * 2, write_output)
+    with pytest.raises(ValueError, match="workers"):
+        run_tasks(make_tasks(tmp_path, [1]), write_output, workers=0)
+
+
+def test_cli_exit_status_of_a_job(capsys) -> None:
+    assert job_status(RunSummary(done=["a"])) == 0
+    assert job_status(RunSummary(done=["a"], failed=[("b", "OSError: disk full")])) == 1
+    assert "1 task(s) failed" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""SIGUSR1 / SIGTERM mid-run: the current step is checkpointed, the process exits 0, SLURM jobs are
+requeued, and `resume=latest` continues exactly where the signal stopped the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import ROOT, TINY, read_jsonl, run_cmd
+
+STEPS = 30
+ARGS = [
+    "-m", "pretrain.train", "--config", str(TINY), f"train.steps={STEPS}", "train.batch_size=8",
+    "log.every=1", "checkpoint.every=1000", "checkpoint.keep=5",
+]  # fmt: skip
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in read_jsonl(path) if "loss" in r] if path.is_file() else []
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def start(run_dir: Path, nproc: int, env: dict) -> subprocess.Popen:
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    )
+    cmd = [sys.executable, *launcher, *ARGS, f"run.dir={run_dir.parent}", f"run.name={run_dir.name}"]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
+    full_env["PATH"] = f"{env.get('PATH', '')}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def interrupt(proc: subprocess.Popen, run_dir: Path, target: int, sig: signal.Signals) -> str:
+    """Signal `target` (a pid) once step 3 is logged; returns the output after the process ended."""
+    deadline = time.time() + 120
+    while not logged_steps(run_dir) or logged_steps(run_dir)[-1] < 3:
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be signalled"
+        time.sleep(0.05)
+    os.kill(target, sig)
+    out, _ = proc.communicate(timeout=120)
+    return out
+
+
+def assert_stopped_with_checkpoint(proc: subprocess.Popen, out: str, run_dir: Path) -> int:
+    assert proc.returncode == 0, out[-3000:]
+    stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
+    assert 3 <= stopped < STEPS
+    assert logged_steps(run_dir)[-1] <= stopped
+    return stopped
+
+
+def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "preempted"
+    proc = start(run_dir, nproc=2, env={})
+    time.sleep(0.5)
+    while len(children(proc.pid)) < 2:  # torchrun's workers: signal only one of them
+        time.sleep(0.1)
+    out = interrupt(proc, run_dir, children(proc.pid)[-1], signal.SIGUSR1)
+    stopped = assert_stopped_with_checkpoint(proc, out, run_dir)
+
+    cmd = [*ARGS, f"run.dir={tmp_path}", "run.name=preempted", "resume=latest"]
+    done = run_cmd(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    assert (run_dir / "checkpoints/latest").read_text() == f"step_{STEPS:08d}"
+    assert (run_dir / f"checkpoints/step_{stopped:08d}").is_dir()
+
+
+def test_sigterm_single_process_checkpoints_and_requeues_under_slurm(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    run_dir = tmp_path / "requeued"
+    proc = start(run_dir, nproc=1, env={"PATH": str(fake_bin), "SLURM_JOB_ID": "4242"})
+    out = interrupt(proc, run_dir, proc.pid, signal.SIGTERM)
+    assert_stopped_with_checkpoint(proc, out, run_dir)
+    assert calls.read_text().split() == ["requeue", "4242"]
+
+
+def test_sigusr1_to_torchrun_launcher_is_forwarded_to_the_workers(tmp_path):
+    """launch/torchrun.sh makes torchrun forward SIGUSR1 (SLURM's warning) to every worker."""
+    run_dir = tmp_path / "launched"
+    cmd = ["bash", str(ROOT / "launch/torchrun.sh"), *ARGS[2:], f"run.dir={tmp_path}", "run.name=launched"]
+    env = {**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    out = interrupt(proc, run_dir, proc.pid, signal.SIGUSR1)  # torchrun.sh execs torchrun: same pid
+    stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
+    assert 3 <= stopped < STEPS, out[-3000:]

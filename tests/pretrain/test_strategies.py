@@ -1,0 +1,192 @@
+"""FSDP2 and DeepSpeed against DDP on 2 gloo ranks: same losses, same weights, same eval; exact resume,
+and an FSDP checkpoint saved at world size 2 resumes at world size 1."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, read_jsonl, run_cmd, torchrun
+
+from pretrain.model import load_trained
+
+STEPS = 5
+CUT = 2  # the interrupted runs lose everything after this step's checkpoint
+RTOL = 1e-3
+DEEPSPEED = [f"deepspeed{stage}" for stage in (1, 2, 3)]
+STRATEGY_ARGS = {
+    "ddp": ["dist.strategy=ddp"],
+    "fsdp": ["dist.strategy=fsdp"],
+    **{f"deepspeed{s}": ["dist.strategy=deepspeed", f"dist.zero_stage={s}"] for s in (1, 2, 3)},
+}
+
+
+def deepspeed_works() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def train(run_dir: Path, strategy: str, nproc: int = 2, batch: int = 8, extra: tuple = ()) -> Path:
+    args = [
+        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
+        f"train.steps={STEPS}", f"train.batch_size={batch}", "log.every=1", "train.precision=fp32",
+        "checkpoint.every=2", "checkpoint.keep=5", *STRATEGY_ARGS[strategy], *extra,
+    ]  # fmt: skip
+    proc = torchrun(nproc, args) if nproc > 1 else run_cmd([sys.executable, *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def assert_close_losses(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == STEPS
+    for step, (x, y) in enumerate(zip(la, lb), 1):
+        assert abs(x - y) / abs(y) < RTOL, f"step {step}: loss {x} vs {y}"
+
+
+def assert_close_weights(a: Path, b: Path, tol: float = 1e-4) -> None:
+    """Final weights through `load_trained` (what export and eval read), whatever the format."""
+    wa, wb = load_trained(a).model.state_dict(), load_trained(b).model.state_dict()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < tol, f"max parameter difference {worst}"
+
+
+def cut_back(src: Path, dst: Path) -> Path:
+    """A copy of a finished run as if it had died right after the checkpoint of step CUT."""
+    shutil.copytree(src, dst)
+    for folder in (dst / "checkpoints").glob("step_*"):
+        if int(folder.name.split("_")[1]) > CUT:
+            shutil.rmtree(folder)
+    (dst / "checkpoints/latest").write_text(f"step_{CUT:08d}")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, demo_data):
+    """Finished 2-rank runs (with a zero-shot eval at the end), trained once per strategy on demand."""
+    root, done = tmp_path_factory.mktemp("strategies"), {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            done[strategy] = train(root / strategy, strategy, extra=(f"eval.zeroshot={demo_data}",))
+        return done[strategy]
+
+    return get
+
+
+def evals(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("eval") == "zeroshot"]
+
+
+def require(strategy: str) -> None:
+    if strategy.startswith("deepspeed") and not deepspeed_works():
+        pytest.skip("deepspeed is not installed (pip install '.[deepspeed]')")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", *DEEPSPEED])
+def test_strategy_matches_ddp(runs, strategy):
+    require(strategy)
+    assert_close_losses(runs(strategy), runs("ddp"))
+    assert_close_weights(runs(strategy), runs("ddp"))
+    (ours,), (ref,) = evals(runs(strategy)), evals(runs("ddp"))
+    assert ours["top1"] == pytest.approx(ref["top1"], abs=1 / 64)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", *DEEPSPEED])
+def test_resume_equals_uninterrupted(runs, strategy, tmp_path):
+    require(strategy)
+    straight = runs(strategy)
+    resumed = train(cut_back(straight, tmp_path / strategy), strategy, extra=("resume=latest",))
+    rows = read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+    assert_close_losses(resumed, straight)
+    assert_close_weights(resumed, straight, tol=1e-5)
+
+
+def test_fsdp_checkpoint_resumes_at_another_world_size(runs, tmp_path):
+    """Saved by 2 ranks x batch 8, resumed by 1 rank x batch 16: the same global batches (DCP reshards)."""
+    straight = runs("fsdp")
+    resumed = train(
+        cut_back(straight, tmp_path / "fsdp-w1"), "fsdp", nproc=1, batch=16, extra=("resume=latest",)
+    )
+    assert_close_losses(resumed, straight)
+    assert_close_weights(resumed, straight)
+
+
+def test_fsdp_checkpoint_is_sharded_dcp(runs):
+    folder = runs("fsdp") / f"checkpoints/step_{STEPS:08d}"
+    assert (folder / "dcp/.metadata").is_file()
+    assert len(list((folder / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
+    assert not (folder / "model.safetensors").exists()
+    weights = load_trained(folder).model.state_dict()
+    assert weights["logit_scale"].shape == torch.Size([])  # back to open_clip's scalar
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed3"])
+def test_export_and_eval_read_sharded_checkpoints(runs, strategy, tmp_path, demo_data):
+    """`pretrain export` / `pretrain eval` on a run directory whose checkpoints are DCP or DeepSpeed folders."""
+    require(strategy)
+    out = tmp_path / "export"
+    cli = [sys.executable, "-m", "pretrain.cli"]
+    proc = run_cmd([*cli, "export", "--checkpoint", str(runs(strategy)), "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_trained(out).model.state_dict()
+    trained = load_trained(runs(strategy)).model.state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    proc = run_cmd([*cli, "eval", "--checkpoint", str(runs(strategy)), "--zeroshot", str(demo_data)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"eval": "zeroshot"' in proc.stdout
+
+
+def test_deepspeed_config_from_keys_or_a_file(tmp_path):
+    from pretrain.config import DistConfig, TrainConfig
+    from pretrain.parallel.deepspeed import build_deepspeed_config
+
+    train = TrainConfig(batch_size=8, precision="bf16", grad_clip=0.5)
+    config = build_deepspeed_config(DistConfig(strategy="deepspeed", zero_stage=3, offload=True), train, 4)
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
+    assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 0.5
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (8, 32)
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2}, "train_batch_size": 999}')
+    config = build_deepspeed_config(DistConfig(strategy="deepspeed", deepspeed_config=str(path)), train, 4)
+    assert config["zero_optimization"] == {"stage": 2} and config["train_batch_size"] == 32
+
+
+def test_activation_checkpointing_keeps_the_gradients():
+    """Transforms run before sharding in every strategy; recomputing blocks must not change gradients."""
+    from pretrain.config import DistConfig, ModelConfig
+    from pretrain.model import build_model
+    from pretrain.parallel.base import Strategy
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Strategy(DistConfig(activation_checkpointing=checkpointing)).wrap(
+            build_model(ModelConfig()).model, torch.device("cpu")
+        )
+        assert (
+            model.visual.transformer.grad_checkpointing
+            == model.transformer.grad_checkpointing
+            == checkpointing
+        )
+        images, texts = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4, 32))
+        image_f, text_f, scale = model(images, texts)[:3]
+        (scale * image_f @ text_f.T).logsumexp(1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
