@@ -101,6 +101,23 @@ def serve_files(files: dict[str, bytes], delay: float = 0.0) -> Iterator[str]:
         server.server_close()
 
 
+def train_in_process(tmp: Path, overrides: list[str], name: str = "tiny", until: int | None = None) -> Path:
+    """Train configs/tiny.yaml with `overrides` in this process (metrics every step); returns the run dir.
+
+    `until` stops after that step with a checkpoint, as an interruption would.
+    """
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    cfg = load_config(TINY, [f"run.dir={tmp}", f"run.name={name}", "log.every=1", *overrides])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train(until=until)
+    finally:
+        trainer.close()
+    return cfg.run_dir
+
+
 def trained_tiny_clip(root: Path, shards: str, steps: int = 80, batch_size: int = 32) -> Path:
     """A tiny-clip run trained on ``shards`` in ``root`` (configs/tiny.yaml); reused when already there.
 
@@ -112,17 +129,11 @@ def trained_tiny_clip(root: Path, shards: str, steps: int = 80, batch_size: int 
         return run_dir
     import torch
 
-    from pretrain.config import load_config
-    from pretrain.trainer import Trainer
-
-    overrides = [f"run.dir={root}", "run.name=tiny-clip-run", f"data.train={shards}", f"train.steps={steps}"]
-    overrides += [f"train.batch_size={batch_size}", "train.warmup_steps=10", f"checkpoint.every={steps}"]
+    overrides = [f"data.train={shards}", f"train.steps={steps}", f"train.batch_size={batch_size}"]
+    overrides += ["train.warmup_steps=10", f"checkpoint.every={steps}", f"log.every={steps}"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    trainer = Trainer(load_config(TINY, [*overrides, f"log.every={steps}"]))
     try:
-        trainer.train()
+        return train_in_process(root, overrides, name="tiny-clip-run")
     finally:
-        trainer.close()
         torch.set_num_threads(threads)
-    return run_dir

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, read_jsonl, run_cmd, torchrun
+from helpers import TINY, read_jsonl, run_cmd, torchrun, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,19 +20,8 @@ from pretrain.config import load_config
 from pretrain.data.loader import WebDatasetSource
 from pretrain.data.plan import ShardPlan
 from pretrain.model import build_model
-from pretrain.trainer import Trainer
 
 SPEC = "train/{00000..00003}.tar"
-
-
-def train(tmp: Path, name: str, overrides: list[str], until: int | None = None) -> Path:
-    cfg = load_config(TINY, [f"run.dir={tmp}", f"run.name={name}", "log.every=1", *overrides])
-    trainer = Trainer(cfg)
-    try:
-        trainer.train(until=until)
-    finally:
-        trainer.close()
-    return cfg.run_dir
 
 
 def same_params(a: Path, b: Path, step: int) -> bool:
@@ -56,9 +45,11 @@ def test_trains_on_shards_with_ranks_and_workers(tmp_path, demo_data, nproc, wor
 def test_mid_epoch_resume_with_workers_equals_uninterrupted(tmp_path, demo_data, sampling):
     overrides = [f"data.train={demo_data}/{SPEC}", f"data.sampling={sampling}", "data.workers=2",
                  "data.shuffle_buffer=48", "train.steps=12", "train.batch_size=16", "checkpoint.every=100"]  # fmt: skip
-    straight = train(tmp_path, "straight", overrides)
-    train(tmp_path, "resumed", overrides, until=7)  # 7 x 16 = 112 samples: mid-block, mid-shard, mid-epoch
-    resumed = train(tmp_path, "resumed", [*overrides, "resume=latest"])
+    straight = train_in_process(tmp_path, name="straight", overrides=overrides)
+    train_in_process(
+        tmp_path, name="resumed", overrides=overrides, until=7
+    )  # 7 x 16 = 112 samples: mid-block, mid-shard, mid-epoch
+    resumed = train_in_process(tmp_path, name="resumed", overrides=[*overrides, "resume=latest"])
     assert same_params(straight, resumed, 12)
     losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl")] for d in (straight, resumed)]
     assert losses[0] == losses[1]
@@ -148,7 +139,7 @@ def bad_shards(tmp_path) -> Path:
 
 def test_bad_data_is_skipped_and_counted_exactly(tmp_path, bad_shards):
     good = 3 * 16 - 3 + 7  # 52 samples in one epoch: 13 steps of 4 end exactly at the epoch's end
-    run_dir = train(tmp_path, "bad", [f"data.train={bad_shards}/{{00000..00003}}.tar", "train.batch_size=4",
+    run_dir = train_in_process(tmp_path, name="bad", overrides=[f"data.train={bad_shards}/{{00000..00003}}.tar", "train.batch_size=4",
                                       f"train.steps={good // 4}", "data.shuffle_buffer=16"])  # fmt: skip
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert rows[-1]["step"] == 13 and rows[-1]["data_skipped"] == 4
@@ -159,7 +150,7 @@ def test_mostly_bad_data_stops_with_the_shards_named(tmp_path, bad_shards):
         samples = [{"key": f"{shard:05d}{i:04d}", "jpg": b"not a jpeg", "txt": b"x"} for i in range(16)]
         write_tar(bad_shards / f"{shard:05d}.tar", samples)
     with pytest.raises(RuntimeError, match=r"samples were bad .* shards: .*00000.tar"):
-        train(tmp_path, "worse", [f"data.train={bad_shards}/{{00000..00002}}.tar", "train.batch_size=4",
+        train_in_process(tmp_path, name="worse", overrides=[f"data.train={bad_shards}/{{00000..00002}}.tar", "train.batch_size=4",
                                   "train.steps=5", "data.bad_window=20"])  # fmt: skip
 
 

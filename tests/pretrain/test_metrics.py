@@ -5,24 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from helpers import TINY, read_jsonl, run_cmd, torchrun
-
-from pretrain.config import load_config
-from pretrain.trainer import Trainer
-
-
-def train(tmp_path, overrides):
-    cfg = load_config(TINY, [f"run.dir={tmp_path}", *overrides])
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return cfg.run_dir
+from helpers import TINY, read_jsonl, run_cmd, torchrun, train_in_process
 
 
 def test_metrics_contract_fields_and_final_step(tmp_path, demo_data):
-    run_dir = train(tmp_path, ["train.steps=7", "log.every=3", f"data.train={demo_data}/train/{{00000..00003}}.tar",
+    run_dir = train_in_process(tmp_path, ["train.steps=7", "log.every=3", f"data.train={demo_data}/train/{{00000..00003}}.tar",
                                f"eval.zeroshot={demo_data}"])  # fmt: skip
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
@@ -39,7 +26,9 @@ def test_wandb_offline_and_tensorboard(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_dir = train(tmp_path, ["train.steps=2", "log.every=1", "log.wandb=true", "log.tensorboard=true"])
+    run_dir = train_in_process(
+        tmp_path, ["train.steps=2", "log.every=1", "log.wandb=true", "log.tensorboard=true"]
+    )
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb"))

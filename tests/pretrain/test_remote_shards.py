@@ -8,21 +8,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import TINY, read_jsonl
-
-from pretrain.config import load_config
-from pretrain.trainer import Trainer
+from helpers import read_jsonl, train_in_process
 
 
 def train(tmp: Path, spec: str, workers: int) -> list[dict]:
-    cfg = load_config(TINY, [f"run.dir={tmp}", f"data.train={spec}", f"data.workers={workers}", "train.steps=3",
-                             "train.batch_size=8", "log.every=1"])  # fmt: skip
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return read_jsonl(cfg.run_dir / "metrics.jsonl")
+    overrides = [f"data.train={spec}", f"data.workers={workers}", "train.steps=3", "train.batch_size=8"]
+    return read_jsonl(train_in_process(tmp, overrides) / "metrics.jsonl")
 
 
 @pytest.fixture

@@ -7,23 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, read_jsonl, run_cmd
+from helpers import TINY, read_jsonl, run_cmd, train_in_process
 from safetensors.torch import load_file
 
 from pretrain.config import load_config
 from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
 
 COMPARED = ("step", "samples_seen", "loss", "lr", "logit_scale", "data_skipped")
-
-
-def run(tmp: Path, name: str, overrides: list[str], until: int | None = None) -> Path:
-    cfg = load_config(TINY, [f"run.dir={tmp}", f"run.name={name}", "log.every=1", *overrides])
-    trainer = Trainer(cfg)
-    try:
-        trainer.train(until=until)
-    finally:
-        trainer.close()
-    return cfg.run_dir
 
 
 def assert_same_run(a: Path, b: Path, steps: int) -> None:
@@ -43,23 +33,29 @@ def assert_same_run(a: Path, b: Path, steps: int) -> None:
 def test_resume_equals_uninterrupted(tmp_path, demo_data, data, extra):
     train = f"{demo_data}/train/{{00000..00003}}.tar" if data == "shards" else "synthetic"
     overrides = [f"data.train={train}", "train.steps=8", "checkpoint.every=3", *extra]
-    straight = run(tmp_path, "straight", overrides)
-    run(tmp_path, "resumed", overrides, until=5)  # stops after step 5 with a checkpoint: an interruption
-    resumed = run(tmp_path, "resumed", [*overrides, "resume=latest"])
+    straight = train_in_process(tmp_path, name="straight", overrides=overrides)
+    train_in_process(
+        tmp_path, name="resumed", overrides=overrides, until=5
+    )  # stops after step 5 with a checkpoint: an interruption
+    resumed = train_in_process(tmp_path, name="resumed", overrides=[*overrides, "resume=latest"])
     assert_same_run(straight, resumed, steps=8)
 
 
 def test_resume_from_explicit_checkpoint_path(tmp_path):
     overrides = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5"]
-    straight = run(tmp_path, "straight", overrides)
-    other = run(tmp_path, "other", [*overrides, f"resume={straight}/checkpoints/step_00000004"])
+    straight = train_in_process(tmp_path, name="straight", overrides=overrides)
+    other = train_in_process(
+        tmp_path, name="other", overrides=[*overrides, f"resume={straight}/checkpoints/step_00000004"]
+    )
     a = load_file(straight / "checkpoints/step_00000006/model.safetensors")
     b = load_file(other / "checkpoints/step_00000006/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoints_are_pruned_and_latest_points_to_newest(tmp_path):
-    run_dir = run(tmp_path, "prune", ["train.steps=7", "checkpoint.every=2", "checkpoint.keep=2"])
+    run_dir = train_in_process(
+        tmp_path, name="prune", overrides=["train.steps=7", "checkpoint.every=2", "checkpoint.keep=2"]
+    )
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest", "step_00000006", "step_00000007"]
     assert (run_dir / "checkpoints/latest").read_text() == "step_00000007"
@@ -67,9 +63,9 @@ def test_checkpoints_are_pruned_and_latest_points_to_newest(tmp_path):
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
-    run(tmp_path, "taken", ["train.steps=2"])
+    train_in_process(tmp_path, name="taken", overrides=["train.steps=2"])
     with pytest.raises(RunDirError, match="resume=latest"):
-        run(tmp_path, "taken", ["train.steps=2"])
+        train_in_process(tmp_path, name="taken", overrides=["train.steps=2"])
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
