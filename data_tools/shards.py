@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data_tools.atomic import write_atomic
+
 SUCCESS = "success"
 FAILURE_STATUSES = ("failed_to_download", "failed_to_resize", "failed_to_decode")
 SOURCE_FIELDS = ("url", "path")
@@ -111,18 +113,6 @@ def _sample_record(key: str, image_bytes: bytes, caption: str, meta: Mapping[str
         "status": SUCCESS,
         "error_message": None,
     }
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temp file next to ``path`` and rename it into place."""
-    f, tmp = _temp_file(path.parent, path.name)
-    try:
-        with f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -287,7 +277,7 @@ def write_sizes(output_dir: str | Path) -> dict[str, int]:
     """Write ``sizes.json`` ({"00000.tar": successes, ...}) for the complete shards; returns it."""
     folder = Path(output_dir)
     sizes = _sizes_from_stats(folder)
-    _write_atomic(folder / SIZES_FILE, json.dumps(sizes, indent=1).encode("utf-8"))
+    write_atomic(folder / SIZES_FILE, json.dumps(sizes, indent=1).encode("utf-8"))
     return sizes
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_tools.atomic import write_atomic
 from pretrain.distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -39,12 +40,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -90,7 +85,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write_shared, rank_state: dict, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(ckpt_root / "latest", final.name)
+        write_atomic(ckpt_root / "latest", final.name.encode())
         _prune(ckpt_root, keep)
     barrier()
     return final

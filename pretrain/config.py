@@ -16,6 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_tools.atomic import write_atomic
+
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 SECRET_WORDS = ("key", "token", "secret", "password")
@@ -304,6 +306,4 @@ def redacted(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (temp name, then rename)."""
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(redacted(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(redacted(cfg), sort_keys=False).encode())

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from data_tools.atomic import write_atomic
 from pretrain.config import Config, redacted
 
 log = logging.getLogger("pretrain")
@@ -34,9 +35,7 @@ def read_metrics(path: Path) -> list[dict]:
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only lines up to `step` (rewritten atomically)."""
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 def _console_line(row: dict) -> str:
