@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo-data
 
-.PHONY: setup demo test test-slow test-all lint format clean
+.PHONY: setup slurm-deps demo test test-slow test-all lint format clean
 
 setup: $(STAMP)
 
@@ -15,16 +15,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# tests/pretrain/test_slurm.py starts a real Slurm; it needs Debian's slurm-wlm and munge, installed here when
+# missing and possible (root with apt-get). Otherwise that test is skipped and says why.
+slurm-deps:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo "installing slurm-wlm and munge" && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    slurm-wlm munge) >/dev/null 2>&1; } || \
+	  echo "note: slurm-wlm/munge not installed (needs root and apt-get): the real-Slurm test will be skipped"
+
 demo: setup
 	$(PY) -m pretrain.demo --data $(DEMO_DIR) --config configs/demo.yaml
 
-test: setup
+test: setup slurm-deps
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 
-test-all: setup
+test-all: setup slurm-deps
 	$(PY) -m pytest -q tests
 
 lint: setup

@@ -20,13 +20,28 @@ import torch.distributed as dist
 log = logging.getLogger("pretrain")
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_early: list[int] = []  # signals caught by catch_early() before the trainer's Preemption existed
+
+
+def catch_early() -> None:
+    """Catch the preemption signals from process start: one that lands during start-up (imports, model
+    build, opening shards) is kept for the trainer, which checkpoints after its first step and requeues,
+    instead of killing the process by the default action with no checkpoint and no requeue."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, lambda signum, frame: _early.append(signum))
 
 
 class Preemption:
     """Catches the preemption signals and answers `should_stop()` identically on every rank."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = bool(_early)
+        if _early:
+            log.warning(
+                "got %s during start-up: stopping after the first step", signal.Signals(_early[0]).name
+            )
+            _early.clear()
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:

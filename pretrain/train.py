@@ -22,7 +22,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def run(config: str | None, overrides: list[str]) -> int:
     """Load the config, train, close; errors a user can fix become one line and a non-zero exit."""
-    from pretrain.preemption import requeue_slurm_job
+    from pretrain.preemption import catch_early, requeue_slurm_job
+
+    catch_early()  # before the slow imports and start-up: SLURM or torchrun may signal at any time
     from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
 
     try:

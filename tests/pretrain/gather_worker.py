@@ -25,6 +25,7 @@ def main(features_file: str, out_prefix: str) -> None:
     loss.backward()
     dist.all_reduce(s.grad)  # DDP averages parameter gradients over ranks; do the same for the scale
     torch.save((loss.detach(), i.grad, t.grad, s.grad / world), f"{out_prefix}{rank}.pt")
+    dist.barrier()  # a rank tearing gloo down while its peer still sends aborts ("terminate called ...")
     dist.destroy_process_group()
 
 

@@ -28,7 +28,11 @@ for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
 """
 FAKE_SCONTROL = """#!/bin/bash
-if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' $FAKE_HOSTS; else echo "$@" >> "$FAKE_OUT/scontrol"; fi
+case "$1 $2" in
+  "show hostnames") printf '%s\\n' $FAKE_HOSTS ;;
+  "show node") echo "NodeName=$4 Arch=x86_64 NodeAddr=$4 NodeHostName=$4 State=ALLOCATED" ;;
+  *) echo "$@" >> "$FAKE_OUT/scontrol" ;;
+esac
 """
 
 
@@ -94,4 +98,4 @@ def test_sbatch_trains_on_a_simulated_two_node_allocation(tmp_path):
     rows = [r for r in read_jsonl(run / "slurm/metrics.jsonl") if "loss" in r]
     assert [r["samples_seen"] for r in rows] == [16, 32, 48]  # 2 ranks x batch 8: one rank per "node"
     assert (run / "slurm/checkpoints/latest").read_text() == "step_00000003"
-    assert re.search(r"2 nodes x 1, master 127.0.0.1", proc.stdout)
+    assert re.search(r"2 nodes x 1, master 127.0.0.1 \(127.0.0.1:", proc.stdout)

@@ -103,3 +103,20 @@ def test_sigusr1_to_torchrun_launcher_is_forwarded_to_the_workers(tmp_path):
     out = interrupt(proc, run_dir, proc.pid, signal.SIGUSR1)  # torchrun.sh execs torchrun: same pid
     stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
     assert 3 <= stopped < STEPS, out[-3000:]
+
+
+def test_a_signal_during_start_up_is_kept_for_the_trainer():
+    """pretrain.train catches the signals before its slow imports; the Preemption made later sees them."""
+    from pretrain.preemption import SIGNALS, Preemption, catch_early
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        catch_early()
+        os.kill(os.getpid(), signal.SIGUSR1)  # without catch_early, the default action ends the process
+        preemption = Preemption()
+        assert preemption.should_stop()
+        preemption.close()
+        assert not Preemption().should_stop()  # consumed: a later trainer in this process starts clean
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
