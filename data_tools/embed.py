@@ -155,16 +155,23 @@ def encode_batch(
 def _batches(url: str, bundle: Any, batch_size: int, device: str) -> Iterator[dict[str, Any]]:
     """Decoded, preprocessed batches of one shard (bad samples skipped); on CUDA, threads decode."""
     from pretrain.data.io import open_url
+    from pretrain.data.transform import TensorTransform
     from pretrain.model import image_size
 
-    decode = partial(_decode, transform=bundle.preprocess_val, size=image_size(bundle.model), url=url)
+    # workers resize/crop uint8 tensors; ToTensor + Normalize run per batch on the device
+    fast = TensorTransform.wrap(bundle.preprocess_val)
+    transform = fast.geometric if fast else bundle.preprocess_val
+    decode = partial(_decode, transform=transform, size=image_size(bundle.model), url=url)
     threads = DECODE_THREADS if device.startswith("cuda") else 1
     with open_url(url) as stream, ThreadPoolExecutor(threads) as pool:
         samples = iter_shard(stream, decode=False)
         while raw := list(islice(samples, batch_size)):
             decoded = [d for d in pool.map(decode, raw) if d is not None]
             if decoded:
-                yield _collate(decoded, bundle.tokenizer)
+                batch = _collate(decoded, bundle.tokenizer)
+                if fast:
+                    batch["images"] = fast.normalize(batch["images"].to(device, non_blocking=True))
+                yield batch
 
 
 def _decode(sample: dict[str, Any], transform: Any, size: int, url: str) -> tuple | None:

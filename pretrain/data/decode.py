@@ -46,8 +46,9 @@ def open_image(raw: dict, min_size: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         if image.format == "JPEG":
             image.draft("RGB", (min_size, min_size))  # keeps both sides >= min_size
-        image = image.convert("RGB")
         image.load()
+        if image.mode != "RGB":  # convert() copies even when there is nothing to convert
+            image = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSample("bad_image", str(e)) from None
     return image

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from pretrain.data import decode as dec
 from pretrain.data.spec import parse_spec
 from pretrain.data.stream import Position, ShardStream, StreamConfig
+from pretrain.data.transform import TensorTransform
 
 log = logging.getLogger("pretrain")
 
@@ -37,6 +38,10 @@ def _as_list(images: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _labels(texts: list[str]) -> torch.Tensor:
     return torch.tensor([int(t) for t in texts])
+
+
+def _normalize_on(normalize, device: torch.device, images: torch.Tensor) -> torch.Tensor:
+    return normalize(images.to(device, non_blocking=True))
 
 
 class DeviceFinish:
@@ -112,10 +117,14 @@ class WebDatasetSource:
         if kind == "cpu":
             transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
             text_key = "cls" if self.labels else "txt"
+            # workers resize/crop uint8 tensors; ToTensor + Normalize run per batch on the device
+            fast = TensorTransform.wrap(transform)
+            finish = functools.partial(_normalize_on, fast.normalize, self.device) if fast else None
+            transform = fast.geometric if fast else transform
             return (
                 functools.partial(dec.decode_cpu, transform=transform, size=size, text_key=text_key),
                 _stack,
-                None,
+                finish,
             )
         visual = bundle.model.visual
         finish = DeviceFinish(

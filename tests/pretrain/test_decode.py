@@ -72,3 +72,53 @@ def test_bad_samples_name_their_reason(raw, reason):
     with pytest.raises(BadSample) as err:
         decode_cpu(raw, transform=lambda im: im, size=64)
     assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_tensor_transform_equals_the_pil_transform(is_train):
+    """open_clip's ViT-B/32 transforms run on uint8 tensors: same random crops, same pixels up to resampling."""
+    import open_clip
+
+    from pretrain.data.transform import TensorTransform
+
+    transform = open_clip.image_transform(224, is_train=is_train)
+    fast = TensorTransform.wrap(transform)
+    assert fast is not None
+    images = [open_image({"jpg": photo(i, 500 + 61 * i, 400 + 37 * i)}, 224) for i in range(6)]
+    torch.manual_seed(0)
+    reference = torch.stack([transform(im) for im in images])
+    next_draw_pil = torch.rand(1)
+    torch.manual_seed(0)
+    uint8 = torch.stack([fast.geometric(im) for im in images])
+    assert torch.rand(1) == next_draw_pil  # the same random draws: seeds and resume behave as before
+    assert uint8.dtype == torch.uint8 and uint8.shape == (6, 3, 224, 224)
+    diff = (fast.normalize(uint8) - reference).abs()
+    # normalised units: 0.015 is ~1/255 of a pixel value; a different crop would differ by far more
+    assert diff.mean() < 0.015 and diff.max() < 0.1
+
+
+def test_tensor_transform_normalize_is_to_tensor_then_normalize():
+    import open_clip
+    from torchvision.transforms import functional as TF
+
+    from pretrain.data.transform import TensorTransform
+
+    transform = open_clip.image_transform(32, is_train=False)
+    u8 = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    expected = transform.transforms[-1](TF.to_tensor(Image.fromarray(u8.permute(1, 2, 0).numpy())))
+    torch.testing.assert_close(TensorTransform.wrap(transform).normalize(u8), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transforms_that_differ_on_tensors_are_left_to_pil():
+    from torchvision import transforms as T
+
+    from pretrain.data.transform import TensorTransform
+
+    normalize = T.Normalize((0.5,) * 3, (0.5,) * 3)
+    assert TensorTransform.wrap(T.Compose([T.ColorJitter(0.4), T.ToTensor(), normalize])) is None
+    assert (
+        TensorTransform.wrap(T.Compose([T.Resize(32, T.InterpolationMode.NEAREST), T.ToTensor(), normalize]))
+        is None
+    )
+    assert TensorTransform.wrap(T.Compose([T.Resize(32), T.ToTensor()])) is None  # no Normalize
+    assert TensorTransform.wrap(lambda im: im) is None
