@@ -85,7 +85,9 @@ def ours(spec: str, model: str, workers: int, decode: str, batch_size: int, coun
     bundle = build_model(cfg.model)
     source = WebDatasetSource(spec, cfg.data, "resampled", 0, batch_size, 0, 1, bundle, torch.device("cpu"))
     if decode != "cpu":  # device-side resize/normalise runs on the GPU in training: time the workers only
-        source.finish = None  # (the cpu path's per-batch normalise stays in, on this CPU: a conservative count)
+        source.finish = (
+            None  # (the cpu path's per-batch normalise stays in, on this CPU: a conservative count)
+        )
 
     def batches():
         while True:
