@@ -290,6 +290,12 @@ def read_sizes(output_dir: str | Path) -> dict[str, int]:
     return _sizes_from_stats(folder)
 
 
+def describe_shards(folder: Path) -> str:
+    """E.g. ``3 complete shards, 250 samples in out/`` (from the ``_stats.json`` files)."""
+    sizes = read_sizes(folder)
+    return f"{len(sizes)} complete shards, {sum(sizes.values())} samples in {folder}/"
+
+
 def _sizes_from_stats(folder: Path) -> dict[str, int]:
     sizes = {}
     for tar in list_shards(folder):

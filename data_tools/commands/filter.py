@@ -1,0 +1,44 @@
+"""``filter``: a keep list from clip scores and basic image/caption rules."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_tools.commands.options import add_output, add_required, float_at_least, int_at_least
+
+HELP = "keep list by clip score threshold or top fraction, plus size/aspect/caption rules"
+DESCRIPTION = (
+    "Write a keep list (parquet with uid) of the samples of an embeddings folder that pass "
+    "every rule, a summary json and a PNG histogram of clip scores next to it."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``filter``."""
+    add = parser.add_argument
+    add_required(parser, "--embeddings", type=Path, metavar="DIR", help="from embed")
+    score = parser.add_mutually_exclusive_group(required=True)
+    score.add_argument("--min-score", type=float_at_least(-1.0), metavar="X", help="least clip_score kept")
+    score.add_argument("--keep-fraction", type=float_at_least(0.0), metavar="F", help="keep the top F")
+    add_output(parser, metavar="FILE", help="keep list")
+    add("--format", choices=("parquet", "datacomp"), default="parquet", help="datacomp: also FILE.npy")
+    add("--min-side", type=int_at_least(1), metavar="N", help="least original image side")
+    add("--max-aspect-ratio", type=float_at_least(1.0), metavar="R", help="long/short side")
+    add("--min-words", type=int_at_least(0), metavar="N", help="least caption words")
+    add("--shards", metavar="SPEC", help="the embedded shards, when sizes must come from them")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Filter and print what was kept."""
+    from data_tools.filter import FilterConfig, filter_embeddings
+    from pretrain.data.spec import expand_urls
+
+    rules = (args.min_score, args.keep_fraction, args.min_side, args.max_aspect_ratio, args.min_words)
+    urls = expand_urls(args.shards) if args.shards else None
+    summary = filter_embeddings(args.embeddings, args.output, FilterConfig(*rules), args.format, urls)
+    threshold = summary["score_threshold"]
+    print(
+        f"filter: kept {summary['kept']} of {summary['samples']} samples ({summary['kept_fraction']:.1%}), "
+        f"score threshold {threshold if threshold is None else round(threshold, 4)} -> {args.output}"
+    )

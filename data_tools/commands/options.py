@@ -1,0 +1,61 @@
+"""What the subcommand parsers share: number types and the options several subcommands take."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for integers no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def float_at_least(minimum: float) -> Callable[[str], float]:
+    """An argparse type for numbers no smaller than ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= minimum:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def add_required(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """A required option; ``--help`` shows no default for it."""
+    parser.add_argument(flag, required=True, default=argparse.SUPPRESS, **kwargs)
+
+
+def add_output(parser: argparse.ArgumentParser, metavar: str = "DIR", help: str = "output folder") -> None:
+    """The required ``--output`` of a subcommand that writes files."""
+    add_required(parser, "--output", type=Path, metavar=metavar, help=help)
+
+
+def add_runner_args(parser: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--rank``, ``--world``: how a runner job spreads over processes and nodes."""
+    add = parser.add_argument
+    add("--workers", type=int_at_least(1), default=1, metavar="N", help="processes, one task each at a time")
+    add("--rank", type=int_at_least(0), metavar="R", help="this node (default: RANK/SLURM_PROCID, else 0)")
+    add("--world", type=int_at_least(1), metavar="W", help="nodes (default: WORLD_SIZE/SLURM_NTASKS, else 1)")
+
+
+def runner_options(args: argparse.Namespace) -> dict[str, int | None]:
+    """The ``workers``, ``rank`` and ``world`` keywords of a runner job, as ``add_runner_args`` parsed them."""
+    return {"workers": args.workers, "rank": args.rank, "world": args.world}
