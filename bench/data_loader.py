@@ -84,10 +84,10 @@ def ours(spec: str, model: str, workers: int, decode: str, batch_size: int, coun
     cfg = load_config(None, [f"model.name={model}", f"data.workers={workers}", f"data.decode={decode}"])
     bundle = build_model(cfg.model)
     source = WebDatasetSource(spec, cfg.data, "resampled", 0, batch_size, 0, 1, bundle, torch.device("cpu"))
-    if decode != "cpu":  # device-side resize/normalise runs on the GPU in training: time the workers only
-        source.finish = (
-            None  # (the cpu path's per-batch normalise stays in, on this CPU: a conservative count)
-        )
+    # device-side resize/normalise runs on the GPU in training: time the workers only. The cpu path's
+    # per-batch normalise stays in, run on this CPU: a conservative count.
+    if decode != "cpu":
+        source.finish = None
 
     def batches():
         while True:
