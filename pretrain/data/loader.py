@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pretrain.data import decode as dec
@@ -40,36 +39,33 @@ def _labels(texts: list[str]) -> torch.Tensor:
     return torch.tensor([int(t) for t in texts])
 
 
-def _normalize_on(normalize, device: torch.device, images: torch.Tensor) -> torch.Tensor:
+def _normalize_on(normalize, device: torch.device, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     return normalize(images.to(device, non_blocking=True))
 
 
 class DeviceFinish:
-    """Resize (shorter side), center-crop and normalise uint8 images on the device; decode JPEGs there first
-    when given encoded bytes (nvJPEG through torchvision on CUDA)."""
+    """The model's transform on the device: decode JPEGs there first when given encoded bytes (nvJPEG
+    through torchvision on CUDA), then its resize/crop steps, each image's random crop replayed from the
+    seed the worker drew it with (the crops the `cpu` path would take), then normalise the batch."""
 
-    def __init__(self, size: int, mean, std, device: torch.device, encoded: bool) -> None:
-        self.size, self.device, self.encoded = size, device, encoded
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    def __init__(self, transform: TensorTransform, device: torch.device, encoded: bool) -> None:
+        self.transform, self.device, self.encoded = transform, device, encoded
 
-    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, images: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
         if self.encoded:
             from torchvision.io import ImageReadMode, decode_jpeg
 
             images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
-        out = [self._resize_crop(img.to(self.device, non_blocking=True)) for img in images]
-        return (torch.stack(out) / 255.0 - self.mean) / self.std
-
-    def _resize_crop(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        scale = self.size / min(h, w)
-        nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-        x = F.interpolate(
-            img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
-        )
-        top, left = (nh - self.size) // 2, (nw - self.size) // 2
-        return x[0, :, top : top + self.size, left : left + self.size].clamp(0, 255)
+        generator = torch.default_generator
+        state = generator.get_state()  # the main process's own random stream is left as it was
+        try:
+            out = []
+            for image, seed in zip(images, seeds, strict=True):
+                generator.manual_seed(seed)
+                out.append(self.transform.apply(image.to(self.device, non_blocking=True)))
+        finally:
+            generator.set_state(state)
+        return self.transform.normalize(torch.stack(out))
 
 
 class WebDatasetSource:
@@ -114,11 +110,11 @@ class WebDatasetSource:
 
         size = image_size(bundle.model)
         kind = "cpu" if self.labels else self.cfg.decode  # eval-time labels: the plain CPU path
+        transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
+        fast = TensorTransform.wrap(transform)
         if kind == "cpu":
-            transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
             text_key = "cls" if self.labels else "txt"
             # workers resize/crop uint8 tensors; ToTensor + Normalize run per batch on the device
-            fast = TensorTransform.wrap(transform)
             finish = functools.partial(_normalize_on, fast.normalize, self.device) if fast else None
             transform = fast.geometric if fast else transform
             return (
@@ -126,10 +122,12 @@ class WebDatasetSource:
                 _stack,
                 finish,
             )
-        visual = bundle.model.visual
-        finish = DeviceFinish(
-            size, visual.image_mean, visual.image_std, self.device, encoded=kind == "nvjpeg"
-        )
+        if fast is None:
+            raise ValueError(
+                f"data.decode={kind} runs the model's transform on the device, and this one has a step that "
+                f"only runs on PIL images ({transform}); use data.decode=cpu"
+            )
+        finish = DeviceFinish(fast, self.device, encoded=kind == "nvjpeg")
         decode = dec.raw_image_bytes if kind == "nvjpeg" else functools.partial(dec.decode_uint8, size=size)
         return decode, _as_list, finish
 
@@ -164,7 +162,7 @@ class WebDatasetSource:
         self.positions[info["role"]] = info["position"]
         self.micro_batches += 1
         if self.finish is not None:
-            images = self.finish(images)
+            images = self.finish(images, info["seeds"])
         return images, texts, info
 
     def skipped_by_reason(self) -> dict[str, int]:

@@ -150,10 +150,11 @@ class ShardStream(IterableDataset):
             yield self._batch(items, role)
 
     def _batch(self, items: list, role: int) -> tuple:
-        images, captions, keys, positions = zip(*items)
+        images, captions, keys, seeds, positions = zip(*items)
         info = {
             "role": role,
             "keys": list(keys),
+            "seeds": list(seeds),  # each sample's augmentation seed: device-side augmentation replays it
             "position": positions[-1],
             "epochs": [p.epoch for p in positions],
         }
@@ -178,14 +179,16 @@ class ShardStream(IterableDataset):
                 try:
                     # Augmentation replays on resume. The CPU generator alone: torch.manual_seed also seeds
                     # CUDA and goes through dynamo's wrappers, ~75 us per call.
-                    torch.default_generator.manual_seed(self._sample_seed(plan, pos.block, idx))
+                    seed = self._sample_seed(plan, pos.block, idx)
+                    torch.default_generator.manual_seed(seed)
                     image, caption = self.decode(raw)
                 except BadSample as e:
                     pos.skipped[e.reason] += 1
                     self._watch(window, True, raw["__url__"])
                     continue
                 self._watch(window, False, raw["__url__"])
-                yield image, caption, raw["__key__"], replace(pos, skipped=dict(pos.skipped), epoch=end.epoch)
+                position = replace(pos, skipped=dict(pos.skipped), epoch=end.epoch)
+                yield image, caption, raw["__key__"], seed, position
             pos = replace(end, block=pos.block + 1, emitted=0, skipped=pos.skipped)
 
     def _order(self, plan: ShardPlan, block: int, n: int) -> np.ndarray:

@@ -57,9 +57,14 @@ class TensorTransform:
         """The resize/crop steps on an RGB image, as a uint8 (3, H, W) tensor."""
         w, h = image.size
         x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
-        for step in self.steps:  # channels-last strides: the layout torch's uint8 resize kernels want
+        return self.apply(x).contiguous()  # channels-last strides: what torch's uint8 resize kernels want
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The resize/crop steps on a uint8 (3, H, W) tensor on any device; random parameters come from
+        the CPU generator, as in the PIL transform."""
+        for step in self.steps:
             x = _apply(step, x)
-        return x.contiguous()
+        return x
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) on any device -> float32 (x / 255 - mean) / std, as ToTensor + Normalize."""

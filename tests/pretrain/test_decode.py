@@ -39,11 +39,16 @@ def large_shard(tmp_path_factory):
     return folder / "00000.tar"
 
 
-def batches(shard, decode: str) -> torch.Tensor:
+def batches(shard, decode: str, mode: str = "eval") -> torch.Tensor:
+    return batch_by_key(shard, decode, mode)[0]
+
+
+def batch_by_key(shard, decode: str, mode: str) -> tuple[torch.Tensor, list[str]]:
     bundle = build_model(load_config(TINY).model)
     cfg = load_config(TINY, [f"data.decode={decode}"]).data
-    source = WebDatasetSource(str(shard), cfg, "eval", 0, 12, 0, 1, bundle, torch.device("cpu"))
-    return source.next_batch()[0]
+    source = WebDatasetSource(str(shard), cfg, mode, 0, 12, 0, 1, bundle, torch.device("cpu"))
+    images, _, info = source.next_batch_with_info()
+    return images, info["keys"]
 
 
 @pytest.mark.parametrize("decode", ["device", "nvjpeg"])
@@ -54,6 +59,20 @@ def test_device_paths_match_the_cpu_path(large_shard, decode):
     # Normalised units (0.06 is ~4/255 of a pixel value): the CPU path resamples a 1/8-scale DCT decode,
     # nvJPEG the full image; nothing else differs.
     assert diff.mean() < 0.06 and diff.max() < 0.5
+
+
+def test_device_augmentation_replays_the_cpu_paths_random_crops(large_shard):
+    """Training transform (RandomResizedCrop): the device path takes each sample's crop from the seed the
+    worker drew, so it gives the cpu path's batch, not a center crop."""
+    (cpu, keys), (device, device_keys) = (
+        batch_by_key(large_shard, d, "resampled") for d in ("cpu", "device")
+    )
+    assert keys == device_keys
+    same = (cpu - device).abs().mean()
+    assert same < 0.01  # ~1/255 of a pixel value: the same crops, resampled alike
+    center, eval_keys = batch_by_key(large_shard, "device", "eval")
+    center = center[[eval_keys.index(k) for k in keys]]  # the same samples, resized and center-cropped
+    assert (device - center).abs().mean() > 10 * same
 
 
 def test_draft_decodes_large_jpegs_at_reduced_size():
