@@ -10,27 +10,20 @@ from typing import Any
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type for integers no smaller than ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
+    return _at_least(int, "an integer", minimum)
 
 
 def float_at_least(minimum: float) -> Callable[[str], float]:
     """An argparse type for numbers no smaller than ``minimum``."""
+    return _at_least(float, "a number", minimum)
 
-    def parse(text: str) -> float:
+
+def _at_least(convert: Callable[[str], Any], noun: str, minimum: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
         if not value >= minimum:  # also rejects nan
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
