@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import torch
@@ -12,23 +14,27 @@ from helpers import TINY, run_cmd
 from pretrain.model import load_trained
 
 
-def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data):
-    train = [sys.executable, "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=r",
-             "train.steps=3", f"data.train={demo_data}/train/{{00000..00003}}.tar", f"eval.zeroshot={demo_data}"]  # fmt: skip
-    assert run_cmd(train).returncode == 0
-    out = tmp_path / "export"
-    proc = run_cmd(
+def export(checkpoint: Path, output: Path) -> subprocess.CompletedProcess:
+    return run_cmd(
         [
             sys.executable,
             "-m",
             "pretrain.cli",
             "export",
             "--checkpoint",
-            str(tmp_path / "r"),
+            str(checkpoint),
             "--output",
-            str(out),
+            str(output),
         ]
     )
+
+
+def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data):
+    train = [sys.executable, "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=r",
+             "train.steps=3", f"data.train={demo_data}/train/{{00000..00003}}.tar", f"eval.zeroshot={demo_data}"]  # fmt: skip
+    assert run_cmd(train).returncode == 0
+    out = tmp_path / "export"
+    proc = export(tmp_path / "r", out)
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} >= {
         "open_clip_config.json",
@@ -68,18 +74,7 @@ def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data):
 
 
 def test_export_of_missing_checkpoint_is_one_line(tmp_path):
-    proc = run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "pretrain.cli",
-            "export",
-            "--checkpoint",
-            str(tmp_path / "nope"),
-            "--output",
-            str(tmp_path / "o"),
-        ]
-    )
+    proc = export(tmp_path / "nope", tmp_path / "o")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no checkpoint at" in proc.stderr
     assert not (tmp_path / "o").exists()
