@@ -40,6 +40,7 @@ def _labels(texts: list[str]) -> torch.Tensor:
 
 
 def _normalize_on(normalize, device: torch.device, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """The `cpu` path's finish: the workers already cropped (the seeds are not needed), normalise here."""
     return normalize(images.to(device, non_blocking=True))
 
 

@@ -3,8 +3,9 @@
 open_clip's transforms are torchvision Compose pipelines: resize/crop on a PIL image, then ToTensor and
 Normalize. Resizing in PIL costs ~1.4 ms for a 400 px image on one core; torch's vectorised antialiased
 uint8 resize does the same bicubic (or bilinear) resampling in ~0.4 ms, and ToTensor + Normalize cost
-another ~1 ms per image in float. `TensorTransform` runs the same transform objects (so the same random
-crop parameters from the same RNG) on a channels-last uint8 tensor, and leaves the conversion to float
+another ~1 ms per image in float. `TensorTransform` runs the same steps with the same parameters (random
+crops drawn by the step objects themselves, from the same RNG) on a channels-last uint8 tensor, through
+torchvision's v2 kernels, and leaves the conversion to float
 and the normalisation to `normalize`, which the loader runs once per batch on the training device: the
 workers hand over uint8 images, a quarter of the bytes through shared memory and host-to-device copies.
 

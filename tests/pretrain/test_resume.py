@@ -28,7 +28,12 @@ def assert_same_run(a: Path, b: Path, steps: int) -> None:
 
 @pytest.mark.parametrize(
     "data, extra",
-    [("synthetic", []), ("synthetic", ["train.accum_steps=2", "train.batch_size=8"]), ("shards", [])],
+    [
+        ("synthetic", []),
+        ("synthetic", ["train.accum_steps=2", "train.batch_size=8"]),
+        ("shards", []),
+        ("shards", ["data.decode=device"]),  # random crops on the device, replayed from the workers' seeds
+    ],
 )
 def test_resume_equals_uninterrupted(tmp_path, demo_data, data, extra):
     train = f"{demo_data}/train/{{00000..00003}}.tar" if data == "shards" else "synthetic"
