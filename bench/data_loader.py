@@ -74,7 +74,7 @@ def measure(batches, count: int, batch_size: int) -> float:
     return count * batch_size / (time.perf_counter() - start)
 
 
-def ours(spec: str, model: str, workers: int, decode: str, batch_size: int, count: int) -> float:
+def ours(spec: str, model: str, workers: int, decode: str, batch_size: int, count: int, device: str) -> float:
     import torch
 
     from pretrain.config import load_config
@@ -83,15 +83,18 @@ def ours(spec: str, model: str, workers: int, decode: str, batch_size: int, coun
 
     cfg = load_config(None, [f"model.name={model}", f"data.workers={workers}", f"data.decode={decode}"])
     bundle = build_model(cfg.model)
-    source = WebDatasetSource(spec, cfg.data, "resampled", 0, batch_size, 0, 1, bundle, torch.device("cpu"))
-    # device-side resize/normalise runs on the GPU in training: time the workers only. The cpu path's
-    # per-batch normalise stays in, run on this CPU: a conservative count.
-    if decode != "cpu":
+    source = WebDatasetSource(spec, cfg.data, "resampled", 0, batch_size, 0, 1, bundle, torch.device(device))
+    # Without a GPU, device-side resize/normalise would run on this CPU: time the workers only. The cpu
+    # path's per-batch normalise stays in, run on this CPU: a conservative count. On CUDA all of it runs.
+    if decode != "cpu" and device == "cpu":
         source.finish = None
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def batches():
         while True:
-            yield source.next_batch()
+            batch = source.next_batch()
+            sync()
+            yield batch
 
     try:
         return measure(batches(), count, batch_size)
@@ -100,9 +103,20 @@ def ours(spec: str, model: str, workers: int, decode: str, batch_size: int, coun
 
 
 def old_webdataset() -> Path:
+    """A folder holding webdataset 0.2.86 (and pandas & co. unless this Python has them), installed once.
+
+    With BENCH_WHEELS set (a folder of wheels, for machines with no index: see bench/gpu.sh), pip installs
+    from there only."""
     target = CACHE / "open-clip-env"
-    if not (target / "pandas").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), *OPEN_CLIP_ENV],
+    if not (target / "webdataset").is_dir():
+        have_pandas = (
+            subprocess.run([sys.executable, "-c", "import pandas"], capture_output=True).returncode == 0
+        )
+        wanted = OPEN_CLIP_ENV[:1] if have_pandas else OPEN_CLIP_ENV
+        offline = (
+            ["--no-index", "--find-links", os.environ["BENCH_WHEELS"]] if "BENCH_WHEELS" in os.environ else []
+        )
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *offline, "--target", str(target), *wanted],
                        check=True)  # fmt: skip
     return target
 
@@ -125,7 +139,7 @@ print(json.dumps({"samples_per_s": count * batch_size / (time.perf_counter() - s
 
 
 def open_clip_loader(spec: str, model: str, workers: int, batch_size: int, count: int) -> float:
-    env_path = f"{old_webdataset()}:{ROOT}"
+    env_path = ":".join(filter(None, [str(old_webdataset()), str(ROOT), os.environ.get("PYTHONPATH")]))
     samples = batch_size * (count + 2) * 4
     proc = subprocess.run(
         [sys.executable, "-c", OPEN_CLIP_SNIPPET, spec, model, str(workers), str(batch_size), str(count), str(samples)],
@@ -146,22 +160,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=15, help="timed batches per measurement")
     parser.add_argument("--model", default="ViT-B-32", help="whose train transform both loaders apply")
+    parser.add_argument(
+        "--device", default="cpu", help="where our per-batch finishing runs (cuda: all of it)"
+    )
     args = parser.parse_args()
     spec = build_shards(CACHE / f"photos-{args.images}", args.images, args.shards)
+    decodes = ["cpu", "device"] + (["nvjpeg"] if args.device.startswith("cuda") else [])
     print(f"shards: {spec} | model transform: {args.model} | batch {args.batch_size}")
     print(
-        f"{'workers':>7} | {'open_clip':>10} | {'ours cpu':>10} | {'ratio':>5} | {'ours device':>11} | {'ratio':>5}"
+        " | ".join(
+            [f"{'workers':>7}", f"{'open_clip':>10}", *(f"{'ours ' + d:>11} | ratio" for d in decodes)]
+        )
     )
     for w in args.workers:
         base = open_clip_loader(spec, args.model, w, args.batch_size, args.batches)
-        cpu = ours(spec, args.model, w, "cpu", args.batch_size, args.batches)
-        dev = ours(spec, args.model, w, "device", args.batch_size, args.batches)
+        cells = [f"{w:>7}", f"{base:>10.1f}"]
+        for decode in decodes:
+            rate = ours(spec, args.model, w, decode, args.batch_size, args.batches, args.device)
+            cells.append(f"{rate:>11.1f} | {rate / base:>5.2f}")
+        print(" | ".join(cells), flush=True)
+    if args.device == "cpu":
         print(
-            f"{w:>7} | {base:>10.1f} | {cpu:>10.1f} | {cpu / base:>5.2f} | {dev:>11.1f} | {dev / base:>5.2f}"
+            "samples/s over the loader alone, on the CPU ('device': the workers only, its finish is GPU work)"
         )
-    print(
-        "samples/s over the loader alone; 'device' times the workers only (resize/normalise run on the GPU)"
-    )
+    else:
+        print(f"samples/s over the loader alone, per-batch finishing on {args.device} included")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,151 @@
+"""Train-step benchmark: this project's Trainer step vs open_clip_train's, side by side, model step only.
+
+Both train the same open_clip model on the same fixed batch already on the device (no data loading):
+forward under autocast, the CLIP InfoNCE loss, backward, AdamW step and the logit-scale clamp. Ours is
+`pretrain.trainer.Trainer.train_step` (single process); open_clip's is the body of
+`open_clip_train.train.train_one_epoch` without accumulation (open_clip.ClipLoss, model output as a dict).
+Prints samples/s of each and the ratio; the data loader is measured separately by bench/data_loader.py.
+
+    .venv/bin/python bench/train_step.py                                  # CPU default: tiny-clip, batch 64
+    .venv/bin/python bench/train_step.py --model ViT-B-32 --batch-size 256 --precision bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def timed(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step over `steps` steps after `warmup` (the device synchronised around the timing)."""
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    assert math.isfinite(loss.item())
+    return (time.perf_counter() - start) / steps
+
+
+def fixed_batch(model_name: str, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of the model's input shapes, on the device."""
+    import open_clip
+
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model, context_length, image_size
+
+    model = build_model(ModelConfig(name=model_name), torch.device("cpu")).model
+    size, context = image_size(model), context_length(model)
+    del model
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    texts = torch.randint(
+        1, open_clip.get_tokenizer(model_name).vocab_size - 1, (batch_size, context), generator=generator
+    )
+    return images.to(device), texts.to(device)
+
+
+class FixedSource:
+    """Stands in for the data source: the same device batch every step."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
+
+    def close(self) -> None:
+        pass
+
+
+def ours(args: argparse.Namespace, batch) -> float:
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        overrides = [
+            f"model.name={args.model}", "data.train=synthetic", f"train.batch_size={args.batch_size}",
+            f"train.precision={args.precision}", f"train.device={args.device}", f"run.dir={run_dir}",
+            f"train.steps={args.warmup + args.steps}", "train.warmup_steps=1", "log.every=1000000",
+            "checkpoint.every=1000000",
+        ]  # fmt: skip
+        trainer = Trainer(load_config(None, overrides))
+        trainer.source = FixedSource(batch)
+        try:
+            return timed(trainer.train_step, trainer.device, args.warmup, args.steps)
+        finally:
+            trainer.close()
+
+
+def open_clip_step(args: argparse.Namespace, batch) -> float:
+    """open_clip_train's training step: model(images, texts) -> dict -> ClipLoss, AdamW, clamp."""
+    import open_clip
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model, device=device, output_dict=True)
+    model.train()
+    # open_clip_train.main's parameter groups: no weight decay on gains, biases, embeddings and logit_scale
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": 0.2},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = open_clip.ClipLoss()
+    bf16 = args.precision == "bf16"
+    images, texts = batch
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(images, texts)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss.detach()
+
+    return timed(step, device, args.warmup, args.steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny-clip")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    from pretrain.model import register_model_configs
+
+    register_model_configs()  # configs/models/ (tiny-clip) for open_clip's side too
+    batch = fixed_batch(args.model, args.batch_size, torch.device(args.device))
+    theirs = open_clip_step(args, batch)
+    mine = ours(args, batch)
+    b = args.batch_size
+    print(f"model {args.model} | batch {b} | {args.precision} | {args.device} | {args.steps} timed steps")
+    print(f"{'open_clip':>10} | {'ours':>10} | ratio")
+    print(f"{b / theirs:>10.1f} | {b / mine:>10.1f} | {theirs / mine:.2f}   (samples/s)")
+
+
+if __name__ == "__main__":
+    main()
