@@ -44,12 +44,8 @@ def fixed_batch(model_name: str, batch_size: int, device: torch.device) -> tuple
     """A random batch of the model's input shapes, on the device."""
     import open_clip
 
-    from pretrain.config import ModelConfig
-    from pretrain.model import build_model, context_length, image_size
-
-    model = build_model(ModelConfig(name=model_name), torch.device("cpu")).model
-    size, context = image_size(model), context_length(model)
-    del model
+    config = open_clip.get_model_config(model_name)  # the shapes, without building a model for them
+    size, context = config["vision_cfg"]["image_size"], config["text_cfg"].get("context_length", 77)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, size, size, generator=generator)
     texts = torch.randint(

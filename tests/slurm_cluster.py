@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel")
 
 CONF = """\
@@ -59,12 +62,6 @@ def missing_reason() -> str | None:
     if os.geteuid() != 0:
         return "the test Slurm cluster runs its daemons as root"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -158,8 +155,7 @@ class SlurmCluster:
 
     def wait(self, job_id: str, timeout: float, until=None) -> dict[str, str]:
         """Poll the job until `until(job)` holds (default: a final state); returns the job's fields."""
-        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
-        until = until or (lambda job: job["JobState"] in final)
+        until = until or (lambda job: job["JobState"] in FINAL_STATES)
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)

@@ -62,12 +62,16 @@ def decode_cpu(
     return transform(open_image(raw, size)), caption
 
 
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a uint8 (3, H, W) tensor with channels-last strides (what torch's uint8 resize
+    kernels want)."""
+    tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return tensor.view(image.height, image.width, 3).permute(2, 0, 1)
+
+
 def decode_uint8(raw: dict, size: int) -> tuple[torch.Tensor, str]:
     """(uint8 CHW tensor at reduced-decode size, caption): resizing and normalising happen on the device."""
-    caption = caption_of(raw)
-    image = open_image(raw, size)
-    tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return tensor.view(image.height, image.width, 3).permute(2, 0, 1), caption
+    return decode_cpu(raw, to_uint8, size)
 
 
 def raw_image_bytes(raw: dict) -> tuple[torch.Tensor, str]:

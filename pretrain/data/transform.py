@@ -21,6 +21,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from pretrain.data.decode import to_uint8
+
 RESAMPLING = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)  # torch's uint8 antialiased kernels
 GEOMETRIC = (T.Resize, T.RandomResizedCrop, T.CenterCrop, T.RandomHorizontalFlip)
 
@@ -56,9 +58,7 @@ class TensorTransform:
 
     def geometric(self, image: Image.Image) -> torch.Tensor:
         """The resize/crop steps on an RGB image, as a uint8 (3, H, W) tensor."""
-        w, h = image.size
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
-        return self.apply(x).contiguous()  # channels-last strides: what torch's uint8 resize kernels want
+        return self.apply(to_uint8(image)).contiguous()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The resize/crop steps on a uint8 (3, H, W) tensor on any device; random parameters come from

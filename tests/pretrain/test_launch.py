@@ -5,10 +5,9 @@ per "node" on this machine), the generated torchrun commands for the 32 x 8 reci
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
-from helpers import ROOT, TINY, read_jsonl, run_cmd
+from helpers import ROOT, TINY, free_port, read_jsonl, run_cmd
 
 from pretrain.config import load_config
 
@@ -78,12 +77,6 @@ def test_recipe_commands_for_32_nodes_x_8_gpus(tmp_path):
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps) == (5e-4, 0.2, 2000)
     assert (cfg.train.precision, cfg.data.sampling, cfg.data.workers) == ("bf16", "resampled", 8)
     assert 31 <= cfg.train.steps * 32768 / 400e6 <= 33  # ~32 epochs of LAION-400M
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sbatch_trains_on_a_simulated_two_node_allocation(tmp_path):

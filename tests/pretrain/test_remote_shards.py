@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
-from helpers import read_jsonl, train_in_process
+from helpers import read_jsonl, serve_files, train_in_process
 
 
 def train(tmp: Path, spec: str, workers: int) -> list[dict]:
@@ -18,12 +15,9 @@ def train(tmp: Path, spec: str, workers: int) -> list[dict]:
 
 @pytest.fixture
 def http_root(demo_data):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(demo_data))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    files = {f"train/{p.name}": p.read_bytes() for p in (demo_data / "train").iterdir() if p.is_file()}
+    with serve_files(files) as url:
+        yield url
 
 
 @pytest.mark.parametrize("workers", [0, 2])

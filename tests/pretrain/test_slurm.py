@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, read_jsonl
-from slurm_cluster import SlurmCluster, free_port, missing_reason
+from helpers import ROOT, TINY, free_port, read_jsonl
+from slurm_cluster import FINAL_STATES, SlurmCluster, missing_reason
 
 pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
 
@@ -58,8 +58,9 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster, tmp_path):
     train = [f"run.dir={run.parent}", "run.name=preempt", f"train.steps={total}", "train.batch_size=8"]
     train += ["log.every=1", "checkpoint.every=1000", "checkpoint.keep=3"]
     job_id = submit(cluster, tmp_path, nodes=1, nproc=2, train_args=train)
-    final = {"COMPLETED", "FAILED", "CANCELLED"}
-    cluster.wait(job_id, timeout=240, until=lambda job: job["JobState"] in final or steps(run)[-1:] >= [3])
+    cluster.wait(
+        job_id, timeout=240, until=lambda job: job["JobState"] in FINAL_STATES or steps(run)[-1:] >= [3]
+    )
     # what --signal=USR1@120 does before the time limit: the signal goes to the job's step (torchrun)
     cluster.run(["scancel", "--signal=USR1", job_id])
     job = cluster.wait(job_id, timeout=300)
