@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 from collections import deque
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import UnidentifiedImageError
 
-from data_tools.atomic import atomic_path, write_atomic
+from data_tools.atomic import atomic_path, check_settings, write_json_atomic
 from data_tools.images import FetchError, ImageConfig, ResizeError, fetch, process
 from data_tools.inputs import InputRow, InputSpec, iter_rows, resolve_input
 from data_tools.runner import RunSummary, Task, owns, resolve_rank_world, run_tasks
@@ -106,14 +105,8 @@ def _settings(spec: InputSpec, samples_per_shard: int, image: ImageConfig) -> di
 
 
 def _check_settings(output: Path, settings: dict[str, Any]) -> None:
-    path = output / SETTINGS_FILE
-    if path.exists():
-        previous = json.loads(path.read_text())
-        changed = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
-        if changed:
-            raise ValueError(f"{output} holds a build with other settings ({', '.join(changed)})")
-        return
-    write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode("utf-8"))
+    if not check_settings(output / SETTINGS_FILE, settings, "a build"):
+        write_json_atomic(output / SETTINGS_FILE, settings)
 
 
 def _split_rows(spec: InputSpec, output: Path, samples_per_shard: int, rank: int, world: int) -> int:

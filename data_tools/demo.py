@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from data_tools.atomic import check_settings, write_json_atomic
 from data_tools.shards import ShardWriter, is_complete, key_for, make_uid, shard_name, write_sizes
 
 # Saturated, far-apart colours so the colour word is unambiguous at 64 px.
@@ -86,7 +86,7 @@ def write_demo_data(
     """
     output = Path(output)
     settings = _validate(samples, eval_samples, image_size, samples_per_shard, seed, workers)
-    _check_previous_settings(output, settings)
+    check_settings(output / "demo.json", settings, "demo data")  # refuse to mix shards of other settings
     output.mkdir(parents=True, exist_ok=True)
     tasks = _plan(output, settings)
     pending = [task for task in tasks if not _is_done(task)]
@@ -96,7 +96,7 @@ def write_demo_data(
     (output / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (output / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     info = {**settings, "classes": len(CLASSNAMES), **_shard_specs(tasks)}
-    _write_json_atomic(output / "demo.json", info)
+    write_json_atomic(output / "demo.json", info)  # last: demo.json appears only when all is written
     return {**info, "shards_written": len(pending), "shards_skipped": len(tasks) - len(pending)}
 
 
@@ -112,17 +112,6 @@ def _validate(
             raise ValueError(f"{name} must be at least {minimum}, got {values[name]}")
     del values["workers"]  # how many processes write the data does not change it
     return {**values, "seed": seed, "generator": GENERATOR_VERSION}
-
-
-def _check_previous_settings(output: Path, settings: dict[str, int]) -> None:
-    """Refuse to mix shards written with other settings into one folder."""
-    info_file = output / "demo.json"
-    if not info_file.exists():
-        return
-    previous = json.loads(info_file.read_text())
-    changed = [f"{k} {previous.get(k)} -> {v}" for k, v in settings.items() if previous.get(k) != v]
-    if changed:
-        raise ValueError(f"{output} holds demo data with other settings ({', '.join(changed)})")
 
 
 def _plan(output: Path, settings: dict[str, int]) -> list[ShardTask]:
@@ -282,10 +271,3 @@ def _shard_specs(tasks: list[ShardTask]) -> dict[str, Any]:
         specs[f"{split}_shards"] = count
         specs[split] = f"{split}/{{00000..{count - 1:05d}}}.tar" if count else None
     return specs
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temp name and rename it, so demo.json appears only when all is written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -9,7 +9,6 @@ parquet, so memory is the histogram plus one bin's scores, whatever the number o
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.atomic import atomic_path, write_atomic
+from data_tools.atomic import atomic_path, write_json_atomic
 from data_tools.embeddings import metadata_files, shard_index
 from data_tools.shards import iter_shard
 
@@ -208,7 +207,7 @@ def filter_embeddings(
         with atomic_path(output.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
             np.save(f, datacomp_uids(kept))
     summary = tally.summary(cfg, threshold, output, fmt)
-    write_atomic(summary_path(output), json.dumps(summary, indent=1).encode("utf-8"))
+    write_json_atomic(summary_path(output), summary)
     plot_histogram(tally, threshold, histogram_path(output))
     return summary
 

@@ -11,7 +11,6 @@ workers and nodes, and a rerun after a kill writes the same bytes.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.atomic import atomic_path, write_atomic
+from data_tools.atomic import atomic_path, check_settings, write_json_atomic
 from data_tools.build import remove_stale_temps
 from data_tools.runner import RunSummary, Task, run_tasks
 from data_tools.shards import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, write_sizes
@@ -160,14 +159,8 @@ def _successful_samples(tar: Path) -> Iterator[tuple[str, str]]:
 
 def _check_settings(output: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into a folder written with other inputs or settings (its plan would differ)."""
-    path = output / SETTINGS_FILE
-    if path.exists():
-        previous = json.loads(path.read_text())
-        changed = [k for k, v in settings.items() if previous.get(k) != v]
-        if changed:
-            raise ValueError(f"{output} holds a reshard with other {', '.join(changed)}")
-        return
-    write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode("utf-8"))
+    if not check_settings(output / SETTINGS_FILE, settings, "a reshard"):
+        write_json_atomic(output / SETTINGS_FILE, settings)
 
 
 def plan(

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_tools.atomic import write_atomic
+from data_tools.atomic import write_json_atomic
 
 SUCCESS = "success"
 FAILURE_STATUSES = ("failed_to_download", "failed_to_resize", "failed_to_decode")
@@ -277,7 +277,7 @@ def write_sizes(output_dir: str | Path) -> dict[str, int]:
     """Write ``sizes.json`` ({"00000.tar": successes, ...}) for the complete shards; returns it."""
     folder = Path(output_dir)
     sizes = _sizes_from_stats(folder)
-    write_atomic(folder / SIZES_FILE, json.dumps(sizes, indent=1).encode("utf-8"))
+    write_json_atomic(folder / SIZES_FILE, sizes)
     return sizes
 
 

@@ -6,7 +6,6 @@ percentiles are exact to the bin width (1 pixel, 1 word, 0.001 of clip score).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_tools.atomic import write_atomic
+from data_tools.atomic import write_json_atomic
 from data_tools.shards import FAILURE_STATUSES, SUCCESS, iter_shard
 
 SIZE_FIELDS = ("width", "height", "original_width", "original_height")
@@ -149,7 +148,7 @@ def write_report(stats: ShardStats, output: str | Path) -> list[Path]:
     """Write ``stats.json`` and one PNG histogram per non-empty distribution; returns the files."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "stats.json", (json.dumps(stats.to_dict(), indent=1) + "\n").encode("utf-8"))
+    write_json_atomic(output / "stats.json", stats.to_dict())
     written = [output / "stats.json"]
     for name, histogram in stats.histograms.items():
         if histogram.counts.sum():

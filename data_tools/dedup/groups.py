@@ -6,7 +6,6 @@ one of them is kept, even when a and c are not duplicates of each other.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.atomic import atomic_path, write_atomic
+from data_tools.atomic import atomic_path, write_json_atomic
 
 DUPLICATES_SCHEMA = pa.schema(
     [("key", pa.string()), ("uid", pa.string()), ("group", pa.int64()), ("keep", pa.bool_())]
@@ -107,7 +106,7 @@ def write_results(
     if start != len(groups):
         raise ValueError(f"the shard tables hold {start} items, the groups {len(groups)}")
     report = {**info, **_counts(groups, keep, sizes), "examples": _examples(members)}
-    write_atomic(out / "report.json", json.dumps(report, indent=1).encode("utf-8"))
+    write_json_atomic(out / "report.json", report)
     return report
 
 
