@@ -29,7 +29,14 @@ from data_tools.atomic import atomic_path, check_settings, write_json_atomic
 from data_tools.images import FetchError, ImageConfig, ResizeError, fetch, process
 from data_tools.inputs import InputRow, InputSpec, iter_rows, resolve_input
 from data_tools.runner import RunSummary, Task, owns, resolve_rank_world, run_tasks
-from data_tools.shards import ShardWriter, is_complete, key_for, make_uid, shard_name, write_sizes
+from data_tools.shards import (
+    ShardWriter,
+    is_complete,
+    key_for,
+    make_uid,
+    shard_name,
+    write_sizes_when_complete,
+)
 
 log = logging.getLogger("data_tools")
 
@@ -209,8 +216,4 @@ def _finish(output: Path, tasks: list[Task]) -> None:
             task.payload.rows_file.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: other nodes' shards are still pending
         (output / ROWS_DIR).rmdir()
-    pending = sum(not task.output.exists() for task in tasks)
-    if pending:
-        log.info("sizes.json not written yet: %d shards are not complete", pending)
-    else:
-        write_sizes(output)
+    write_sizes_when_complete(output, [task.output for task in tasks])

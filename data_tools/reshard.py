@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from data_tools.atomic import atomic_path, check_settings, write_json_atomic
 from data_tools.build import remove_stale_temps
 from data_tools.runner import RunSummary, Task, run_tasks
-from data_tools.shards import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, write_sizes
+from data_tools.shards import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, write_sizes_when_complete
 
 log = logging.getLogger("data_tools")
 
@@ -237,11 +237,8 @@ def _add(writer: ShardWriter, key: str, sample: dict) -> None:
 
 def _finish(output: Path, tasks: list[Task]) -> None:
     """Once every output shard is complete: write sizes.json and drop the selection files."""
-    pending = sum(not task.output.exists() for task in tasks)
-    if pending:
-        log.info("sizes.json not written yet: %d shards are not complete", pending)
+    if not write_sizes_when_complete(output, [task.output for task in tasks]):
         return
-    write_sizes(output)
     for selection in (output / SELECTION_DIR).glob("*.parquet"):
         selection.unlink(missing_ok=True)
     with contextlib.suppress(OSError):

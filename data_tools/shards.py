@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -30,6 +31,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_tools.atomic import write_json_atomic
+
+log = logging.getLogger("data_tools")
 
 SUCCESS = "success"
 FAILURE_STATUSES = ("failed_to_download", "failed_to_resize", "failed_to_decode")
@@ -279,6 +282,17 @@ def write_sizes(output_dir: str | Path) -> dict[str, int]:
     sizes = _sizes_from_stats(folder)
     write_json_atomic(folder / SIZES_FILE, sizes)
     return sizes
+
+
+def write_sizes_when_complete(output_dir: str | Path, shards: list[Path]) -> bool:
+    """Write ``sizes.json`` once every one of ``shards`` exists (the last node or rerun to finish does it);
+    returns whether it was written."""
+    pending = sum(not shard.exists() for shard in shards)
+    if pending:
+        log.info("sizes.json not written yet: %d shards are not complete", pending)
+        return False
+    write_sizes(output_dir)
+    return True
 
 
 def read_sizes(output_dir: str | Path) -> dict[str, int]:
