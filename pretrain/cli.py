@@ -1,4 +1,4 @@
-"""`pretrain` command: train | eval | export. Thin: parse, dispatch."""
+"""`pretrain` command: train | config | eval | export. Thin: parse, dispatch."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ def build_parser() -> OneLineParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_train_args(sub.add_parser("train", help="train a model from a YAML config"))
+    add_train_args(
+        sub.add_parser(
+            "config",
+            help="print the resolved config: every key, its value and what it means",
+            description="Print the config `pretrain train` would run with (defaults <- --config FILE <- "
+            "overrides), one `section.key: value  # meaning` line per key of the schema.",
+        )
+    )
 
     ev = sub.add_parser("eval", help="zero-shot evaluation of a checkpoint, run directory or export")
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder, run directory, or export folder")
@@ -27,6 +35,16 @@ def build_parser() -> OneLineParser:
     ex.add_argument("--checkpoint", required=True, help="checkpoint folder or run directory (its latest)")
     ex.add_argument("--output", required=True, help="folder to write (replaced atomically)")
     return parser
+
+
+def _config(args) -> int:
+    from pretrain.config import describe_config, load_config
+    from pretrain.model import check_pretrained, resolve_model_name
+
+    cfg = load_config(args.config, args.overrides)
+    check_pretrained(resolve_model_name(cfg.model.name), cfg.model.pretrained)  # what train would refuse
+    print("\n".join(describe_config(cfg)))
+    return 0
 
 
 def _eval(args) -> int:
@@ -57,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return run(args.config, args.overrides)
     try:
-        return {"eval": _eval, "export": _export}[args.command](args)
+        return {"config": _config, "eval": _eval, "export": _export}[args.command](args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2

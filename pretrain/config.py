@@ -6,8 +6,12 @@ Every key can be overridden as `section.key=value`. Unknown keys and values of t
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import inspect
 import os
+import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,17 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def close_matches(word: str, candidates: list[str], n: int = 1) -> str:
+    """A ` (did you mean 'x'?)` hint naming up to `n` candidates close to `word` (any case), or ''."""
+    by_lower = {c.lower(): c for c in candidates}
+    close = [by_lower[c] for c in difflib.get_close_matches(word.lower(), list(by_lower), n=n)]
+    if not close:
+        return ""
+    quoted = [f"'{c}'" for c in close]
+    names = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f" (did you mean {names}?)"
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -53,7 +68,7 @@ class DataConfig:
     train: str = "synthetic"
     """Shard spec (brace-expanded, `::`-joined sources) or the word `synthetic`."""
     train_weights: list[float] | None = None
-    """Sampling weight of each `::`-joined source."""
+    """Sampling weight of each `::`-joined source (needs `sampling=resampled`)."""
     sampling: str = "epoch"
     """`epoch` (every shard once per epoch, split across ranks and workers) or `resampled` (shards drawn
     with replacement by weight, the LAION-5B recipe)."""
@@ -71,6 +86,7 @@ class DataConfig:
     max_bad_fraction: float = 0.5
     """Stop when more than this fraction of the last `bad_window` samples of a worker were bad."""
     bad_window: int = 1000
+    """Samples per worker over which `max_bad_fraction` is measured."""
     retries: int = 3
     """Attempts (with exponential backoff) to open a shard before skipping it."""
     synthetic_classes: int = 16
@@ -81,6 +97,11 @@ class DataConfig:
             self.sampling in ("epoch", "resampled"),
             "data.sampling",
             f"must be epoch or resampled, got {self.sampling!r}",
+        )
+        _check(
+            self.train_weights is None or self.sampling == "resampled",
+            "data.train_weights",
+            "needs data.sampling=resampled (epoch sampling reads every shard once and ignores weights)",
         )
         _check(
             self.decode in ("cpu", "device", "nvjpeg"),
@@ -103,17 +124,23 @@ class TrainConfig:
     accum_steps: int = 1
     """Micro-steps per optimizer step; all accumulated samples are negatives for each other."""
     seed: int = 0
+    """Seed of the model init, the synthetic data and the shard order."""
     precision: str = "fp32"
     """fp32 or bf16 (autocast; also on CPU)."""
     lr: float = 5e-4
+    """Peak learning rate (AdamW), reached after `warmup_steps`."""
     min_lr: float = 0.0
     """Floor of the cosine schedule."""
     warmup_steps: int = 10
+    """Steps of linear warmup from 0 to `lr`."""
     weight_decay: float = 0.2
     """Applied to weight matrices only; gains, biases and the logit scale get none."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.98
+    """AdamW beta2."""
     eps: float = 1e-6
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
     device: str = "auto"
@@ -194,8 +221,11 @@ class LogConfig:
     every: int = 10
     """Metrics cadence in steps (the final step is always logged)."""
     wandb: bool = False
+    """Log to wandb (offline when no WANDB_API_KEY is set)."""
     wandb_project: str = "clip-pretrain"
+    """wandb project name."""
     tensorboard: bool = False
+    """Write TensorBoard events to `{run_dir}/tensorboard`."""
 
     def __post_init__(self) -> None:
         _check(self.every > 0, "log.every", f"must be > 0, got {self.every}")
@@ -208,6 +238,7 @@ class EvalConfig:
     every: int = 0
     """Evaluate every N steps (0: only at the end of training)."""
     batch_size: int = 256
+    """Images per forward pass of the evaluation."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", "must be >= 0")
@@ -240,15 +271,51 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass, on one line, read from its source with `ast`."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        doc = (
+            after.value.value
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            else None
+        )
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, str):
+            docs[node.target.id] = " ".join(doc.split())
+    return docs
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as one line of YAML (`null`, `true`, `[1.0, 2.0]`, quoted only where YAML needs it)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+    return text.removesuffix("...\n").strip()
+
+
+def describe_config(cfg: Config) -> list[str]:
+    """`section.key: value  # docstring` for every key of the schema, in schema order (secrets redacted)."""
+
+    def walk(cls: type, values: dict, prefix: str) -> list[str]:
+        lines, docs = [], field_docs(cls)
+        for f in fields(cls):
+            if is_dataclass(f.default_factory):
+                lines += walk(f.default_factory, values[f.name], f"{prefix}{f.name}.")
+                continue
+            line = f"{prefix}{f.name}: {_yaml_value(values[f.name])}"
+            lines.append(f"{line}  # {docs[f.name]}" if f.name in docs else line)
+        return lines
+
+    return walk(Config, redacted(cfg), "")
+
+
 def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
     first = str(getattr(err, "msg", err)).splitlines()[0]
     if "not in" in first:
         # A wrong section name is matched against section names, a wrong key against full dotted keys.
         candidates = all_keys() if "." in key else [f.name for f in fields(Config)]
-        close = difflib.get_close_matches(key, candidates, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown config key '{key}'{hint}"
+        return f"unknown config key '{key}'{close_matches(key, candidates)}"
     return f"{key}: {first}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,14 @@ from typing import Any
 import open_clip
 import torch
 
-from pretrain.config import ConfigError, ModelConfig
+from pretrain.config import ConfigError, ModelConfig, close_matches
 
 log = logging.getLogger("pretrain")
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+SCHEMAS = ("hf-hub:", "local-dir:")  # names that carry their own config and weights
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+MAX_TAGS_SHOWN = 6
 
 
 class _QuietRandomInit(logging.Filter):
@@ -61,20 +65,48 @@ def resolve_model_name(name: str) -> str:
             raise ConfigError(f"model.name: model config file not found: {path}")
         register_model_configs(path)
         return path.stem
-    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+    if name.startswith(SCHEMAS) or name in open_clip.list_models():
         return name
-    known = ", ".join(m for m in open_clip.list_models() if not m.startswith(("EVA", "RN", "Mobile", "PE-")))
-    raise ConfigError(
-        f"model.name: unknown model {name!r} (configs/models/ has tiny-clip; open_clip has {known[:200]}...)"
+    hint = (
+        close_matches(name, open_clip.list_models(), n=3)
+        or " (see open_clip.list_models() and configs/models/)"
     )
+    raise ConfigError(f"model.name: unknown model {name!r}{hint}")
+
+
+def check_pretrained(name: str, pretrained: str | None) -> None:
+    """Refuse a `model.pretrained` that is neither a weights file nor an open_clip tag of model `name`,
+    before anything is built or downloaded, naming the tags open_clip knows for it."""
+    if pretrained is None or name.startswith(SCHEMAS) or Path(pretrained).is_file():
+        return
+    if open_clip.is_pretrained_cfg(name, pretrained):
+        return
+    looks_like_path = any(c in pretrained for c in "/\\") or Path(pretrained).suffix in WEIGHT_SUFFIXES
+    if looks_like_path:
+        raise ConfigError(f"model.pretrained: weights file not found: {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if not tags:
+        known = f"open_clip has no pretrained tags for {name} (give a weights file)"
+    else:
+        more = f", ... ({len(tags)} in all)" if len(tags) > MAX_TAGS_SHOWN else ""
+        known = f"open_clip's tags for {name}: {', '.join(tags[:MAX_TAGS_SHOWN])}{more}"
+    hint = close_matches(pretrained, tags)
+    raise ConfigError(f"model.pretrained: unknown tag {pretrained!r} for {name}{hint}; {known}")
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
     """Create the model (fp32 weights; autocast handles bf16) with its tokenizer and transforms."""
     name = resolve_model_name(cfg.name)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=cfg.pretrained, device=device
-    )
+    check_pretrained(name, cfg.pretrained)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=cfg.pretrained, device=device
+        )
+    except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
+        if cfg.pretrained is None:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model.pretrained: cannot load {cfg.pretrained!r} for {name}: {reason}") from None
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     return ModelBundle(model, open_clip.get_tokenizer(name), preprocess_train, preprocess_val, name)

@@ -15,9 +15,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+KEYS_EPILOG = (
+    "Every config key, its default and its meaning: docs/training.md (Config), or run "
+    "`pretrain config [--config FILE] [section.key=value ...]` to print the resolved config, one "
+    "`section.key: value  # meaning` line per key."
+)
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """--config FILE and the dotted overrides, shared by `pretrain train` and `pretrain config`."""
     parser.add_argument("--config", help="YAML run config (e.g. configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.epilog = KEYS_EPILOG
 
 
 def run(config: str | None, overrides: list[str]) -> int:
