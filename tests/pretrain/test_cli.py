@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 
 import pytest
-from helpers import run_cmd
+import yaml
+from helpers import TINY, run_cmd
 
 
 @pytest.mark.parametrize("cmd", [["pretrain", "--help"], ["pretrain", "train", "--help"], ["pretrain", "export", "--help"],
-                                 ["pretrain", "eval", "--help"], ["data-tools", "--help"]])  # fmt: skip
+                                 ["pretrain", "eval", "--help"], ["pretrain", "config", "--help"],
+                                 ["data-tools", "--help"]])  # fmt: skip
 def test_help(cmd):
     proc = run_cmd([str(__import__("pathlib").Path(sys.executable).parent / cmd[0]), *cmd[1:]])
     assert proc.returncode == 0 and "usage" in proc.stdout
@@ -20,3 +22,45 @@ def test_bad_flag_is_one_line(args):
     proc = run_cmd([sys.executable, "-m", "pretrain.cli", *args])
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "error" in proc.stderr
+
+
+def test_train_help_says_where_the_keys_are_documented():
+    proc = run_cmd([sys.executable, "-m", "pretrain.cli", "train", "--help"])
+    assert proc.returncode == 0 and "docs/training.md" in proc.stdout and "pretrain config" in proc.stdout
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def test_config_prints_every_key_with_its_value_and_meaning():
+    from omegaconf import OmegaConf
+
+    from pretrain.config import Config
+
+    proc = run_cmd([sys.executable, "-m", "pretrain.cli", "config", "--config", str(TINY), "train.steps=7"])
+    assert proc.returncode == 0, proc.stderr
+    printed = {}
+    for line in proc.stdout.splitlines():
+        setting, meaning = line.split("  # ", 1)
+        key, value = setting.split(": ", 1)
+        printed[key] = (yaml.safe_load(value), meaning)
+    # The reference: OmegaConf's view of the schema, and the YAML file itself, not our key walker.
+    schema = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    assert list(printed) == list(schema)
+    expected = schema | flatten(yaml.safe_load(TINY.read_text())) | {"train.steps": 7}
+    assert {k: v for k, (v, _) in printed.items()} == expected
+    assert all(meaning.strip() for _, meaning in printed.values())  # every key is documented
+    assert printed["train.steps"][1] == "Optimizer steps to run in total."
+
+
+def test_config_refuses_what_train_refuses():
+    proc = run_cmd([sys.executable, "-m", "pretrain.cli", "config", "model.name=tiny-clp"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr.strip()
+        == "pretrain config: error: model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'?)"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -12,7 +13,8 @@ from pretrain.config import ConfigError, load_config, save_config
 
 
 def test_tiny_config_loads_with_overrides():
-    cfg = load_config(TINY, ["train.steps=7", "train.lr=0.01", "resume=latest", "data.train_weights=[1,2]"])
+    weights = ["data.train_weights=[1,2]", "data.sampling=resampled"]
+    cfg = load_config(TINY, ["train.steps=7", "train.lr=0.01", "resume=latest", *weights])
     assert cfg.model.name == "tiny-clip"
     assert (cfg.train.steps, cfg.train.lr, cfg.resume) == (7, 0.01, "latest")
     assert cfg.data.train_weights == [1.0, 2.0]
@@ -28,6 +30,11 @@ def test_tiny_config_loads_with_overrides():
         ("train.batch_size=0", "train.batch_size: must be > 0, got 0"),
         ("dist.zero_stage=4", "dist.zero_stage: must be 1, 2 or 3, got 4"),
         ("train.steps", "override 'train.steps' must look like section.key=value"),
+        (
+            "data.train_weights=[1,2]",  # with the default data.sampling=epoch the weights would be ignored
+            "data.train_weights: needs data.sampling=resampled (epoch sampling reads every shard once and "
+            "ignores weights)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(override, message):
@@ -70,3 +77,64 @@ def test_cli_exits_2_with_one_line(args, needle, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def one_line_exit_2(args: list[str], run_dir) -> str:
+    """Run `pretrain train` in a subprocess: exit code 2, exactly one stderr line, no run directory made."""
+    proc = run_cmd(
+        [sys.executable, "-m", "pretrain.train", "--config", str(TINY), *args, f"run.dir={run_dir}"]
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert not (run_dir / "tiny").exists()  # nothing half-written
+    return lines[0]
+
+
+def test_model_errors_are_one_line_before_anything_is_written(tmp_path):
+    missing = tmp_path / "weights.safetensors"
+    cases = {
+        "model.name=tiny-clp": "model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'?)",
+        "model.pretrained=laion2b": "model.pretrained: unknown tag 'laion2b' for tiny-clip; "
+        "open_clip has no pretrained tags for tiny-clip (give a weights file)",
+        f"model.pretrained={missing}": f"model.pretrained: weights file not found: {missing}",
+        "data.train_weights=[1,2]": "data.train_weights: needs data.sampling=resampled "
+        "(epoch sampling reads every shard once and ignores weights)",
+    }
+    for override, line in cases.items():
+        assert one_line_exit_2([override], tmp_path) == f"pretrain: error: {line}"
+
+
+def test_unknown_tag_names_the_model_s_tags_from_open_clip(tmp_path):
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model("ViT-B-32")  # the reference: open_clip's own registry
+    line = one_line_exit_2(["model.name=ViT-B-32", "model.pretrained=no_such_tag"], tmp_path)
+    assert line.startswith("pretrain: error: model.pretrained: unknown tag 'no_such_tag' for ViT-B-32; ")
+    assert (
+        f"open_clip's tags for ViT-B-32: {', '.join(tags[:3])}, " in line and f"({len(tags)} in all)" in line
+    )
+    assert len(line) < 300  # short: a few tags and the count, not the registry
+
+
+def test_model_name_typo_suggests_close_names_only():
+    import open_clip
+
+    from pretrain.model import resolve_model_name
+
+    with pytest.raises(ConfigError) as err:
+        resolve_model_name("vit-b-23")
+    message = str(err.value)
+    assert message.startswith("model.name: unknown model 'vit-b-23' (did you mean 'ViT-B-32'")
+    suggested = re.findall(r"'([^']+)'", message)[1:]
+    assert 1 <= len(suggested) <= 3 and set(suggested) <= set(open_clip.list_models())
+    assert len(message) < 120  # a few close names, not the list of every model
+    assert resolve_model_name(str(ROOT / "configs/models/tiny-clip.json")) == "tiny-clip"
+
+
+def test_existing_weights_file_passes_the_check(tmp_path):
+    from pretrain.model import check_pretrained
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    check_pretrained("tiny-clip", str(weights))  # a file is open_clip's to load: no error here
+    check_pretrained("ViT-B-32", "LAION2B-S34B-B79K")  # open_clip normalises case and dashes of a tag
