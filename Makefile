@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo-data
 
-.PHONY: setup slurm-deps demo test test-slow test-all lint format clean
+.PHONY: setup slurm-deps demo test test-fast test-slow lint format clean
 
 setup: $(STAMP)
 
@@ -27,14 +27,15 @@ slurm-deps:
 demo: setup
 	$(PY) -m pretrain.demo --data $(DEMO_DIR) --config configs/demo.yaml
 
+# `make test` is the whole suite (what CI runs); test-fast and test-slow split it at the `slow` marker.
 test: setup slurm-deps
+	$(PY) -m pytest -q tests
+
+test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-slow: setup
+test-slow: setup slurm-deps
 	$(PY) -m pytest -q -m slow tests
-
-test-all: setup slurm-deps
-	$(PY) -m pytest -q tests
 
 lint: setup
 	$(PY) -m ruff check .

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, TINY, free_port, read_jsonl, run_cmd
 
 from pretrain.config import load_config
@@ -79,6 +80,7 @@ def test_recipe_commands_for_32_nodes_x_8_gpus(tmp_path):
     assert 31 <= cfg.train.steps * 32768 / 400e6 <= 33  # ~32 epochs of LAION-400M
 
 
+@pytest.mark.slow
 def test_sbatch_trains_on_a_simulated_two_node_allocation(tmp_path):
     env = fake_slurm(
         tmp_path, 2, ["127.0.0.1", "127.0.0.1"], {"NPROC_PER_NODE": "1", "MASTER_PORT": str(free_port())}

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 import sys
 
+import pytest
 from helpers import run_cmd
 
 
+@pytest.mark.slow
 def test_demo_reaches_target_and_prints_its_time(tmp_path):
     proc = run_cmd(
         [

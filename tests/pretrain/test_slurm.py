@@ -14,7 +14,10 @@ import pytest
 from helpers import ROOT, TINY, free_port, read_jsonl
 from slurm_cluster import FINAL_STATES, SlurmCluster, missing_reason
 
-pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason())),
+]
 
 # the recipe's header asks for 32 GPU nodes; command-line options override #SBATCH lines
 SMALL = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]

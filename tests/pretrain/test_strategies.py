@@ -93,6 +93,7 @@ def require(strategy: str) -> None:
         pytest.skip("deepspeed is not installed (pip install '.[deepspeed]')")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", *DEEPSPEED])
 def test_strategy_matches_ddp(runs, strategy):
     require(strategy)
