@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import TINY
+from helpers import ROOT, TINY
 from PIL import Image
+from safetensors.torch import load_model, save_model
 
 from data_tools.cli import main
-from data_tools.embed import EmbedConfig, embed_shards, load_embedder
+from data_tools.embed import EmbedConfig, embed_shards
 from data_tools.embeddings import embedding_files, metadata_files
 from data_tools.shards import ShardWriter, iter_shard, key_for
 
@@ -22,12 +26,61 @@ def demo_urls(demo_data: Path, count: int = 2) -> list[str]:
     return [str(demo_data / "train" / f"{i:05d}.tar") for i in range(count)]
 
 
+def reference_tiny_clip() -> tuple[torch.nn.Module, object, object]:
+    """A tiny-clip (random weights) with its eval transform and tokenizer, built by open_clip alone."""
+    open_clip.add_model_config(ROOT / "configs" / "models")
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-clip")
+    return model.eval(), preprocess, open_clip.get_tokenizer("tiny-clip")
+
+
 @pytest.fixture(scope="module")
-def embedded(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple]:
+    """An export folder (open_clip's local-dir layout) written here with safetensors, and the open_clip
+    model it was written from: the embeddings of `data-tools embed --model FOLDER` must be that model's."""
+    torch.manual_seed(1)
+    model, preprocess, tokenizer = reference_tiny_clip()
+    folder = tmp_path_factory.mktemp("export")
+    model_cfg = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
+    preprocess_cfg = {
+        "size": 64,
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+    }
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_model(model, str(folder / "open_clip_model.safetensors"))
+    return folder, (model, preprocess, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def embedded(demo_data: Path, reference: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("embeddings")
-    summary = embed_shards(demo_urls(demo_data), out, EmbedConfig("tiny-clip", batch_size=50))
+    summary = embed_shards(demo_urls(demo_data), out, EmbedConfig(str(reference[0]), batch_size=50))
     assert summary.ok() and summary.samples == 256
     return out
+
+
+def tar_samples(url: str) -> list[tuple[str, Image.Image, str]]:
+    """(key, image, caption) of every sample of a shard in order, read with tarfile and PIL only."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(url) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return [
+        (k, Image.open(io.BytesIO(m["jpg"])).convert("RGB"), m["txt"].decode()) for k, m in members.items()
+    ]
+
+
+@torch.no_grad()
+def reference_embeddings(bundle: tuple, url: str) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised image and text embeddings of a shard, computed with open_clip outside our code."""
+    model, preprocess, tokenizer = bundle
+    samples = tar_samples(url)
+    images = torch.stack([preprocess(image) for _, image, _ in samples])
+    image = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+    text = torch.nn.functional.normalize(model.encode_text(tokenizer([c for _, _, c in samples])), dim=-1)
+    return image.numpy(), text.numpy()
 
 
 def test_layout_dtypes_and_normalisation(embedded: Path, demo_data: Path) -> None:
@@ -48,13 +101,14 @@ def test_layout_dtypes_and_normalisation(embedded: Path, demo_data: Path) -> Non
     assert [p.name for p in metadata_files(embedded)] == ["metadata_0.parquet", "metadata_1.parquet"]
 
 
-def test_embeddings_match_the_model(embedded: Path, demo_data: Path) -> None:
-    bundle = load_embedder("tiny-clip", None, "cpu")
-    sample = next(iter_shard(demo_urls(demo_data)[0]))
-    image = bundle.preprocess_val(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))[None]
-    with torch.no_grad():
-        expected = torch.nn.functional.normalize(bundle.model.encode_image(image), dim=-1)[0].numpy()
-    np.testing.assert_allclose(np.load(embedding_files(embedded, 0).image)[0], expected, atol=2e-3)
+def test_embeddings_match_a_fresh_open_clip_model(embedded: Path, demo_data: Path, reference: tuple) -> None:
+    for i, url in enumerate(demo_urls(demo_data)):
+        expected_image, expected_text = reference_embeddings(reference[1], url)
+        files = embedding_files(embedded, i)
+        np.testing.assert_allclose(np.load(files.image), expected_image, atol=2e-3)
+        np.testing.assert_allclose(np.load(files.text), expected_text, atol=2e-3)
+        keys = [k for k, _, _ in tar_samples(url)]
+        assert pq.read_table(files.metadata)["key"].to_pylist() == keys
 
 
 def test_rerun_skips_complete_shards(demo_data: Path, tmp_path: Path) -> None:
@@ -92,7 +146,6 @@ def test_undecodable_samples_are_left_out_aligned(tmp_path: Path) -> None:
 
 def test_model_from_a_run_directory(demo_data: Path, tmp_path: Path) -> None:
     from pretrain.config import load_config
-    from pretrain.model import load_trained
     from pretrain.trainer import Trainer
 
     cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=r", "train.steps=2", "checkpoint.every=2"])
@@ -103,14 +156,12 @@ def test_model_from_a_run_directory(demo_data: Path, tmp_path: Path) -> None:
     assert (
         main(["embed", "--shards", url[0], "--model", str(cfg.run_dir), "--output", str(tmp_path / "e")]) == 0
     )
-    trained, untrained = load_trained(cfg.run_dir).model, load_embedder("tiny-clip", None, "cpu").model
-    changed = any(not torch.equal(a, b) for a, b in zip(trained.parameters(), untrained.parameters()))
-    assert changed  # the run's weights were used, not a fresh init
-    sample = next(iter_shard(url[0]))
-    image = load_trained(cfg.run_dir).preprocess_val(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
-    with torch.no_grad():
-        expected = torch.nn.functional.normalize(trained.encode_image(image[None]), dim=-1)[0].numpy()
-    np.testing.assert_allclose(np.load(embedding_files(tmp_path / "e", 0).image)[0], expected, atol=2e-3)
+    # The reference: a fresh open_clip tiny-clip given the checkpoint's weights file by safetensors itself.
+    model, preprocess, tokenizer = reference_tiny_clip()
+    load_model(model, str(cfg.run_dir / "checkpoints" / "step_00000002" / "model.safetensors"))
+    expected_image, expected_text = reference_embeddings((model, preprocess, tokenizer), url[0])
+    np.testing.assert_allclose(np.load(embedding_files(tmp_path / "e", 0).image), expected_image, atol=2e-3)
+    np.testing.assert_allclose(np.load(embedding_files(tmp_path / "e", 0).text), expected_text, atol=2e-3)
 
 
 def test_cli_help_and_one_line_errors(demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
