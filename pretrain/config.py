@@ -132,7 +132,7 @@ class TrainConfig:
     min_lr: float = 0.0
     """Floor of the cosine schedule."""
     warmup_steps: int = 10
-    """Steps of linear warmup from 0 to `lr`."""
+    """Steps of linear warmup up to `lr`."""
     weight_decay: float = 0.2
     """Applied to weight matrices only; gains, biases and the logit scale get none."""
     beta1: float = 0.9
