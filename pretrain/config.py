@@ -196,9 +196,12 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "clip-pretrain"
     tensorboard: bool = False
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU (null: look the GPU up in pretrain/flops.py; CPU: no MFU)."""
 
     def __post_init__(self) -> None:
         _check(self.every > 0, "log.every", f"must be > 0, got {self.every}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops", "must be > 0 or null")
 
 
 @dataclass
