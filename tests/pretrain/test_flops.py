@@ -99,3 +99,14 @@ def test_peak_flops_unknown_or_cpu_is_none_and_override_wins(monkeypatch):
 def test_mfu_is_achieved_over_peak_of_all_devices():
     # 1e9 FLOPs/sample at 1000 samples/s = 1e12 FLOP/s, over 4 devices of 1e12 peak each: 25 %.
     assert mfu(1e9, 1000.0, 1e12, 4) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_peak_tflops_override_must_be_positive(value):
+    from helpers import TINY
+
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^log\.peak_tflops: must be > 0 or null$"):
+        load_config(TINY, [f"log.peak_tflops={value}"])
+    assert load_config(TINY, ["log.peak_tflops=989.4"]).log.peak_tflops == 989.4
