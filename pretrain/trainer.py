@@ -81,6 +81,7 @@ class Trainer:
         if resume_from is not None:
             self.load(resume_from)
         self.metrics = MetricsWriter(cfg, self.info.is_main, resume_step=self.state.step)
+        self.meter = IntervalMeter(self.state.step)
         self.preemption, self.preempted = Preemption(), False  # last: nothing after it can fail
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ class Trainer:
         log.info(
             "training %s for %d steps, global batch %d", self.bundle.name, cfg.train.steps, self.global_batch
         )
-        self.meter = IntervalMeter(self.state.step)
+        self.meter.restart(self.state.step)
         while self.state.step < cfg.train.steps:
             loss = self.train_step()
             step, final = self.state.step, self.state.step == cfg.train.steps
