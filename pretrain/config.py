@@ -226,9 +226,12 @@ class LogConfig:
     """wandb project name."""
     tensorboard: bool = False
     """Write TensorBoard events to `{run_dir}/tensorboard`."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU (null: look the GPU up in pretrain/flops.py; CPU: no MFU)."""
 
     def __post_init__(self) -> None:
         _check(self.every > 0, "log.every", f"must be > 0, got {self.every}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops", "must be > 0 or null")
 
 
 @dataclass

@@ -38,20 +38,45 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-def _console_line(row: dict) -> str:
+def _duration(seconds: float) -> str:
+    """1h02m, 3m07s or 12s: an ETA a person reads at a glance."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _train_console_line(row: dict, total_steps: int | None) -> str:
+    """`step 40/100 (40%) | loss … | lr … | grad … | N samples/s | step …s | data …% | mem … | mfu …% | eta …`"""
+    step = f"step {row['step']}" + (
+        f"/{total_steps} ({row['step'] / total_steps:.0%})" if total_steps else ""
+    )
+    parts = [step, f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    formats = {
+        "grad_norm": "grad {:.3f}",
+        "samples_per_s": "{:.0f} samples/s",
+        "step_time": "step {:.3f}s",
+        "data_wait": "data {:.0%}",
+        "peak_memory_gib": "mem {:.2f} GiB",
+        "mfu": "mfu {:.1%}",
+        "logit_scale": "scale {:.1f}",
+    }
+    parts += [fmt.format(row[k]) for k, fmt in formats.items() if row.get(k) is not None]
+    parts += [f"eta {_duration(row['eta_s'])}"] if row.get("eta_s") is not None else []
+    return " | ".join(parts)
+
+
+def _console_line(row: dict, total_steps: int | None = None) -> str:
     if "eval" in row:
         rest = " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
         return f"step {row['step']} eval {row['eval']}: {rest}"
-    parts = [f"step {row['step']}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
-    parts += [f"{row['samples_per_s']:.0f} samples/s"] if "samples_per_s" in row else []
-    parts += [f"scale {row['logit_scale']:.1f}"] if "logit_scale" in row else []
-    return " | ".join(parts)
+    return _train_console_line(row, total_steps)
 
 
 class MetricsWriter:
     def __init__(self, cfg: Config, is_main: bool, resume_step: int | None = None) -> None:
         self.is_main = is_main
         self.path = cfg.run_dir / "metrics.jsonl"
+        self.total_steps = cfg.train.steps
         self._wandb = self._tb = None
         if not is_main:
             return
@@ -71,7 +96,7 @@ class MetricsWriter:
             return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        log.info(_console_line(row))
+        log.info(_console_line(row, self.total_steps))
         numeric = {
             k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)
         }

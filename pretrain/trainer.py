@@ -12,17 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
 from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
+from pretrain.flops import mfu, model_config, peak_flops, train_flops_per_sample
 from pretrain.loss import ClipLoss
 from pretrain.metrics import MetricsWriter, setup_logging
 from pretrain.model import build_model, clamp_logit_scale
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy
 from pretrain.preemption import Preemption
+from pretrain.telemetry import IntervalMeter, peak_memory_gib
 
 log = logging.getLogger("pretrain")
 
@@ -71,10 +74,14 @@ class Trainer:
         self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._last_skipped = 0
+        self._grad_norm: torch.Tensor | float | None = None
+        self.flops_per_sample = train_flops_per_sample(model_config(self.bundle.name))
+        self.peak_flops = peak_flops(self.device, cfg.train.precision, cfg.log.peak_tflops)
         resume_from = self._prepare_run_dir()
         if resume_from is not None:
             self.load(resume_from)
         self.metrics = MetricsWriter(cfg, self.info.is_main, resume_step=self.state.step)
+        self.meter = IntervalMeter(self.state.step)
         self.preemption, self.preempted = Preemption(), False  # last: nothing after it can fail
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -106,7 +113,7 @@ class Trainer:
         log.info(
             "training %s for %d steps, global batch %d", self.bundle.name, cfg.train.steps, self.global_batch
         )
-        self._mark = (time.perf_counter(), self.state.step)
+        self.meter.restart(self.state.step)
         while self.state.step < cfg.train.steps:
             loss = self.train_step()
             step, final = self.state.step, self.state.step == cfg.train.steps
@@ -124,10 +131,12 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over `accum_steps` micro-batches; returns the (device) loss."""
+        fetch_started = time.perf_counter()
         micro = [self._to_device(self.source.next_batch()) for _ in range(self.cfg.train.accum_steps)]
+        self.meter.add_data_wait(time.perf_counter() - fetch_started)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         loss = self._forward_backward(micro[0]) if len(micro) == 1 else self._accumulated(micro)
-        self.strategy.step(self.module, self.optimizer, self.cfg.train.grad_clip)
+        self._grad_norm = self.strategy.step(self.module, self.optimizer, self.cfg.train.grad_clip)
         self.scheduler.step()
         with self.strategy.gathered([self.model.logit_scale]):
             clamp_logit_scale(self.model)
@@ -182,15 +191,14 @@ class Trainer:
             )
 
     def log_train(self, loss: torch.Tensor) -> None:
+        """Write the metrics line of this step: the only place the step's device values are read."""
         self._check_finite()
-        now, step = time.perf_counter(), self.state.step
-        started, start_step = self._mark
         row = {
-            "step": step,
+            "step": self.state.step,
             "samples_seen": self.state.samples_seen,
             "loss": float(all_reduce_mean(loss).item()),
             "lr": float(self.last_lr),
-            "samples_per_s": (step - start_step) * self.global_batch / max(now - started, 1e-9),
+            **self._telemetry(),
             "logit_scale": float(self.strategy.full_tensor(self.model.logit_scale).exp().item()),
         }
         if hasattr(self.source, "skipped"):
@@ -199,7 +207,31 @@ class Trainer:
                 log.warning("data skipped so far: %s", self.source.skipped_by_reason())
                 self._last_skipped = row["data_skipped"]
         self.metrics.write(row)
-        self._mark = (time.perf_counter(), step)
+        self.meter.restart(self.state.step)
+
+    def _telemetry(self) -> dict:
+        """Throughput, data wait, step time, grad norm, peak memory, MFU and ETA of the interval now ending."""
+        interval = self.meter.summary(self.state.step)
+        samples_per_s = interval["steps"] * self.global_batch / interval["elapsed"]
+        memory, memory_kind = peak_memory_gib(self.device)
+        return {
+            "samples_per_s": samples_per_s,
+            "data_wait": interval["data_wait"],
+            "step_time": interval["step_time"],
+            "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
+            "peak_memory_gib": self._max_over_ranks(memory),
+            "memory_kind": memory_kind,
+            "mfu": mfu(self.flops_per_sample, samples_per_s, self.peak_flops, self.info.world_size),
+            "eta_s": (self.cfg.train.steps - self.state.step) * interval["step_time"],
+        }
+
+    def _max_over_ranks(self, value: float) -> float:
+        """The largest `value` of any rank (the rank closest to running out of memory)."""
+        if world()[1] == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
     def evaluate(self) -> dict:
         """Zero-shot eval on every rank. Replicated weights (DDP): each rank takes its share of the eval shards
@@ -219,7 +251,7 @@ class Trainer:
             )
         if self.info.is_main:
             self.metrics.write({"step": self.state.step, "eval": "zeroshot", **result})
-        self._mark = (time.perf_counter(), self.state.step)  # eval time is not training throughput
+        self.meter.restart(self.state.step)  # eval time is not training throughput
         return result
 
     def save(self) -> Path:

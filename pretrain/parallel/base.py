@@ -86,11 +86,13 @@ class Strategy:
 
     def step(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
-    ) -> torch.Tensor | None:
-        """Clip, step, zero the gradients; returns the pre-clip gradient norm (on device) if clipping."""
-        norm = None
+    ) -> torch.Tensor | float | None:
+        """Clip (when `grad_clip` > 0), step, zero the gradients; returns the global pre-clip gradient norm,
+        a device tensor read only on log steps (no host sync here)."""
         if grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm

@@ -101,10 +101,11 @@ class DeepSpeedStrategy(Strategy):
 
     def step(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
-    ) -> torch.Tensor | None:
-        """The engine clips (`gradient_clipping`), steps and zeroes the gradients."""
+    ) -> torch.Tensor | float | None:
+        """The engine clips (`gradient_clipping`), steps and zeroes the gradients; returns the engine's
+        global gradient norm of this step (None when the engine did not compute one)."""
         self.engine.step()
-        return None
+        return self.engine.get_global_grad_norm()
 
     def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
         if self.stage != 3:

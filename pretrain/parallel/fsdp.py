@@ -89,6 +89,14 @@ class FSDPStrategy(Strategy):
             apply_fully_shard(model, **self.shard_kwargs())
         return model
 
+    def step(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
+    ) -> torch.Tensor | float | None:
+        """As the base class; the norm of sharded gradients is a DTensor, made whole here (a scalar
+        all-reduce on device, no host sync) so that every strategy returns a plain tensor."""
+        norm = super().step(module, optimizer, grad_clip)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
     def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
         if isinstance(module, FSDPModule):
             return _gradient_sync_off(module)
