@@ -34,6 +34,7 @@ def run(config: str | None, overrides: list[str]) -> int:
     from pretrain.preemption import catch_early, requeue_slurm_job
 
     catch_early()  # before the slow imports and start-up: SLURM or torchrun may signal at any time
+    from pretrain.data.stream import DataError
     from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
 
     try:
@@ -44,7 +45,7 @@ def run(config: str | None, overrides: list[str]) -> int:
         return 2
     try:
         trainer.train()
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, DataError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 1
     finally:

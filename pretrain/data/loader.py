@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections import Counter
 from dataclasses import asdict
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from pretrain.data import decode as dec
 from pretrain.data.spec import parse_spec
-from pretrain.data.stream import Position, ShardStream, StreamConfig
+from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig
 from pretrain.data.transform import TensorTransform
 
 log = logging.getLogger("pretrain")
@@ -69,68 +70,19 @@ class DeviceFinish:
         return self.transform.normalize(torch.stack(out))
 
 
-class WebDatasetSource:
-    """Micro-batches for one rank from sharded WebDataset streams, with exact resume."""
+class StreamLoader:
+    """One rank's batches from a `ShardStream` through a DataLoader, with each worker's `Position` kept for
+    exact resume. Training streams never end: an error from the stream, or its end, is a `DataError`."""
 
     def __init__(
-        self,
-        spec: str,
-        data_cfg,
-        mode: str,
-        seed: int,
-        batch_size: int,
-        rank: int,
-        world: int,
-        bundle,
-        device,
-        labels: bool = False,
-    ):
-        """`labels=True` reads eval shards' integer labels (KEY.cls) instead of tokenised captions."""
-        self.cfg, self.device, self.world, self.labels = data_cfg, device, world, labels
-        self.workers = data_cfg.workers
-        sources = parse_spec(spec, data_cfg.train_weights if mode != "eval" else None)
-        self.stream_cfg = StreamConfig(
-            sources=tuple(s.urls for s in sources),
-            weights=tuple(s.weight for s in sources),
-            mode=mode,
-            seed=seed, rank=rank, world=world, batch_size=batch_size,
-            shuffle_buffer=data_cfg.shuffle_buffer, max_bad_fraction=data_cfg.max_bad_fraction,
-            bad_window=data_cfg.bad_window, retries=data_cfg.retries,
-        )  # fmt: skip
-        self.decode, self.collate, self.finish = self._decoders(bundle)
-        self.tokenize = _labels if labels else bundle.tokenizer
+        self, stream_cfg: StreamConfig, decode, collate, tokenize, workers: int, pin_memory=False, prefetch=2
+    ) -> None:
+        self.stream_cfg, self.decode, self.collate, self.tokenize = stream_cfg, decode, collate, tokenize
+        self.workers, self.world = workers, stream_cfg.world
+        self.pin_memory, self.prefetch = pin_memory, prefetch
         self.positions: dict[int, Position] = {}
         self.micro_batches = 0
         self._iter = None
-        total = sum(s.samples or 0 for s in sources)
-        log.info("data: %d shards in %d sources (%s samples), %s sampling", sum(len(s.urls) for s in sources),
-                 len(sources), total or "unknown", self.stream_cfg.mode)  # fmt: skip
-
-    def _decoders(self, bundle):
-        from pretrain.model import image_size
-
-        size = image_size(bundle.model)
-        kind = "cpu" if self.labels else self.cfg.decode  # eval-time labels: the plain CPU path
-        transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
-        fast = TensorTransform.wrap(transform)
-        if kind == "cpu":
-            text_key = "cls" if self.labels else "txt"
-            # workers resize/crop uint8 tensors; ToTensor + Normalize run per batch on the device
-            finish = functools.partial(_normalize_on, fast.normalize, self.device) if fast else None
-            transform = fast.geometric if fast else transform
-            return (
-                functools.partial(dec.decode_cpu, transform=transform, size=size, text_key=text_key),
-                _stack,
-                finish,
-            )
-        if fast is None:
-            raise ValueError(
-                f"data.decode={kind} runs the model's transform on the device, and this one has a step that "
-                f"only runs on PIL images ({transform}); use data.decode=cpu"
-            )
-        finish = DeviceFinish(fast, self.device, encoded=kind == "nvjpeg")
-        decode = dec.raw_image_bytes if kind == "nvjpeg" else functools.partial(dec.decode_uint8, size=size)
-        return decode, _as_list, finish
 
     def _start(self) -> None:
         slots = max(1, self.workers)
@@ -146,25 +98,38 @@ class WebDatasetSource:
             dataset,
             batch_size=None,
             num_workers=self.workers,
-            pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
-            prefetch_factor=self.cfg.prefetch if self.workers else None,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
+            # its workers' base seed from a generator of its own: the trainer's random stream stays as it
+            # was (each sample is seeded from its position anyway)
+            generator=torch.Generator().manual_seed(self.stream_cfg.seed),
         )
         self._iter = iter(loader)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, texts, _ = self.next_batch_with_info()
-        return images, texts
-
-    def next_batch_with_info(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def next_raw_batch(self) -> tuple:
+        """The next `(inputs, texts, info)` as the workers made it."""
         if self._iter is None:
             self._start()
-        images, texts, info = next(self._iter)
+        try:
+            images, texts, info = next(self._iter)
+        except StopIteration:
+            if self.stream_cfg.mode == "eval":
+                raise
+            raise DataError(f"the {self.stream_cfg.mode} data stream ended; {self._where()}") from None
+        except Exception as e:
+            log.debug("data loader error", exc_info=True)
+            raise DataError(f"{_original_message(e)}; {self._where()}") from None
         self.positions[info["role"]] = info["position"]
         self.micro_batches += 1
-        if self.finish is not None:
-            images = self.finish(images, info["seeds"])
         return images, texts, info
+
+    def _where(self) -> str:
+        at = ", ".join(
+            f"worker {role}: shard #{p.shard} sample {p.offset} epoch {p.epoch}"
+            for role, p in sorted(self.positions.items())
+        )
+        return f"rank {self.stream_cfg.rank} after {self.micro_batches} batches ({at or 'at the start'})"
 
     def skipped_by_reason(self) -> dict[str, int]:
         total = Counter()
@@ -199,3 +164,85 @@ class WebDatasetSource:
 
     def close(self) -> None:
         self._iter = None  # the DataLoader iterator shuts its workers down when collected
+
+
+def _original_message(error: Exception) -> str:
+    """One line for an error of the stream: a DataLoader worker's error comes back as its type with the
+    worker's traceback as the message, ending in `Type: message`; one raised here (workers=0) is bare."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = re.sub(rf"^([\w.]+\.)?{type(error).__name__}: ", "", lines[-1] if lines else "")
+    return last if isinstance(error, DataError) else f"{type(error).__name__}: {last}"
+
+
+class WebDatasetSource(StreamLoader):
+    """Micro-batches for one rank from sharded WebDataset streams, with exact resume."""
+
+    def __init__(
+        self,
+        spec: str,
+        data_cfg,
+        mode: str,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        bundle,
+        device,
+        labels: bool = False,
+    ):
+        """`labels=True` reads eval shards' integer labels (KEY.cls) instead of tokenised captions."""
+        self.cfg, self.device, self.labels = data_cfg, device, labels
+        sources = parse_spec(spec, data_cfg.train_weights if mode != "eval" else None)
+        stream_cfg = StreamConfig(
+            sources=tuple(s.urls for s in sources),
+            weights=tuple(s.weight for s in sources),
+            mode=mode,
+            seed=seed, rank=rank, world=world, batch_size=batch_size,
+            shuffle_buffer=data_cfg.shuffle_buffer, max_bad_fraction=data_cfg.max_bad_fraction,
+            bad_window=data_cfg.bad_window, retries=data_cfg.retries,
+        )  # fmt: skip
+        self.stream_cfg = stream_cfg
+        decode, collate, self.finish = self._decoders(bundle)
+        super().__init__(
+            stream_cfg, decode, collate, _labels if labels else bundle.tokenizer, data_cfg.workers,
+            pin_memory=data_cfg.pin_memory and device.type == "cuda", prefetch=data_cfg.prefetch,
+        )  # fmt: skip
+        total = sum(s.samples or 0 for s in sources)
+        log.info("data: %d shards in %d sources (%s samples), %s sampling", sum(len(s.urls) for s in sources),
+                 len(sources), total or "unknown", mode)  # fmt: skip
+
+    def _decoders(self, bundle):
+        from pretrain.model import image_size
+
+        size = image_size(bundle.model)
+        kind = "cpu" if self.labels else self.cfg.decode  # eval-time labels: the plain CPU path
+        transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
+        fast = TensorTransform.wrap(transform)
+        if kind == "cpu":
+            text_key = "cls" if self.labels else "txt"
+            # workers resize/crop uint8 tensors; ToTensor + Normalize run per batch on the device
+            finish = functools.partial(_normalize_on, fast.normalize, self.device) if fast else None
+            transform = fast.geometric if fast else transform
+            return (
+                functools.partial(dec.decode_cpu, transform=transform, size=size, text_key=text_key),
+                _stack,
+                finish,
+            )
+        if fast is None:
+            raise ValueError(
+                f"data.decode={kind} runs the model's transform on the device, and this one has a step that "
+                f"only runs on PIL images ({transform}); use data.decode=cpu"
+            )
+        finish = DeviceFinish(fast, self.device, encoded=kind == "nvjpeg")
+        decode = dec.raw_image_bytes if kind == "nvjpeg" else functools.partial(dec.decode_uint8, size=size)
+        return decode, _as_list, finish
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts, _ = self.next_batch_with_info()
+        return images, texts
+
+    def next_batch_with_info(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        images, texts, info = self.next_raw_batch()
+        if self.finish is not None:
+            images = self.finish(images, info["seeds"])
+        return images, texts, info

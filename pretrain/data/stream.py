@@ -6,6 +6,10 @@ block number), and blocks never cross an epoch. Every batch carries the worker's
 main process always knows, per worker, exactly where the consumed data ends; resuming re-reads at most the
 current block and continues mid-block. Bad samples, truncated tars and unreachable shards are skipped and
 counted by reason; a window with too many bad samples stops the run with the shards named.
+
+An epoch's last block may be empty (the previous block ended exactly on the epoch's last sample); the stream
+then moves on to the next epoch. Only an `eval` pass ends. Anything the stream cannot recover from is a
+`DataError` whose message is one line naming the shards and the worker's position.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from pretrain.data.io import open_url
 from pretrain.data.plan import ShardPlan
 
 log = logging.getLogger("pretrain")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (too many bad samples, unreadable or empty shards): one line that names
+    the shards and where the worker stood."""
 
 
 @dataclass
@@ -64,6 +73,9 @@ class ShardReader:
         self.plan, self.retries = plan, retries
         self._live: tuple[int, int, Iterator[dict]] | None = None  # (shard n, offset, iterator)
         self.failed_in_a_row = 0
+        self._dry: set[str] = set()
+        """Shards read since the last raw sample: when it covers them all, no sample can ever come."""
+        self._distinct = len({url for urls in plan.sources for url in urls})
 
     def _open(self, n: int, offset: int, counts: Counter | None) -> Iterator[dict] | None:
         """An iterator over shard `n` from raw sample `offset`; None (counted) if it cannot be opened."""
@@ -92,8 +104,9 @@ class ShardReader:
         if counts is not None:
             counts[reason] += 1
         if self.failed_in_a_row >= min(self.plan.total, 20):
-            raise RuntimeError(
-                f"{self.failed_in_a_row} shards in a row failed to read; last: {url} ({error})"
+            raise DataError(
+                f"{self.failed_in_a_row} shards in a row failed to read (loader slot {self.plan.slot} of "
+                f"{self.plan.slots}); last: {url} ({error})"
             )
 
     def read_block(self, start: Position, size: int, counts: Counter | None) -> tuple[list[dict], Position]:
@@ -110,12 +123,25 @@ class ShardReader:
             for raw in it or ():
                 block.append(raw)
                 offset += 1
+                self._dry.clear()
                 if len(block) == size:
                     self._live = (n, offset, it)
                     return block, replace(start, shard=n, offset=offset, epoch=epoch)
+            if offset == 0:  # read from its start, and nothing in it
+                self._check_not_dry(planned[0], n)
             n, offset, self._live = n + 1, 0, None
             planned = self.plan.shard(n)
         return block, replace(start, shard=n, offset=offset, epoch=epoch if epoch is not None else 0)
+
+    def _check_not_dry(self, url: str, n: int) -> None:
+        """Stop a stream that would spin forever: every shard of the spec read since the last sample, and
+        each of them empty."""
+        self._dry.add(url)
+        if self.plan.mode != "eval" and len(self._dry) == self._distinct:
+            raise DataError(
+                f"none of the {self._distinct} shards holds a sample (loader slot {self.plan.slot} of "
+                f"{self.plan.slots}, its shard #{n}: {url})"
+            )
 
 
 class ShardStream(IterableDataset):
@@ -137,7 +163,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         workers = info.num_workers if info else 1
-        role = ((info.id if info else 0) + self.role_offset) % workers
+        return self.iter_role(((info.id if info else 0) + self.role_offset) % workers, workers)
+
+    def iter_role(self, role: int, workers: int) -> Iterator[tuple]:
+        """The batches of worker `role` of `workers` (what that DataLoader worker yields)."""
         c = self.cfg
         plan = ShardPlan(c.sources, c.weights, c.mode, c.seed, c.rank * workers + role, c.world * workers)
         items = []
@@ -166,30 +195,45 @@ class ShardStream(IterableDataset):
         pos = replace(self.positions.get(role, Position()))
         pos.skipped = Counter(pos.skipped)
         window: deque[tuple[bool, str]] = deque(maxlen=c.bad_window)
+        in_worker = get_worker_info() is not None
         while True:
             block, end = reader.read_block(
                 pos, max(1, c.shuffle_buffer), pos.skipped if pos.emitted == 0 else None
             )
             if not block:
-                return
+                if plan.shard(end.shard) is None:  # an eval pass is over; training streams never end
+                    return
+                pos = replace(end, block=pos.block, emitted=0, skipped=pos.skipped)  # the next epoch
+                continue
             order = self._order(plan, pos.block, len(block))
             for idx in range(pos.emitted, len(block)):
                 raw = block[order[idx]]
                 pos.emitted = idx + 1
+                seed = self._sample_seed(plan, pos.block, idx)
                 try:
-                    # Augmentation replays on resume. The CPU generator alone: torch.manual_seed also seeds
-                    # CUDA and goes through dynamo's wrappers, ~75 us per call.
-                    seed = self._sample_seed(plan, pos.block, idx)
-                    torch.default_generator.manual_seed(seed)
-                    image, caption = self.decode(raw)
+                    image, caption = self._decode_seeded(raw, seed, keep_rng=not in_worker)
                 except BadSample as e:
                     pos.skipped[e.reason] += 1
-                    self._watch(window, True, raw["__url__"])
+                    self._watch(window, True, raw["__url__"], plan, pos)
                     continue
-                self._watch(window, False, raw["__url__"])
+                self._watch(window, False, raw["__url__"], plan, pos)
                 position = replace(pos, skipped=dict(pos.skipped), epoch=end.epoch)
                 yield image, caption, raw["__key__"], seed, position
             pos = replace(end, block=pos.block + 1, emitted=0, skipped=pos.skipped)
+
+    def _decode_seeded(self, raw: dict, seed: int, keep_rng: bool) -> tuple:
+        """Decode with the global CPU generator seeded for this sample, so augmentation replays on resume.
+        In the training process itself (`data.workers=0`) the trainer's random state is put back after.
+        The CPU generator alone: torch.manual_seed also seeds CUDA and goes through dynamo's wrappers,
+        ~75 us per call."""
+        generator = torch.default_generator
+        state = generator.get_state() if keep_rng else None
+        generator.manual_seed(seed)
+        try:
+            return self.decode(raw)
+        finally:
+            if state is not None:
+                generator.set_state(state)
 
     def _order(self, plan: ShardPlan, block: int, n: int) -> np.ndarray:
         if self.cfg.mode == "eval" or self.cfg.shuffle_buffer <= 1:
@@ -201,14 +245,15 @@ class ShardStream(IterableDataset):
             np.random.SeedSequence([self.cfg.seed, plan.slot, plan.slots, block, idx]).generate_state(1)[0]
         )
 
-    def _watch(self, window: deque, bad: bool, url: str) -> None:
+    def _watch(self, window: deque, bad: bool, url: str, plan: ShardPlan, pos: Position) -> None:
         window.append((bad, url))
         if len(window) < window.maxlen:
             return
         fraction = sum(b for b, _ in window) / len(window)
         if fraction > self.cfg.max_bad_fraction:
             shards = sorted({u for b, u in window if b})
-            raise RuntimeError(
+            raise DataError(
                 f"{fraction:.0%} of the last {len(window)} samples were bad (data.max_bad_fraction="
-                f"{self.cfg.max_bad_fraction}); shards: {', '.join(shards[:10])}"
+                f"{self.cfg.max_bad_fraction}); shards: {', '.join(shards[:10])} (loader slot {plan.slot} "
+                f"of {plan.slots}, block from its shard #{pos.shard} sample {pos.offset})"
             )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -179,3 +181,58 @@ def test_epoch_plan_deals_every_shard_once_per_epoch():
         assert sorted(u for u, _ in seen) == sorted(urls) and {e for _, e in seen} == {epoch}
     with pytest.raises(ValueError, match="cannot feed 8 loader slots"):
         ShardPlan((urls,), (1.0,), "epoch", seed=3, slot=0, slots=8)
+
+
+def test_three_epochs_whose_length_is_a_multiple_of_the_buffer_finish(tmp_path, demo_data):
+    """The issue's repro, small: 512 samples, a 128-sample buffer, batch 64: 8 steps an epoch, 3 epochs."""
+    overrides = [f"data.train={demo_data}/{SPEC}", "data.sampling=epoch", "data.shuffle_buffer=128",
+                 "train.batch_size=64", "train.steps=24", "checkpoint.every=100"]  # fmt: skip
+    rows = read_jsonl(train_in_process(tmp_path, overrides=overrides) / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 25)) and rows[-1]["samples_seen"] == 3 * 512
+
+
+def train_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return run_cmd(
+        [sys.executable, "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", *overrides]
+    )
+
+
+def test_mostly_bad_data_from_workers_is_one_line_and_exit_1(tmp_path, bad_shards):
+    for shard in range(3):
+        write_tar(
+            bad_shards / f"{shard:05d}.tar",
+            [{"key": f"{shard:05d}{i:04d}", "jpg": b"x", "txt": b"x"} for i in range(16)],
+        )
+    proc = train_cli(tmp_path, f"data.train={bad_shards}/{{00000..00002}}.tar", "train.batch_size=4",
+                     "train.steps=5", "data.bad_window=20", "data.workers=2")  # fmt: skip
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()[-1:]
+    assert re.fullmatch(
+        r"pretrain: error: 100% of the last 20 samples were bad \(data.max_bad_fraction=0.5\); shards: .*0000[0-2].tar.*"
+        r" \(loader slot \d of 2, block from its shard #\d sample \d+\); rank 0 after 0 batches \(at the start\)",
+        line,
+    ), line
+    assert "Traceback" not in proc.stderr
+
+
+def test_shards_without_any_sample_are_one_line_and_exit_1(tmp_path):
+    for shard in range(2):
+        write_tar(tmp_path / f"{shard:05d}.tar", [])  # no sizes.json: the count is unknown until read
+    proc = train_cli(tmp_path, f"data.train={tmp_path}/{{00000..00001}}.tar", "train.steps=2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("pretrain: error: none of the 2 shards holds a sample")
+    )
+
+
+def test_reading_in_the_training_process_leaves_its_random_state_alone(demo_data):
+    bundle = build_model(load_config(TINY).model)
+    cfg = load_config(TINY, ["data.workers=0"]).data
+    source = WebDatasetSource(f"{demo_data}/{SPEC}", cfg, "epoch", 0, 8, 0, 1, bundle, torch.device("cpu"))
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    source.next_batch()
+    assert torch.equal(torch.rand(4), expected)
