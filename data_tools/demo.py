@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_tools.atomic import check_settings, write_json_atomic
-from data_tools.shards import ShardWriter, is_complete, key_for, make_uid, shard_name, write_sizes
+from data_tools.runner import check_settings
+from webshards.atomic import write_json_atomic
+from webshards.layout import ShardWriter, is_complete, key_for, make_uid, shard_name, write_sizes
 
 # Saturated, far-apart colours so the colour word is unambiguous at 64 px.
 COLOURS: dict[str, tuple[int, int, int]] = {

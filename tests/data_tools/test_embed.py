@@ -15,7 +15,7 @@ from PIL import Image
 from data_tools.cli import main
 from data_tools.embed import EmbedConfig, embed_shards, load_embedder
 from data_tools.embeddings import embedding_files, metadata_files
-from data_tools.shards import ShardWriter, iter_shard, key_for
+from webshards.layout import ShardWriter, iter_shard, key_for
 
 
 def demo_urls(demo_data: Path, count: int = 2) -> list[str]:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
-log = logging.getLogger("pretrain")
+log = logging.getLogger("webshards")
 
 
 def _fs_options(url: str) -> dict:

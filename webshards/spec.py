@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from braceexpand import braceexpand
 
-from pretrain.data.io import check_readable, open_url
+from webshards.layout import SIZES_FILE, stats_name
+from webshards.urls import check_readable, open_url
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,10 @@ def count_samples(urls: list[str]) -> int | None:
         if not name:
             return None
         if folder not in sizes_by_dir:
-            sizes_by_dir[folder] = _read_json(posixpath.join(folder, "sizes.json")) or {}
+            sizes_by_dir[folder] = _read_json(posixpath.join(folder, SIZES_FILE)) or {}
         n = sizes_by_dir[folder].get(name)
         if n is None:
-            stats = _read_json(posixpath.join(folder, name.removesuffix(".tar") + "_stats.json"))
+            stats = _read_json(posixpath.join(folder, stats_name(name)))
             n = None if stats is None else stats.get("successes", stats.get("count"))
         if n is None:
             return None
