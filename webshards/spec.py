@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from braceexpand import braceexpand
 
 from webshards.layout import SIZES_FILE, stats_name
-from webshards.urls import check_readable, open_url
+from webshards.urls import check_readable, local_path, open_url
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,6 @@ def expand_sources(spec: str) -> list[list[str]]:
 def expand_urls(spec: str) -> list[str]:
     """All shard URLs of a spec, sources concatenated."""
     return [url for source in expand_sources(spec) for url in source]
-
-
-def _is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
 
 
 def _shard_dir_and_name(url: str) -> tuple[str, str]:
@@ -89,7 +85,7 @@ def parse_spec(spec: str, weights: list[float] | None = None, need_counts: bool 
         raise ValueError(f"data.train_weights must be >= 0 with a positive sum, got {weights}")
     sources = []
     for i, (part, urls) in enumerate(zip(parts, expanded)):
-        missing = [u for u in urls if _is_local(u) and not os.path.isfile(u.removeprefix("file://"))]
+        missing = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
         if missing:
             raise FileNotFoundError(
                 f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} in source {part!r})"
