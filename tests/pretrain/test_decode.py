@@ -13,10 +13,10 @@ from PIL import Image
 
 from pretrain.config import load_config
 from pretrain.data.decode import decode_cpu, open_image
-from webshards.samples import BadSample
 from pretrain.data.loader import WebDatasetSource
 from pretrain.model import build_model
 from webshards.layout import ShardWriter, key_for, write_sizes
+from webshards.samples import BadSample
 
 
 def photo(seed: int, w: int, h: int) -> bytes:
