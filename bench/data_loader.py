@@ -44,12 +44,10 @@ def photo(rng: np.random.Generator) -> bytes:
 
 def build_shards(folder: Path, images: int, shards: int) -> str:
     """Write (once) `shards` shards holding `images` photos in all; returns the brace spec."""
-    from data_tools.shards import ShardWriter, key_for, write_sizes
+    from webshards.layout import ShardWriter, key_for, read_sizes, write_sizes
 
     spec = f"{folder}/{{00000..{shards - 1:05d}}}.tar"
-    if (folder / "sizes.json").exists() and sum(
-        json.loads((folder / "sizes.json").read_text()).values()
-    ) == images:
+    if folder.is_dir() and sum(read_sizes(folder).values()) == images:
         return spec
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

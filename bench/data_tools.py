@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_tools.dedup import DedupConfig, find_duplicates  # noqa: E402
-from data_tools.shards import ShardWriter, key_for  # noqa: E402
+from webshards.layout import ShardWriter, key_for  # noqa: E402
 
 SHARD_ITEMS = 10000
 EMBED_DIM = 128  # tiny-clip's
@@ -115,7 +115,7 @@ def bench_embed(samples: int, work: Path) -> float:
     """Samples/s of embed with an untrained tiny-clip on CPU (model loading excluded)."""
     from data_tools.demo import write_demo_data
     from data_tools.embed import EmbedConfig, embed_shards
-    from data_tools.shards import list_shards
+    from webshards.layout import list_shards
 
     write_demo_data(work / "demo", samples=samples, eval_samples=0, samples_per_shard=512, workers=1)
     urls = [str(p) for p in list_shards(work / "demo" / "train")]

@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import UnidentifiedImageError
 
-from data_tools.atomic import atomic_path, check_settings, write_json_atomic
 from data_tools.images import FetchError, ImageConfig, ResizeError, fetch, process
 from data_tools.inputs import InputRow, InputSpec, iter_rows, resolve_input
-from data_tools.runner import RunSummary, Task, owns, resolve_rank_world, run_tasks
-from data_tools.shards import (
+from data_tools.runner import RunSummary, Task, check_settings, owns, resolve_rank_world, run_tasks
+from webshards.atomic import atomic_path, write_json_atomic
+from webshards.layout import (
     ShardWriter,
     is_complete,
     key_for,

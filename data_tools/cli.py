@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 from types import ModuleType
-from typing import NoReturn
 
 from data_tools.commands import build, dedup, demo_data, embed, filter, reshard, stats
 from data_tools.runner import RunSummary
+from webshards.args import OneLineParser
 
 PROG = "data-tools"
 COMMANDS = {
@@ -24,16 +24,9 @@ COMMANDS = {
 """Each subcommand's module (``HELP``, ``DESCRIPTION``, ``add_arguments``, ``run``), in ``--help`` order."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
-def build_parser() -> ArgumentParser:
+def build_parser() -> OneLineParser:
     """The parser for every subcommand."""
-    parser = ArgumentParser(prog=PROG, description="Curate image-text data into WebDataset shards.")
+    parser = OneLineParser(prog=PROG, description="Curate image-text data into WebDataset shards.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         add_command(subparsers, name, command)
@@ -53,9 +46,10 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, command: Modu
 
 
 def setup_logging() -> None:
-    """data_tools logs progress summaries at INFO: show them as bare lines on stderr."""
+    """data_tools (and the shard layer under it) log progress summaries at INFO: bare lines on stderr."""
     logging.basicConfig(format="%(message)s")
-    logging.getLogger("data_tools").setLevel(logging.INFO)
+    for name in ("data_tools", "webshards"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def job_status(summary: RunSummary) -> int:

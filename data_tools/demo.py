@@ -12,16 +12,15 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from data_tools.atomic import check_settings, write_json_atomic
-from data_tools.shards import ShardWriter, is_complete, key_for, make_uid, shard_name, write_sizes
+from data_tools.runner import RunSummary, Task, check_settings, run_tasks
+from webshards.atomic import write_json_atomic
+from webshards.layout import ShardWriter, is_complete, key_for, make_uid, shard_name, stats_name, write_sizes
 
 # Saturated, far-apart colours so the colour word is unambiguous at 64 px.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -89,15 +88,14 @@ def write_demo_data(
     check_settings(output / "demo.json", settings, "demo data")  # refuse to mix shards of other settings
     output.mkdir(parents=True, exist_ok=True)
     tasks = _plan(output, settings)
-    pending = [task for task in tasks if not _is_done(task)]
-    _run(pending, workers)
+    summary = _run(tasks, workers)
     for split in {task.split for task in tasks}:
         write_sizes(output / split)
     (output / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     (output / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     info = {**settings, "classes": len(CLASSNAMES), **_shard_specs(tasks)}
     write_json_atomic(output / "demo.json", info)  # last: demo.json appears only when all is written
-    return {**info, "shards_written": len(pending), "shards_skipped": len(tasks) - len(pending)}
+    return {**info, "shards_written": len(summary.done), "shards_skipped": len(summary.skipped)}
 
 
 def _validate(
@@ -131,21 +129,30 @@ def _is_done(task: ShardTask) -> bool:
     """A shard is skipped when it is complete and holds the expected number of samples."""
     if not is_complete(task.folder, task.shard_id):
         return False
-    stats = json.loads((task.folder / f"{shard_name(task.shard_id)}_stats.json").read_text())
+    stats = json.loads(_stats_file(task).read_text())
     return stats.get("count") == task.count
 
 
-def _run(tasks: list[ShardTask], workers: int) -> None:
-    """Write shards in a process pool (or in this process for one worker or one shard)."""
-    progress = tqdm(total=sum(task.count for task in tasks), unit="img", disable=None)
-    if workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            progress.update(write_shard(task))
-    else:
-        with Pool(min(workers, len(tasks))) as pool:
-            for count in pool.imap_unordered(write_shard, tasks):
-                progress.update(count)
-    progress.close()
+def _stats_file(task: ShardTask) -> Path:
+    return task.folder / stats_name(shard_name(task.shard_id))
+
+
+def _run(tasks: list[ShardTask], workers: int) -> RunSummary:
+    """Write the shards with the one task runner, all of them in this process's job (the demo set is small:
+    no rank split); a failed shard stops the demo."""
+    for task in tasks:
+        if not _is_done(task):  # a complete shard of another size is rewritten: unmark it
+            _stats_file(task).unlink(missing_ok=True)
+    jobs = [Task(f"{task.split}/{shard_name(task.shard_id)}", _stats_file(task), task) for task in tasks]
+    summary = run_tasks(jobs, _write_job, workers=workers, rank=0, world=1, desc="demo-data", unit="img")
+    if summary.failed:
+        name, reason = summary.failed[0]
+        raise RuntimeError(f"demo shard {name} failed: {reason}")
+    return summary
+
+
+def _write_job(job: Task) -> int:
+    return write_shard(job.payload)
 
 
 def write_shard(task: ShardTask) -> int:

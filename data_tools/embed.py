@@ -26,10 +26,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from data_tools.atomic import atomic_path
+from data_tools import models
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
 from data_tools.runner import RunSummary, Task, run_tasks
-from data_tools.shards import iter_shard
+from webshards.atomic import atomic_path
+from webshards.layout import iter_shard
+from webshards.samples import BadSample
+from webshards.urls import open_url
 
 log = logging.getLogger("data_tools")
 
@@ -66,14 +69,6 @@ def embed_tasks(urls: list[str], output: str | Path, cfg: EmbedConfig, threads: 
     ]
 
 
-def check_model(cfg: EmbedConfig) -> None:
-    """Fail early on a model name neither open_clip nor configs/models knows (without loading it)."""
-    from pretrain.model import resolve_model_name
-
-    if cfg.pretrained is not None or not Path(cfg.model).exists():
-        resolve_model_name(cfg.model)
-
-
 def embed_shards(
     urls: list[str],
     output: str | Path,
@@ -90,7 +85,7 @@ def embed_shards(
     if workers == 1:
         load_embedder(cfg.model, cfg.pretrained, cfg.device)  # a bad model fails here, once
     else:  # no torch work before the pool forks: OpenMP state does not survive a fork
-        check_model(cfg)
+        models.check_model(cfg.model, cfg.pretrained)
     for sub in ("img_emb", "text_emb", "metadata"):
         (Path(output) / sub).mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
@@ -126,15 +121,7 @@ def embed_shard(task: Task) -> int:
 @lru_cache(maxsize=1)
 def load_embedder(model: str, pretrained: str | None, device: str) -> Any:
     """The model bundle, loaded once per process (every task of a worker reuses it), in eval mode."""
-    from pretrain.config import ModelConfig
-    from pretrain.model import build_model, load_trained
-
-    if pretrained is not None:
-        bundle = build_model(ModelConfig(name=model, pretrained=pretrained), device)
-    else:
-        bundle = load_trained(model, device)
-    bundle.model.to(device).eval()
-    return bundle
+    return models.load_model(model, pretrained, device)
 
 
 @torch.no_grad()
@@ -154,14 +141,8 @@ def encode_batch(
 
 def _batches(url: str, bundle: Any, batch_size: int, device: str) -> Iterator[dict[str, Any]]:
     """Decoded, preprocessed batches of one shard (bad samples skipped); on CUDA, threads decode."""
-    from pretrain.data.io import open_url
-    from pretrain.data.transform import TensorTransform
-    from pretrain.model import image_size
-
-    # workers resize/crop uint8 tensors; ToTensor + Normalize run per batch on the device
-    fast = TensorTransform.wrap(bundle.preprocess_val)
-    transform = fast.geometric if fast else bundle.preprocess_val
-    decode = partial(_decode, transform=transform, size=image_size(bundle.model), url=url)
+    transform, normalize = models.split_transform(bundle.preprocess_val)
+    decode = partial(_decode, transform=transform, size=models.image_size(bundle.model), url=url)
     threads = DECODE_THREADS if device.startswith("cuda") else 1
     with open_url(url) as stream, ThreadPoolExecutor(threads) as pool:
         samples = iter_shard(stream, decode=False)
@@ -169,17 +150,15 @@ def _batches(url: str, bundle: Any, batch_size: int, device: str) -> Iterator[di
             decoded = [d for d in pool.map(decode, raw) if d is not None]
             if decoded:
                 batch = _collate(decoded, bundle.tokenizer)
-                if fast:
-                    batch["images"] = fast.normalize(batch["images"].to(device, non_blocking=True))
+                if normalize:
+                    batch["images"] = normalize(batch["images"].to(device, non_blocking=True))
                 yield batch
 
 
 def _decode(sample: dict[str, Any], transform: Any, size: int, url: str) -> tuple | None:
     """(image tensor, caption, metadata row), or None with a warning for a sample that cannot be used."""
-    from pretrain.data.decode import BadSample, decode_cpu
-
     try:
-        image, caption = decode_cpu(sample, transform, size)
+        image, caption = models.decode_cpu(sample, transform, size)
     except BadSample as error:
         log.warning("embed: skipping %s in %s: %s", sample.get("__key__"), url, error)
         return None

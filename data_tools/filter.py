@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.atomic import atomic_path, write_json_atomic
 from data_tools.embeddings import metadata_files, shard_index
-from data_tools.shards import iter_shard
+from webshards.atomic import atomic_path, write_json_atomic
+from webshards.layout import iter_shard
+from webshards.urls import open_url
 
 QUANTILE_BINS = 65536
 PLOT_BINS = 100
@@ -106,8 +107,6 @@ def _sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _sizes_from_shard(url: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Width and height of ``keys`` read from the KEY.json members of the shard they came from."""
-    from pretrain.data.io import open_url
-
     found: dict[str, tuple[float, float]] = {}
     with open_url(url) as stream:
         for sample in iter_shard(stream):

@@ -22,16 +22,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.atomic import atomic_path, check_settings, write_json_atomic
 from data_tools.build import remove_stale_temps
-from data_tools.runner import RunSummary, Task, run_tasks
-from data_tools.shards import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, write_sizes_when_complete
+from data_tools.runner import RunSummary, Task, check_settings, run_tasks
+from webshards.atomic import atomic_path, write_json_atomic
+from webshards.layout import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, write_sizes_when_complete
+from webshards.samples import image_extension
+from webshards.spec import expand_urls
 
 log = logging.getLogger("data_tools")
 
 SELECTION_DIR = ".reshard"  # per input shard: kept keys and their counts, removed when all is written
 SETTINGS_FILE = "reshard.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _SELECTION_SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int32())])
 
 
@@ -91,8 +92,6 @@ def reshard(
 
 
 def _input_tars(spec: str) -> list[Path]:
-    from pretrain.data.spec import expand_urls  # pretrain.data pulls in torch: only when needed
-
     tars = [Path(url) for url in expand_urls(spec)]
     missing = [t for t in tars if not (t.is_file() and t.with_name(f"{t.stem}_stats.json").is_file())]
     if missing:
@@ -229,7 +228,7 @@ def _kept_stream(inputs: tuple[InputShard, ...], low: int, high: int) -> Iterato
 
 def _add(writer: ShardWriter, key: str, sample: dict) -> None:
     """Copy a sample under a new key: its image bytes, caption, extra members and KEY.json fields."""
-    ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
+    ext = image_extension(sample)
     reserved = {"__key__", "__url__", ext, "txt", "json"}
     extras = {name: data for name, data in sample.items() if name not in reserved}
     writer.add(key, sample[ext], sample["txt"], sample["json"], ext=ext, extras=extras)

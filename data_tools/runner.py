@@ -7,8 +7,8 @@ the same task list and their own rank each take a disjoint share, so together th
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +19,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-log = logging.getLogger("data_tools")
+from webshards.ranks import ranks_from_env
 
-# Rank/world variables of the launchers we support, in order of preference.
-_LAUNCHER_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+log = logging.getLogger("data_tools")
 
 
 @dataclass
@@ -74,21 +73,11 @@ def owns(index: int, rank: int, world: int) -> bool:
 def resolve_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     """Rank and world size: explicit arguments, else torchrun's or SLURM's environment, else (0, 1)."""
     if rank is None or world is None:
-        env_rank, env_world = _rank_world_from_env()
-        rank = env_rank if rank is None else rank
-        world = env_world if world is None else world
+        env = ranks_from_env()
+        rank = env.rank if rank is None else rank
+        world = env.world if world is None else world
     _check_rank_world(rank, world)
     return rank, world
-
-
-def _rank_world_from_env() -> tuple[int, int]:
-    for rank_var, world_var in _LAUNCHER_ENV:
-        if rank_var in os.environ and world_var in os.environ:
-            try:
-                return int(os.environ[rank_var]), int(os.environ[world_var])
-            except ValueError:
-                raise ValueError(f"{rank_var}/{world_var} must be integers") from None
-    return 0, 1
 
 
 def _check_rank_world(rank: int, world: int) -> None:
@@ -176,3 +165,15 @@ def _collect(outcomes: Any, summary: RunSummary, progress: tqdm, total_tasks: in
 def _log_summary(summary: RunSummary, desc: str, rank: int, world: int) -> None:
     node = f"{desc} rank {rank}/{world}" if world > 1 else desc
     (log.error if summary.failed else log.info)("%s", summary.line(node))
+
+
+def check_settings(path: Path, settings: dict[str, Any], what: str) -> bool:
+    """Refuse to resume into a folder whose settings file ``path`` records other ``settings``: a ValueError
+    names ``what`` the folder holds and each changed key. Returns whether the file was there."""
+    if not path.exists():
+        return False
+    previous = json.loads(path.read_text())
+    changed = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
+    if changed:
+        raise ValueError(f"{path.parent} holds {what} with other settings ({', '.join(changed)})")
+    return True

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_tools.atomic import write_json_atomic
-from data_tools.shards import FAILURE_STATUSES, SUCCESS, iter_shard
+from webshards.atomic import write_json_atomic
+from webshards.layout import FAILURE_STATUSES, SUCCESS, iter_shard
+from webshards.spec import expand_urls
 
 SIZE_FIELDS = ("width", "height", "original_width", "original_height")
 PERCENTILES = (5, 50, 95)
@@ -83,8 +84,6 @@ class ShardStats:
 
 def gather(spec: str, embeddings: str | Path | None = None) -> ShardStats:
     """Statistics of the local shards of ``spec`` (and clip scores from an embeddings folder)."""
-    from pretrain.data.spec import expand_urls  # pretrain.data pulls in torch: only when needed
-
     stats = ShardStats()
     for url in tqdm(expand_urls(spec), desc="stats", unit=" shards", disable=None):
         tar = Path(url)

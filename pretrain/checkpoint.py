@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_tools.atomic import write_atomic
 from pretrain.distributed import barrier
+from webshards.atomic import write_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from pretrain.train import OneLineParser, add_train_args, run
+from pretrain.train import add_train_args, run
+from webshards.args import OneLineParser
 
 
 def build_parser() -> OneLineParser:

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_tools.atomic import write_atomic
+from webshards.atomic import write_atomic
 
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")

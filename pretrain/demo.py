@@ -15,6 +15,7 @@ from pathlib import Path
 from data_tools.demo import write_demo_data
 from pretrain.config import load_config
 from pretrain.hub import export
+from pretrain.metrics import read_metrics
 from pretrain.trainer import Trainer
 
 TARGET_TOP1 = 0.90
@@ -28,14 +29,10 @@ def train_demo(config: str, data: Path, overrides: list[str]) -> tuple[dict, Pat
     trainer = Trainer(cfg)
     try:
         trainer.train()
-        evals = [r for r in _read_jsonl(cfg.run_dir / "metrics.jsonl") if r.get("eval") == "zeroshot"]
+        evals = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("eval") == "zeroshot"]
     finally:
         trainer.close()
     return evals[-1], cfg.run_dir
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from webshards.ranks import ranks_from_env
+
 log = logging.getLogger("pretrain")
 
 
@@ -46,24 +48,19 @@ def _first_slurm_host(nodelist: str) -> str:
 def detect(env: dict | None = None) -> DistInfo:
     """Rank, local rank, world size and master from torchrun's variables, else SLURM's, else one process."""
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(
-            rank=int(env["RANK"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            world_size=int(env["WORLD_SIZE"]),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-        )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        return DistInfo(
-            rank=int(env["SLURM_PROCID"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            world_size=int(env["SLURM_NTASKS"]),
-            master_addr=env.get("MASTER_ADDR")
-            or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-        )
-    return DistInfo()
+    ranks = ranks_from_env(env)
+    if not ranks.launcher:
+        return DistInfo()
+    master = env.get("MASTER_ADDR")
+    if ranks.launcher == "slurm" and not master:
+        master = _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    return DistInfo(
+        rank=ranks.rank,
+        local_rank=ranks.local_rank,
+        world_size=ranks.world,
+        master_addr=master or "127.0.0.1",
+        master_port=int(env.get("MASTER_PORT", 29500)),
+    )
 
 
 def select_device(requested: str, info: DistInfo) -> torch.device:

@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_tools.atomic import write_atomic
 from pretrain.config import Config, redacted
+from webshards.atomic import write_atomic
 
 log = logging.getLogger("pretrain")
 

@@ -6,14 +6,7 @@ import argparse
 import sys
 
 from pretrain.config import ConfigError, load_config
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag or value in one line on stderr and exits 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
+from webshards.args import OneLineParser
 
 KEYS_EPILOG = (
     "Every config key, its default and its meaning: docs/training.md (Config), or run "

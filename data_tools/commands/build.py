@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> RunSummary:
     """Build shards and print where they are."""
     from data_tools.build import FetchConfig, build
-    from data_tools.shards import describe_shards
+    from webshards.layout import describe_shards
 
     image = ImageConfig(args.image_size, args.resize_mode, args.jpeg_quality, args.max_aspect_ratio)
     fetching = FetchConfig(args.threads, args.timeout, args.retries)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Deduplicate and print the totals."""
     from data_tools.dedup import DedupConfig, find_duplicates
-    from pretrain.data.spec import expand_urls
+    from webshards.spec import expand_urls
 
     options = (args.threshold, args.keep_policy, args.with_caption, args.clusters, args.probes, args.seed)
     cfg = DedupConfig(args.method, *options)

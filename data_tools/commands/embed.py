@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> RunSummary:
     """Embed the shards and print where the embeddings are."""
     from data_tools.embed import EmbedConfig, embed_shards
-    from pretrain.data.spec import expand_urls
+    from webshards.spec import expand_urls
 
     cfg = EmbedConfig(args.model, args.pretrained, args.batch_size, args.device)
     summary = embed_shards(expand_urls(args.shards), args.output, cfg, **runner_options(args))

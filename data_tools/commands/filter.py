@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Filter and print what was kept."""
     from data_tools.filter import FilterConfig, filter_embeddings
-    from pretrain.data.spec import expand_urls
+    from webshards.spec import expand_urls
 
     rules = (args.min_score, args.keep_fraction, args.min_side, args.max_aspect_ratio, args.min_words)
     urls = expand_urls(args.shards) if args.shards else None

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> RunSummary:
     """Reshard and print where the new shards are."""
     from data_tools.reshard import reshard
-    from data_tools.shards import describe_shards
+    from webshards.layout import describe_shards
 
     summary = reshard(
         args.shards,

@@ -17,15 +17,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.atomic import atomic_path
 from data_tools.dedup.exact import DIGEST_BYTES, sample_digest
 from data_tools.dedup.perceptual import phash64
 from data_tools.runner import RunSummary, Task, run_tasks
-from data_tools.shards import iter_shard
+from webshards.atomic import atomic_path
+from webshards.layout import iter_shard
+from webshards.samples import image_extension
+from webshards.urls import open_url
 
 log = logging.getLogger("data_tools")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FEATURE_COLUMN = {"exact": "digest", "perceptual": "phash"}
 
 
@@ -59,8 +60,6 @@ def run_features(urls: list[str], output: str | Path, job: FeatureJob, workers: 
 
 def hash_shard(task: Task) -> int:
     """The runner task: key, uid, caption, pixels and the hash of every sample of one shard."""
-    from pretrain.data.io import open_url
-
     url, job = task.payload
     rows: dict[str, list] = {"key": [], "uid": [], "caption": [], "pixels": [], "feature": []}
     with open_url(url) as stream:
@@ -80,10 +79,11 @@ def hash_shard(task: Task) -> int:
 
 
 def _feature(sample: dict, job: FeatureJob) -> bytes | int | None:
-    image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if image is None:
+    ext = image_extension(sample)
+    if ext is None:
         log.warning("dedup: %s has no image, left out", sample["__key__"])
         return None
+    image = sample[ext]
     if job.method == "exact":
         return sample_digest(image, _caption(sample) if job.with_caption else None)
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_tools.atomic import atomic_path, write_json_atomic
+from webshards.atomic import atomic_path, write_json_atomic
 
 DUPLICATES_SCHEMA = pa.schema(
     [("key", pa.string()), ("uid", pa.string()), ("group", pa.int64()), ("keep", pa.bool_())]

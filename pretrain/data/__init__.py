@@ -1,8 +1,8 @@
 """Training data sources behind one small interface: `next_batch()`, `state_dict()`, `load_state_dict()`,
 `close()` (and `skipped`, bad samples so far, for sources that read shards).
 
-Imports stay lazy so that light users of `pretrain.data.spec` (the data_tools commands) do not pay for
-torch and open_clip at start-up.
+Imports stay lazy so that importing one module of the package (e.g. `pretrain.data.decode`) does not pull
+in the whole pipeline. Shard specs, URL opening and the shard layout live in `webshards`.
 """
 
 from __future__ import annotations

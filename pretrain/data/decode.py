@@ -12,15 +12,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used; `reason` is the counter it is reported under."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+from webshards.samples import BadSample, image_extension
 
 
 def caption_of(raw: dict, key: str = "txt") -> str:
@@ -39,11 +31,11 @@ def caption_of(raw: dict, key: str = "txt") -> str:
 
 def open_image(raw: dict, min_size: int) -> Image.Image:
     """Decode the sample's image in RGB, at reduced size when it is at least twice `min_size`."""
-    data = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-    if data is None:
+    ext = image_extension(raw)
+    if ext is None:
         raise BadSample("missing_image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(raw[ext]))
         if image.format == "JPEG":
             image.draft("RGB", (min_size, min_size))  # keeps both sides >= min_size
         image.load()

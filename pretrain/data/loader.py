@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from pretrain.data import decode as dec
-from pretrain.data.spec import parse_spec
 from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig
-from pretrain.data.transform import TensorTransform
+from pretrain.data.transform import TensorTransform, split_transform
+from webshards.spec import parse_spec
 
 log = logging.getLogger("pretrain")
 
@@ -217,17 +217,16 @@ class WebDatasetSource(StreamLoader):
         size = image_size(bundle.model)
         kind = "cpu" if self.labels else self.cfg.decode  # eval-time labels: the plain CPU path
         transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
-        fast = TensorTransform.wrap(transform)
         if kind == "cpu":
             text_key = "cls" if self.labels else "txt"
-            # workers resize/crop uint8 tensors; ToTensor + Normalize run per batch on the device
-            finish = functools.partial(_normalize_on, fast.normalize, self.device) if fast else None
-            transform = fast.geometric if fast else transform
+            sample_transform, normalize = split_transform(transform)
+            finish = functools.partial(_normalize_on, normalize, self.device) if normalize else None
             return (
-                functools.partial(dec.decode_cpu, transform=transform, size=size, text_key=text_key),
+                functools.partial(dec.decode_cpu, transform=sample_transform, size=size, text_key=text_key),
                 _stack,
                 finish,
             )
+        fast = TensorTransform.wrap(transform)
         if fast is None:
             raise ValueError(
                 f"data.decode={kind} runs the model's transform on the device, and this one has a step that "

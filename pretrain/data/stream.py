@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_tools.shards import iter_shard
-from pretrain.data.decode import BadSample
-from pretrain.data.io import open_url
 from pretrain.data.plan import ShardPlan
+from webshards.layout import iter_shard
+from webshards.samples import BadSample
+from webshards.urls import open_url
 
 log = logging.getLogger("pretrain")
 

@@ -15,6 +15,8 @@ resizes, colour jitter) makes `TensorTransform.wrap` return None and the PIL tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -76,6 +78,15 @@ class TensorTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.geometric(image))
+
+
+def split_transform(transform) -> tuple[Callable[[Image.Image], torch.Tensor], Callable | None]:
+    """(per-sample transform for the decoding workers, per-batch `normalize` to run on the device or None).
+
+    With a transform `TensorTransform` can run, the workers resize/crop to uint8 tensors and ToTensor +
+    Normalize run once per batch on the device; otherwise the PIL transform runs whole in the workers."""
+    fast = TensorTransform.wrap(transform)
+    return (fast.geometric, fast.normalize) if fast else (transform, None)
 
 
 def _apply(step, x: torch.Tensor) -> torch.Tensor:

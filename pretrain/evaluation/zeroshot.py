@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from open_clip import build_zero_shot_classifier
 
-from data_tools.shards import list_shards
 from pretrain.config import DataConfig
 from pretrain.distributed import world
+from webshards.layout import list_shards
 
 
 def read_lines(path: Path) -> list[str]:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from data_tools.cli import main
 from data_tools.images import ImageConfig, process, resize
-from data_tools.shards import iter_shard, list_shards, read_sizes
+from webshards.layout import iter_shard, list_shards, read_sizes
 
 IMAGES = 11  # + one corrupt file: 12 rows, 3 shards of 4
 BUILD = ["--samples-per-shard", "4", "--image-size", "16"]

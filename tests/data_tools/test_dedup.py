@@ -18,8 +18,8 @@ from data_tools.dedup import DedupConfig, find_duplicates
 from data_tools.dedup.groups import choose_keep, connected_components, group_ids
 from data_tools.dedup.perceptual import near_pairs
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
-from data_tools.shards import ShardWriter, key_for
-from pretrain.data.spec import expand_urls
+from webshards.layout import ShardWriter, key_for
+from webshards.spec import expand_urls
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "hubble_deep_field")
 PHOTOS += ("immunohistochemistry", "clock")

@@ -19,7 +19,7 @@ from safetensors.torch import load_model, save_model
 from data_tools.cli import main
 from data_tools.embed import EmbedConfig, embed_shards
 from data_tools.embeddings import embedding_files, metadata_files
-from data_tools.shards import ShardWriter, iter_shard, key_for
+from webshards.layout import ShardWriter, iter_shard, key_for
 
 
 def demo_urls(demo_data: Path, count: int = 2) -> list[str]:

@@ -15,7 +15,7 @@ from data_tools.cli import main
 from data_tools.demo import CLASSNAMES
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files, metadata_files
 from data_tools.filter import FilterConfig, datacomp_uids, filter_embeddings, score_threshold
-from data_tools.shards import ShardWriter, iter_shard, make_uid
+from webshards.layout import ShardWriter, iter_shard, make_uid
 
 
 def write_metadata(folder: Path, index: int, rows: list[dict]) -> None:

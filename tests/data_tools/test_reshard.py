@@ -13,7 +13,7 @@ import pytest
 from data_tools.cli import main
 from data_tools.demo import write_demo_data
 from data_tools.reshard import reshard, source_positions
-from data_tools.shards import iter_shard, key_for, list_shards, read_sizes
+from webshards.layout import iter_shard, key_for, list_shards, read_sizes
 
 SPEC = "{00000..00003}.tar"
 

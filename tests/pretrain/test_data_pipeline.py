@@ -17,11 +17,11 @@ from helpers import TINY, read_jsonl, run_cmd, torchrun, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
-from data_tools.shards import iter_shard
 from pretrain.config import load_config
 from pretrain.data.loader import WebDatasetSource
 from pretrain.data.plan import ShardPlan
 from pretrain.model import build_model
+from webshards.layout import iter_shard
 
 SPEC = "train/{00000..00003}.tar"
 

@@ -11,11 +11,12 @@ import torch
 from helpers import TINY
 from PIL import Image
 
-from data_tools.shards import ShardWriter, key_for, write_sizes
 from pretrain.config import load_config
-from pretrain.data.decode import BadSample, decode_cpu, open_image
+from pretrain.data.decode import decode_cpu, open_image
 from pretrain.data.loader import WebDatasetSource
 from pretrain.model import build_model
+from webshards.layout import ShardWriter, key_for, write_sizes
+from webshards.samples import BadSample
 
 
 def photo(seed: int, w: int, h: int) -> bytes:

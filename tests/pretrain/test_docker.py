@@ -49,5 +49,6 @@ def test_dockerfile_installs_the_same_package_set_as_make_setup():
     assert len(installs) == 1, runs
     assert package_set(installs[0]) == package_set(makefile_install()) == ("constraints.txt", ".[dev]")
     copied = " ".join(i["value"] for i in parser.structure if i["instruction"] == "COPY")
-    for needed in ("pyproject.toml", "constraints.txt", "pretrain", "data_tools", "configs", "launch"):
+    packages = ("pretrain", "data_tools", "webshards")
+    for needed in ("pyproject.toml", "constraints.txt", *packages, "configs", "launch"):
         assert needed in copied, f"{needed} is not copied into the image"

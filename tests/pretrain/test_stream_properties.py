@@ -22,9 +22,9 @@ from pathlib import Path
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pretrain.data.decode import BadSample
 from pretrain.data.loader import StreamLoader
 from pretrain.data.stream import StreamConfig
+from webshards.samples import BadSample
 
 MAX_BATCHES = 3000  # a stream that needs more than this to show a property has a bug (or hangs)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from braceexpand import braceexpand
 
-from pretrain.data.io import check_readable, open_url
+from webshards.layout import SIZES_FILE, stats_name
+from webshards.urls import check_readable, local_path, open_url
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,6 @@ def expand_urls(spec: str) -> list[str]:
     return [url for source in expand_sources(spec) for url in source]
 
 
-def _is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
-
-
 def _shard_dir_and_name(url: str) -> tuple[str, str]:
     if url.startswith("pipe:"):
         return "", ""
@@ -67,10 +64,10 @@ def count_samples(urls: list[str]) -> int | None:
         if not name:
             return None
         if folder not in sizes_by_dir:
-            sizes_by_dir[folder] = _read_json(posixpath.join(folder, "sizes.json")) or {}
+            sizes_by_dir[folder] = _read_json(posixpath.join(folder, SIZES_FILE)) or {}
         n = sizes_by_dir[folder].get(name)
         if n is None:
-            stats = _read_json(posixpath.join(folder, name.removesuffix(".tar") + "_stats.json"))
+            stats = _read_json(posixpath.join(folder, stats_name(name)))
             n = None if stats is None else stats.get("successes", stats.get("count"))
         if n is None:
             return None
@@ -88,7 +85,7 @@ def parse_spec(spec: str, weights: list[float] | None = None, need_counts: bool 
         raise ValueError(f"data.train_weights must be >= 0 with a positive sum, got {weights}")
     sources = []
     for i, (part, urls) in enumerate(zip(parts, expanded)):
-        missing = [u for u in urls if _is_local(u) and not os.path.isfile(u.removeprefix("file://"))]
+        missing = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
         if missing:
             raise FileNotFoundError(
                 f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} in source {part!r})"

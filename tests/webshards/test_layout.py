@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_tools.shards import (
+from webshards.layout import (
     ShardWriter,
     iter_shard,
     key_for,

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
-log = logging.getLogger("pretrain")
+log = logging.getLogger("webshards")
 
 
 def _fs_options(url: str) -> dict:
@@ -31,11 +31,19 @@ def _pipe(command: str) -> Iterator[BinaryIO]:
             log.warning("pipe:%s exited with %d", command, proc.returncode)
 
 
+def local_path(url: str) -> str | None:
+    """The file path of a local URL (a plain path or ``file://``), None for pipe:, s3://, http(s)://."""
+    if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")):
+        return None
+    return url.removeprefix("file://")
+
+
 def _open_once(url: str) -> contextlib.AbstractContextManager[BinaryIO]:
     if url.startswith("pipe:"):
         return _pipe(url[len("pipe:") :])
-    if "://" not in url or url.startswith("file://"):
-        return open(url.removeprefix("file://"), "rb")
+    path = local_path(url)
+    if path is not None:
+        return open(path, "rb")
     import fsspec
 
     return fsspec.open(url, "rb", **_fs_options(url)).open()

@@ -1,4 +1,5 @@
-"""Reading and writing shards in the img2dataset layout: the one place that knows it.
+"""Reading and writing shards in the img2dataset layout: the one place that knows it (``pretrain`` reads
+and ``data_tools`` writes through it).
 
 A shard ``{shard:05d}`` in a folder is three files, plus a folder-wide ``sizes.json``::
 
@@ -19,7 +20,6 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_tools.atomic import write_json_atomic
+from webshards.atomic import temp_path, write_json_atomic
 
-log = logging.getLogger("data_tools")
+log = logging.getLogger("webshards")
 
 SUCCESS = "success"
 FAILURE_STATUSES = ("failed_to_download", "failed_to_resize", "failed_to_decode")
@@ -78,9 +78,14 @@ def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
 
 
+def stats_name(shard: str) -> str:
+    """The ``_stats.json`` file name of a shard, given its stem or its tar's name (``00003[.tar]``)."""
+    return f"{shard.removesuffix('.tar')}_stats.json"
+
+
 def is_complete(output_dir: str | Path, shard_id: int) -> bool:
     """Whether the shard was fully written (its ``_stats.json`` exists)."""
-    return (Path(output_dir) / f"{shard_name(shard_id)}_stats.json").exists()
+    return (Path(output_dir) / stats_name(shard_name(shard_id))).exists()
 
 
 def _source_of(fields: Mapping[str, Any]) -> dict[str, str | None]:
@@ -93,9 +98,8 @@ def _source_of(fields: Mapping[str, Any]) -> dict[str, str | None]:
 
 def _temp_file(folder: Path, prefix: str) -> tuple[BinaryIO, Path]:
     """A new temp file in ``folder`` (so renaming it into place is atomic), readable like any output."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{prefix}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; shards are meant to be shared
-    return os.fdopen(fd, "wb"), Path(tmp)
+    tmp = temp_path(folder / prefix)
+    return open(tmp, "wb"), tmp  # noqa: SIM115 - the caller closes it
 
 
 def _sample_record(key: str, image_bytes: bytes, caption: str, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -273,7 +277,7 @@ def list_shards(output_dir: str | Path) -> list[Path]:
     """The complete shard tars of a folder (those with a ``_stats.json``), sorted by name."""
     folder = Path(output_dir)
     tars = (p for p in folder.glob("*.tar") if _SHARD_TAR.match(p.name))
-    return sorted(p for p in tars if (folder / f"{p.stem}_stats.json").exists())
+    return sorted(p for p in tars if (folder / stats_name(p.name)).exists())
 
 
 def write_sizes(output_dir: str | Path) -> dict[str, int]:
@@ -313,7 +317,7 @@ def describe_shards(folder: Path) -> str:
 def _sizes_from_stats(folder: Path) -> dict[str, int]:
     sizes = {}
     for tar in list_shards(folder):
-        stats = json.loads((folder / f"{tar.stem}_stats.json").read_text())
+        stats = json.loads((folder / stats_name(tar.name)).read_text())
         sizes[tar.name] = int(stats["successes"])
     return sizes
 

@@ -1,0 +1,64 @@
+"""The layers point one way: webshards imports nothing above it (nor torch/open_clip), pretrain reaches
+data_tools only from its demo entry point, data_tools reaches pretrain only through data_tools.models."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WEBSHARDS_MODULES = sorted(
+    f"webshards.{p.stem}" for p in (ROOT / "webshards").glob("*.py") if p.stem != "__init__"
+)
+HEAVY = ("torch", "open_clip", "pretrain", "data_tools")
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level package names that a file imports anywhere (module level or inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def importers(package: str, of: str) -> list[str]:
+    """Files of ``package`` (relative to the repository root) that import ``of``."""
+    files = sorted((ROOT / package).rglob("*.py"))
+    return [str(f.relative_to(ROOT)) for f in files if of in imported_packages(f)]
+
+
+def test_the_module_list_is_not_empty():
+    assert {"webshards.atomic", "webshards.layout", "webshards.spec", "webshards.urls"} <= set(
+        WEBSHARDS_MODULES
+    )
+
+
+@pytest.mark.parametrize("module", ["webshards", *WEBSHARDS_MODULES])
+def test_webshards_imports_nothing_heavy(module):
+    """A fresh interpreter that imports the module has none of the packages above it loaded."""
+    code = (
+        f"import json, sys, {module}\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout) == []
+
+
+def test_webshards_imports_neither_package_above():
+    assert importers("webshards", "pretrain") == [] and importers("webshards", "data_tools") == []
+
+
+def test_pretrain_reaches_data_tools_only_from_the_demo():
+    assert importers("pretrain", "data_tools") == ["pretrain/demo.py"]
+
+
+def test_data_tools_reaches_pretrain_only_through_models():
+    assert importers("data_tools", "pretrain") == ["data_tools/models.py"]
