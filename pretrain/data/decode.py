@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from data_tools.shards import UNSAFE_MEMBER
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -24,7 +26,10 @@ class BadSample(ValueError):
 
 
 def caption_of(raw: dict, key: str = "txt") -> str:
-    """The sample's text under `key` (`txt` captions; `cls` labels in eval shards)."""
+    """The sample's text under `key` (`txt` captions; `cls` labels in eval shards). Every decode starts
+    here, so a sample the tar reader refused (a member name escaping the sample) is reported here."""
+    if UNSAFE_MEMBER in raw:
+        raise BadSample(UNSAFE_MEMBER, raw[UNSAFE_MEMBER])
     data = raw.get(key)
     if data is None:
         raise BadSample("missing_caption")

@@ -78,7 +78,7 @@ class ShardReader:
     def _samples(self, stream, url: str, offset: int, counts: Counter | None) -> Iterator[dict]:
         with stream as f:
             try:
-                for i, raw in enumerate(iter_shard(f, decode=False)):
+                for i, raw in enumerate(iter_shard(f, decode=False, mark_unsafe=True)):
                     if i >= offset:
                         raw["__url__"] = url
                         yield raw
