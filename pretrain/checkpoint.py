@@ -48,9 +48,9 @@ def safe_load(path: Any, map_location: Any = "cpu", **kwargs: Any) -> Any:
         return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"a {found.group(1)} object" if found else "objects other than tensors and plain containers"
+        what = f"would call {found.group(1)}" if found else "holds more than tensors and plain containers"
         raise UnsafeCheckpointError(
-            f"{path}: refusing to load it: it holds {what} (only tensors and plain containers are "
+            f"{path}: refusing to load it: unpickling it {what} (only tensors and plain containers are "
             "allowed; a checkpoint from an older version or an unknown source cannot be opened safely)"
         ) from None
 
