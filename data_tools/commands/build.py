@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--timeout", type=float_at_least(0.1), default=10.0, metavar="S", help="seconds per URL download")
     add("--retries", type=int_at_least(0), default=2, metavar="N", help="retries of a failed download")
     add("--max-image-bytes", type=int_at_least(1), default=MAX_IMAGE_BYTES, metavar="N",
-        help="stop a download past N bytes: failed_to_download (default: 32 MiB)")  # fmt: skip
+        help="stop a download past N bytes (32 MiB): failed_to_download")  # fmt: skip
     add("--max-image-pixels", type=int_at_least(1), default=MAX_IMAGE_PIXELS, metavar="N",
-        help="refuse an image declaring more pixels: failed_to_decode (default: PIL's, 89478485)")  # fmt: skip
+        help="refuse an image declaring more pixels (PIL's limit): failed_to_decode")  # fmt: skip
     add_runner_args(parser)
 
 
