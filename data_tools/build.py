@@ -23,9 +23,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from data_tools.images import FetchError, ImageConfig, ResizeError, fetch, process
+from data_tools.images import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    FetchError,
+    ImageConfig,
+    ResizeError,
+    fetch,
+    pixel_limit,
+    process,
+)
 from data_tools.inputs import InputRow, InputSpec, iter_rows, resolve_input
 from data_tools.runner import RunSummary, Task, check_settings, owns, resolve_rank_world, run_tasks
 from webshards.atomic import atomic_path, write_json_atomic
@@ -43,6 +52,7 @@ log = logging.getLogger("data_tools")
 ROWS_DIR = ".build"  # per-shard input rows, removed once the shard is complete
 SETTINGS_FILE = "build.json"
 _ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # the warning is an error in a task
 _ROWS_SCHEMA = pa.schema([("kind", pa.string()), ("source", pa.string()), ("caption", pa.string())])
 
 
@@ -56,6 +66,10 @@ class FetchConfig:
     """Seconds before a URL download is abandoned."""
     retries: int = 2
     """Extra attempts for a URL after a transient error, with exponential backoff."""
+    max_bytes: int = MAX_IMAGE_BYTES
+    """A download stops past this many bytes and the row is failed_to_download."""
+    max_pixels: int = MAX_IMAGE_PIXELS
+    """An image declaring more pixels is failed_to_decode before it is decoded (decompression bombs)."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +167,11 @@ def write_shard(task: Task) -> int:
     job: ShardJob = task.payload
     rows = [InputRow(**r) for r in pq.read_table(job.rows_file).to_pylist()]
     remove_stale_temps(job.output, task.name)
-    with ThreadPoolExecutor(job.fetching.threads) as pool, ShardWriter(job.output, job.shard_id) as writer:
+    with (
+        pixel_limit(job.fetching.max_pixels),
+        ThreadPoolExecutor(job.fetching.threads) as pool,
+        ShardWriter(job.output, job.shard_id) as writer,
+    ):
         results = _in_order(pool, lambda row: _load(row, job), rows, window=4 * job.fetching.threads)
         for index, (row, result) in enumerate(zip(rows, results)):
             _add(writer, key_for(job.shard_id, index, job.index_digits), row, result)
@@ -185,14 +203,14 @@ def _load(row: InputRow, job: ShardJob) -> tuple[bytes, int, int] | tuple[str, s
         return "failed_to_download", "empty source"
     location = row.source if row.kind == "url" else str(job.base / row.source)
     try:
-        data = fetch(location, job.fetching.timeout, job.fetching.retries)
+        data = fetch(location, job.fetching.timeout, job.fetching.retries, job.fetching.max_bytes)
     except FetchError as error:
         return "failed_to_download", str(error)
     try:
         return process(data, job.image)
     except ResizeError as error:
         return "failed_to_resize", str(error)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, *_BOMB) as error:
         # PIL names the in-memory buffer's address; drop it so reruns write the same parquet bytes
         return "failed_to_decode", _ADDRESS.sub("", f"{type(error).__name__}: {error}")
 

@@ -7,19 +7,32 @@ Resize modes follow img2dataset: ``no`` keeps the image as is, ``keep_ratio`` ma
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import fsspec
 from PIL import Image, ImageOps
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
 BORDER_COLOUR = (255, 255, 255)  # img2dataset pads with white
+MAX_IMAGE_BYTES = 32 * 2**20
+"""Default download limit per image: far above any real photo, far below a worker's memory."""
+MAX_IMAGE_PIXELS = 89_478_485
+"""Default decode limit per image: PIL's own default (a 0.25 GB RGB image); a few-KB PNG can declare more."""
+CHUNK_BYTES = 2**20
 
 
 class FetchError(Exception):
-    """The image bytes could not be read (missing file, HTTP error, timeout)."""
+    """The image bytes could not be read (missing file, HTTP error, timeout, too large)."""
+
+
+class TooLargeError(FetchError):
+    """The download went past the byte limit."""
 
 
 class ResizeError(Exception):
@@ -50,18 +63,24 @@ class ImageConfig:
             raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
 
 
-def fetch(location: str, timeout: float = 10.0, retries: int = 2) -> bytes:
-    """The bytes at a local path or fsspec URL; transient errors are retried with exponential backoff."""
+def fetch(location: str, timeout: float = 10.0, retries: int = 2, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes at a local path or fsspec URL; transient errors are retried with exponential backoff.
+
+    More than ``max_bytes`` is a ``FetchError`` after reading at most that much (an endless download
+    never fills the memory)."""
     if "://" not in location:
         try:
             with open(location, "rb") as f:
-                return f.read()
+                return _read_limited(f, max_bytes)
         except OSError as error:
             raise FetchError(f"{type(error).__name__}: {error}") from None
     for attempt in range(retries + 1):
         try:
-            return _fetch_url(location, timeout)
-        except FileNotFoundError as error:  # 404 and the like: retrying will not help
+            with _open_url(location, timeout) as f:
+                return _read_limited(f, max_bytes)
+        except TooLargeError:  # retrying will not help
+            raise
+        except FileNotFoundError as error:  # 404 and the like
             raise FetchError(f"not found: {error}") from None
         except Exception as error:  # noqa: BLE001 - network errors come in many types
             if attempt == retries:
@@ -70,15 +89,47 @@ def fetch(location: str, timeout: float = 10.0, retries: int = 2) -> bytes:
     raise AssertionError("unreachable")
 
 
-def _fetch_url(url: str, timeout: float) -> bytes:
+def _open_url(url: str, timeout: float) -> IO[bytes]:
     protocol = url.split("://", 1)[0]
-    options = {}
-    if protocol in ("http", "https"):
-        import aiohttp  # fsspec's http backend; imported here so local-only jobs need no network stack
+    if protocol not in ("http", "https"):
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.open(path, "rb")
+    import aiohttp  # fsspec's http backend; imported here so local-only jobs need no network stack
 
-        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=timeout)}
+    # the timeout covers the whole download, body included (a trickling server is cut off)
+    options = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout)}}
     fs, path = fsspec.core.url_to_fs(url, **options)
-    return fs.cat_file(path)  # one GET, no HEAD request or block cache for a small file
+    # block_size=0: one streaming GET; a given size skips fsspec's HEAD request (a stream needs none)
+    return fs.open(path, "rb", block_size=0, size=1)
+
+
+def _read_limited(stream: IO[bytes], max_bytes: int) -> bytes:
+    """Read to the end, refusing (``TooLargeError``) as soon as more than ``max_bytes`` arrived."""
+    size = getattr(stream, "size", None)  # fsspec files of known size are refused before any read
+    if isinstance(size, int) and size > max_bytes:
+        raise TooLargeError(f"image larger than the maximum of {max_bytes} bytes ({size} bytes)")
+    chunks, total = [], 0
+    while chunk := stream.read(min(CHUNK_BYTES, max_bytes + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise TooLargeError(f"image larger than the maximum of {max_bytes} bytes (download stopped)")
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Decode no image above ``max_pixels`` for the duration: PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``), its warning (above the limit) raised as an error like the
+    ``DecompressionBombError`` above twice the limit. A build task runs inside this (process-wide)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def decode(data: bytes) -> Image.Image:

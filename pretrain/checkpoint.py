@@ -2,17 +2,23 @@
 
 Layout: `checkpoints/step_{N:08d}/` holds what the strategy writes (model, optimizer), `trainer.pt`
 (step, samples seen, scheduler) and one `rank_{r:05d}.pt` per rank (RNG states and data position).
+Those files hold only tensors and plain containers, and are read with `torch.load(weights_only=True)`:
+a downloaded checkpoint cannot run code when `pretrain eval` / `export` / `resume` opens it.
 Everything is written into `step_N.tmp/` first; the folder is renamed only when every rank is done, and
 only then does `latest` move, so a crash at any point leaves the previous checkpoint intact and current.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +33,53 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects other than tensors and plain containers."""
+
+
+_TORCH_LOAD = torch.load
+"""torch.load as imported (`weights_only_loads` replaces `torch.load` for a while)."""
+
+
+def safe_load(path: Any, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """`torch.load(weights_only=True)`: a file that would need any other class to unpickle is refused."""
+    kwargs.pop("weights_only", None)
+    try:
+        return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"would call {found.group(1)}" if found else "holds more than tensors and plain containers"
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load it: unpickling it {what} (only tensors and plain containers are "
+            "allowed; a checkpoint from an older version or an unknown source cannot be opened safely)"
+        ) from None
+
+
+@contextlib.contextmanager
+def weights_only_loads(allowed: list) -> Iterator[None]:
+    """Every `torch.load` becomes `safe_load` (with the classes `allowed` as well) for the duration: for
+    libraries that call `torch.load(weights_only=False)` themselves (DeepSpeed)."""
+    with torch.serialization.safe_globals(allowed):
+        torch.load = safe_load
+        try:
+            yield
+        finally:
+            torch.load = _TORCH_LOAD
+
+
+def _numpy_state() -> dict:
+    """numpy's global RNG state as plain values (a numpy array is not allowed by weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+
+
+def _set_numpy_state(state: dict) -> None:
+    keys = np.asarray(state["keys"], dtype=np.uint32)
+    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,7 +87,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -102,8 +153,8 @@ def load_rank_state(folder: Path, rank: int) -> dict:
         raise FileNotFoundError(
             f"{path} missing: this checkpoint was saved with fewer ranks than the current run"
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)
 
 
 def load_trainer_state(folder: Path) -> dict:
-    return torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
+    return safe_load(folder / "trainer.pt")

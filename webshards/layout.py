@@ -21,7 +21,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -322,16 +322,32 @@ def _sizes_from_stats(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def iter_shard(source: str | Path | BinaryIO, decode: bool = True) -> Iterator[dict[str, Any]]:
+UNSAFE_MEMBER = "unsafe_member_name"
+"""Skip reason of a sample whose member name is absolute or climbs out (`../`): never read, never written."""
+
+
+def _unsafe_name(name: str) -> bool:
+    return name.startswith("/") or "\\" in name or ".." in name.split("/")
+
+
+def iter_shard(
+    source: str | Path | BinaryIO,
+    decode: bool = True,
+    skipped: MutableMapping[str, int] | None = None,
+    mark_unsafe: bool = False,
+) -> Iterator[dict[str, Any]]:
     """Stream the samples of one tar in order, without loading it whole.
 
     Members are grouped by key into ``{"__key__": key, "jpg": bytes, "txt": str, "json": dict, ...}``;
     other extensions stay bytes (all of them with ``decode=False``, so a reader can survive bad text).
-    ``source`` is a local path or an open binary stream (e.g. fsspec).
+    ``source`` is a local path or an open binary stream (e.g. fsspec). A sample with a member name that
+    is absolute or contains ``..`` is never read: it is left out and counted in ``skipped[UNSAFE_MEMBER]``,
+    or with ``mark_unsafe`` stands as ``{"__key__": key, UNSAFE_MEMBER: name}`` (for readers that count
+    bad samples by position).
     """
     if isinstance(source, (str, Path)):
         with open(source, "rb") as f:
-            yield from iter_shard(f, decode)
+            yield from iter_shard(f, decode, skipped, mark_unsafe)
         return
     sample: dict[str, Any] = {}
     with tarfile.open(fileobj=source, mode="r|*") as tar:
@@ -341,12 +357,20 @@ def iter_shard(source: str | Path | BinaryIO, decode: bool = True) -> Iterator[d
                 continue
             key, ext = match.groups()
             if sample and sample["__key__"] != key:
-                yield sample
+                if UNSAFE_MEMBER not in sample or mark_unsafe:
+                    yield sample
                 sample = {}
+            if UNSAFE_MEMBER in sample or _unsafe_name(member.name):
+                if not sample:
+                    log.warning("skipping sample %r: member name %r is unsafe", key, member.name)
+                    if skipped is not None:
+                        skipped[UNSAFE_MEMBER] = skipped.get(UNSAFE_MEMBER, 0) + 1
+                    sample = {"__key__": key, UNSAFE_MEMBER: member.name}
+                continue
             sample["__key__"] = key
             data = tar.extractfile(member).read()
             sample[ext] = _decode_member(ext, data) if decode else data
-    if sample:
+    if sample and (UNSAFE_MEMBER not in sample or mark_unsafe):
         yield sample
 
 

@@ -13,7 +13,7 @@ from data_tools.commands.options import (
     int_at_least,
     runner_options,
 )
-from data_tools.images import RESIZE_MODES, ImageConfig
+from data_tools.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RESIZE_MODES, ImageConfig
 from data_tools.runner import RunSummary
 
 HELP = "build WebDataset shards from an image folder or a table of paths/URLs with captions"
@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int_at_least(1), default=8, metavar="N", help="images fetched at once per worker")
     add("--timeout", type=float_at_least(0.1), default=10.0, metavar="S", help="seconds per URL download")
     add("--retries", type=int_at_least(0), default=2, metavar="N", help="retries of a failed download")
+    add("--max-image-bytes", type=int_at_least(1), default=MAX_IMAGE_BYTES, metavar="N",
+        help="stop a download past N bytes (32 MiB): failed_to_download")  # fmt: skip
+    add("--max-image-pixels", type=int_at_least(1), default=MAX_IMAGE_PIXELS, metavar="N",
+        help="refuse an image declaring more pixels (PIL's limit): failed_to_decode")  # fmt: skip
     add_runner_args(parser)
 
 
@@ -47,7 +51,9 @@ def run(args: argparse.Namespace) -> RunSummary:
     from webshards.layout import describe_shards
 
     image = ImageConfig(args.image_size, args.resize_mode, args.jpeg_quality, args.max_aspect_ratio)
-    fetching = FetchConfig(args.threads, args.timeout, args.retries)
+    fetching = FetchConfig(
+        args.threads, args.timeout, args.retries, args.max_image_bytes, args.max_image_pixels
+    )
     summary = build(
         args.input,
         args.output,

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.data.plan import ShardPlan
-from webshards.layout import iter_shard
+from webshards.layout import UNSAFE_MEMBER, iter_shard
 from webshards.samples import BadSample
 from webshards.urls import open_url
 
@@ -90,7 +90,7 @@ class ShardReader:
     def _samples(self, stream, url: str, offset: int, counts: Counter | None) -> Iterator[dict]:
         with stream as f:
             try:
-                for i, raw in enumerate(iter_shard(f, decode=False)):
+                for i, raw in enumerate(iter_shard(f, decode=False, mark_unsafe=True)):
                     if i >= offset:
                         raw["__url__"] = url
                         yield raw
@@ -226,6 +226,8 @@ class ShardStream(IterableDataset):
         In the training process itself (`data.workers=0`) the trainer's random state is put back after.
         The CPU generator alone: torch.manual_seed also seeds CUDA and goes through dynamo's wrappers,
         ~75 us per call."""
+        if UNSAFE_MEMBER in raw:  # the tar reader left its members unread: a member name escaped the sample
+            raise BadSample(UNSAFE_MEMBER, raw[UNSAFE_MEMBER])
         generator = torch.default_generator
         state = generator.get_state() if keep_rng else None
         generator.manual_seed(seed)

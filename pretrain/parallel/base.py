@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrain.checkpoint import safe_load
 from pretrain.config import DistConfig
 
 
@@ -122,7 +123,8 @@ class Strategy:
 
         load_model(self.unwrap(module), str(folder / "model.safetensors"), device=str(_device_of(module)))
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=_device_of(module)))
+            state = safe_load(folder / "optimizer.pt", map_location=_device_of(module))
+            optimizer.load_state_dict(state)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -3,7 +3,8 @@
 The engine owns backward, gradient clipping and the optimizer step; the optimizer (AdamW, our parameter
 groups) and the LR schedule stay the project's. Checkpoints are DeepSpeed's own folder (`engine.
 save_checkpoint`) inside the step folder; `load_deepspeed_weights` reads them back with DeepSpeed's
-zero_to_fp32 utility, without a process group.
+zero_to_fp32 utility, without a process group. DeepSpeed calls `torch.load(weights_only=False)` itself;
+every load here runs inside `weights_only_loads`, so a downloaded checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrain.checkpoint import weights_only_loads
 from pretrain.config import ConfigError, DistConfig, TrainConfig
 from pretrain.distributed import world
 from pretrain.parallel.base import Strategy, apply_vector_scalars, vector_scalar_views
@@ -48,11 +50,22 @@ def build_deepspeed_config(cfg: DistConfig, train: TrainConfig, world_size: int)
     return config
 
 
+def _deepspeed_records() -> list:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors (loss scaler, ZeRO stage, the
+    fragment map of the flat partitions): plain records, safe to rebuild."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def load_deepspeed_weights(folder: Path, model: nn.Module) -> None:
     """Consolidate the fp32 weights of a DeepSpeed checkpoint (any stage) into a plain model."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder / DS_DIR), tag=TAG)
+    with weights_only_loads(_deepspeed_records()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder / DS_DIR), tag=TAG)
     with torch.no_grad():
         for name, target in vector_scalar_views(model).items():
             if name in state:
@@ -130,6 +143,7 @@ class DeepSpeedStrategy(Strategy):
         if optimizer is None:
             load_deepspeed_weights(folder, module)
             return
-        self.engine.load_checkpoint(
-            str(folder / DS_DIR), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with weights_only_loads(_deepspeed_records()):
+            self.engine.load_checkpoint(
+                str(folder / DS_DIR), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )

@@ -3,6 +3,7 @@
 Order (torchtitan's): activation checkpointing -> compile -> `fully_shard` per transformer block of each
 tower -> `fully_shard` on the root. Checkpoints are sharded torch.distributed.checkpoint (DCP) folders that
 any world size can load (DCP reshards on load), and a process without a process group can read too.
+They are read through `safe_dcp_load`, which runs no code from the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from pretrain.parallel.base import Strategy, apply_vector_scalars, transformer_blocks, vector_scalar_views
+from pretrain.parallel.safe_dcp import safe_dcp_load
 
 DCP_DIR = "dcp"
 """Sub-folder of a step folder holding the DCP checkpoint (model and optimizer)."""
@@ -59,7 +61,7 @@ def _gradient_sync_off(module: FSDPModule) -> Iterator[None]:
 def load_dcp_weights(folder: Path, model: nn.Module) -> None:
     """Load the model part of an FSDP checkpoint into a plain (unsharded) model, no process group needed."""
     state = vector_scalar_views(model)
-    dcp.load({"model": state}, checkpoint_id=str(folder / DCP_DIR), no_dist=not dist.is_initialized())
+    safe_dcp_load({"model": state}, folder / DCP_DIR, no_dist=not dist.is_initialized())
 
 
 class FSDPStrategy(Strategy):
@@ -126,5 +128,5 @@ class FSDPStrategy(Strategy):
             return
         model_state, optim_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(folder / DCP_DIR), no_dist=not dist.is_initialized())
+        safe_dcp_load(state, folder / DCP_DIR, no_dist=not dist.is_initialized())
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
