@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pretrain.train import add_train_args, run
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args.config, args.overrides)
     try:
         return {"config": _config, "eval": _eval, "export": _export}[args.command](args)
+    except BrokenPipeError:  # `pretrain config | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -64,3 +64,10 @@ def test_config_refuses_what_train_refuses():
         proc.stderr.strip()
         == "pretrain config: error: model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'?)"
     )
+
+
+def test_config_piped_into_a_reader_that_stops_ends_quietly():
+    # `true` exits before the command has started writing: as `| head` does once it has its lines
+    cmd = f"set -o pipefail; '{sys.executable}' -m pretrain.cli config --config '{TINY}' | true"
+    proc = run_cmd(["bash", "-c", cmd])
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
