@@ -1,0 +1,6 @@
+"""Training objectives' losses, one module each: `clip` (InfoNCE with gathered negatives), and the
+SigLIP and CoCa losses as they land. `pretrain.loss.ClipLoss` is the contract's import path."""
+
+from pretrain.loss.clip import ClipLoss
+
+__all__ = ["ClipLoss"]
