@@ -24,6 +24,7 @@ from webshards.atomic import write_atomic
 
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
+LOSSES = ("clip", "siglip", "coca")
 SECRET_WORDS = ("key", "token", "secret", "password")
 
 
@@ -166,6 +167,34 @@ class TrainConfig:
 
 
 @dataclass
+class LossConfig:
+    name: str | None = None
+    """clip (InfoNCE), siglip (pairwise sigmoid) or coca (contrastive + captioning); null: chosen from the
+    model (open_clip CoCa models: coca, models with `init_logit_bias`: siglip, others: clip)."""
+    clip_weight: float = 1.0
+    """Weight of the contrastive part: loss = clip_weight x contrastive (+ caption_weight x caption)."""
+    caption_weight: float = 2.0
+    """Weight of the caption cross-entropy (coca only; open_clip's default)."""
+    chunk_size: int | None = None
+    """Rows per tile of the contrastive loss (null: one tile); tiling recomputes each tile's logits in
+    backward, so activation memory is chunk_size x global batch instead of local x global batch."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name is None or self.name in LOSSES,
+            "loss.name",
+            f"must be one of {LOSSES} or null (chosen from the model), got {self.name!r}",
+        )
+        for name in ("clip_weight", "caption_weight"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(
+            self.chunk_size is None or self.chunk_size > 0,
+            "loss.chunk_size",
+            f"must be > 0 or null, got {self.chunk_size}",
+        )
+
+
+@dataclass
 class DistConfig:
     strategy: str = "ddp"
     """ddp, fsdp or deepspeed."""
@@ -253,6 +282,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -144,3 +144,10 @@ def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelB
         load_model_weights(folder, bundle.model)
         return bundle
     return build_model(ModelConfig(name=str(spec)), device)
+
+
+def use_dict_outputs(model: torch.nn.Module) -> None:
+    """Make `model(images, texts)` return a dict (open_clip's `output_dict`; CoCa always does), so callers
+    read outputs by name: a CLIP forward returns 3 or 4 values, CoCa's a dict with logits and labels."""
+    if hasattr(model, "output_dict"):
+        model.output_dict = True

@@ -19,9 +19,9 @@ from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
 from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
 from pretrain.flops import mfu, model_config, peak_flops, train_flops_per_sample
-from pretrain.loss import ClipLoss
 from pretrain.metrics import MetricsWriter, setup_logging
-from pretrain.model import build_model, clamp_logit_scale
+from pretrain.model import build_model, clamp_logit_scale, use_dict_outputs
+from pretrain.objective import Features, build_objective, features
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy
 from pretrain.preemption import Preemption
@@ -62,12 +62,15 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.bundle = build_model(cfg.model, self.device)
         self.model = self.bundle.model
+        use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
+        self.objective = build_objective(
+            cfg, self.model
+        )  # before anything is written: a mismatch is one line
         self.strategy = build_strategy(cfg, self.info)
         self.module = self.strategy.wrap(self.model, self.device)
         optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.module, self.optimizer = self.strategy.attach_optimizer(self.module, optimizer)
-        self.loss_fn = ClipLoss()
         seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
         self.source = build_source(cfg, self.bundle, self.info, self.device)
         self.state = TrainState()
@@ -75,6 +78,7 @@ class Trainer:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._last_skipped = 0
         self._grad_norm: torch.Tensor | float | None = None
+        self._parts: dict[str, torch.Tensor] = {}
         self.flops_per_sample = train_flops_per_sample(model_config(self.bundle.name))
         self.peak_flops = peak_flops(self.device, cfg.train.precision, cfg.log.peak_tflops)
         resume_from = self._prepare_run_dir()
@@ -130,12 +134,13 @@ class Trainer:
         return self.state
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over `accum_steps` micro-batches; returns the (device) loss."""
+        """One optimizer step over `accum_steps` micro-batches; returns the (device) loss, keeps its parts."""
         fetch_started = time.perf_counter()
         micro = [self._to_device(self.source.next_batch()) for _ in range(self.cfg.train.accum_steps)]
         self.meter.add_data_wait(time.perf_counter() - fetch_started)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
-        loss = self._forward_backward(micro[0]) if len(micro) == 1 else self._accumulated(micro)
+        self._parts = self._forward_backward(micro)
+        loss = self.objective.total(self._parts)
         self._grad_norm = self.strategy.step(self.module, self.optimizer, self.cfg.train.grad_clip)
         self.scheduler.step()
         with self.strategy.gathered([self.model.logit_scale]):
@@ -148,35 +153,61 @@ class Trainer:
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
-    def _features(self, images: torch.Tensor, texts: torch.Tensor):
+    def _forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
+        """The model's dict output (`output_dict=True`; CoCa's forward always returns one)."""
         bf16 = self.cfg.train.precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            image_f, text_f, scale = self.module(images, texts)[:3]
-        return image_f.float(), text_f.float(), scale.float()
+            return self.module(images, texts)
 
-    def _forward_backward(self, batch) -> torch.Tensor:
-        loss = self.loss_fn(*self._features(*batch))
-        self.strategy.backward(loss)
-        return loss.detach()
+    def _token_count(self, micro: list) -> torch.Tensor | None:
+        """The step's target tokens over all micro-batches and ranks, for objectives normalised by it."""
+        if not self.objective.needs_token_count:
+            return None
+        count = torch.stack([self.objective.target_tokens(texts) for _, texts in micro]).sum()
+        if world()[1] > 1:
+            dist.all_reduce(count)  # a sum, on device: no host sync
+        return count
 
-    def _accumulated(self, micro: list) -> torch.Tensor:
+    def _forward_backward(self, micro: list) -> dict[str, torch.Tensor]:
         """Every accumulated sample is a negative for every other (open_clip's accum-freq).
 
-        Features of all micro-batches are first computed without grad; then each micro-batch is recomputed
-        with grad and its loss taken against the cached rest. The summed gradients equal the gradient of
-        the loss over the whole accumulated batch. The logit scale gets its gradient once (last micro-step).
+        With several micro-batches, features of all of them are first computed without grad; then each is
+        recomputed with grad and its contrastive loss taken against the cached rest. The summed gradients
+        equal the gradient of the loss over the whole accumulated batch. The logit scale (and bias) get
+        their gradient once (last micro-step). Returns the step's parts (detached): the contrastive part
+        over the accumulated batch, per-micro-batch parts summed.
         """
+        token_count = self._token_count(micro)
+        if len(micro) == 1:
+            return self._micro_step(micro[0], [], [], token_count)
         with torch.no_grad():
-            cached = [self._features(*batch) for batch in micro]
+            cached = [features(self._forward(*batch)) for batch in micro]
+        totals: dict[str, torch.Tensor] = {}
         for j, batch in enumerate(micro):
             last = j == len(micro) - 1
             with contextlib.nullcontext() if last else self.strategy.no_sync(self.module):
-                image_f, text_f, scale = self._features(*batch)
-                images = torch.cat([c[0] for c in cached[:j]] + [image_f] + [c[0] for c in cached[j + 1 :]])
-                texts = torch.cat([c[1] for c in cached[:j]] + [text_f] + [c[1] for c in cached[j + 1 :]])
-                loss = self.loss_fn(images, texts, scale if last else scale.detach())
-                self.strategy.backward(loss)
-        return loss.detach()
+                parts = self._micro_step(batch, cached[:j], cached[j + 1 :], token_count, last)
+            for name, value in parts.items():
+                summed = name != "contrastive" and name in totals
+                totals[name] = totals[name] + value if summed else value
+        return totals
+
+    def _micro_step(
+        self, batch, before: list[Features], after: list[Features], token_count, last: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch, its features between the cached ones of the others."""
+        output = self._forward(*batch)
+        own = features(output) if last else features(output).detached_scalars()
+        image_f, text_f = own.image, own.text
+        if before or after:
+            image_f = torch.cat([c.image for c in before] + [image_f] + [c.image for c in after])
+            text_f = torch.cat([c.text for c in before] + [text_f] + [c.text for c in after])
+        parts = {
+            "contrastive": self.objective.contrastive(image_f, text_f, own.logit_scale, own.logit_bias),
+            **self.objective.per_micro(output, batch[1], token_count),
+        }
+        self.strategy.backward(self.objective.total(parts))
+        return {name: value.detach() for name, value in parts.items()}
 
     # ---- logging, eval, checkpoints -------------------------------------------------------------------
     def _check_finite(self) -> None:
@@ -193,10 +224,13 @@ class Trainer:
     def log_train(self, loss: torch.Tensor) -> None:
         """Write the metrics line of this step: the only place the step's device values are read."""
         self._check_finite()
+        names = self.objective.parts
+        values = all_reduce_mean(torch.stack([loss, *(self._parts[n] for n in names)])).tolist()
         row = {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
-            "loss": float(all_reduce_mean(loss).item()),
+            "loss": values[0],
+            **{f"loss_{name}": value for name, value in zip(names, values[1:])},
             "lr": float(self.last_lr),
             **self._telemetry(),
             "logit_scale": float(self.strategy.full_tensor(self.model.logit_scale).exp().item()),

@@ -6,16 +6,31 @@ import contextlib
 from pathlib import Path
 
 import torch
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch import nn
 
 from pretrain.checkpoint import safe_load
 from pretrain.config import DistConfig
 
+BLOCK_TYPES = (ResidualAttentionBlock, CustomResidualAttentionBlock)
+"""open_clip's transformer blocks (self- and cross-attention), wherever they sit in a model."""
+
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The residual blocks of both open_clip towers (the unit of checkpointing, compiling and sharding)."""
-    towers = [getattr(model.visual, "transformer", None), getattr(model, "transformer", None)]
-    return [block for tower in towers if tower is not None for block in tower.resblocks]
+    """Every transformer block of the model, outermost first and each once: open_clip's block types and
+    the members of any `resblocks` list, found by walking the module tree (so CoCa's `text` tower and its
+    `text_decoder`, self- and cross-attention blocks, are found as well as CLIP's two towers). These are
+    the units of compiling and sharding; a block inside another found block is left to its parent."""
+    found: list[tuple[str, nn.Module]] = []
+    in_list: set[int] = set()
+    for name, module in model.named_modules():  # pre-order: a parent comes before its children
+        if any(name.startswith(f"{parent}.") for parent, _ in found):
+            continue
+        if isinstance(module, BLOCK_TYPES) or id(module) in in_list:
+            found.append((name, module))
+        elif name.rsplit(".", 1)[-1] == "resblocks" and isinstance(module, nn.ModuleList):
+            in_list.update(id(block) for block in module)
+    return [module for _, module in found]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

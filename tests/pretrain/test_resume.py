@@ -76,13 +76,13 @@ def test_existing_run_is_never_overwritten(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=nan", "train.steps=10", "checkpoint.every=2"])
     trainer = Trainer(cfg)
-    real_loss = trainer.loss_fn
+    real_loss = trainer.objective.contrastive
 
-    def poisoned(img, txt, scale):
-        loss = real_loss(img, txt, scale)
+    def poisoned(img, txt, scale, bias):
+        loss = real_loss(img, txt, scale, bias)
         return loss * float("nan") if trainer.state.step >= 3 else loss
 
-    trainer.loss_fn = poisoned
+    trainer.objective.contrastive = poisoned
     with pytest.raises(NonFiniteLossError, match="last good checkpoint: step_00000002"):
         trainer.train()
     trainer.close()

@@ -1,0 +1,156 @@
+"""The training objective: which loss a model trains with, split into the named parts the trainer logs.
+
+The trainer names no concrete loss. `build_objective(cfg, model)` picks one from `loss.name` (or, when it
+is null, from the model) and returns an `Objective`, which the trainer uses in one fixed way that keeps
+gradient accumulation exact:
+
+1. `contrastive(...)` is the pairwise term. It sees the features of *all* micro-batches of the step
+   (the fresh micro-batch between the no-grad cached rest), so every accumulated sample is a negative;
+   the trainer calls it once per micro-step, with gradients flowing only through that micro-batch's
+   features, and the logit scale and bias get theirs only in the last micro-step. Its value is the
+   term over the whole accumulated batch of this rank (the last micro-step's value is logged).
+2. `per_micro(...)` returns the terms computed on one micro-batch alone (CoCa's caption cross-entropy;
+   none for clip and siglip). The trainer sums them over the micro-steps. A rank's sum, averaged over
+   ranks (strategies average gradients over ranks), must be the term over the global batch; a term
+   normalised by a global count asks for it with `needs_token_count` (see there).
+3. `total(parts)` is the weighted sum that is back-propagated and logged as `loss`; every part is also
+   logged, as `loss_<part>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import open_clip
+import torch
+from torch import nn
+
+from pretrain.config import Config, ConfigError, LossConfig
+from pretrain.loss import ClipLoss
+
+MODEL_KINDS = {
+    "coca": "an open_clip CoCa model (contrastive + captioning)",
+    "siglip": "a model with a logit bias (init_logit_bias)",
+    "clip": "a CLIP model without a logit bias or a text decoder",
+}
+"""What makes a model belong to each loss, for the mismatch error."""
+
+
+class Features(NamedTuple):
+    """The contrastive inputs of one forward pass, read by name from the model's dict output (fp32)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None
+
+    def detached_scalars(self) -> Features:
+        """The same features with the logit scale and bias cut from the graph (all micro-steps but the last)."""
+        bias = None if self.logit_bias is None else self.logit_bias.detach()
+        return self._replace(logit_scale=self.logit_scale.detach(), logit_bias=bias)
+
+
+def features(output: dict) -> Features:
+    """The features of an open_clip dict output (`output_dict=True`; CoCa always returns a dict), upcast
+    to fp32 for the loss."""
+    bias = output.get("logit_bias")
+    return Features(
+        output["image_features"].float(),
+        output["text_features"].float(),
+        output["logit_scale"].float(),
+        None if bias is None else bias.float(),
+    )
+
+
+class Objective:
+    """A loss in named parts: a contrastive part on all accumulated features and per-micro-batch parts.
+
+    Subclasses set `name`, `parts` and the weight of each part, and implement `contrastive` (and, when
+    they have per-micro-batch parts, `per_micro`).
+    """
+
+    name: str = ""
+    """The `loss.name` this objective implements."""
+    parts: tuple[str, ...] = ("contrastive",)
+    """Names of the logged parts (`loss_<part>` in metrics.jsonl); "contrastive" first, always present."""
+    needs_token_count: bool = False
+    """True when `per_micro` needs `token_count`: the number of target tokens of the whole optimizer step
+    (all micro-batches, all ranks), summed by the trainer from `target_tokens` before the micro-steps. A
+    loss normalised by this global count (CoCa's caption cross-entropy) does not change when a batch is
+    split across ranks or micro-steps, whatever the caption lengths."""
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        self.weights = weights
+
+    def contrastive(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The pairwise term over this rank's accumulated features (negatives from all ranks)."""
+        raise NotImplementedError
+
+    def per_micro(self, output: dict, texts: torch.Tensor, token_count: torch.Tensor | None) -> dict:
+        """Terms of one micro-batch alone, from the model's dict `output` (bf16 under autocast) and its
+        input tokens; `token_count` is the step's global target-token count when `needs_token_count`."""
+        return {}
+
+    def target_tokens(self, texts: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's number of target tokens (a device tensor; only when `needs_token_count`)."""
+        raise NotImplementedError(f"loss.name={self.name} counts no target tokens")
+
+    def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of the parts: what is back-propagated and logged as `loss`."""
+        return sum(self.weights[name] * parts[name] for name in self.parts)
+
+
+class ClipObjective(Objective):
+    """CLIP InfoNCE with gathered negatives (`pretrain.loss.ClipLoss`), tiled by `loss.chunk_size`."""
+
+    name = "clip"
+
+    def __init__(self, cfg: LossConfig) -> None:
+        if cfg.clip_weight <= 0:
+            raise ConfigError(f"loss.clip_weight: must be > 0 for loss.name={self.name} (its only part)")
+        super().__init__({"contrastive": cfg.clip_weight})
+        self.loss = ClipLoss(cfg.chunk_size)
+
+    def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+        return self.loss(image_features, text_features, logit_scale)
+
+
+BUILDERS: dict[str, Callable[[LossConfig], Objective]] = {"clip": ClipObjective}
+"""The objective of each `loss.name` that is built."""
+
+
+def model_objective(model: nn.Module) -> str:
+    """The loss a model is built for: coca for open_clip CoCa models, siglip for models with a logit
+    bias (`init_logit_bias` in their config), clip for the rest."""
+    if isinstance(model, open_clip.CoCa):
+        return "coca"
+    if getattr(model, "logit_bias", None) is not None:
+        return "siglip"
+    return "clip"
+
+
+def resolve_loss_name(cfg: Config, model: nn.Module) -> str:
+    """`loss.name`, or the model's loss when it is null; a loss the model does not fit is a ConfigError."""
+    fits = model_objective(model)
+    name = cfg.loss.name or fits
+    if name != fits:
+        raise ConfigError(
+            f"loss.name: {name} does not fit model {cfg.model.name!r}, {MODEL_KINDS[fits]} whose loss is "
+            f"{fits}; set loss.name={fits} or leave it null"
+        )
+    return name
+
+
+def build_objective(cfg: Config, model: nn.Module) -> Objective:
+    """The objective for `cfg.loss` and the (unwrapped) `model`; a mismatch is a one-line ConfigError."""
+    name = resolve_loss_name(cfg, model)
+    if name not in BUILDERS:
+        raise NotImplementedError(f"loss.name={name} is not built yet")
+    return BUILDERS[name](cfg.loss)
