@@ -107,9 +107,22 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"model.pretrained: cannot load {cfg.pretrained!r} for {name}: {reason}") from None
+    if cfg.pretrained is None and not name.startswith(SCHEMAS):
+        init_uninitialised(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     return ModelBundle(model, open_clip.get_tokenizer(name), preprocess_train, preprocess_val, name)
+
+
+def init_uninitialised(model: torch.nn.Module) -> None:
+    """Initialise what open_clip leaves as `torch.empty` memory in a model built without weights: CoCa's
+    decoder output projection (its `init_parameters` is never called and fails if called), which would
+    otherwise start from whatever the allocator held, differently on each run."""
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if isinstance(projection, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)  # as for the text tower's
 
 
 def context_length(model: torch.nn.Module) -> int:

@@ -1,0 +1,278 @@
+"""The objective seam: the `loss` config section, the loss chosen from the model (a mismatch is one line,
+exit 2), dict model outputs, logged loss parts, `loss.chunk_size` from config, and transformer blocks found
+by walking the model (CoCa's towers included)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ROOT, TINY, read_jsonl, run_cmd, train_in_process
+from safetensors.torch import load_file
+
+from pretrain.config import ConfigError, load_config
+from pretrain.loss import ClipLoss
+from pretrain.objective import ClipObjective, Objective, build_objective, resolve_loss_name
+
+TINY_CLIP = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
+TINY_COCA = {  # open_clip's coca_ViT-B-32.json, shrunk like tiny-clip
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                       "attn_pooler_heads": 2},
+    "custom_text": True,
+}  # fmt: skip
+
+
+def tiny_coca() -> open_clip.CoCa:
+    """The tiny CoCa built directly (`custom_text` is a factory key, not a constructor argument)."""
+    return open_clip.CoCa(**{k: v for k, v in TINY_COCA.items() if k != "custom_text"})
+
+
+def model_file(tmp: Path, name: str, cfg: dict) -> Path:
+    """A model config JSON that `model.name` accepts as a path (registered under its stem)."""
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.name=infonce", "loss.name: must be one of ('clip', 'siglip', 'coca') or null"),
+        ("loss.chunk_size=0", "loss.chunk_size: must be > 0 or null, got 0"),
+        ("loss.clip_weight=-1", "loss.clip_weight: must be >= 0, got -1.0"),
+        ("loss.caption_weight=-0.5", "loss.caption_weight: must be >= 0, got -0.5"),
+    ],
+)
+def test_bad_loss_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert message in str(err.value)
+
+
+def test_loss_section_defaults_and_pretrain_config_lists_it():
+    cfg = load_config(TINY, [])
+    assert (cfg.loss.name, cfg.loss.clip_weight, cfg.loss.caption_weight, cfg.loss.chunk_size) == (
+        None, 1.0, 2.0, None,
+    )  # fmt: skip
+    proc = run_cmd(
+        [sys.executable, "-m", "pretrain.cli", "config", "--config", str(TINY), "loss.chunk_size=4"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split(":")[0]: line for line in proc.stdout.splitlines()}
+    assert lines["loss.name"].startswith("loss.name: null  # clip (InfoNCE)")
+    assert lines["loss.chunk_size"].startswith("loss.chunk_size: 4  # Rows per tile")
+    assert "loss.clip_weight: 1.0  #" in lines["loss.clip_weight"]
+    assert "loss.caption_weight: 2.0  #" in lines["loss.caption_weight"]
+
+
+@pytest.mark.parametrize(
+    "model, loss, expected",
+    [
+        (None, "coca", "loss.name: coca does not fit model 'tiny-clip', a CLIP model without a logit bias or "
+                       "a text decoder whose loss is clip; set loss.name=clip or leave it null"),
+        ("bias", "clip", "loss.name: clip does not fit model '{path}', a model with a logit bias "
+                         "(init_logit_bias) whose loss is siglip; set loss.name=siglip or leave it null"),
+    ],
+)  # fmt: skip
+def test_loss_model_mismatch_is_one_line_exit_2(tmp_path, model, loss, expected):
+    args = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "--config",
+        str(TINY),
+        f"run.dir={tmp_path}",
+        f"loss.name={loss}",
+    ]
+    path = model_file(tmp_path, "seam-tiny-bias", {**TINY_CLIP, "init_logit_bias": -10.0})
+    if model:
+        args.append(f"model.name={path}")
+    proc = run_cmd(args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"pretrain: error: {expected.format(path=path)}"]
+    assert not (tmp_path / "tiny").exists()  # refused before anything is written
+
+
+def test_loss_is_chosen_from_the_model():
+    cfg = load_config(TINY, ["loss.chunk_size=3"])
+    models = {
+        "clip": open_clip.CLIP(**TINY_CLIP),
+        "siglip": open_clip.CLIP(**TINY_CLIP, init_logit_bias=-10.0),
+        "coca": tiny_coca(),
+    }
+    assert {kind: resolve_loss_name(cfg, model) for kind, model in models.items()} == {
+        "clip": "clip", "siglip": "siglip", "coca": "coca",
+    }  # fmt: skip
+    objective = build_objective(cfg, models["clip"])
+    assert isinstance(objective, ClipObjective) and objective.loss.chunk_size == 3  # reachable from config
+    assert objective.parts == ("contrastive",)
+
+
+def final_params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / f"checkpoints/step_{step:08d}/model.safetensors")
+
+
+def test_chunk_size_from_config_equals_unchunked(tmp_path):
+    """loss.chunk_size tiles the loss inside a run: same logged losses and same weights as no tiling."""
+    common = ["train.steps=2", "train.batch_size=8", "train.accum_steps=2"]
+    runs = [train_in_process(tmp_path, [*common, *extra], name=name)
+            for name, extra in (("full", []), ("tiled", ["loss.chunk_size=3"]))]  # fmt: skip
+    rows = [[r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in runs]
+    for full, tiled in zip(*rows):
+        assert tiled["loss"] == pytest.approx(full["loss"], rel=1e-5)
+        assert full["loss_contrastive"] == full["loss"]  # clip: loss = 1.0 x contrastive
+    a, b = (final_params(run, 2) for run in runs)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_trainer_calls_the_model_for_a_dict(tmp_path, monkeypatch):
+    """The trainer asks for dict outputs and reads them by name."""
+    from pretrain.trainer import Trainer
+
+    seen = []
+    forward = open_clip.CLIP.forward
+
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        seen.append(type(out))
+        return out
+
+    monkeypatch.setattr(open_clip.CLIP, "forward", recording)
+    trainer = Trainer(load_config(TINY, [f"run.dir={tmp_path}", "train.steps=1", "train.batch_size=4"]))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert seen == [dict]
+
+
+class CaptionTestObjective(Objective):
+    """A stand-in for the CoCa objective, to exercise the seam: contrastive + caption cross-entropy over
+    the step's global target-token count (pad id 0)."""
+
+    name, parts, needs_token_count = "coca", ("contrastive", "caption"), True
+
+    def contrastive(self, image_features, text_features, logit_scale, logit_bias):
+        return ClipLoss()(image_features, text_features, logit_scale)
+
+    def target_tokens(self, texts):
+        return (texts[:, 1:] != 0).sum()
+
+    def per_micro(self, output, texts, token_count):
+        logits = output["logits"].float().permute(0, 2, 1)
+        return {
+            "caption": F.cross_entropy(logits, output["labels"], ignore_index=0, reduction="sum")
+            / token_count
+        }
+
+
+def coca_run(tmp: Path, name: str, batch: int, accum: int) -> Path:
+    path = model_file(tmp, "seam-tiny-coca", TINY_COCA)
+    overrides = [
+        f"model.name={path}",
+        "train.steps=2",
+        f"train.batch_size={batch}",
+        f"train.accum_steps={accum}",
+    ]
+    return train_in_process(tmp, overrides, name=name)
+
+
+def reference_coca_step(run_dir: Path) -> dict[str, float]:
+    """Step 1 recomputed with open_clip's own CoCaLoss on the seeded model and the full synthetic batch."""
+    from pretrain.data.synthetic import SyntheticSource
+    from pretrain.model import build_model, context_length, image_size
+
+    cfg = load_config(run_dir / "config.yaml", [])
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).model
+    batch = cfg.train.batch_size * cfg.train.accum_steps
+    source = SyntheticSource(cfg.train.seed, batch, 0, 1, image_size(model), context_length(model))
+    images, texts = source.next_batch()
+    out = model(images, texts)
+    loss = open_clip.loss.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, pad_id=0)
+    contrastive, caption = loss(**out, output_dict=False)
+    return {"loss_contrastive": contrastive.item(), "loss_caption": caption.item()}
+
+
+def test_a_captioning_objective_plugs_in_and_accumulates_exactly(tmp_path, monkeypatch):
+    """An objective with a per-micro-batch part (CoCa's shape) on an open_clip CoCa model: both parts are
+    logged, equal open_clip's CoCaLoss at step 1, and accumulation equals the full batch."""
+    monkeypatch.setattr(
+        "pretrain.trainer.build_objective",
+        lambda cfg, model: CaptionTestObjective({"contrastive": 1.0, "caption": 2.0}),
+    )
+    full, accum = coca_run(tmp_path, "full", 8, 1), coca_run(tmp_path, "accum", 4, 2)
+    rows = [[r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (full, accum)]
+    reference = reference_coca_step(full)
+    for key in ("loss_contrastive", "loss_caption"):
+        assert rows[0][0][key] == pytest.approx(reference[key], rel=1e-5)
+    for a, b in zip(*rows):
+        assert a["loss"] == pytest.approx(a["loss_contrastive"] + 2.0 * a["loss_caption"], rel=1e-6)
+        for key in ("loss", "loss_contrastive", "loss_caption"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4)
+    pa, pb = final_params(full, 2), final_params(accum, 2)
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+
+
+def coca_blocks_by_path(model: open_clip.CoCa) -> list[torch.nn.Module]:
+    """CoCa's blocks listed by hand: both encoder towers, the decoder's self- and cross-attention."""
+    return [
+        *model.visual.transformer.resblocks,
+        *model.text.transformer.resblocks,
+        *model.text_decoder.resblocks,
+        *model.text_decoder.cross_attn,
+    ]
+
+
+def test_transformer_blocks_are_found_by_walking_the_model():
+    from pretrain.parallel.base import transformer_blocks
+
+    coca = tiny_coca()
+    found = transformer_blocks(coca)
+    assert len(found) == len({id(b) for b in found}) == 8  # each block once
+    assert {id(b) for b in found} == {id(b) for b in coca_blocks_by_path(coca)}
+    clip = open_clip.CLIP(**TINY_CLIP)
+    expected = [*clip.visual.transformer.resblocks, *clip.transformer.resblocks]
+    assert [id(b) for b in transformer_blocks(clip)] == [id(b) for b in expected]
+
+
+def test_a_block_inside_a_block_is_not_wrapped_twice():
+    """Members of a `resblocks` list that themselves hold open_clip blocks are taken once, as a whole."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from pretrain.parallel.base import transformer_blocks
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = ResidualAttentionBlock(16, 2)
+
+    model = torch.nn.Module()
+    model.resblocks = torch.nn.ModuleList([Outer(), Outer()])
+    model.extra = ResidualAttentionBlock(16, 2)
+    assert [id(b) for b in transformer_blocks(model)] == [id(b) for b in (*model.resblocks, model.extra)]
+
+
+def test_coca_without_weights_starts_from_the_seed(tmp_path):
+    """open_clip leaves CoCa's decoder projection as uninitialised memory; build_model initialises it from
+    the seeded generator, so two builds with one seed are equal and its scale is the text tower's."""
+    from pretrain.config import ModelConfig
+    from pretrain.model import build_model
+
+    name = str(model_file(tmp_path, "seam-tiny-coca", TINY_COCA))
+    projections = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        projections.append(build_model(ModelConfig(name=name)).model.text_decoder.text_projection.detach())
+    assert torch.equal(*projections)
+    assert projections[0].std().item() == pytest.approx(64**-0.5, rel=0.05)
