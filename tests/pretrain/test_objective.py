@@ -4,6 +4,7 @@ by walking the model (CoCa's towers included)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -12,10 +13,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TINY, read_jsonl, run_cmd, train_in_process
+from helpers import ROOT, TINY, read_jsonl, run_cmd, torchrun, train_in_process
 from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, load_config
+from pretrain.distributed import world
 from pretrain.loss import ClipLoss
 from pretrain.objective import ClipObjective, Objective, build_objective, resolve_loss_name
 
@@ -170,13 +172,18 @@ class CaptionTestObjective(Objective):
 
     def per_micro(self, output, texts, token_count):
         logits = output["logits"].float().permute(0, 2, 1)
-        return {
-            "caption": F.cross_entropy(logits, output["labels"], ignore_index=0, reduction="sum")
-            / token_count
-        }
+        ce_sum = F.cross_entropy(logits, output["labels"], ignore_index=0, reduction="sum")
+        # This rank's share of the global mean, times the world size: strategies average over ranks.
+        return {"caption": world()[1] * ce_sum / token_count}
 
 
-def coca_run(tmp: Path, name: str, batch: int, accum: int) -> Path:
+def caption_objective(cfg, model) -> CaptionTestObjective:
+    """`build_objective` for the stand-in, with the weights of `loss.*` (open_clip's CoCa defaults)."""
+    return CaptionTestObjective({"contrastive": cfg.loss.clip_weight, "caption": cfg.loss.caption_weight})
+
+
+def coca_run(tmp: Path, name: str, batch: int, accum: int = 1, nproc: int = 1) -> Path:
+    """Two steps of the tiny CoCa with the stand-in objective, in this process or under torchrun."""
     path = model_file(tmp, "seam-tiny-coca", TINY_COCA)
     overrides = [
         f"model.name={path}",
@@ -184,7 +191,21 @@ def coca_run(tmp: Path, name: str, batch: int, accum: int) -> Path:
         f"train.batch_size={batch}",
         f"train.accum_steps={accum}",
     ]
-    return train_in_process(tmp, overrides, name=name)
+    if nproc == 1:
+        return train_in_process(tmp, overrides, name=name)
+    worker = Path(__file__).with_name("objective_worker.py")
+    args = [
+        str(worker),
+        "--config",
+        str(TINY),
+        f"run.dir={tmp}",
+        f"run.name={name}",
+        "log.every=1",
+        *overrides,
+    ]
+    proc = torchrun(nproc, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / name
 
 
 def reference_coca_step(run_dir: Path) -> dict[str, float]:
@@ -205,23 +226,24 @@ def reference_coca_step(run_dir: Path) -> dict[str, float]:
 
 
 def test_a_captioning_objective_plugs_in_and_accumulates_exactly(tmp_path, monkeypatch):
-    """An objective with a per-micro-batch part (CoCa's shape) on an open_clip CoCa model: both parts are
-    logged, equal open_clip's CoCaLoss at step 1, and accumulation equals the full batch."""
-    monkeypatch.setattr(
-        "pretrain.trainer.build_objective",
-        lambda cfg, model: CaptionTestObjective({"contrastive": 1.0, "caption": 2.0}),
-    )
-    full, accum = coca_run(tmp_path, "full", 8, 1), coca_run(tmp_path, "accum", 4, 2)
-    rows = [[r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (full, accum)]
+    """An objective with a per-micro-batch part normalised by the step's token count (CoCa's shape) on an
+    open_clip CoCa model: both parts are logged and equal open_clip's CoCaLoss at step 1, and 1 rank x 4
+    accum 2 and 2 ranks x 4 equal 1 rank x 8 (parts at every step, weights at the end)."""
+    monkeypatch.setattr("pretrain.trainer.build_objective", caption_objective)
+    full = coca_run(tmp_path, "full", 8)
+    split = [coca_run(tmp_path, "accum", 4, accum=2), coca_run(tmp_path, "two-ranks", 4, nproc=2)]
+    rows = [[r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (full, *split)]
     reference = reference_coca_step(full)
     for key in ("loss_contrastive", "loss_caption"):
         assert rows[0][0][key] == pytest.approx(reference[key], rel=1e-5)
-    for a, b in zip(*rows):
+    for a, *others in zip(*rows):
         assert a["loss"] == pytest.approx(a["loss_contrastive"] + 2.0 * a["loss_caption"], rel=1e-6)
-        for key in ("loss", "loss_contrastive", "loss_caption"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4)
-    pa, pb = final_params(full, 2), final_params(accum, 2)
-    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+        for b, key in itertools.product(others, ("loss", "loss_contrastive", "loss_caption")):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (b["step"], key)
+    pa = final_params(full, 2)
+    for run in split:
+        pb = final_params(run, 2)
+        assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5, run.name
 
 
 def coca_blocks_by_path(model: open_clip.CoCa) -> list[torch.nn.Module]:
