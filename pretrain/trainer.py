@@ -63,9 +63,8 @@ class Trainer:
         self.bundle = build_model(cfg.model, self.device)
         self.model = self.bundle.model
         use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
-        self.objective = build_objective(
-            cfg, self.model
-        )  # before anything is written: a mismatch is one line
+        # Before anything is written: a loss the model does not fit is one line, exit 2.
+        self.objective = build_objective(cfg, self.model)
         self.strategy = build_strategy(cfg, self.info)
         self.module = self.strategy.wrap(self.model, self.device)
         optimizer = build_optimizer(self.model, cfg.train)
