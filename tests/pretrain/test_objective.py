@@ -118,6 +118,10 @@ def test_loss_is_chosen_from_the_model():
     objective = build_objective(cfg, models["clip"])
     assert isinstance(objective, ClipObjective) and objective.loss.chunk_size == 3  # reachable from config
     assert objective.parts == ("contrastive",)
+    with pytest.raises(
+        ConfigError, match=r"^loss.clip_weight: must be > 0 for loss.name=clip \(its only part\)$"
+    ):
+        build_objective(load_config(TINY, ["loss.clip_weight=0"]), models["clip"])
 
 
 def final_params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
