@@ -1,0 +1,144 @@
+"""SigLIP's pairwise sigmoid loss, with other ranks' texts passed peer-to-peer around the ring.
+
+Every (image, text) pair is its own binary decision: the matching pair is a positive, every other pair a
+negative, scored by `logsigmoid(label * (scale * img @ txt.T + bias))` (open_clip's `SigLipLoss`).
+
+With W ranks, each rank first scores its images against its own texts (the block holding the positives),
+then W-1 times passes the text block it holds to its right neighbour and takes one from its left, scoring
+each arriving block as negatives. The next hop's transfer is started before the current block is scored, so
+communication overlaps compute where the backend runs P2P asynchronously (NCCL; gloo too). Gradients of a
+received block travel back along the ring to the rank that owns those texts; in backward each hop waits for
+its transfer, since autograd needs the returned gradient before it goes on. Logits are computed one
+`B x B` block at a time and the `N x N` global matrix never exists; autograd keeps each block's
+activations (`B x N` in all, as ClipLoss's local rows) unless `chunk_size` recomputes them.
+
+Normalisation (open_clip's): each rank divides by its local batch `B`, so
+`loss_r = -sum(logsigmoid over its B x N pairs) / B`. The mean of `loss_r` over ranks is the full-batch loss
+`-sum(over N x N) / N`, and since each rank's feature gradients sum every rank's contribution, DDP's
+averaging of parameter gradients gives exactly the full-batch gradient: W ranks x B train like 1 x W*B,
+as with `ClipLoss`. All ranks must use the same local batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.distributed import world
+
+
+class _PendingHop:
+    """One ring hop in flight: `tensor` sent to `send_to` while a same-shaped block comes from `recv_from`."""
+
+    def __init__(self, tensor: torch.Tensor, send_to: int, recv_from: int) -> None:
+        tensor = tensor.detach().contiguous()
+        self.received = torch.empty_like(tensor)
+        # One batch so that NCCL posts the send and the receive together (separately, every rank's send
+        # would wait for its neighbour's receive, queued behind that neighbour's own send: a cycle).
+        self.works = dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, self.received, recv_from)]
+        )
+        self._sent = tensor  # the buffer must stay alive until the send completes
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        return self.received
+
+
+def _ring_peers() -> tuple[int, int]:
+    """(left, right) neighbours of this rank on the ring."""
+    rank, size = world()
+    return (rank - 1) % size, (rank + 1) % size
+
+
+class _RingHop(torch.autograd.Function):
+    """The block received from the left neighbour, tied in autograd to the block this rank sent right.
+
+    Backward reverses the hop: the gradient of what came from the left goes back to the left neighbour,
+    and the gradient the right neighbour computed for what this rank sent comes back as `sent`'s gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, sent: torch.Tensor, pending: _PendingHop) -> torch.Tensor:
+        return pending.wait()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        left, right = _ring_peers()
+        return _PendingHop(grad, send_to=left, recv_from=right).wait(), None
+
+
+def _pair_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    first_positive: int | None,
+) -> torch.Tensor:
+    """Summed `-logsigmoid(label * logit)` over all pairs of `img` rows and `txt` rows.
+
+    Labels are -1 except +1 at (i, first_positive + i); `first_positive=None` marks a negatives-only block.
+    """
+    logits = scale * img @ txt.T + bias
+    labels = -torch.ones_like(logits)
+    if first_positive is not None:
+        rows = torch.arange(img.shape[0], device=img.device)
+        labels[rows, rows + first_positive] = 1.0
+    return -F.logsigmoid(labels * logits).sum()
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss over the global batch, negatives exchanged around the ring of ranks.
+
+    `chunk_size` tiles the local image rows of every block and recomputes each tile's logits in backward
+    instead of storing them, so saved activations are `chunk_size x B` per block rather than `B x B`.
+    """
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        super().__init__()
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """The loss of this rank's images against every rank's texts, divided by the local batch size."""
+        if image_features.shape[0] != text_features.shape[0]:
+            raise ValueError(
+                f"SigLipLoss needs as many texts as images, got {text_features.shape[0]} "
+                f"texts for {image_features.shape[0]} images"
+            )
+        _, size = world()
+        left, right = _ring_peers()
+        texts, total = text_features, image_features.new_zeros(())
+        for hop in range(size):
+            # Start passing this block on before scoring it, so the transfer overlaps the compute.
+            pending = _PendingHop(texts, send_to=right, recv_from=left) if hop < size - 1 else None
+            total = total + self._block(image_features, texts, logit_scale, logit_bias, positives=hop == 0)
+            if pending is not None:
+                texts = _RingHop.apply(texts, pending)
+        return total / image_features.shape[0]
+
+    def _block(self, img, txt, scale, bias, positives: bool) -> torch.Tensor:
+        """Summed pair losses of local images against one text block, tiled by `chunk_size` rows."""
+        n = img.shape[0]
+        step = self.chunk_size or n
+        tiled = self.chunk_size is not None and torch.is_grad_enabled()
+        total = img.new_zeros(())
+        for start in range(0, n, step):
+            first_positive = start if positives else None
+            args = (img[start : start + step], txt, scale, bias, first_positive)
+            if tiled:
+                total = total + checkpoint(_pair_loss, *args, use_reentrant=False)
+            else:
+                total = total + _pair_loss(*args)
+        return total
