@@ -7,8 +7,8 @@ With W ranks, each rank first scores its images against its own texts (the block
 then W-1 times passes the text block it holds to its right neighbour and takes one from its left, scoring
 each arriving block as negatives. The next hop's transfer is started before the current block is scored, so
 communication overlaps compute where the backend runs P2P asynchronously (NCCL; gloo too). Gradients of a
-received block travel back along the ring to the rank that owns those texts; in backward each hop waits for
-its transfer, since autograd needs the returned gradient before it goes on. Logits are computed one
+received block travel back along the ring to the rank that owns those texts, each return started before
+this rank scores the block backward and waited for after, so backward overlaps too. Logits are computed one
 `B x B` block at a time and the `N x N` global matrix never exists; autograd keeps each block's
 activations (`B x N` in all, as ClipLoss's local rows) unless `chunk_size` recomputes them.
 
@@ -30,23 +30,18 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.distributed import world
 
 
-class _PendingHop:
-    """One ring hop in flight: `tensor` sent to `send_to` while a same-shaped block comes from `recv_from`."""
+def _exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> tuple[torch.Tensor, list]:
+    """Start sending `tensor` to `send_to` and receiving a same-shaped block from `recv_from`.
 
-    def __init__(self, tensor: torch.Tensor, send_to: int, recv_from: int) -> None:
-        tensor = tensor.detach().contiguous()
-        self.received = torch.empty_like(tensor)
-        # One batch so that NCCL posts the send and the receive together (separately, every rank's send
-        # would wait for its neighbour's receive, queued behind that neighbour's own send: a cycle).
-        self.works = dist.batch_isend_irecv(
-            [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, self.received, recv_from)]
-        )
-        self._sent = tensor  # the buffer must stay alive until the send completes
-
-    def wait(self) -> torch.Tensor:
-        for work in self.works:
-            work.wait()
-        return self.received
+    Returns the receive buffer and the works to wait on; the caller keeps `tensor` alive until then.
+    """
+    received = torch.empty_like(tensor)
+    # One batch so that NCCL posts the send and the receive together (separately, every rank's send
+    # would wait for its neighbour's receive, queued behind that neighbour's own send: a cycle).
+    works = dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, received, recv_from)]
+    )
+    return received, works
 
 
 def _ring_peers() -> tuple[int, int]:
@@ -55,21 +50,70 @@ def _ring_peers() -> tuple[int, int]:
     return (rank - 1) % size, (rank + 1) % size
 
 
-class _RingHop(torch.autograd.Function):
-    """The block received from the left neighbour, tied in autograd to the block this rank sent right.
+class _Hop:
+    """One hop of a text block around the ring, both ways.
 
-    Backward reverses the hop: the gradient of what came from the left goes back to the left neighbour,
-    and the gradient the right neighbour computed for what this rank sent comes back as `sent`'s gradient.
+    Forward: this rank's block goes right while the left neighbour's arrives. Backward, in reverse: the
+    arrived block's gradient goes back left while, from the right, comes the gradient the other ranks
+    computed for the block this rank sent. Each direction is started early and waited for late, so the
+    transfer overlaps the scoring of a block (forward) and its gradient (backward).
+    """
+
+    def __init__(self, texts: torch.Tensor) -> None:
+        self.left, self.right = _ring_peers()
+        self.sent = texts.detach().contiguous()  # alive until the send completes
+        self.arrived, self.works = _exchange(self.sent, send_to=self.right, recv_from=self.left)
+        self.grad_sent: torch.Tensor | None = None
+
+    def wait_arrival(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        return self.arrived
+
+    def start_return(self, grad: torch.Tensor) -> None:
+        self.grad_sent = grad.contiguous()
+        self.returned, self.works = _exchange(self.grad_sent, send_to=self.left, recv_from=self.right)
+
+    def wait_return(self) -> torch.Tensor:
+        if self.grad_sent is None:
+            raise RuntimeError("SigLipLoss ring: backward of a hop ran before its gradient was sent")
+        for work in self.works:
+            work.wait()
+        return self.returned
+
+
+class _Departure(torch.autograd.Function):
+    """Identity on the block this rank sends; its backward adds the gradient that comes back for it.
+
+    Autograd runs this after the block has been scored backward here, so that compute overlaps the return.
     """
 
     @staticmethod
-    def forward(ctx, sent: torch.Tensor, pending: _PendingHop) -> torch.Tensor:
-        return pending.wait()
+    def forward(ctx, texts: torch.Tensor, hop: _Hop) -> torch.Tensor:
+        ctx.hop = hop
+        return texts.view_as(texts)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        left, right = _ring_peers()
-        return _PendingHop(grad, send_to=left, recv_from=right).wait(), None
+        return grad + ctx.hop.wait_return(), None
+
+
+class _Arrival(torch.autograd.Function):
+    """The block arrived from the left neighbour; its backward starts that block's gradient on its way back.
+
+    `departed` (the `_Departure` output) only ties the two in the graph: its gradient comes over the network
+    and is added in `_Departure.backward`.
+    """
+
+    @staticmethod
+    def forward(ctx, departed: torch.Tensor, hop: _Hop) -> torch.Tensor:
+        ctx.hop = hop
+        return hop.wait_arrival()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
+        ctx.hop.start_return(grad)
+        return None, None
 
 
 def _pair_loss(
@@ -118,14 +162,15 @@ class SigLipLoss(nn.Module):
                 f"texts for {image_features.shape[0]} images"
             )
         _, size = world()
-        left, right = _ring_peers()
         texts, total = text_features, image_features.new_zeros(())
-        for hop in range(size):
-            # Start passing this block on before scoring it, so the transfer overlaps the compute.
-            pending = _PendingHop(texts, send_to=right, recv_from=left) if hop < size - 1 else None
-            total = total + self._block(image_features, texts, logit_scale, logit_bias, positives=hop == 0)
-            if pending is not None:
-                texts = _RingHop.apply(texts, pending)
+        for step in range(size):
+            hop = None
+            if step < size - 1:  # pass this block on before scoring it: the transfer overlaps the compute
+                hop = _Hop(texts)
+                texts = _Departure.apply(texts, hop)
+            total = total + self._block(image_features, texts, logit_scale, logit_bias, positives=step == 0)
+            if hop is not None:
+                texts = _Arrival.apply(texts, hop)
         return total / image_features.shape[0]
 
     def _block(self, img, txt, scale, bias, positives: bool) -> torch.Tensor:
