@@ -116,6 +116,11 @@ class _Arrival(torch.autograd.Function):
         return None, None
 
 
+def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp32, or the tensor's dtype when wider (fp64 stays fp64)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def _pair_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
@@ -126,13 +131,14 @@ def _pair_loss(
     """Summed `-logsigmoid(label * logit)` over all pairs of `img` rows and `txt` rows.
 
     Labels are -1 except +1 at (i, first_positive + i); `first_positive=None` marks a negatives-only block.
+    The sum is taken in fp32 at least: in bf16 a sum of B x N terms would keep only ~3 significant digits.
     """
     logits = scale * img @ txt.T + bias
     labels = -torch.ones_like(logits)
     if first_positive is not None:
         rows = torch.arange(img.shape[0], device=img.device)
         labels[rows, rows + first_positive] = 1.0
-    return -F.logsigmoid(labels * logits).sum()
+    return -F.logsigmoid(labels * logits).sum(dtype=_accumulation_dtype(logits))
 
 
 class SigLipLoss(nn.Module):
@@ -162,7 +168,7 @@ class SigLipLoss(nn.Module):
                 f"texts for {image_features.shape[0]} images"
             )
         _, size = world()
-        texts, total = text_features, image_features.new_zeros(())
+        texts, total = text_features, image_features.new_zeros((), dtype=_accumulation_dtype(image_features))
         for step in range(size):
             hop = None
             if step < size - 1:  # pass this block on before scoring it: the transfer overlaps the compute
@@ -178,7 +184,7 @@ class SigLipLoss(nn.Module):
         n = img.shape[0]
         step = self.chunk_size or n
         tiled = self.chunk_size is not None and torch.is_grad_enabled()
-        total = img.new_zeros(())
+        total = img.new_zeros((), dtype=_accumulation_dtype(img))
         for start in range(0, n, step):
             first_positive = start if positives else None
             args = (img[start : start + step], txt, scale, bias, first_positive)
