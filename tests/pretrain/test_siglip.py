@@ -3,6 +3,7 @@ and split over ranks that pass texts around the ring; the tiny-siglip model buil
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -122,6 +123,16 @@ def test_tiny_siglip_builds_with_sigmoid_init_and_clip_tokenizer():
     out = model(torch.rand(2, 3, 64, 64), bundle.tokenizer(["a red circle", "a blue square"]))
     assert out["logit_bias"].item() == -10.0
     assert out["image_features"].shape == out["text_features"].shape == (2, 128)
+
+
+def test_tiny_siglip_tokenizer_is_the_one_open_clip_loads_from_an_export(tmp_path):
+    """What open_clip picks for the config in an export folder (`local-dir:`) tokenizes identically."""
+    bundle = build_model(ModelConfig(name="tiny-siglip"))
+    config = {"model_cfg": open_clip.get_model_config("tiny-siglip")}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    exported = open_clip.get_tokenizer(f"local-dir:{tmp_path}")
+    captions = ["a red circle on a blue ground", "two small green squares"]
+    assert torch.equal(bundle.tokenizer(captions), exported(captions))
 
 
 def test_sgd_steps_on_tiny_siglip_reduce_the_loss():
