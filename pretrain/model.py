@@ -94,6 +94,22 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
     raise ConfigError(f"model.pretrained: unknown tag {pretrained!r} for {name}{hint}; {known}")
 
 
+def build_tokenizer(name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for model `name`.
+
+    open_clip takes any bare name containing "siglip" whose config names no HF tokenizer for one of its
+    T5 SigLIP tokenizers (which need `transformers` and a download). A config like `tiny-siglip` means
+    open_clip's own BPE tokenizer, which is also what open_clip picks when it loads the export (`local-dir:`).
+    """
+    config = None if name.startswith(SCHEMAS) else open_clip.get_model_config(name)
+    text_cfg = (config or {}).get("text_cfg", {})
+    if "siglip" in name.lower() and config and not text_cfg.get("hf_tokenizer_name"):
+        return open_clip.SimpleTokenizer(
+            context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {})
+        )
+    return open_clip.get_tokenizer(name)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
     """Create the model (fp32 weights; autocast handles bf16) with its tokenizer and transforms."""
     name = resolve_model_name(cfg.name)
@@ -111,7 +127,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
         init_uninitialised(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
-    return ModelBundle(model, open_clip.get_tokenizer(name), preprocess_train, preprocess_val, name)
+    return ModelBundle(model, build_tokenizer(name), preprocess_train, preprocess_val, name)
 
 
 def init_uninitialised(model: torch.nn.Module) -> None:

@@ -92,8 +92,10 @@ def one_line_exit_2(args: list[str], run_dir) -> str:
 
 def test_model_errors_are_one_line_before_anything_is_written(tmp_path):
     missing = tmp_path / "weights.safetensors"
+    # The closest name first; other configs in configs/models/ (tiny-siglip, ...) may follow it.
+    line = one_line_exit_2(["model.name=tiny-clp"], tmp_path)
+    assert line.startswith("pretrain: error: model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'")
     cases = {
-        "model.name=tiny-clp": "model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'?)",
         "model.pretrained=laion2b": "model.pretrained: unknown tag 'laion2b' for tiny-clip; "
         "open_clip has no pretrained tags for tiny-clip (give a weights file)",
         f"model.pretrained={missing}": f"model.pretrained: weights file not found: {missing}",

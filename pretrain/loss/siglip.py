@@ -1,0 +1,195 @@
+"""SigLIP's pairwise sigmoid loss, with other ranks' texts passed peer-to-peer around the ring.
+
+Every (image, text) pair is its own binary decision: the matching pair is a positive, every other pair a
+negative, scored by `logsigmoid(label * (scale * img @ txt.T + bias))` (open_clip's `SigLipLoss`).
+
+With W ranks, each rank first scores its images against its own texts (the block holding the positives),
+then W-1 times passes the text block it holds to its right neighbour and takes one from its left, scoring
+each arriving block as negatives. The next hop's transfer is started before the current block is scored, so
+communication overlaps compute where the backend runs P2P asynchronously (NCCL; gloo too). Gradients of a
+received block travel back along the ring to the rank that owns those texts, each return started before
+this rank scores the block backward and waited for after, so backward overlaps too. Logits are computed one
+`B x B` block at a time and the `N x N` global matrix never exists; autograd keeps each block's
+activations (`B x N` in all, as ClipLoss's local rows) unless `chunk_size` recomputes them.
+
+Normalisation (open_clip's): each rank divides by its local batch `B`, so
+`loss_r = -sum(logsigmoid over its B x N pairs) / B`. The mean of `loss_r` over ranks is the full-batch loss
+`-sum(over N x N) / N`, and since each rank's feature gradients sum every rank's contribution, DDP's
+averaging of parameter gradients gives exactly the full-batch gradient: W ranks x B train like 1 x W*B,
+as with `ClipLoss`. All ranks must use the same local batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.distributed import world
+
+
+def _exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> tuple[torch.Tensor, list]:
+    """Start sending `tensor` to `send_to` and receiving a same-shaped block from `recv_from`.
+
+    Returns the receive buffer and the works to wait on; the caller keeps `tensor` alive until then.
+    """
+    received = torch.empty_like(tensor)
+    # One batch so that NCCL posts the send and the receive together (separately, every rank's send
+    # would wait for its neighbour's receive, queued behind that neighbour's own send: a cycle).
+    works = dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, received, recv_from)]
+    )
+    return received, works
+
+
+def _ring_peers() -> tuple[int, int]:
+    """(left, right) neighbours of this rank on the ring."""
+    rank, size = world()
+    return (rank - 1) % size, (rank + 1) % size
+
+
+class _Hop:
+    """One hop of a text block around the ring, both ways.
+
+    Forward: this rank's block goes right while the left neighbour's arrives. Backward, in reverse: the
+    arrived block's gradient goes back left while, from the right, comes the gradient the other ranks
+    computed for the block this rank sent. Each direction is started early and waited for late, so the
+    transfer overlaps the scoring of a block (forward) and its gradient (backward).
+    """
+
+    def __init__(self, texts: torch.Tensor) -> None:
+        self.left, self.right = _ring_peers()
+        self.sent = texts.detach().contiguous()  # alive until the send completes
+        self.arrived, self.works = _exchange(self.sent, send_to=self.right, recv_from=self.left)
+        self.grad_sent: torch.Tensor | None = None
+
+    def wait_arrival(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        return self.arrived
+
+    def start_return(self, grad: torch.Tensor) -> None:
+        self.grad_sent = grad.contiguous()
+        self.returned, self.works = _exchange(self.grad_sent, send_to=self.left, recv_from=self.right)
+
+    def wait_return(self) -> torch.Tensor:
+        if self.grad_sent is None:
+            raise RuntimeError("SigLipLoss ring: backward of a hop ran before its gradient was sent")
+        for work in self.works:
+            work.wait()
+        return self.returned
+
+
+class _Departure(torch.autograd.Function):
+    """Identity on the block this rank sends; its backward adds the gradient that comes back for it.
+
+    Autograd runs this after the block has been scored backward here, so that compute overlaps the return.
+    """
+
+    @staticmethod
+    def forward(ctx, texts: torch.Tensor, hop: _Hop) -> torch.Tensor:
+        ctx.hop = hop
+        return texts.view_as(texts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad + ctx.hop.wait_return(), None
+
+
+class _Arrival(torch.autograd.Function):
+    """The block arrived from the left neighbour; its backward starts that block's gradient on its way back.
+
+    `departed` (the `_Departure` output) only ties the two in the graph: its gradient comes over the network
+    and is added in `_Departure.backward`.
+    """
+
+    @staticmethod
+    def forward(ctx, departed: torch.Tensor, hop: _Hop) -> torch.Tensor:
+        ctx.hop = hop
+        return hop.wait_arrival()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
+        ctx.hop.start_return(grad)
+        return None, None
+
+
+def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp32, or the tensor's dtype when wider (fp64 stays fp64)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _pair_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    first_positive: int | None,
+) -> torch.Tensor:
+    """Summed `-logsigmoid(label * logit)` over all pairs of `img` rows and `txt` rows.
+
+    Labels are -1 except +1 at (i, first_positive + i); `first_positive=None` marks a negatives-only block.
+    The sum is taken in fp32 at least: in bf16 a sum of B x N terms would keep only ~3 significant digits.
+    """
+    logits = scale * img @ txt.T + bias
+    labels = -torch.ones_like(logits)
+    if first_positive is not None:
+        rows = torch.arange(img.shape[0], device=img.device)
+        labels[rows, rows + first_positive] = 1.0
+    return -F.logsigmoid(labels * logits).sum(dtype=_accumulation_dtype(logits))
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss over the global batch, negatives exchanged around the ring of ranks.
+
+    `chunk_size` tiles the local image rows of every block and recomputes each tile's logits in backward
+    instead of storing them, so saved activations are `chunk_size x B` per block rather than `B x B`.
+    """
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        super().__init__()
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """The loss of this rank's images against every rank's texts, divided by the local batch size."""
+        if image_features.shape[0] != text_features.shape[0]:
+            raise ValueError(
+                f"SigLipLoss needs as many texts as images, got {text_features.shape[0]} "
+                f"texts for {image_features.shape[0]} images"
+            )
+        _, size = world()
+        texts, total = text_features, image_features.new_zeros((), dtype=_accumulation_dtype(image_features))
+        for step in range(size):
+            hop = None
+            if step < size - 1:  # pass this block on before scoring it: the transfer overlaps the compute
+                hop = _Hop(texts)
+                texts = _Departure.apply(texts, hop)
+            total = total + self._block(image_features, texts, logit_scale, logit_bias, positives=step == 0)
+            if hop is not None:
+                texts = _Arrival.apply(texts, hop)
+        return total / image_features.shape[0]
+
+    def _block(self, img, txt, scale, bias, positives: bool) -> torch.Tensor:
+        """Summed pair losses of local images against one text block, tiled by `chunk_size` rows."""
+        n = img.shape[0]
+        step = self.chunk_size or n
+        tiled = self.chunk_size is not None and torch.is_grad_enabled()
+        total = img.new_zeros((), dtype=_accumulation_dtype(img))
+        for start in range(0, n, step):
+            first_positive = start if positives else None
+            args = (img[start : start + step], txt, scale, bias, first_positive)
+            if tiled:
+                total = total + checkpoint(_pair_loss, *args, use_reentrant=False)
+            else:
+                total = total + _pair_loss(*args)
+        return total
