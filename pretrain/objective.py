@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pretrain.config import Config, ConfigError, LossConfig
-from pretrain.loss import ClipLoss
+from pretrain.loss import ClipLoss, SigLipLoss
 
 MODEL_KINDS = {
     "coca": "an open_clip CoCa model (contrastive + captioning)",
@@ -107,22 +107,38 @@ class Objective:
         return sum(self.weights[name] * parts[name] for name in self.parts)
 
 
-class ClipObjective(Objective):
-    """CLIP InfoNCE with gathered negatives (`pretrain.loss.ClipLoss`), tiled by `loss.chunk_size`."""
+class _OnlyContrastive(Objective):
+    """An objective whose one part is a contrastive loss module built with `loss.chunk_size`."""
 
-    name = "clip"
+    loss_class: type[nn.Module]
 
     def __init__(self, cfg: LossConfig) -> None:
         if cfg.clip_weight <= 0:
             raise ConfigError(f"loss.clip_weight: must be > 0 for loss.name={self.name} (its only part)")
         super().__init__({"contrastive": cfg.clip_weight})
-        self.loss = ClipLoss(cfg.chunk_size)
+        self.loss = self.loss_class(cfg.chunk_size)
+
+
+class ClipObjective(_OnlyContrastive):
+    """CLIP InfoNCE with gathered negatives (`pretrain.loss.ClipLoss`), tiled by `loss.chunk_size`."""
+
+    name, loss_class = "clip", ClipLoss
 
     def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
         return self.loss(image_features, text_features, logit_scale)
 
 
-BUILDERS: dict[str, Callable[[LossConfig], Objective]] = {"clip": ClipObjective}
+class SigLipObjective(_OnlyContrastive):
+    """The pairwise sigmoid loss with a learnable bias, texts passed around the ring of ranks
+    (`pretrain.loss.SigLipLoss`), tiled by `loss.chunk_size`."""
+
+    name, loss_class = "siglip", SigLipLoss
+
+    def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+        return self.loss(image_features, text_features, logit_scale, logit_bias)
+
+
+BUILDERS: dict[str, Callable[[LossConfig], Objective]] = {"clip": ClipObjective, "siglip": SigLipObjective}
 """The objective of each `loss.name` that is built."""
 
 

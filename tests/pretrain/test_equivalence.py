@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 STEPS = 5
 
 
-def train(tmp: Path, name: str, nproc: int, batch: int, accum: int = 1) -> Path:
+def train(tmp: Path, name: str, nproc: int, batch: int, accum: int = 1, model: str = "tiny-clip") -> Path:
     args = [
         "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp}", f"run.name={name}",
         f"train.steps={STEPS}", f"train.batch_size={batch}", f"train.accum_steps={accum}",
-        "log.every=1", "data.train=synthetic", "train.precision=fp32",
+        "log.every=1", "data.train=synthetic", "train.precision=fp32", f"model.name={model}",
     ]  # fmt: skip
     proc = torchrun(nproc, args) if nproc > 1 else run_cmd([sys.executable, *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,6 +39,18 @@ def compare(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("ref"), "one-rank-b16", nproc=1, batch=16)
+
+
+@pytest.fixture(scope="module")
+def siglip_reference(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("siglip-ref"), "siglip-b16", nproc=1, batch=16, model="tiny-siglip")
+
+
+def test_siglip_two_ranks_with_accumulation_equal_one_rank(siglip_reference, tmp_path):
+    """The sigmoid loss with texts passed around the ring, and accumulation, trains like the full batch."""
+    run = train(tmp_path, "siglip-two-ranks-b4-accum2", nproc=2, batch=4, accum=2, model="tiny-siglip")
+    compare(run, siglip_reference)
+    assert all("loss_contrastive" in r for r in read_jsonl(run / "metrics.jsonl"))
 
 
 def test_two_ranks_equal_one_rank_double_batch(reference, tmp_path):
