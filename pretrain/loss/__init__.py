@@ -2,5 +2,6 @@
 SigLIP and CoCa losses as they land. `pretrain.loss.ClipLoss` is the contract's import path."""
 
 from pretrain.loss.clip import ClipLoss
+from pretrain.loss.coca import CoCaLoss, caption_loss, count_target_tokens
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "CoCaLoss", "caption_loss", "count_target_tokens"]
