@@ -94,6 +94,16 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
     raise ConfigError(f"model.pretrained: unknown tag {pretrained!r} for {name}{hint}; {known}")
 
 
+def _init_caption_projection(model: torch.nn.Module) -> None:
+    """open_clip's CoCa leaves its text decoder's output projection as `torch.empty` (the decoder's
+    `init_parameters` is never called; open_clip PR #551): it starts as whatever that memory held, zeros or
+    garbage, different per process. Give it the init that method meant: normal, std width**-0.5."""
+    projection = getattr(getattr(model, "text_decoder", None), "text_projection", None)
+    if isinstance(projection, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
     """Create the model (fp32 weights; autocast handles bf16) with its tokenizer and transforms."""
     name = resolve_model_name(cfg.name)
@@ -107,6 +117,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"model.pretrained: cannot load {cfg.pretrained!r} for {name}: {reason}") from None
+    if cfg.pretrained is None and not name.startswith(SCHEMAS):  # weights that were loaded stay
+        _init_caption_projection(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     return ModelBundle(model, open_clip.get_tokenizer(name), preprocess_train, preprocess_val, name)

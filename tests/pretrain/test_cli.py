@@ -62,7 +62,7 @@ def test_config_refuses_what_train_refuses():
     assert proc.returncode == 2 and proc.stdout == ""
     assert (
         proc.stderr.strip()
-        == "pretrain config: error: model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'?)"
+        == "pretrain config: error: model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip' or 'tiny-coca'?)"
     )
 
 

@@ -93,7 +93,7 @@ def one_line_exit_2(args: list[str], run_dir) -> str:
 def test_model_errors_are_one_line_before_anything_is_written(tmp_path):
     missing = tmp_path / "weights.safetensors"
     cases = {
-        "model.name=tiny-clp": "model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'?)",
+        "model.name=tiny-clp": "model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip' or 'tiny-coca'?)",
         "model.pretrained=laion2b": "model.pretrained: unknown tag 'laion2b' for tiny-clip; "
         "open_clip has no pretrained tags for tiny-clip (give a weights file)",
         f"model.pretrained={missing}": f"model.pretrained: weights file not found: {missing}",
