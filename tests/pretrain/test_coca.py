@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import torchrun
+from helpers import run_cmd, torchrun
 from open_clip.loss import CoCaLoss as OpenClipCoCaLoss
 
 from pretrain.config import ModelConfig
@@ -61,7 +61,6 @@ def test_tiny_coca_builds_with_open_clip_tokenizer_and_outputs_a_dict(batch):
     model, tokenizer = build_tiny_coca(torch.float32)
     assert isinstance(model, open_clip.CoCa)
     assert isinstance(tokenizer, open_clip.SimpleTokenizer)  # no Hugging Face tokenizer, no transformers
-    assert "transformers" not in sys.modules
     images, texts = batch
     out = model(images.float(), texts)
     assert {"image_features", "text_features", "logit_scale", "logits", "labels"} <= set(out)
@@ -82,6 +81,26 @@ def test_caption_projection_is_initialised_whatever_memory_held(monkeypatch):
     assert [n for n, p in model.named_parameters() if not torch.isfinite(p).all()] == []
     std = model.text_decoder.text_projection.std().item()
     assert abs(std / 128**-0.5 - 1) < 0.05  # normal, std width**-0.5 (open_clip's intent)
+
+
+NO_TRANSFORMERS = """
+import sys
+sys.modules["transformers"] = None  # any `import transformers` now fails
+import torch
+from pretrain.config import ModelConfig
+from pretrain.model import build_model
+bundle = build_model(ModelConfig(name="tiny-coca"))
+out = bundle.model(torch.randn(2, 3, 64, 64), bundle.tokenizer(["a red circle", "two cats"]))
+print(sorted(out))
+"""
+
+
+def test_tiny_coca_needs_no_transformers():
+    proc = run_cmd([sys.executable, "-c", NO_TRANSFORMERS])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == str(
+        sorted(["image_features", "text_features", "logits", "logit_scale", "labels"])
+    )
 
 
 def test_count_target_tokens_counts_every_predicted_token(batch):
