@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from pretrain.config import Config, ConfigError, LossConfig
+from pretrain.distributed import world
 from pretrain.loss import ClipLoss, SigLipLoss
+from pretrain.loss.coca import PAD_ID, caption_loss, local_target_tokens
 
 MODEL_KINDS = {
     "coca": "an open_clip CoCa model (contrastive + captioning)",
@@ -138,7 +140,35 @@ class SigLipObjective(_OnlyContrastive):
         return self.loss(image_features, text_features, logit_scale, logit_bias)
 
 
-BUILDERS: dict[str, Callable[[LossConfig], Objective]] = {"clip": ClipObjective, "siglip": SigLipObjective}
+class CoCaObjective(Objective):
+    """CoCa: `loss.clip_weight` x InfoNCE with gathered negatives (as `clip`) + `loss.caption_weight` x the
+    caption cross-entropy (teacher forcing, padding ignored) over the step's global target-token count,
+    times the world size for DDP's gradient mean (`pretrain.loss.coca`)."""
+
+    name = "coca"
+    parts = ("contrastive", "caption")
+    needs_token_count = True
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__({"contrastive": cfg.clip_weight, "caption": cfg.caption_weight})
+        self.loss = ClipLoss(cfg.chunk_size)
+
+    def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+        return self.loss(image_features, text_features, logit_scale)
+
+    def per_micro(self, output: dict, texts: torch.Tensor, token_count: torch.Tensor | None) -> dict:
+        logits = output["logits"].float()
+        return {"caption": world()[1] * caption_loss(logits, output["labels"], PAD_ID, token_count)}
+
+    def target_tokens(self, texts: torch.Tensor) -> torch.Tensor:
+        return local_target_tokens(texts, PAD_ID)
+
+
+BUILDERS: dict[str, Callable[[LossConfig], Objective]] = {
+    "clip": ClipObjective,
+    "siglip": SigLipObjective,
+    "coca": CoCaObjective,
+}
 """The objective of each `loss.name` that is built."""
 
 

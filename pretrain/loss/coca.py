@@ -1,0 +1,107 @@
+"""CoCa's loss: contrastive (CLIP, negatives gathered from every rank) + caption cross-entropy.
+
+open_clip's CoCa forward teacher-forces the text decoder: `labels = text[:, 1:]` and `logits[:, i]` predicts
+`labels[:, i]`; padding (`pad_id`, 0 for open_clip's tokenizer) is ignored, as in open_clip's `CoCaLoss`
+(`ignore_index=pad_id`). open_clip averages the token cross-entropies over one batch's own non-pad targets,
+so a batch split across ranks or micro-steps would weigh a short caption's tokens more on one rank than on
+another. Here the summed token cross-entropies are divided by the number of target tokens of the whole step
+(all micro-batches, all ranks): splitting the batch then changes nothing, whatever the caption lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.distributed import world
+from pretrain.loss.clip import ClipLoss
+
+PAD_ID = 0  # open_clip's SimpleTokenizer pads with 0; CoCa's `pad_id` defaults to it
+
+
+def local_target_tokens(texts: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Positions of one micro-batch that contribute to the caption loss: `text[:, 1:]` minus padding
+    (int64 tensor on the texts' device)."""
+    return (texts[:, 1:] != pad_id).sum().to(torch.int64)
+
+
+def count_target_tokens(texts: Sequence[torch.Tensor] | torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Number of positions that contribute to the caption loss over one optimizer step.
+
+    `texts`: the token tensors of every micro-batch of this rank (or one tensor). The targets are
+    `text[:, 1:]` (the start token is never predicted) minus padding. Summed locally, then over ranks
+    when a process group is initialised, so every rank gets the same global count (int64 tensor).
+    """
+    if isinstance(texts, torch.Tensor):
+        texts = [texts]
+    if not texts:
+        raise ValueError("count_target_tokens needs at least one micro-batch of texts")
+    count = sum(local_target_tokens(t, pad_id) for t in texts)
+    if world()[1] > 1:
+        dist.all_reduce(count)
+    return count
+
+
+def caption_loss(
+    logits: torch.Tensor, labels: torch.Tensor, pad_id: int, token_count: torch.Tensor | int
+) -> torch.Tensor:
+    """Summed token cross-entropy of `logits` (B, L, V) against `labels` (B, L), padding ignored, divided
+    by `token_count` (from `count_target_tokens`, the step's global number of targets).
+
+    With one process and `token_count` the batch's own count, this is open_clip's caption loss. Summed
+    over micro-batches it is the caption loss of the step's whole batch on this rank's share. Under DDP,
+    which AVERAGES gradients over W ranks, the per-rank loss must be multiplied by W (as `CoCaLoss` does)
+    for W ranks x B to train exactly like 1 rank x W*B; the mean over ranks of the W-scaled values is then
+    the global caption loss, the same convention as `ClipLoss`.
+    """
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=pad_id, reduction="sum"
+    )
+    count = torch.as_tensor(token_count, device=total.device)
+    return total / count.clamp_min(1).to(total.dtype)  # all-pad batches: 0, not NaN
+
+
+class CoCaLoss(nn.Module):
+    """`clip_weight` x contrastive + `caption_weight` x caption loss; returns (total, parts), the parts
+    unweighted and detached (for logging).
+
+    Each value is this rank's share scaled so that DDP's gradient average over ranks gives the full-batch
+    gradient (the contrastive part through `ClipLoss`'s gathered negatives, the caption part through the
+    factor W = world size); the mean over ranks of each part is the full batch's value. Under gradient
+    accumulation, the caption parts of the micro-steps add up to the step's caption loss (call this once
+    per micro-batch with the step's `token_count` and sum), while the contrastive part of each micro-step
+    is already the loss of the whole accumulated batch. Defaults follow open_clip's training defaults
+    (`--coca-contrastive-loss-weight 1`, `--coca-caption-loss-weight 2`).
+    """
+
+    def __init__(
+        self,
+        clip_weight: float = 1.0,
+        caption_weight: float = 2.0,
+        pad_id: int = PAD_ID,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.clip_weight, self.caption_weight, self.pad_id = clip_weight, caption_weight, pad_id
+        self.clip_loss = ClipLoss(chunk_size=chunk_size)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        token_count: torch.Tensor | int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.clip_weight:
+            contrastive = self.clip_loss(image_features, text_features, logit_scale)
+        else:  # as open_clip: no contrastive graph at all (the logit scale gets no gradient)
+            contrastive = logits.new_zeros(())
+        caption = world()[1] * caption_loss(logits, labels, self.pad_id, token_count)
+        total = self.clip_weight * contrastive + self.caption_weight * caption
+        return total, {"contrastive": contrastive.detach(), "caption": caption.detach()}
