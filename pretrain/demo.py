@@ -21,17 +21,20 @@ from pretrain.trainer import Trainer
 TARGET_TOP1 = 0.90
 
 
-def train_demo(config: str, data: Path, overrides: list[str]) -> tuple[dict, Path]:
-    """Train on the demo shards; returns the final zero-shot result and the run directory."""
+def train_demo(config: str, data: Path, overrides: list[str]) -> tuple[dict | None, Path]:
+    """Train on the demo shards; returns the final zero-shot result (None when a signal stopped the run
+    before it) and the run directory."""
     spec = json.loads((data / "demo.json").read_text())["train"]
     cfg = load_config(config, [f"data.train={data / spec}", f"eval.zeroshot={data}", *overrides])
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer = Trainer(cfg)
     try:
         trainer.train()
-        evals = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("eval") == "zeroshot"]
     finally:
         trainer.close()
+    if trainer.preempted:
+        return None, cfg.run_dir
+    evals = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("eval") == "zeroshot"]
     return evals[-1], cfg.run_dir
 
 
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         write_demo_data(args.data)
     times["demo data"] = time.perf_counter() - start
     result, run_dir = train_demo(args.config, args.data, args.overrides)
+    if result is None:
+        print(f"demo: stopped by a signal before the final evaluation; the run so far is in {run_dir}")
+        return 1
     times["train + eval"] = time.perf_counter() - start - times["demo data"]
     export(run_dir, run_dir / "export")
     times["total"] = time.perf_counter() - start

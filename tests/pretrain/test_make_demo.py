@@ -31,3 +31,25 @@ def test_demo_reaches_target_and_prints_its_time(tmp_path):
     assert top1 >= 0.90
     assert re.search(r"time: total\s+[0-9.]+ s", proc.stdout)
     assert (tmp_path / "runs/demo/export/open_clip_model.safetensors").is_file()
+
+
+def test_demo_stopped_by_a_signal_says_so_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    import pretrain.demo as demo
+
+    class StoppedTrainer:  # what a SIGTERM leaves: train() returns early, without the final evaluation
+        preempted = True
+
+        def __init__(self, cfg) -> None:
+            pass
+
+        def train(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(demo, "Trainer", StoppedTrainer)
+    monkeypatch.setattr(demo, "write_demo_data", lambda folder: None)
+    (tmp_path / "demo.json").write_text('{"train": "train/{00000..00001}.tar"}')
+    assert demo.main(["--data", str(tmp_path), f"run.dir={tmp_path}"]) == 1
+    assert "stopped by a signal before the final evaluation" in capsys.readouterr().out
