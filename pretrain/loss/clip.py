@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pretrain.distributed import all_gather_with_grad, world
+from pretrain.loss.tiling import RowTiledLoss
 
 
 def _directional_ce(
@@ -22,18 +21,12 @@ def _directional_ce(
     return F.cross_entropy(scale * queries @ keys.T, labels, reduction="sum")
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(RowTiledLoss):
     """Symmetric InfoNCE over the global batch.
 
     `chunk_size` tiles the local rows: each tile's logits are recomputed in backward instead of stored,
     so activation memory is `chunk_size x global_batch` rather than `local_batch x global_batch`.
     """
-
-    def __init__(self, chunk_size: int | None = None) -> None:
-        super().__init__()
-        if chunk_size is not None and chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.chunk_size = chunk_size
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
@@ -44,8 +37,7 @@ class ClipLoss(nn.Module):
         all_texts = all_gather_with_grad(text_features)
         labels = torch.arange(n, device=image_features.device) + rank * n
         total = image_features.new_zeros(())
-        for start in range(0, n, self.chunk_size or n):
-            rows = slice(start, start + (self.chunk_size or n))
+        for rows in self.row_tiles(n):
             total = total + self._tile(
                 image_features[rows], text_features[rows], all_images, all_texts, labels[rows], logit_scale
             )
@@ -57,6 +49,4 @@ class ClipLoss(nn.Module):
                 txt, all_images, labels, scale
             )
 
-        if self.chunk_size is None or not torch.is_grad_enabled():
-            return both(img, txt, all_images, all_texts, scale)
-        return checkpoint(both, img, txt, all_images, all_texts, scale, use_reentrant=False)
+        return self.tile(both, img, txt, all_images, all_texts, scale)

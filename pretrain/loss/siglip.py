@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pretrain.distributed import world
+from pretrain.loss.tiling import RowTiledLoss
 
 
 def _exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> tuple[torch.Tensor, list]:
@@ -141,18 +140,12 @@ def _pair_loss(
     return -F.logsigmoid(labels * logits).sum(dtype=_accumulation_dtype(logits))
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(RowTiledLoss):
     """Pairwise sigmoid loss over the global batch, negatives exchanged around the ring of ranks.
 
     `chunk_size` tiles the local image rows of every block and recomputes each tile's logits in backward
     instead of storing them, so saved activations are `chunk_size x B` per block rather than `B x B`.
     """
-
-    def __init__(self, chunk_size: int | None = None) -> None:
-        super().__init__()
-        if chunk_size is not None and chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.chunk_size = chunk_size
 
     def forward(
         self,
@@ -181,15 +174,8 @@ class SigLipLoss(nn.Module):
 
     def _block(self, img, txt, scale, bias, positives: bool) -> torch.Tensor:
         """Summed pair losses of local images against one text block, tiled by `chunk_size` rows."""
-        n = img.shape[0]
-        step = self.chunk_size or n
-        tiled = self.chunk_size is not None and torch.is_grad_enabled()
         total = img.new_zeros((), dtype=_accumulation_dtype(img))
-        for start in range(0, n, step):
-            first_positive = start if positives else None
-            args = (img[start : start + step], txt, scale, bias, first_positive)
-            if tiled:
-                total = total + checkpoint(_pair_loss, *args, use_reentrant=False)
-            else:
-                total = total + _pair_loss(*args)
+        for rows in self.row_tiles(img.shape[0]):
+            first_positive = rows.start if positives else None
+            total = total + self.tile(_pair_loss, img[rows], txt, scale, bias, first_positive)
         return total
