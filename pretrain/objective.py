@@ -29,7 +29,7 @@ from torch import nn
 from pretrain.config import Config, ConfigError, LossConfig
 from pretrain.distributed import world
 from pretrain.loss import ClipLoss, SigLipLoss
-from pretrain.loss.coca import PAD_ID, caption_loss, local_target_tokens
+from pretrain.loss.coca import PAD_ID, caption_loss, count_target_tokens
 
 MODEL_KINDS = {
     "coca": "an open_clip CoCa model (contrastive + captioning)",
@@ -78,7 +78,7 @@ class Objective:
     """Names of the logged parts (`loss_<part>` in metrics.jsonl); "contrastive" first, always present."""
     needs_token_count: bool = False
     """True when `per_micro` needs `token_count`: the number of target tokens of the whole optimizer step
-    (all micro-batches, all ranks), summed by the trainer from `target_tokens` before the micro-steps. A
+    (all micro-batches, all ranks), which the trainer asks `token_count` for before the micro-steps. A
     loss normalised by this global count (CoCa's caption cross-entropy) does not change when a batch is
     split across ranks or micro-steps, whatever the caption lengths."""
 
@@ -100,8 +100,9 @@ class Objective:
         input tokens; `token_count` is the step's global target-token count when `needs_token_count`."""
         return {}
 
-    def target_tokens(self, texts: torch.Tensor) -> torch.Tensor:
-        """This micro-batch's number of target tokens (a device tensor; only when `needs_token_count`)."""
+    def token_count(self, texts: list[torch.Tensor]) -> torch.Tensor:
+        """The target tokens of the step's micro-batches `texts`, summed over all ranks (a device tensor;
+        only when `needs_token_count`)."""
         raise NotImplementedError(f"loss.name={self.name} counts no target tokens")
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,8 +161,8 @@ class CoCaObjective(Objective):
         logits = output["logits"].float()
         return {"caption": world()[1] * caption_loss(logits, output["labels"], PAD_ID, token_count)}
 
-    def target_tokens(self, texts: torch.Tensor) -> torch.Tensor:
-        return local_target_tokens(texts, PAD_ID)
+    def token_count(self, texts: list[torch.Tensor]) -> torch.Tensor:
+        return count_target_tokens(texts, PAD_ID)
 
 
 BUILDERS: dict[str, Callable[[LossConfig], Objective]] = {

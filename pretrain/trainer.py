@@ -158,15 +158,6 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             return self.module(images, texts)
 
-    def _token_count(self, micro: list) -> torch.Tensor | None:
-        """The step's target tokens over all micro-batches and ranks, for objectives normalised by it."""
-        if not self.objective.needs_token_count:
-            return None
-        count = torch.stack([self.objective.target_tokens(texts) for _, texts in micro]).sum()
-        if world()[1] > 1:
-            dist.all_reduce(count)  # a sum, on device: no host sync
-        return count
-
     def _forward_backward(self, micro: list) -> dict[str, torch.Tensor]:
         """Every accumulated sample is a negative for every other (open_clip's accum-freq).
 
@@ -176,7 +167,8 @@ class Trainer:
         their gradient once (last micro-step). Returns the step's parts (detached): the contrastive part
         over the accumulated batch, per-micro-batch parts summed.
         """
-        token_count = self._token_count(micro)
+        texts = [t for _, t in micro]
+        token_count = self.objective.token_count(texts) if self.objective.needs_token_count else None
         if len(micro) == 1:
             return self._micro_step(micro[0], [], [], token_count)
         with torch.no_grad():

@@ -23,12 +23,6 @@ from pretrain.loss.clip import ClipLoss
 PAD_ID = 0  # open_clip's SimpleTokenizer pads with 0; CoCa's `pad_id` defaults to it
 
 
-def local_target_tokens(texts: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
-    """Positions of one micro-batch that contribute to the caption loss: `text[:, 1:]` minus padding
-    (int64 tensor on the texts' device)."""
-    return (texts[:, 1:] != pad_id).sum().to(torch.int64)
-
-
 def count_target_tokens(texts: Sequence[torch.Tensor] | torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
     """Number of positions that contribute to the caption loss over one optimizer step.
 
@@ -40,7 +34,7 @@ def count_target_tokens(texts: Sequence[torch.Tensor] | torch.Tensor, pad_id: in
         texts = [texts]
     if not texts:
         raise ValueError("count_target_tokens needs at least one micro-batch of texts")
-    count = sum(local_target_tokens(t, pad_id) for t in texts)
+    count = sum((t[:, 1:] != pad_id).sum() for t in texts).to(torch.int64)
     if world()[1] > 1:
         dist.all_reduce(count)
     return count

@@ -171,8 +171,11 @@ class CaptionTestObjective(Objective):
     def contrastive(self, image_features, text_features, logit_scale, logit_bias):
         return ClipLoss()(image_features, text_features, logit_scale)
 
-    def target_tokens(self, texts):
-        return (texts[:, 1:] != 0).sum()
+    def token_count(self, texts):
+        count = torch.stack([(t[:, 1:] != 0).sum() for t in texts]).sum()
+        if world()[1] > 1:
+            torch.distributed.all_reduce(count)
+        return count
 
     def per_micro(self, output, texts, token_count):
         logits = output["logits"].float().permute(0, 2, 1)
