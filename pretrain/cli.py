@@ -1,4 +1,4 @@
-"""`pretrain` command: train | config | eval | export. Thin: parse, dispatch."""
+"""`pretrain` command: train | config | eval | export | caption. Thin: parse, dispatch."""
 
 from __future__ import annotations
 
@@ -36,7 +36,66 @@ def build_parser() -> OneLineParser:
     ex = sub.add_parser("export", help="export a checkpoint to the open_clip hub layout")
     ex.add_argument("--checkpoint", required=True, help="checkpoint folder or run directory (its latest)")
     ex.add_argument("--output", required=True, help="folder to write (replaced atomically)")
+    add_caption_args(
+        sub.add_parser(
+            "caption", help="caption images with a CoCa checkpoint (open_clip generate's decoding)"
+        )
+    )
     return parser
+
+
+def add_caption_args(parser) -> None:
+    from pretrain.generate import METHODS, DecodingConfig
+
+    d = DecodingConfig()
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, run directory, or export folder"
+    )
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", nargs="+", metavar="FILE", help="image files (lines carry their path)")
+    inputs.add_argument("--shards", metavar="SPEC", help="WebDataset shards, e.g. 'data/{00000..00009}.tar'")
+    parser.add_argument("--decoding", choices=METHODS, default=d.method, help="default: %(default)s")
+    parser.add_argument(
+        "--max-length", type=int, default=d.max_length,
+        help="most tokens per caption, start/end tokens included (default: %(default)s, as open_clip generate)",
+    )  # fmt: skip
+    parser.add_argument("--min-length", type=int, default=d.min_length, help="default: %(default)s")
+    parser.add_argument("--num-beams", type=int, default=d.num_beams, help="default: %(default)s")
+    parser.add_argument("--num-beam-groups", type=int, default=d.num_beam_groups, help="default: %(default)s")
+    parser.add_argument("--top-k", type=int, default=d.top_k, help="default: %(default)s")
+    parser.add_argument("--top-p", type=float, default=d.top_p, help="default: %(default)s")
+    parser.add_argument(
+        "--temperature", type=float, default=d.temperature, help="sampling; default: %(default)s"
+    )
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for sampling (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--output", help="JSON lines file to write (default: standard output)")
+
+
+def _caption(args) -> int:
+    from pretrain.caption import write_captions
+    from pretrain.generate import DecodingConfig
+
+    config = DecodingConfig(
+        method=args.decoding, max_length=args.max_length, min_length=args.min_length,
+        num_beams=args.num_beams, num_beam_groups=args.num_beam_groups, top_k=args.top_k, top_p=args.top_p,
+        temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+    )  # fmt: skip
+    count = write_captions(
+        args.checkpoint,
+        args.output,
+        config,
+        args.images,
+        args.shards,
+        args.batch_size,
+        args.device,
+        args.seed,
+    )
+    if args.output:
+        print(f"wrote {count} captions to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _config(args) -> int:
@@ -77,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return run(args.config, args.overrides)
     try:
-        return {"config": _config, "eval": _eval, "export": _export}[args.command](args)
+        return {"config": _config, "eval": _eval, "export": _export, "caption": _caption}[args.command](args)
     except BrokenPipeError:  # `pretrain config | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0

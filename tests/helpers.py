@@ -129,19 +129,28 @@ def train_in_process(tmp: Path, overrides: list[str], name: str = "tiny", until:
 def trained_tiny_clip(root: Path, shards: str, steps: int = 80, batch_size: int = 32) -> Path:
     """A tiny-clip run trained on ``shards`` in ``root`` (configs/tiny.yaml); reused when already there.
 
-    80 steps of 32 demo samples separate matched from mismatched captions clearly. One torch thread: ~15 s
-    on 2 idle cores, and on a busy machine several times faster than spinning threads competing for cores.
+    80 steps of 32 demo samples separate matched from mismatched captions clearly.
     """
-    run_dir = root / "tiny-clip-run"
+    return trained_tiny_model(root, "tiny-clip", shards, steps, batch_size)
+
+
+def trained_tiny_model(root: Path, model: str, shards: str, steps: int = 80, batch_size: int = 32) -> Path:
+    """A run of `model` (configs/tiny.yaml) trained on ``shards`` in ``root``; reused when already there.
+
+    One torch thread: ~15 s for tiny-clip on 2 idle cores, and on a busy machine several times faster than
+    spinning threads competing for cores.
+    """
+    run_dir = root / f"{model}-run"
     if (run_dir / "checkpoints" / "latest").exists():
         return run_dir
     import torch
 
-    overrides = [f"data.train={shards}", f"train.steps={steps}", f"train.batch_size={batch_size}"]
-    overrides += ["train.warmup_steps=10", f"checkpoint.every={steps}", f"log.every={steps}"]
+    overrides = [f"model.name={model}", f"data.train={shards}", f"train.steps={steps}"]
+    overrides += [f"train.batch_size={batch_size}", "train.warmup_steps=10", f"checkpoint.every={steps}"]
+    overrides += [f"log.every={steps}"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train_in_process(root, overrides, name="tiny-clip-run")
+        return train_in_process(root, overrides, name=run_dir.name)
     finally:
         torch.set_num_threads(threads)
