@@ -29,7 +29,7 @@ demo: setup
 
 # `make test` is the whole suite (what CI runs); test-fast and test-slow split it at the `slow` marker.
 test: setup slurm-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
