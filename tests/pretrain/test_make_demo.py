@@ -14,6 +14,7 @@ from helpers import run_cmd
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the subprocess's own limit below; pytest's default (600 s) would cut it first
 def test_demo_reaches_target_and_prints_its_time(tmp_path):
     proc = run_cmd(
         [
