@@ -73,18 +73,8 @@ def manifest(folder: Path, files: dict[str, int]) -> bytes:
     return (json.dumps({"files": entries}, indent=1) + "\n").encode()
 
 
-def push_to_url(folder: str | Path, url: str, dry_run: bool = False) -> list[str]:
-    """Upload the export under `url` (any fsspec URL), the `_COMPLETE` marker last; returns report lines."""
-    root, files = Path(folder), export_files(folder)
-    url = url.rstrip("/")
-    if dry_run:
-        return [
-            f"would upload to {url}:",
-            *file_listing(files),
-            f"then write {url}/{MARKER} (size and sha256 of each file)",
-        ]
-    fs, base = url_to_fs(url)
-    base = base.rstrip("/")
+def _replace_files(fs, base: str, root: Path, files: dict[str, int]) -> None:
+    """Put the export's files under `base` of `fs`, marker removed first and written last."""
     marker = f"{base}/{MARKER}"
     if fs.exists(marker):
         fs.rm_file(marker)  # the old export stops reading as complete before any of its files change
@@ -97,6 +87,24 @@ def push_to_url(folder: str | Path, url: str, dry_run: bool = False) -> list[str
     if stale:  # files of an earlier push that this export does not have
         fs.rm(stale)
     fs.pipe_file(marker, manifest(root, files))
+
+
+def push_to_url(folder: str | Path, url: str, dry_run: bool = False) -> list[str]:
+    """Upload the export under `url` (any fsspec URL), the `_COMPLETE` marker last; returns report lines."""
+    root, files = Path(folder), export_files(folder)
+    url = url.rstrip("/")
+    if dry_run:
+        return [
+            f"would upload to {url}:",
+            *file_listing(files),
+            f"then write {url}/{MARKER} (size and sha256 of each file)",
+        ]
+    fs, base = url_to_fs(url)
+    base = base.rstrip("/")
+    try:
+        _replace_files(fs, base, root, files)
+    except OSError as e:  # a store or network failure: one line; the marker is not there
+        raise RuntimeError(f"push to {url} failed: {e}") from None
     return [f"pushed {len(files)} files ({sum(files.values())} bytes) to {url}, then {MARKER}"]
 
 

@@ -86,9 +86,11 @@ class FakeHub:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
+    """An error reply: HTTP status, `{"error": message, **extra}` body and the Hub's X-Error-Code header."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.extra = status, code, extra or {}
 
 
 def _front_matter(readme: str) -> dict:
@@ -109,7 +111,7 @@ def _branch(hub: FakeHub, repo: str, rev: str) -> dict:
 def create_repo(hub: FakeHub, body: dict) -> dict:
     repo = f"{body.get('organization') or 'user'}/{body['name']}"
     if repo in hub.repos:
-        raise HubError(409, "You already created this model repo")
+        raise HubError(409, "You already created this model repo", extra={"url": f"{hub.url}/{repo}"})
     private = body.get("private", body.get("visibility") == "private")
     hub.repos[repo] = {
         "private": bool(private),
@@ -277,7 +279,7 @@ def _handler(hub: FakeHub) -> type:
                 try:
                     self._reply(200, action(hub, match, body))
                 except HubError as e:
-                    self._reply(e.status, {"error": str(e)}, e.code)
+                    self._reply(e.status, {"error": str(e), **e.extra}, e.code)
 
         do_GET = do_POST = do_PUT = _route  # noqa: N815 - the http.server API
 
