@@ -186,3 +186,13 @@ def test_interrupted_push_leaves_no_marker(exports, s3, monkeypatch):
     monkeypatch.setattr(fs, "put_file", failing_put)
     assert main(["push", "--export", str(second), "--to", "s3://bucket/m"]) == 2
     assert calls and "_COMPLETE" not in s3.objects("m")  # the old export no longer reads as complete
+
+
+def test_push_help_and_a_bad_flag(capsys):
+    with pytest.raises(SystemExit) as exit_help:
+        main(["push", "--help"])
+    assert exit_help.value.code == 0 and "--repo-id" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_bad:
+        main(["push", "--export", "e", "--repo-id", "lab/m", "--to", "s3://bucket/m"])
+    err = capsys.readouterr().err
+    assert exit_bad.value.code == 2 and err.count("\n") == 1 and "not allowed with argument" in err
