@@ -7,7 +7,8 @@ the client (never printed, logged or written).
 Store (`--to URL`): every file is put under the URL, then the marker `_COMPLETE` is written last, a JSON
 manifest of each file's size and sha256. A reader takes the export as complete only when the marker is
 there (and may check the files against it). A re-push removes the old marker first, so from then until its
-own marker lands the prefix reads as incomplete.
+own marker lands the prefix reads as incomplete; files the old marker listed that the new export lacks are
+deleted, nothing else under the URL is touched.
 """
 
 from __future__ import annotations
@@ -74,18 +75,24 @@ def manifest(folder: Path, files: dict[str, int]) -> bytes:
 
 
 def _replace_files(fs, base: str, root: Path, files: dict[str, int]) -> None:
-    """Put the export's files under `base` of `fs`, marker removed first and written last."""
+    """Put the export's files under `base` of `fs`: the marker is removed first and written last.
+
+    Files the previous marker listed that this export lacks are deleted; nothing else under `base` is
+    touched (the prefix may hold more than this export)."""
     marker = f"{base}/{MARKER}"
+    previous: dict = {}
     if fs.exists(marker):
+        previous = json.loads(fs.cat_file(marker)).get("files", {})
         fs.rm_file(marker)  # the old export stops reading as complete before any of its files change
     for rel in files:
         target = f"{base}/{rel}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(root / rel), target)
+    stale = [f"{base}/{rel}" for rel in previous if rel not in files]
     fs.invalidate_cache(base)
-    stale = [p for p in fs.find(base) if p[len(base) + 1 :] not in files and p != marker]
-    if stale:  # files of an earlier push that this export does not have
-        fs.rm(stale)
+    for path in stale:
+        if fs.exists(path):
+            fs.rm_file(path)
     fs.pipe_file(marker, manifest(root, files))
 
 
@@ -131,8 +138,8 @@ def push_to_hub(
 ) -> list[str]:
     """Create `repo_id` if absent and commit the export to `revision` (a branch, made if absent).
 
-    The commit mirrors the export: files of an earlier push that the export lacks are deleted in the same
-    commit (except `.gitattributes`). Returns report lines.
+    Like `upload_folder` (and open_clip's `push_to_hf_hub`), files already in the repo that the export
+    lacks are kept. Returns report lines.
     """
     from huggingface_hub import HfApi, get_token
 
@@ -148,7 +155,7 @@ def push_to_hub(
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), revision=revision, allow_patterns=list(files),
-            delete_patterns="*", commit_message=f"pretrain push of {Path(folder).name}",
+            commit_message=f"pretrain push of {Path(folder).name}",
         )  # fmt: skip
     except Exception as e:  # the client's HTTP and transport errors: one line, never a traceback
         first = (str(e).strip().splitlines() or [""])[0]

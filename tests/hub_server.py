@@ -7,7 +7,7 @@ Endpoints served (model repos; REPO is `org/name`, REV a URL-quoted branch name)
                                             409 when it exists, which `create_repo(exist_ok=True)` accepts
 - `POST /api/validate-yaml`                README.md front matter check before a commit (parsed with PyYAML)
 - `POST /api/models/REPO/branch/BRANCH`    create a branch from main (409 when it exists)
-- `GET  /api/models/REPO/tree/REV[/PATH]`  list files (upload_folder lists them for `delete_patterns`)
+- `GET  /api/models/REPO/tree/REV[/PATH]`  list files (upload_folder, for `delete_patterns`)
 - `POST /api/models/REPO/preupload/REV`    upload mode per file (`lfs` for binary or >= 10 MiB, else
                                             `regular`, as the Hub decides) and the stored file's oid
 - `POST /REPO.git/info/lfs/objects/batch`  git LFS batch API: a `basic` upload and a verify action per

@@ -42,7 +42,7 @@ def write_export(folder: Path, weights: bytes, extra: dict[str, bytes] | None = 
 
 @pytest.fixture
 def exports(tmp_path) -> tuple[Path, dict, Path, dict]:
-    """Two exports: the second changes the weights and drops `extra.txt` (a re-push must remove it)."""
+    """Two exports: the second changes the weights, drops `extra.txt` and adds `tokenizer/vocab.txt`."""
     first, second = tmp_path / "export1", tmp_path / "export2"
     header = b"\x10" + bytes(7)  # weights start like safetensors (a little-endian length): binary, so LFS
     one = write_export(first, header + os.urandom(200_000), {"extra.txt": b"only in the first push\n"})
@@ -69,10 +69,12 @@ def test_push_to_hub_arrives_byte_identical_and_never_shows_the_token(tmp_path, 
         assert proc.returncode == 0, proc.stderr
         assert hub.unknown == [] and len(hub.commits) == 2
         assert hub.repos["lab/tiny"]["private"] is True
-        # The second push mirrors the second export: new bytes, extra.txt deleted, in one commit.
+        # The second push replaces the weights; extra.txt of the first stays, as upload_folder keeps files.
+        gitattributes = hub.files("lab/tiny", "main")[".gitattributes"]
         assert hub.files("lab/tiny", "v1") == {
             **two,
-            ".gitattributes": hub.files("lab/tiny", "main")[".gitattributes"],
+            "extra.txt": one["extra.txt"],
+            ".gitattributes": gitattributes,
         }
         assert set(hub.files("lab/tiny", "main")) == {".gitattributes"}
         assert any(r.startswith("PUT /lfs/") for r in hub.requests)  # the weights went through LFS
@@ -162,11 +164,13 @@ def expected_marker(files: dict[str, bytes]) -> dict:
 
 def test_push_to_s3_writes_every_file_then_the_marker_last(exports, s3):
     first, one, second, two = exports
+    s3.client.put_object(Bucket="bucket", Key="models/tiny/notes/other.txt", Body=b"not from a push")
     for export, files in ((first, one), (second, two)):  # the second push replaces the first
         assert main(["push", "--export", str(export), "--to", "s3://bucket/models/tiny"]) == 0
         stored = s3.objects("models/tiny")
         assert json.loads(stored.pop("_COMPLETE")) == expected_marker(files)
-        assert stored == files  # byte-identical; extra.txt of the first push is gone
+        assert stored.pop("notes/other.txt") == b"not from a push"  # what no push wrote is left alone
+        assert stored == files  # byte-identical; extra.txt of the first push is gone after the second
         times = s3.write_times("models/tiny")
         assert times["_COMPLETE"] > max(t for rel, t in times.items() if rel != "_COMPLETE")
 
