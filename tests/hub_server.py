@@ -7,7 +7,6 @@ Endpoints served (model repos; REPO is `org/name`, REV a URL-quoted branch name)
                                             409 when it exists, which `create_repo(exist_ok=True)` accepts
 - `POST /api/validate-yaml`                README.md front matter check before a commit (parsed with PyYAML)
 - `POST /api/models/REPO/branch/BRANCH`    create a branch from main (409 when it exists)
-- `GET  /api/models/REPO/tree/REV[/PATH]`  list files (upload_folder, for `delete_patterns`)
 - `POST /api/models/REPO/preupload/REV`    upload mode per file (`lfs` for binary or >= 10 MiB, else
                                             `regular`, as the Hub decides) and the stored file's oid
 - `POST /REPO.git/info/lfs/objects/batch`  git LFS batch API: a `basic` upload and a verify action per
@@ -54,17 +53,6 @@ def git_blob_oid(data: bytes) -> str:
 class StoredFile:
     data: bytes
     lfs: bool
-
-    def info(self, path: str) -> dict:
-        """The tree listing entry of this file, as the Hub's `/tree` endpoint returns it."""
-        entry = {"type": "file", "path": path, "size": len(self.data), "oid": git_blob_oid(self.data)}
-        if self.lfs:
-            entry["lfs"] = {
-                "oid": hashlib.sha256(self.data).hexdigest(),
-                "size": len(self.data),
-                "pointerSize": 134,
-            }
-        return entry
 
 
 @dataclass
@@ -193,8 +181,6 @@ ROUTES = [
     ("POST", re.compile(r"/api/validate-yaml"), lambda h, m, b: validate_yaml(json.loads(b))),
     ("POST", re.compile(rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)"),
      lambda h, m, b: create_branch(h, m["repo"], unquote(m["branch"]), json.loads(b or b"{}"))),
-    ("GET", re.compile(rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(?P<path>/.*)?"),
-     lambda h, m, b: list_tree(h, m["repo"], unquote(m["rev"]), unquote((m["path"] or "/")[1:]))),
     ("POST", re.compile(rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)"),
      lambda h, m, b: preupload(h, m["repo"], unquote(m["rev"]), json.loads(b))),
     ("POST", re.compile(rf"/{REPO}\.git/info/lfs/objects/batch"), lambda h, m, b: lfs_batch(h, m["repo"], json.loads(b))),
@@ -211,11 +197,6 @@ def validate_yaml(body: dict) -> dict:
     except yaml.YAMLError as e:
         raise HubError(400, "Invalid metadata") from e
     return {"errors": [], "warnings": []}
-
-
-def list_tree(hub: FakeHub, repo: str, rev: str, path: str) -> list[dict]:
-    prefix = path.rstrip("/") + "/" if path else ""
-    return [f.info(p) for p, f in sorted(_branch(hub, repo, rev).items()) if p.startswith(prefix)]
 
 
 def store_lfs(hub: FakeHub, oid: str, data: bytes) -> dict:
