@@ -1,4 +1,4 @@
-"""`pretrain` command: train | config | eval | export | caption. Thin: parse, dispatch."""
+"""`pretrain` command: train | config | eval | export | push | caption. Thin: parse, dispatch."""
 
 from __future__ import annotations
 
@@ -36,12 +36,33 @@ def build_parser() -> OneLineParser:
     ex = sub.add_parser("export", help="export a checkpoint to the open_clip hub layout")
     ex.add_argument("--checkpoint", required=True, help="checkpoint folder or run directory (its latest)")
     ex.add_argument("--output", required=True, help="folder to write (replaced atomically)")
+    add_push_args(sub.add_parser("push", help="publish an export to the Hugging Face Hub or an fsspec store"))
     add_caption_args(
         sub.add_parser(
             "caption", help="caption images with a CoCa checkpoint (open_clip generate's decoding)"
         )
     )
     return parser
+
+
+def add_push_args(parser) -> None:
+    parser.description = (
+        "Upload an export folder (`pretrain export`) to a Hugging Face Hub model repo (endpoint: HF_ENDPOINT, "
+        "token: HF_TOKEN or the saved login) or under any fsspec URL, a _COMPLETE marker written last."
+    )
+    parser.add_argument(
+        "--export", required=True, metavar="DIR", help="export folder (`pretrain export --output`)"
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--repo-id", metavar="ORG/NAME", help="Hub model repo (created if absent)")
+    target.add_argument(
+        "--to", metavar="URL", help="fsspec URL, e.g. s3://bucket/prefix (s3: AWS_ENDPOINT_URL)"
+    )
+    parser.add_argument("--revision", help="Hub branch to commit to, created if absent (default: main)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the files, sizes and target; upload nothing"
+    )
 
 
 def add_caption_args(parser) -> None:
@@ -124,6 +145,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from pretrain.push import push_to_hub, push_to_url
+
+    if args.to and (args.revision or args.private):
+        raise ValueError("--revision and --private apply to --repo-id only, not --to")
+    if args.to:
+        lines = push_to_url(args.export, args.to, args.dry_run)
+    else:
+        lines = push_to_hub(args.export, args.repo_id, args.revision, args.private, args.dry_run)
+    print("\n".join(lines))
+    return 0
+
+
 def _export(args) -> int:
     from pretrain.hub import export
 
@@ -136,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return run(args.config, args.overrides)
     try:
-        return {"config": _config, "eval": _eval, "export": _export, "caption": _caption}[args.command](args)
+        handlers = {"config": _config, "eval": _eval, "export": _export, "caption": _caption, "push": _push}
+        return handlers[args.command](args)
     except BrokenPipeError:  # `pretrain config | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0

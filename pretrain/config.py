@@ -54,6 +54,11 @@ class RunConfig:
     """Run name; outputs go to `{dir}/{name}/`."""
     dir: str = "runs"
     """Parent folder of run directories."""
+    license: str | None = None
+    """License of the trained weights for the exported model card, a Hub license id (e.g. `apache-2.0`,
+    `other`); null: the card names none."""
+    datasets: list[str] = field(default_factory=list)
+    """Names of the training data sets for the model card's `datasets` (Hub dataset ids); empty: none."""
 
 
 @dataclass

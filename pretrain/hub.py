@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
 from pretrain.metrics import read_metrics
 from pretrain.model import load_trained, resolve_model_name
+from pretrain.model_card import model_card
 
 
 def preprocess_cfg(model) -> dict:
@@ -27,41 +28,6 @@ def preprocess_cfg(model) -> dict:
         }
     )
     return cfg
-
-
-def _model_card(name: str, train_cfg: dict, evals: list[dict], checkpoint: Path) -> str:
-    results = "\n".join(
-        f"- step {e['step']} {e['eval']}: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in e.items() if isinstance(v, float))
-        for e in evals
-    )
-    return f"""---
-library_name: open_clip
-tags: [clip, zero-shot-image-classification]
----
-# {name}
-
-A CLIP model trained with this project's `pretrain` trainer (open_clip architecture `{name}`).
-
-## Use
-```python
-import open_clip
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH_TO_THIS_FOLDER")
-tokenizer = open_clip.get_tokenizer("local-dir:PATH_TO_THIS_FOLDER")
-```
-
-## Training data
-`{train_cfg.get("data", {}).get("train", "unknown")}`
-
-## Training config
-Exported from `{checkpoint}` (step {train_cfg.get("_step", "?")}).
-```json
-{json.dumps({k: v for k, v in train_cfg.items() if not k.startswith("_")}, indent=2)}
-```
-
-## Evaluation
-{results or "No evaluation results were recorded for this run."}
-"""
 
 
 def export(checkpoint: str | Path, output: str | Path) -> Path:
@@ -81,12 +47,9 @@ def export(checkpoint: str | Path, output: str | Path) -> Path:
     save_file(tensors, str(tmp / "open_clip_model.safetensors"))
     if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers; open_clip's BPE needs no files
         bundle.tokenizer.save_pretrained(str(tmp))
-    evals = [
-        r
-        for r in read_metrics(folder.parent.parent / "metrics.jsonl")
-        if "eval" in r and r["step"] <= state["step"]
-    ]
-    (tmp / "README.md").write_text(_model_card(name, {**cfg, "_step": state["step"]}, evals, folder))
+    rows = read_metrics(folder.parent.parent / "metrics.jsonl")
+    card = model_card(name, config["model_cfg"], cfg, rows, state["step"], str(folder))
+    (tmp / "README.md").write_text(card)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

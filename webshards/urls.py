@@ -20,6 +20,14 @@ def _fs_options(url: str) -> dict:
     return {}
 
 
+def url_to_fs(url: str) -> tuple:
+    """The fsspec filesystem of `url` and the path in it, with the options shards are opened with (s3:
+    the AWS_ENDPOINT_URL endpoint), for writers that list, put and remove objects."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **_fs_options(url))
+
+
 @contextlib.contextmanager
 def _pipe(command: str) -> Iterator[BinaryIO]:
     proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
