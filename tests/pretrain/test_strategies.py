@@ -189,6 +189,7 @@ def test_coca_strategy_matches_ddp(coca_runs, strategy):
 
 
 def test_export_reads_a_coca_fsdp_run(coca_runs, tmp_path):
+    """A CoCa run's DCP checkpoint exports to open_clip's layout as a CoCa (decoder included)."""
     assert_export_matches(coca_runs("fsdp"), tmp_path / "export")
     assert isinstance(load_trained(tmp_path / "export").model, open_clip.CoCa)
 
