@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from helpers import TINY, read_jsonl, run_cmd, torchrun
@@ -17,6 +18,7 @@ STEPS = 5
 CUT = 2  # the interrupted runs lose everything after this step's checkpoint
 RTOL = 1e-3
 DEEPSPEED = [f"deepspeed{stage}" for stage in (1, 2, 3)]
+CLI = [sys.executable, "-m", "pretrain.cli"]
 STRATEGY_ARGS = {
     "ddp": ["dist.strategy=ddp"],
     "fsdp": ["dist.strategy=fsdp"],
@@ -32,10 +34,12 @@ def deepspeed_works() -> bool:
     return True
 
 
-def train(run_dir: Path, strategy: str, nproc: int = 2, batch: int = 8, extra: tuple = ()) -> Path:
+def train(
+    run_dir: Path, strategy: str, nproc: int = 2, batch: int = 8, extra: tuple = (), steps: int = STEPS
+) -> Path:
     args = [
         "-m", "pretrain.train", "--config", str(TINY), f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-        f"train.steps={STEPS}", f"train.batch_size={batch}", "log.every=1", "train.precision=fp32",
+        f"train.steps={steps}", f"train.batch_size={batch}", "log.every=1", "train.precision=fp32",
         "checkpoint.every=2", "checkpoint.keep=5", *STRATEGY_ARGS[strategy], *extra,
     ]  # fmt: skip
     proc = torchrun(nproc, args) if nproc > 1 else run_cmd([sys.executable, *args])
@@ -43,15 +47,17 @@ def train(run_dir: Path, strategy: str, nproc: int = 2, batch: int = 8, extra: t
     return run_dir
 
 
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    return [r[key] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
 
 
-def assert_close_losses(a: Path, b: Path) -> None:
-    la, lb = losses(a), losses(b)
-    assert len(la) == len(lb) == STEPS
-    for step, (x, y) in enumerate(zip(la, lb), 1):
-        assert abs(x - y) / abs(y) < RTOL, f"step {step}: loss {x} vs {y}"
+def assert_close_losses(a: Path, b: Path, keys: tuple[str, ...] = ("loss",), steps: int = STEPS) -> None:
+    """Every logged step's value of each metric in `keys` within RTOL."""
+    for key in keys:
+        la, lb = losses(a, key), losses(b, key)
+        assert len(la) == len(lb) == steps
+        for step, (x, y) in enumerate(zip(la, lb), 1):
+            assert abs(x - y) / abs(y) < RTOL, f"step {step}: {key} {x} vs {y}"
 
 
 def assert_close_weights(a: Path, b: Path, tol: float = 1e-4) -> None:
@@ -133,20 +139,59 @@ def test_fsdp_checkpoint_is_sharded_dcp(runs):
     assert weights["logit_scale"].shape == torch.Size([])  # back to open_clip's scalar
 
 
+def assert_export_matches(run_dir: Path, out: Path) -> None:
+    """`pretrain export` of a run directory writes exactly the weights `load_trained` reads from the run."""
+    proc = run_cmd([*CLI, "export", "--checkpoint", str(run_dir), "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_trained(out).model.state_dict()
+    trained = load_trained(run_dir).model.state_dict()
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed3"])
 def test_export_and_eval_read_sharded_checkpoints(runs, strategy, tmp_path, demo_data):
     """`pretrain export` / `pretrain eval` on a run directory whose checkpoints are DCP or DeepSpeed folders."""
     require(strategy)
-    out = tmp_path / "export"
-    cli = [sys.executable, "-m", "pretrain.cli"]
-    proc = run_cmd([*cli, "export", "--checkpoint", str(runs(strategy)), "--output", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exported = load_trained(out).model.state_dict()
-    trained = load_trained(runs(strategy)).model.state_dict()
-    assert all(torch.equal(exported[k], trained[k]) for k in trained)
-    proc = run_cmd([*cli, "eval", "--checkpoint", str(runs(strategy)), "--zeroshot", str(demo_data)])
+    assert_export_matches(runs(strategy), tmp_path / "export")
+    proc = run_cmd([*CLI, "eval", "--checkpoint", str(runs(strategy)), "--zeroshot", str(demo_data)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"eval": "zeroshot"' in proc.stdout
+
+
+COCA_STEPS = 3
+COCA_PARTS = ("loss", "loss_contrastive", "loss_caption")
+
+
+@pytest.fixture(scope="module")
+def coca_runs(tmp_path_factory):
+    """Finished 2-rank x batch 4 tiny-coca runs of COCA_STEPS (loss.name=coca follows from the model),
+    trained once per strategy on demand: one DDP reference serves every comparison."""
+    root, done = tmp_path_factory.mktemp("coca-strategies"), {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            extra = ("model.name=tiny-coca",)
+            done[strategy] = train(root / strategy, strategy, batch=4, extra=extra, steps=COCA_STEPS)
+        return done[strategy]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed3"])
+def test_coca_strategy_matches_ddp(coca_runs, strategy):
+    """Sharded CoCa (text tower, cross-attention decoder blocks, the caption loss over the global token
+    count) trains like DDP: both loss parts at every step, and the weights that export and eval read."""
+    require(strategy)
+    assert_close_losses(coca_runs(strategy), coca_runs("ddp"), COCA_PARTS, COCA_STEPS)
+    assert_close_weights(coca_runs(strategy), coca_runs("ddp"))
+
+
+def test_export_reads_a_coca_fsdp_run(coca_runs, tmp_path):
+    """A CoCa run's DCP checkpoint exports to open_clip's layout as a CoCa (decoder included)."""
+    assert_export_matches(coca_runs("fsdp"), tmp_path / "export")
+    assert isinstance(load_trained(tmp_path / "export").model, open_clip.CoCa)
 
 
 def test_deepspeed_config_from_keys_or_a_file(tmp_path):
