@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -51,13 +52,21 @@ class RemoteError(ValueError):
     """A copy to or from `checkpoint.remote` failed; the message holds no credentials."""
 
 
+def child_url(url: str, name: str) -> str:
+    """`url` + `/name` in its path (before any `?query`)."""
+    if "://" not in url:
+        return f"{url.rstrip('/')}/{name}"
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
+
+
 class RemoteStore:
     """One run's folder at `checkpoint.remote`: upload, list, download and prune checkpoint folders."""
 
     def __init__(self, url: str, run_name: str) -> None:
         import fsspec
 
-        full = f"{url.rstrip('/')}/{run_name}"
+        full = child_url(url, run_name)
         self.shown = redact_url(full)
         """The URL as it may be logged."""
         self.fs, self.root = fsspec.core.url_to_fs(full, **fs_options(full))
