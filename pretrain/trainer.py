@@ -98,9 +98,8 @@ class Trainer:
     def _prepare_run_dir(self) -> Path | None:
         """Create the run directory, write the resolved config, and pick the checkpoint to resume."""
         run_dir = self.cfg.run_dir
-        problem = remote.prepare_run_dir(
-            self.cfg, self.info.is_main, self.device
-        )  # may download a checkpoint
+        # With checkpoint.remote: may download a newer checkpoint, or refuse remote ones a new run would overwrite
+        problem = remote.prepare_run_dir(self.cfg, self.info.is_main, self.device)
         if problem is not None:
             raise RunDirError(problem)
         existing = ckpt.complete_checkpoints(self.ckpt_root)
