@@ -1,4 +1,4 @@
-"""`pretrain` command: train | config | eval | export | push | caption. Thin: parse, dispatch."""
+"""`pretrain` command: train | config | eval | export | push | caption | plot. Thin: parse, dispatch."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def build_parser() -> OneLineParser:
             "caption", help="caption images with a CoCa checkpoint (open_clip generate's decoding)"
         )
     )
+    add_plot_args(sub.add_parser("plot", help="draw a run's metrics.jsonl as curves.png"))
     return parser
 
 
@@ -63,6 +64,23 @@ def add_push_args(parser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="list the files, sizes and target; upload nothing"
     )
+
+
+def add_plot_args(parser) -> None:
+    parser.description = (
+        "Draw loss (and its parts), lr, samples/s, data wait and every eval metric against the step, "
+        "one panel each, from RUN_DIR/metrics.jsonl."
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding metrics.jsonl")
+    parser.add_argument("--output", metavar="PNG", help="image to write (default: RUN_DIR/curves.png)")
+
+
+def _plot(args) -> int:
+    from pretrain.plot import plot_run
+
+    path, titles = plot_run(args.run_dir, args.output)
+    print(f"wrote {path} ({len(titles)} panels: {', '.join(titles)})")
+    return 0
 
 
 def add_caption_args(parser) -> None:
@@ -170,8 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return run(args.config, args.overrides)
     try:
-        handlers = {"config": _config, "eval": _eval, "export": _export, "caption": _caption, "push": _push}
-        return handlers[args.command](args)
+        commands = {
+            "config": _config,
+            "eval": _eval,
+            "export": _export,
+            "caption": _caption,
+            "push": _push,
+            "plot": _plot,
+        }
+        return commands[args.command](args)
     except BrokenPipeError:  # `pretrain config | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from webshards.atomic import write_atomic
+from webshards.urls import redact_url
 
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
@@ -243,7 +244,10 @@ class CheckpointConfig:
     every: int = 1000
     """Checkpoint cadence in steps (a checkpoint is always written at the end)."""
     keep: int = 3
-    """How many checkpoints to keep (oldest deleted first)."""
+    """How many checkpoints to keep (oldest deleted first), locally and at `remote`."""
+    remote: str | None = None
+    """fsspec URL that completed checkpoints are copied to (in the background, by rank 0), under
+    `{remote}/{run.name}/`; `resume=latest` looks there too (null: no copies)."""
 
     def __post_init__(self) -> None:
         _check(self.every > 0, "checkpoint.every", f"must be > 0, got {self.every}")
@@ -397,14 +401,17 @@ def to_dict(cfg: Config) -> dict:
 
 
 def redacted(cfg: Config) -> dict:
-    """The config as a dict with values of secret-looking keys replaced."""
+    """The config as a dict with values of secret-looking keys replaced, and credentials inside URLs
+    (`user:password@`, query tokens) shown as `***`."""
 
-    def scrub(d: dict) -> dict:
-        out = {}
-        for k, v in d.items():
-            secret = any(w in k.lower() for w in SECRET_WORDS) and v is not None
-            out[k] = scrub(v) if isinstance(v, dict) else ("***" if secret else v)
-        return out
+    def scrub(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v, str(k)) for k, v in value.items()}
+        if any(w in key.lower() for w in SECRET_WORDS) and value is not None:
+            return "***"
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return redact_url(value) if isinstance(value, str) else value
 
     return scrub(to_dict(cfg))
 

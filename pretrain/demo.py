@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     export(run_dir, run_dir / "export")
     times["total"] = time.perf_counter() - start
     ok = result["top1"] >= TARGET_TOP1
+    curves = run_dir / "curves.png"  # drawn by the trainer at the end of the run
     rows = [
         (
             "zero-shot top-1",
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         ("eval images", str(result["samples"])),
         *[(f"time: {k}", f"{v:.1f} s") for k, v in times.items()],
         ("run directory", str(run_dir)),
+        ("curves", str(curves) if curves.is_file() else "not drawn (see the warning above)"),
         ("export (open_clip local-dir:)", str(run_dir / "export")),
     ]
     width = max(len(k) for k, _ in rows)

@@ -28,6 +28,7 @@ def run(config: str | None, overrides: list[str]) -> int:
 
     catch_early()  # before the slow imports and start-up: SLURM or torchrun may signal at any time
     from pretrain.data.stream import DataError
+    from pretrain.remote import RemoteError
     from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
 
     try:
@@ -38,7 +39,7 @@ def run(config: str | None, overrides: list[str]) -> int:
         return 2
     try:
         trainer.train()
-    except (NonFiniteLossError, DataError) as e:
+    except (NonFiniteLossError, DataError, RemoteError) as e:  # RemoteError: the last copy failed
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint as ckpt
+from pretrain import remote
 from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
 from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
@@ -24,6 +25,7 @@ from pretrain.model import build_model, clamp_logit_scale, use_dict_outputs
 from pretrain.objective import Features, build_objective, features
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy
+from pretrain.plot import write_curves
 from pretrain.preemption import Preemption
 from pretrain.telemetry import IntervalMeter, peak_memory_gib
 
@@ -83,6 +85,7 @@ class Trainer:
         resume_from = self._prepare_run_dir()
         if resume_from is not None:
             self.load(resume_from)
+        self.remote = remote.build_uploader(cfg, self.info.is_main)
         self.metrics = MetricsWriter(cfg, self.info.is_main, resume_step=self.state.step)
         self.meter = IntervalMeter(self.state.step)
         self.preemption, self.preempted = Preemption(), False  # last: nothing after it can fail
@@ -95,6 +98,10 @@ class Trainer:
     def _prepare_run_dir(self) -> Path | None:
         """Create the run directory, write the resolved config, and pick the checkpoint to resume."""
         run_dir = self.cfg.run_dir
+        # With checkpoint.remote: may download a newer checkpoint, or refuse remote ones a new run would overwrite
+        problem = remote.prepare_run_dir(self.cfg, self.info.is_main, self.device)
+        if problem is not None:
+            raise RunDirError(problem)
         existing = ckpt.complete_checkpoints(self.ckpt_root)
         if self.cfg.resume is None and existing:
             raise RunDirError(
@@ -130,7 +137,16 @@ class Trainer:
             if step == until or stop:
                 self.preempted = stop and not final  # a finished run needs no requeue
                 break
+        self._finish()
         return self.state
+
+    def _finish(self) -> None:
+        """The end of a run (or of its part): curves.png when training is done, and the last checkpoint safe
+        at `checkpoint.remote` before the process ends (raises `RemoteError` if it could not be copied)."""
+        if self.info.is_main and self.state.step == self.cfg.train.steps:
+            write_curves(self.cfg.run_dir)
+        if self.remote is not None:
+            self.remote.flush()
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over `accum_steps` micro-batches; returns the (device) loss, keeps its parts."""
@@ -302,6 +318,8 @@ class Trainer:
             self.cfg.checkpoint.keep,
         )
         log.info("saved checkpoint %s", path)
+        if self.remote is not None:
+            self.remote.submit(path)  # copied in the background
         return path
 
     def load(self, folder: Path) -> None:
@@ -315,6 +333,8 @@ class Trainer:
         log.info("resumed from %s at step %d", folder, self.state.step)
 
     def close(self) -> None:
+        if self.remote is not None:  # completed checkpoints still go after a crash
+            self.remote.close()
         self.preemption.close()
         self.metrics.close()
         self.source.close()

@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import BinaryIO
 
 log = logging.getLogger("webshards")
 
 
-def _fs_options(url: str) -> dict:
-    """s3fs takes its endpoint from AWS_ENDPOINT_URL (the standard variable) when set."""
+def fs_options(url: str) -> dict:
+    """fsspec options for `url`: s3fs takes its endpoint from AWS_ENDPOINT_URL (the standard variable)."""
     if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
     return {}
@@ -25,7 +27,29 @@ def url_to_fs(url: str) -> tuple:
     the AWS_ENDPOINT_URL endpoint), for writers that list, put and remove objects."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **_fs_options(url))
+    return fsspec.core.url_to_fs(url, **fs_options(url))
+
+
+_URL = re.compile(r"[A-Za-z][\w+.-]*://(?:(?!::)[^\s'\"])+")
+"""A URL inside a text: up to white space, a quote, or the `::` that joins shard sources."""
+
+
+def _redact_one(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:  # user:password@ keeps the user; a lone user part may be a token (https://TOKEN@host)
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = "&".join(f"{q.split('=', 1)[0]}=***" if "=" in q else q for q in parts.query.split("&") if q)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact_url(text: str) -> str:
+    """`text` (a URL, a `::`-joined spec, or a message holding URLs) with each URL's credentials shown as
+    `***`: the password of `user:password@` (a lone user part too) and every query value (signed-URL
+    tokens such as `?sig=…`).
+    What may be logged or saved in a run's config."""
+    return _URL.sub(lambda m: _redact_one(m.group(0)), text)
 
 
 @contextlib.contextmanager
@@ -54,7 +78,7 @@ def _open_once(url: str) -> contextlib.AbstractContextManager[BinaryIO]:
         return open(path, "rb")
     import fsspec
 
-    return fsspec.open(url, "rb", **_fs_options(url)).open()
+    return fsspec.open(url, "rb", **fs_options(url)).open()
 
 
 def open_url(url: str, retries: int = 3, backoff: float = 0.5) -> contextlib.AbstractContextManager[BinaryIO]:
@@ -68,7 +92,14 @@ def open_url(url: str, retries: int = 3, backoff: float = 0.5) -> contextlib.Abs
             if attempt == retries:
                 raise
             delay = backoff * 2**attempt
-            log.warning("opening %s failed (%s); retry %d/%d in %.1fs", url, e, attempt + 1, retries, delay)
+            log.warning(
+                "opening %s failed (%s); retry %d/%d in %.1fs",
+                redact_url(url),
+                redact_url(str(e)),
+                attempt + 1,
+                retries,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -81,4 +112,4 @@ def check_readable(url: str) -> None:
         with open_url(url, retries=1) as f:
             f.read(1)
     except OSError as e:
-        raise FileNotFoundError(f"shard not readable: {url} ({e})") from None
+        raise FileNotFoundError(redact_url(f"shard not readable: {url} ({e})")) from None

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pretrain.data.plan import ShardPlan
 from webshards.layout import UNSAFE_MEMBER, iter_shard
 from webshards.samples import BadSample
-from webshards.urls import open_url
+from webshards.urls import open_url, redact_url
 
 log = logging.getLogger("pretrain")
 
@@ -99,14 +99,14 @@ class ShardReader:
         self.failed_in_a_row = 0
 
     def _count(self, counts: Counter | None, reason: str, url: str, error: Exception) -> None:
-        log.warning("skipping the rest of %s: %s (%s)", url, reason, error)
+        log.warning("skipping the rest of %s: %s (%s)", redact_url(url), reason, redact_url(str(error)))
         self.failed_in_a_row += 1
         if counts is not None:
             counts[reason] += 1
         if self.failed_in_a_row >= min(self.plan.total, 20):
             raise DataError(
                 f"{self.failed_in_a_row} shards in a row failed to read (loader slot {self.plan.slot} of "
-                f"{self.plan.slots}); last: {url} ({error})"
+                f"{self.plan.slots}); last: {redact_url(url)} ({redact_url(str(error))})"
             )
 
     def read_block(self, start: Position, size: int, counts: Counter | None) -> tuple[list[dict], Position]:
@@ -140,7 +140,7 @@ class ShardReader:
         if self.plan.mode != "eval" and len(self._dry) == self._distinct:
             raise DataError(
                 f"none of the {self._distinct} shards holds a sample (loader slot {self.plan.slot} of "
-                f"{self.plan.slots}, its shard #{n}: {url})"
+                f"{self.plan.slots}, its shard #{n}: {redact_url(url)})"
             )
 
 

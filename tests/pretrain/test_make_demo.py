@@ -32,6 +32,14 @@ def test_demo_reaches_target_and_prints_its_time(tmp_path):
     assert top1 >= 0.90
     assert re.search(r"time: total\s+[0-9.]+ s", proc.stdout)
     assert (tmp_path / "runs/demo/export/open_clip_model.safetensors").is_file()
+    curves = tmp_path / "runs/demo/curves.png"
+    assert re.search(rf"curves\s+{re.escape(str(curves))}\n", proc.stdout)
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from pretrain.plot import plot_run
+
+    _, titles = plot_run(tmp_path / "runs/demo", tmp_path / "again.png")
+    assert titles[:4] == ["loss", "lr", "samples/s", "data wait"]
+    assert "eval zeroshot: topk" in titles  # top1 and top5 of the demo's zero-shot eval
 
 
 def test_demo_stopped_by_a_signal_says_so_instead_of_a_traceback(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,114 @@
+"""curves.png: written at the end of a run and by `pretrain plot`, with a panel per metric."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import sys
+
+import pytest
+from helpers import run_cmd, train_in_process
+from PIL import Image
+
+from pretrain import plot
+from pretrain.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy machine several times faster than threads competing for cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def png_size(path) -> tuple[int, int]:
+    """Width and height from the PNG header (signature, then the IHDR chunk), read by hand."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def write_metrics(run_dir, rows: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_every_metric_gets_its_panel(tmp_path):
+    train = {"samples_seen": 64, "lr": 1e-3, "samples_per_s": 50.0, "data_wait": 0.1, "grad_norm": None}
+    coca = {"loss": 5.0, "loss_contrastive": 3.0, "loss_caption": 1.0}
+    rows = [{"step": s, **train, **coca} for s in (10, 20, 30)]
+    rows += [
+        {"step": 30, "eval": "imagenet", "task": "zeroshot_classification", "top1": 0.5, "top5": 0.9,
+         "mean_per_class_recall": 0.48, "samples": 1000},
+        {"step": 30, "eval": "coco", "task": "zeroshot_retrieval", **{
+            f"{kind}_retrieval_recall@{k}": 0.1 * k for kind in ("image", "text") for k in (1, 5, 10)}},
+        {"step": 30, "eval": "val", "loss": 2.5},
+    ]  # fmt: skip
+    write_metrics(tmp_path / "run", rows)
+    path, titles = plot.plot_run(tmp_path / "run")
+    assert titles == [
+        "loss", "lr", "samples/s", "data wait",
+        "eval imagenet: topk", "eval imagenet: mean_per_class_recall",
+        "eval coco: image_retrieval_recall@k", "eval coco: text_retrieval_recall@k",
+        "eval val: loss",
+    ]  # fmt: skip
+    assert path == tmp_path / "run/curves.png"
+    width, height = png_size(path)
+    assert (width, height) == Image.open(path).size and width > 1000 and height > 1500  # 2 columns x 5 rows
+    panels = {p.title: p for p in plot.build_panels(rows)}
+    assert sorted(panels["loss"].series) == ["loss", "loss_caption", "loss_contrastive"]
+    assert panels["eval imagenet: topk"].series == {"top1": ([30], [0.5]), "top5": ([30], [0.9])}
+
+
+def test_a_training_run_ends_with_its_curves(tmp_path):
+    run_dir = train_in_process(tmp_path, ["train.steps=2"])
+    assert png_size(run_dir / "curves.png")[0] > 0
+    _, titles = plot.plot_run(run_dir, tmp_path / "again.png")
+    assert titles == ["loss", "lr", "samples/s", "data wait"]  # tiny-clip: loss and loss_contrastive
+
+
+def test_a_failing_plot_never_fails_the_run(tmp_path, monkeypatch, caplog):
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plot, "_draw", broken)
+    run_dir = train_in_process(tmp_path, ["train.steps=1"])
+    assert (run_dir / "checkpoints/step_00000001").is_dir() and not (run_dir / "curves.png").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if "curves" in w] == ["curves.png not written: OSError: disk full"]
+
+
+def test_plot_command_writes_where_asked(tmp_path, capsys):
+    write_metrics(
+        tmp_path / "run", [{"step": 1, "loss": 3.0, "lr": 0.1, "samples_per_s": 9.0, "data_wait": 0.0}]
+    )
+    assert main(["plot", str(tmp_path / "run"), "--output", str(tmp_path / "out/c.png")]) == 0
+    assert png_size(tmp_path / "out/c.png")[0] > 0
+    assert "4 panels: loss, lr, samples/s, data wait" in capsys.readouterr().out
+
+
+def test_plot_command_without_metrics_is_one_line_exit_2(tmp_path):
+    (tmp_path / "run").mkdir()
+    proc = run_cmd([sys.executable, "-m", "pretrain.cli", "plot", str(tmp_path / "run")])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        proc.stderr
+        == f"pretrain plot: error: {tmp_path / 'run/metrics.jsonl'}: not found (pretrain plot reads a run directory's metrics.jsonl)\n"
+    )
+    assert not (tmp_path / "run/curves.png").exists()
+
+
+def test_plot_command_names_a_bad_line(tmp_path, capsys):
+    write_metrics(tmp_path / "run", [{"step": 1, "loss": 3.0}])
+    with (tmp_path / "run/metrics.jsonl").open("a") as f:
+        f.write("not json\n")
+    assert main(["plot", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl:2: not a JSON line" in err

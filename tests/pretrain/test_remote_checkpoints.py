@@ -1,0 +1,168 @@
+"""checkpoint.remote: completed checkpoints copied in the background (to S3 on a local moto server, or to a
+folder URL), and `resume=latest` on a fresh node resuming from them exactly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from helpers import TINY, read_jsonl, torchrun, train_in_process
+from safetensors.torch import load_file
+
+from pretrain import remote
+from pretrain.config import load_config, save_config
+
+RUN = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy machine several times faster than threads competing for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An empty bucket `bucket` on a moto S3 server; the project finds it through AWS_ENDPOINT_URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="bucket")
+    yield client
+    server.stop()
+
+
+def bucket_files(client, prefix: str) -> dict[str, bytes]:
+    listed = client.list_objects_v2(Bucket="bucket", Prefix=prefix).get("Contents", [])
+    return {
+        o["Key"][len(prefix) :]: client.get_object(Bucket="bucket", Key=o["Key"])["Body"].read()
+        for o in listed
+    }
+
+
+def test_resume_from_s3_on_a_fresh_node_equals_uninterrupted(tmp_path, s3, caplog):
+    caplog.set_level(logging.INFO, logger="pretrain")
+    straight = train_in_process(tmp_path, RUN, name="straight")
+    moved = [*RUN, "checkpoint.remote=s3://bucket/ckpts"]
+    first = train_in_process(tmp_path, moved, name="moved", until=4)  # stops after step 4's checkpoint
+    first_rows = read_jsonl(first / "metrics.jsonl")
+    stored = bucket_files(s3, "ckpts/moved/")
+    local = {p.relative_to(first).as_posix(): p.read_bytes() for p in (first / "checkpoints/step_00000004").rglob("*") if p.is_file()}  # fmt: skip
+    assert {k: v for k, v in stored.items() if k.startswith("checkpoints/step_00000004/") and not k.endswith("_COMPLETE")} == local  # fmt: skip
+    assert stored["checkpoints/latest"] == b"step_00000004"
+
+    shutil.rmtree(first)  # a fresh node: the local run directory is gone
+    resumed = train_in_process(tmp_path, [*moved, "resume=latest"], name="moved")
+
+    assert "resumed from" in caplog.text and "at step 4" in caplog.text
+    rows = read_jsonl(resumed / "metrics.jsonl")
+    assert rows[:4] == first_rows[:4]  # the first run's lines (timings too): copied back, not re-trained
+    compared = ("step", "samples_seen", "loss", "lr", "logit_scale")
+    assert [{k: r[k] for k in compared} for r in rows] == [
+        {k: r[k] for k in compared} for r in read_jsonl(straight / "metrics.jsonl")
+    ]
+    final = "checkpoints/step_00000006/model.safetensors"
+    a, b = load_file(straight / final), load_file(resumed / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    stored = bucket_files(s3, "ckpts/moved/")
+    folders = sorted({k.split("/")[1] for k in stored if k.startswith("checkpoints/step_")})
+    assert folders == ["step_00000004", "step_00000006"]  # checkpoint.keep=2 there too
+    assert stored["checkpoints/latest"] == b"step_00000006"
+    marker = json.loads(stored["checkpoints/step_00000006/_COMPLETE"])
+    files = {p.relative_to(resumed / "checkpoints/step_00000006").as_posix(): p.stat().st_size for p in (resumed / "checkpoints/step_00000006").rglob("*") if p.is_file()}  # fmt: skip
+    assert marker == {"step": 6, "files": files}
+
+
+def test_a_run_without_resume_refuses_remote_checkpoints_it_would_overwrite(tmp_path):
+    overrides = ["train.steps=2", "checkpoint.every=2", f"checkpoint.remote={tmp_path / 'store'}"]
+    train_in_process(tmp_path, overrides, name="taken")
+    shutil.rmtree(tmp_path / "taken")
+    from pretrain.trainer import RunDirError
+
+    with pytest.raises(RunDirError, match=r"already has checkpoints \(step_00000002\); pass resume=latest"):
+        train_in_process(tmp_path, overrides, name="taken")
+
+
+def test_a_failed_copy_is_logged_and_retried(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.0)
+    real_upload, calls = remote.RemoteStore.upload, []
+
+    def flaky(self, folder, name):
+        calls.append(name)
+        if len(calls) <= 2:
+            raise ConnectionError("connection reset by peer")
+        real_upload(self, folder, name)
+
+    monkeypatch.setattr(remote.RemoteStore, "upload", flaky)
+    store = tmp_path / "store"
+    train_in_process(tmp_path, ["train.steps=2", "checkpoint.every=2", f"checkpoint.remote=file://{store}"])
+    assert calls == ["step_00000002"] * 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and "attempt 1/4" in errors[0] and "ConnectionError" in errors[0]
+    assert (store / "tiny/checkpoints/step_00000002/_COMPLETE").is_file()
+    assert (store / "tiny/checkpoints/latest").read_text() == "step_00000002"
+
+
+def test_credentials_never_reach_config_yaml_or_logs(tmp_path, monkeypatch, caplog, capsys):
+    """An http(s) store cannot take writes: every copy fails, so every path that shows the URL runs."""
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.0)
+    url = "https://user:hunter2@127.0.0.1:9/models?sig=tok3n&se=2030"
+    cfg = load_config(TINY, [f"checkpoint.remote={url}", "data.train=https://h/{0..1}.tar?token=tok3n"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "hunter2" not in saved and "tok3n" not in saved
+    assert "https://user:***@127.0.0.1:9/models?sig=***&se=***" in saved and "?token=***" in saved
+
+    with pytest.raises(remote.RemoteError) as failed:
+        train_in_process(tmp_path, ["train.steps=1", f"checkpoint.remote={url}"], name="secret")
+    assert "could not be copied to https://user:***@127.0.0.1:9/models/secret?sig=***&se=***" in str(
+        failed.value
+    )
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == remote.ATTEMPTS and "giving up" in errors[-1]
+    seen = caplog.text + "".join(capsys.readouterr()) + str(failed.value)
+    seen += (tmp_path / "secret/config.yaml").read_text()
+    assert "hunter2" not in seen and "tok3n" not in seen
+
+
+@pytest.mark.slow
+def test_fsdp_shards_of_every_rank_resume_from_the_remote(tmp_path):
+    """2 FSDP ranks: rank 0 copies both ranks' DCP shards; after losing the run directory (and the copies
+    of steps 4 and 5), resume=latest downloads step 2 and ends where the uninterrupted run did."""
+    store = tmp_path / "store"
+    args = [
+        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=fsdp", "train.steps=5",
+        "train.batch_size=8", "log.every=1", "checkpoint.every=2", "checkpoint.keep=5", "dist.strategy=fsdp",
+        f"checkpoint.remote={store}",
+    ]  # fmt: skip
+    proc = torchrun(2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = tmp_path / "straight"
+    shutil.move(tmp_path / "fsdp", straight)
+    copied = store / "fsdp/checkpoints/step_00000002"
+    assert sorted(p.name for p in (copied / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    for name in ("step_00000004", "step_00000005"):
+        shutil.rmtree(store / "fsdp/checkpoints" / name)
+    proc = torchrun(2, [*args, "resume=latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "downloading step_00000002" in proc.stdout
+    from pretrain.model import load_trained
+
+    a = load_trained(straight).model.state_dict()
+    b = load_trained(tmp_path / "fsdp").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
