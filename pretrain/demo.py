@@ -27,7 +27,7 @@ def train_demo(config: str, data: Path, overrides: list[str]) -> tuple[dict | No
     info = json.loads((data / "demo.json").read_text())
     tasks = ", ".join(
         f"{{name: {json.dumps(name)}, root: {json.dumps(str(data / root))}}}"
-        for name, root in info["eval_sets"].items()
+        for name, root in info.get("eval_sets", {}).items()
     )
     cfg = load_config(config, [f"data.train={data / info['train']}", f"eval.tasks=[{tasks}]", *overrides])
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
