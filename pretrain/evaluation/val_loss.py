@@ -31,7 +31,7 @@ def run_val_loss(
     for batch, tokens in eval_batches(spec, bundle, device, "tokens", batch_size, split, workers):
         images.append(model.encode_image(batch.to(device), normalize=True).float())
         texts.append(model.encode_text(tokens.to(device), normalize=True).float())
-    local = len(images) and sum(len(x) for x in images)
+    local = sum(len(x) for x in images)
     dim = images[0].shape[1] if images else _width(model, bundle, device)
     image_f = torch.cat(images) if images else torch.zeros(0, dim, device=device)
     text_f = torch.cat(texts) if texts else torch.zeros(0, dim, device=device)
