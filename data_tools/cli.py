@@ -7,7 +7,7 @@ import logging
 import sys
 from types import ModuleType
 
-from data_tools.commands import build, dedup, demo_data, embed, filter, reshard, stats
+from data_tools.commands import build, dedup, demo_data, embed, eval_set, filter, reshard, stats
 from data_tools.runner import RunSummary
 from webshards.args import OneLineParser
 
@@ -20,6 +20,7 @@ COMMANDS = {
     "embed": embed,
     "filter": filter,
     "dedup": dedup,
+    "eval-set": eval_set,
 }
 """Each subcommand's module (``HELP``, ``DESCRIPTION``, ``add_arguments``, ``run``), in ``--help`` order."""
 

@@ -19,8 +19,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_tools.runner import RunSummary, Task, check_settings, run_tasks
+from webshards import evalset
 from webshards.atomic import write_json_atomic
-from webshards.layout import ShardWriter, is_complete, key_for, make_uid, shard_name, stats_name, write_sizes
+from webshards.layout import (
+    ShardWriter,
+    is_complete,
+    iter_shard,
+    key_for,
+    list_shards,
+    make_uid,
+    shard_name,
+    stats_name,
+    write_sizes,
+)
 
 # Saturated, far-apart colours so the colour word is unambiguous at 64 px.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -36,14 +47,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star")
 CLASSNAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 TEMPLATES = (
-    "a photo of a {}.",
-    "a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a drawing of a {}.",
-    "a small {}.",
-    "a large {}.",
+    "a photo of a {c}.",
+    "a {c}.",
+    "a picture of a {c}.",
+    "an image of a {c}.",
+    "a drawing of a {c}.",
+    "a small {c}.",
+    "a large {c}.",
 )
+EVAL_SET_SHARDS = 4  # the classification set's tars: up to 4 ranks (x loader workers) share an eval
+RETRIEVAL_IMAGES = 256  # images of the retrieval set (the first held-out ones), each with 3 captions
+RETRIEVAL_SHARDS = 2
+RETRIEVAL_DIR = "retrieval"
 BACKGROUNDS = {"solid": "plain", "gradient": "gradient", "noise": "textured"}
 SPLIT_STREAMS = {"train": 0, "eval": 1}  # eval draws from its own seed stream: held out
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down for anti-aliased edges
@@ -79,7 +94,9 @@ def write_demo_data(
     seed: int = 0,
     workers: int = 2,
 ) -> dict[str, Any]:
-    """Write the demo set under ``output`` (train/, eval/, classnames.txt, templates.txt, demo.json).
+    """Write the demo set under ``output``: train/ and eval/ shards (img2dataset layout), the held-out images
+    again as eval sets in clip_benchmark's layout (classification at ``output`` itself, retrieval in
+    ``output/retrieval``), and demo.json (last).
 
     Returns the demo.json content plus how many shards were written and skipped.
     """
@@ -91,9 +108,8 @@ def write_demo_data(
     summary = _run(tasks, workers)
     for split in {task.split for task in tasks}:
         write_sizes(output / split)
-    (output / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
-    (output / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-    info = {**settings, "classes": len(CLASSNAMES), **_shard_specs(tasks)}
+    eval_sets = write_eval_sets(output, settings["seed"]) if settings["eval_samples"] else {}
+    info = {**settings, "classes": len(CLASSNAMES), **_shard_specs(tasks), "eval_sets": eval_sets}
     write_json_atomic(output / "demo.json", info)  # last: demo.json appears only when all is written
     return {**info, "shards_written": len(summary.done), "shards_skipped": len(summary.skipped)}
 
@@ -252,8 +268,15 @@ def _add_noise(rng: np.random.Generator, image: Image.Image, sigma: float) -> Im
 
 def _caption(rng: np.random.Generator, colour: str, shape: str, fraction: float, background: str) -> str:
     """A caption that always names colour and shape, in one of several phrasings."""
-    article = "an" if colour[0] in "aeiou" else "a"
     size = "small" if fraction < 0.58 else "large" if fraction > 0.72 else "medium-sized"
+    captions = _phrasings(colour, shape, size, background)
+    return captions[int(rng.integers(len(captions)))]
+
+
+def _phrasings(colour: str, shape: str, size: str | None, background: str) -> tuple[str, ...]:
+    """Every phrasing of a caption, in a fixed order (the training captions index it); without a `size`,
+    those that name it are left out."""
+    article = "an" if colour[0] in "aeiou" else "a"
     name = f"{colour} {shape}"
     captions = (
         f"a photo of {article} {name}",
@@ -267,7 +290,47 @@ def _caption(rng: np.random.Generator, colour: str, shape: str, fraction: float,
         f"the {shape} is {colour}",
         f"a drawing of {article} {name}",
     )
-    return captions[int(rng.integers(len(captions)))]
+    return captions if size else tuple(c for i, c in enumerate(captions) if i not in (2, 7))
+
+
+def write_eval_sets(output: Path, seed: int) -> dict[str, str]:
+    """The held-out images as eval sets in clip_benchmark's layout: classification (class index per image,
+    same images and prompts as always) at ``output``, retrieval (3 captions per image) in ``retrieval/``.
+    Returns their roots relative to ``output``. Skipped when written before (settings are checked)."""
+    sets = {"zeroshot": ".", "demo-retrieval": RETRIEVAL_DIR}
+    if evalset.is_finished(output) and evalset.is_finished(output / RETRIEVAL_DIR):
+        return sets
+    samples = [s for shard in list_shards(output / "eval") for s in iter_shard(shard, decode=False)]
+    classification = [
+        (evalset.sample_key(j), {"jpg": s["jpg"], "cls": s["cls"]}) for j, s in enumerate(samples)
+    ]
+    _write_split(output, classification, EVAL_SET_SHARDS)
+    evalset.write_metadata(output, evalset.CLASSIFICATION, CLASSNAMES, list(TEMPLATES))
+    evalset.finish(output, EVAL_SET_SHARDS)
+    retrieval = [
+        (evalset.sample_key(j), {"jpg": s["jpg"], "txt": _retrieval_captions(seed, j, s)})
+        for j, s in enumerate(samples[:RETRIEVAL_IMAGES])
+    ]
+    _write_split(output / RETRIEVAL_DIR, retrieval, RETRIEVAL_SHARDS)
+    evalset.write_metadata(output / RETRIEVAL_DIR, evalset.RETRIEVAL)
+    evalset.finish(output / RETRIEVAL_DIR, RETRIEVAL_SHARDS)
+    return sets
+
+
+def _write_split(root: Path, samples: list, shards: int) -> None:
+    """`samples` in `shards` tars of (nearly) equal size, in order."""
+    bounds = np.linspace(0, len(samples), shards + 1).astype(int)
+    for i in range(shards):
+        evalset.write_shard(root / evalset.SPLIT / f"{i}.tar", samples[bounds[i] : bounds[i + 1]])
+
+
+def _retrieval_captions(seed: int, index: int, sample: dict) -> bytes:
+    """3 different phrasings for a held-out image (one per line), drawn from its own seed stream."""
+    meta = json.loads(sample["json"])
+    colour, shape = CLASSNAMES[meta["label"]].split(" ")
+    phrasings = _phrasings(colour, shape, None, BACKGROUNDS[meta["background"]])
+    rng = np.random.default_rng([seed, 2, index])
+    return "\n".join(phrasings[i] for i in rng.choice(len(phrasings), 3, replace=False)).encode()
 
 
 def _shard_specs(tasks: list[ShardTask]) -> dict[str, Any]:

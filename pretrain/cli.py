@@ -25,12 +25,23 @@ def build_parser() -> OneLineParser:
         )
     )
 
-    ev = sub.add_parser("eval", help="zero-shot evaluation of a checkpoint, run directory or export")
+    ev = sub.add_parser(
+        "eval",
+        help="zero-shot classification / retrieval of a checkpoint, run directory or export",
+        description="Evaluate on eval sets in clip_benchmark's webdataset layout; prints one JSON object per "
+        "task (clip_benchmark's metric names). The task kind comes from ROOT/dataset_type.txt.",
+    )
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder, run directory, or export folder")
     ev.add_argument(
-        "--zeroshot", required=True, help="folder with classnames.txt, templates.txt and eval/ shards"
+        "--task", action="append", default=[], metavar="NAME=ROOT",
+        help="an eval set: ROOT is a folder or s3:// / http(s):// URL in clip_benchmark's layout (repeatable)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--val-data", metavar="SPEC", help="held-out training-format shards: contrastive val loss"
     )
+    ev.add_argument("--zeroshot", metavar="ROOT", help="deprecated: the same as --task zeroshot=ROOT")
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     ex = sub.add_parser("export", help="export a checkpoint to the open_clip hub layout")
@@ -148,18 +159,29 @@ def _config(args) -> int:
 
 
 def _eval(args) -> int:
+    """Evaluate; under torchrun every rank takes its share of each eval set and rank 0 prints."""
     import torch
 
-    from pretrain.evaluation.zeroshot import run_zeroshot
+    from pretrain.distributed import detect, init_distributed, shutdown
+    from pretrain.evaluation.tasks import parse_task, run_all
     from pretrain.model import load_trained
 
-    device = torch.device(args.device)
-    bundle = load_trained(args.checkpoint, device)
-    print(
-        json.dumps(
-            {"eval": "zeroshot", **run_zeroshot(bundle.model, bundle, args.zeroshot, device, args.batch_size)}
+    tasks = [parse_task(t) for t in ([f"zeroshot={args.zeroshot}"] if args.zeroshot else []) + args.task]
+    if not tasks and not args.val_data:
+        raise ValueError("nothing to evaluate: give --task NAME=ROOT (repeatable) and/or --val-data SPEC")
+    info = detect()
+    device = torch.device(f"cuda:{info.local_rank}" if args.device == "cuda" else "cpu")
+    init_distributed(info, device)
+    try:
+        bundle = load_trained(args.checkpoint, device)
+        split = info.world_size > 1
+        results = run_all(
+            bundle.model, bundle, tasks, args.val_data, device, args.batch_size, split, args.workers
         )
-    )
+    finally:
+        shutdown()
+    if info.is_main:
+        print("\n".join(json.dumps(result) for result in results), flush=True)
     return 0
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from webshards.atomic import write_atomic
+from webshards.evalset import TASKS as EVAL_TASKS
 from webshards.urls import redact_url
 
 PRECISIONS = ("fp32", "bf16")
@@ -273,16 +274,54 @@ class LogConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    name: str = MISSING
+    """Name of the eval (the `eval` key of its result lines), e.g. imagenet."""
+    root: str = MISSING
+    """Eval set in clip_benchmark's webdataset layout: a folder or an s3:// or http(s):// URL."""
+    task: str | None = None
+    """zeroshot_classification or zeroshot_retrieval (null: from ROOT's dataset_type.txt)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "=" not in self.name, "eval.tasks.name", f"bad eval name {self.name!r}")
+        _check(
+            self.task in (None, *EVAL_TASKS),
+            "eval.tasks.task",
+            f"must be one of {EVAL_TASKS} or null, got {self.task!r}",
+        )
+
+
+@dataclass
 class EvalConfig:
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    """Eval sets, each `{name, root}` (+ optional `task`), in clip_benchmark's webdataset layout."""
+    val_data: str | None = None
+    """Held-out shards in the training format (shard spec): contrastive validation loss over all of them."""
     zeroshot: str | None = None
-    """Folder with `classnames.txt`, `templates.txt` and labelled shards in `eval/` (as demo-data writes)."""
+    """Deprecated alias: the same as one task `{name: zeroshot, root: DIR}`."""
     every: int = 0
     """Evaluate every N steps (0: only at the end of training)."""
     batch_size: int = 256
     """Images per forward pass of the evaluation."""
+    workers: int = 0
+    """Data-loading worker processes per rank while evaluating (0: in the training process)."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", "must be >= 0")
+        _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
+        _check(self.workers >= 0, "eval.workers", "must be >= 0")
+        names = [t.name for t in self.all_tasks()] + (["val"] if self.val_data else [])
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        _check(not repeated, "eval.tasks", f"eval names must be unique, {repeated[:1]} repeats")
+
+    def all_tasks(self) -> list[EvalTaskConfig]:
+        """`tasks`, and the deprecated `zeroshot` folder as a task named `zeroshot`."""
+        alias = [EvalTaskConfig(name="zeroshot", root=self.zeroshot)] if self.zeroshot else []
+        return [*alias, *self.tasks]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.all_tasks() or self.val_data)
 
 
 @dataclass

@@ -22,10 +22,14 @@ TARGET_TOP1 = 0.90
 
 
 def train_demo(config: str, data: Path, overrides: list[str]) -> tuple[dict | None, Path]:
-    """Train on the demo shards; returns the final zero-shot result (None when a signal stopped the run
-    before it) and the run directory."""
-    spec = json.loads((data / "demo.json").read_text())["train"]
-    cfg = load_config(config, [f"data.train={data / spec}", f"eval.zeroshot={data}", *overrides])
+    """Train on the demo shards, evaluating on the demo's eval sets; returns the final results by eval name
+    (None when a signal stopped the run before them) and the run directory."""
+    info = json.loads((data / "demo.json").read_text())
+    tasks = ", ".join(
+        f"{{name: {json.dumps(name)}, root: {json.dumps(str(data / root))}}}"
+        for name, root in info.get("eval_sets", {}).items()
+    )
+    cfg = load_config(config, [f"data.train={data / info['train']}", f"eval.tasks=[{tasks}]", *overrides])
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer = Trainer(cfg)
     try:
@@ -34,8 +38,8 @@ def train_demo(config: str, data: Path, overrides: list[str]) -> tuple[dict | No
         trainer.close()
     if trainer.preempted:
         return None, cfg.run_dir
-    evals = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if r.get("eval") == "zeroshot"]
-    return evals[-1], cfg.run_dir
+    evals = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "eval" in r]
+    return {r["eval"]: r for r in evals if r["step"] == evals[-1]["step"]}, cfg.run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.data)
         write_demo_data(args.data)
     times["demo data"] = time.perf_counter() - start
-    result, run_dir = train_demo(args.config, args.data, args.overrides)
-    if result is None:
+    results, run_dir = train_demo(args.config, args.data, args.overrides)
+    if results is None:
         print(f"demo: stopped by a signal before the final evaluation; the run so far is in {run_dir}")
         return 1
     times["train + eval"] = time.perf_counter() - start - times["demo data"]
     export(run_dir, run_dir / "export")
     times["total"] = time.perf_counter() - start
+    result, retrieval = results["zeroshot"], results.get("demo-retrieval", {})
     ok = result["top1"] >= TARGET_TOP1
     curves = run_dir / "curves.png"  # drawn by the trainer at the end of the run
     rows = [
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("zero-shot top-5", f"{result['top5']:.3f}"),
         ("eval images", str(result["samples"])),
+        *[(f"retrieval {k}", f"{v:.3f}") for k, v in retrieval.items() if "recall@" in k],
         *[(f"time: {k}", f"{v:.1f} s") for k, v in times.items()],
         ("run directory", str(run_dir)),
         ("curves", str(curves) if curves.is_file() else "not drawn (see the warning above)"),

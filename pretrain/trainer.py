@@ -129,7 +129,7 @@ class Trainer:
             step, final = self.state.step, self.state.step == cfg.train.steps
             if step % cfg.log.every == 0 or final:
                 self.log_train(loss)
-            if cfg.eval.zeroshot and ((cfg.eval.every and step % cfg.eval.every == 0) or final):
+            if cfg.eval.enabled and ((cfg.eval.every and step % cfg.eval.every == 0) or final):
                 self.evaluate()
             stop = self.preemption.should_stop()  # a SIGUSR1/SIGTERM on any rank: checkpoint and leave
             if step % cfg.checkpoint.every == 0 or final or step == until or stop:
@@ -274,26 +274,26 @@ class Trainer:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor.item())
 
-    def evaluate(self) -> dict:
-        """Zero-shot eval on every rank. Replicated weights (DDP): each rank takes its share of the eval shards
-        and the counts are summed. Sharded weights (FSDP, ZeRO-3) run forward only on all ranks together,
-        so every rank then evaluates all of it in lockstep."""
-        from pretrain.evaluation.zeroshot import run_zeroshot
+    def evaluate(self) -> list[dict]:
+        """Every eval of `eval.tasks` (and `eval.val_data`) on every rank. Replicated weights (DDP): each rank
+        takes its share of the eval shards and the counts (retrieval: embeddings) are combined over ranks.
+        Sharded weights (FSDP, ZeRO-3) run forward only on all ranks together, so every rank then evaluates
+        all of it in lockstep. Rank 0 writes one `eval` line per eval and `eval_results.json`."""
+        from pretrain.evaluation.tasks import run_all, write_results
 
+        cfg = self.cfg.eval
         split = not self.strategy.collective_eval
         with self.strategy.eval_context(self.model):
-            result = run_zeroshot(
-                self.model,
-                self.bundle,
-                self.cfg.eval.zeroshot,
-                self.device,
-                self.cfg.eval.batch_size,
-                split=split,
-            )
+            results = run_all(
+                self.model, self.bundle, cfg.all_tasks(), cfg.val_data, self.device, cfg.batch_size, split,
+                cfg.workers,
+            )  # fmt: skip
         if self.info.is_main:
-            self.metrics.write({"step": self.state.step, "eval": "zeroshot", **result})
+            for result in results:
+                self.metrics.write({"step": self.state.step, **result})
+            write_results(self.cfg.run_dir, self.state.step, results)
         self.meter.restart(self.state.step)  # eval time is not training throughput
-        return result
+        return results
 
     def save(self) -> Path:
         self._check_finite()

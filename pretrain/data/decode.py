@@ -30,13 +30,13 @@ def caption_of(raw: dict, key: str = "txt") -> str:
 
 
 def open_image(raw: dict, min_size: int) -> Image.Image:
-    """Decode the sample's image in RGB, at reduced size when it is at least twice `min_size`."""
+    """Decode the sample's image in RGB, at reduced size when it is at least twice `min_size` (0: full size)."""
     ext = image_extension(raw)
     if ext is None:
         raise BadSample("missing_image")
     try:
         image = Image.open(io.BytesIO(raw[ext]))
-        if image.format == "JPEG":
+        if image.format == "JPEG" and min_size:
             image.draft("RGB", (min_size, min_size))  # keeps both sides >= min_size
         image.load()
         if image.mode != "RGB":  # convert() copies even when there is nothing to convert

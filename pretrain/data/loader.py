@@ -40,6 +40,15 @@ def _labels(texts: list[str]) -> torch.Tensor:
     return torch.tensor([int(t) for t in texts])
 
 
+def _captions(texts: list[str]) -> list[list[str]]:
+    """Each sample's captions: clip_benchmark splits a retrieval sample's `txt` into lines."""
+    return [t.splitlines() for t in texts]
+
+
+TARGETS = {"labels": _labels, "captions": _captions}
+"""Eval-time text targets: `cls` class indices, or raw captions (tokenised later by the evaluator)."""
+
+
 def _normalize_on(normalize, device: torch.device, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """The `cpu` path's finish: the workers already cropped (the seeds are not needed), normalise here."""
     return normalize(images.to(device, non_blocking=True))
@@ -188,10 +197,11 @@ class WebDatasetSource(StreamLoader):
         world: int,
         bundle,
         device,
-        labels: bool = False,
+        targets: str = "tokens",
     ):
-        """`labels=True` reads eval shards' integer labels (KEY.cls) instead of tokenised captions."""
-        self.cfg, self.device, self.labels = data_cfg, device, labels
+        """`targets`: `tokens` (tokenised captions), or for eval sets `labels` (KEY.cls class indices) or
+        `captions` (KEY.txt lines, untokenised)."""
+        self.cfg, self.device, self.targets = data_cfg, device, targets
         sources = parse_spec(spec, data_cfg.train_weights if mode != "eval" else None)
         stream_cfg = StreamConfig(
             sources=tuple(s.urls for s in sources),
@@ -204,7 +214,7 @@ class WebDatasetSource(StreamLoader):
         self.stream_cfg = stream_cfg
         decode, collate, self.finish = self._decoders(bundle)
         super().__init__(
-            stream_cfg, decode, collate, _labels if labels else bundle.tokenizer, data_cfg.workers,
+            stream_cfg, decode, collate, TARGETS.get(targets, bundle.tokenizer), data_cfg.workers,
             pin_memory=data_cfg.pin_memory and device.type == "cuda", prefetch=data_cfg.prefetch,
         )  # fmt: skip
         total = sum(s.samples or 0 for s in sources)
@@ -215,14 +225,21 @@ class WebDatasetSource(StreamLoader):
         from pretrain.model import image_size
 
         size = image_size(bundle.model)
-        kind = "cpu" if self.labels else self.cfg.decode  # eval-time labels: the plain CPU path
+        benchmark = self.targets != "tokens"
+        kind = "cpu" if benchmark else self.cfg.decode  # eval sets: the plain CPU path
         transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
         if kind == "cpu":
-            text_key = "cls" if self.labels else "txt"
+            text_key = "cls" if self.targets == "labels" else "txt"
             sample_transform, normalize = split_transform(transform)
             finish = functools.partial(_normalize_on, normalize, self.device) if normalize else None
+            # eval sets decode in full, as clip_benchmark does, so results match it exactly
             return (
-                functools.partial(dec.decode_cpu, transform=sample_transform, size=size, text_key=text_key),
+                functools.partial(
+                    dec.decode_cpu,
+                    transform=sample_transform,
+                    size=0 if benchmark else size,
+                    text_key=text_key,
+                ),
                 _stack,
                 finish,
             )

@@ -1,77 +1,58 @@
-"""Zero-shot classification: class prompts become a linear classifier over image embeddings.
+"""Zero-shot classification (clip_benchmark's `zeroshot_classification`): class prompts become a linear
+classifier over image embeddings; top-1, top-5 and mean per-class recall.
 
-The eval folder is what `data-tools demo-data` writes: `classnames.txt`, `templates.txt` (one prompt per
-line with `{}` for the class name) and labelled shards in `eval/` (KEY.cls holds the class index). The
-shards are read by the training pipeline in `eval` mode: in order, each sample once across all ranks.
+The classifier is open_clip's `build_zero_shot_classifier` (prompt embeddings normalised, averaged over the
+templates, normalised again); prompts are clip_benchmark's `template.format(c=classname)`. Each rank
+classifies its share of the images and the per-class counts are summed over ranks.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 
 import torch
 from open_clip import build_zero_shot_classifier
 
-from pretrain.config import DataConfig
-from pretrain.distributed import world
-from webshards.layout import list_shards
-
-
-def read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"zero-shot eval needs {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def eval_spec(folder: Path) -> str:
-    """The labelled shards of an eval folder as a spec (`::`-joined paths)."""
-    shard_dir = folder / "eval" if (folder / "eval").is_dir() else folder
-    shards = list_shards(shard_dir)
-    if not shards:
-        raise FileNotFoundError(f"no complete shards in {shard_dir}")
-    return "::".join(str(s) for s in shards)
+from pretrain.evaluation.batches import all_sum, eval_batches
+from webshards.evalset import EvalSet, fill_template
 
 
 @torch.no_grad()
-def run_zeroshot(
-    model, bundle, folder: str | Path, device: torch.device, batch_size: int = 256, split: bool = False,
+def run_classification(
+    model, bundle, eval_set: EvalSet, device: torch.device, batch_size: int = 256, split: bool = False,
     workers: int = 0,
 ) -> dict:  # fmt: skip
-    """Top-1 / top-5 accuracy of `model` on the labelled eval shards in `folder`.
-
-    With `split`, each rank of the process group evaluates its share of the shards and the counts are
-    summed; otherwise this process evaluates everything.
-    """
-    from pretrain.data.loader import WebDatasetSource
-
-    folder = Path(folder)
-    classnames, templates = read_lines(folder / "classnames.txt"), read_lines(folder / "templates.txt")
-    rank, size = world() if split else (0, 1)
-    was_training = model.training
-    model.eval()
-    classifier = build_zero_shot_classifier(model, bundle.tokenizer, classnames, templates, device=device)
-    data_cfg = DataConfig(workers=workers)
-    source = WebDatasetSource(
-        eval_spec(folder), data_cfg, "eval", 0, batch_size, rank, size, bundle, device, labels=True
+    """`top1`, `top5` (top-k of min(5, classes)), `mean_per_class_recall` (sklearn's balanced accuracy, as
+    clip_benchmark reports it: the mean top-1 recall over classes that have images) and `samples`."""
+    classes = len(eval_set.classnames)
+    templates = [functools.partial(fill_template, t) for t in eval_set.templates]
+    classifier = build_zero_shot_classifier(
+        model, bundle.tokenizer, list(eval_set.classnames), templates, device=device
     )
-    counts = torch.zeros(3, dtype=torch.long, device=device)  # top-1 hits, top-5 hits, samples
-    k = min(5, len(classnames))
-    for images, labels in _batches(source):
+    k = min(5, classes)
+    counts = torch.zeros(
+        3, classes, dtype=torch.long, device=device
+    )  # per class: top-1 hits, top-k hits, images
+    for images, labels in eval_batches(eval_set.spec, bundle, device, "labels", batch_size, split, workers):
+        labels = labels.to(device)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+            raise ValueError(
+                f"{eval_set.root}: class index {labels.max().item()} outside its {classes} classes"
+            )
         topk = (model.encode_image(images.to(device), normalize=True) @ classifier).topk(k, dim=1).indices
-        hits = topk == labels.to(device)[:, None]
-        counts += torch.stack(
-            [hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)]
-        )
-    if size > 1:
-        torch.distributed.all_reduce(counts)
-    model.train(was_training)
-    top1, top5, total = counts.tolist()
-    return {"top1": top1 / total, "top5": top5 / total, "samples": total}
-
-
-def _batches(source):
-    try:
-        while True:
-            yield source.next_batch()
-    except StopIteration:
-        source.close()
+        hits = topk == labels[:, None]
+        counts[0] += torch.bincount(labels[hits[:, 0]], minlength=classes)
+        counts[1] += torch.bincount(labels[hits.any(dim=1)], minlength=classes)
+        counts[2] += torch.bincount(labels, minlength=classes)
+    top1, topk_hits, per_class = all_sum(counts, split).cpu()
+    total = int(per_class.sum())
+    if total == 0:
+        raise ValueError(f"eval set {eval_set.root} holds no readable samples")
+    present = per_class > 0
+    recall = (top1[present].double() / per_class[present].double()).mean().item()
+    return {
+        "top1": int(top1.sum()) / total,
+        "top5": int(topk_hits.sum()) / total,
+        "mean_per_class_recall": recall,
+        "samples": total,
+    }

@@ -36,8 +36,8 @@ def test_layout(demo: Path) -> None:
     assert (demo / "train" / "sizes.json").exists() and (demo / "train" / "00001.parquet").exists()
     assert (demo / "classnames.txt").read_text().splitlines() == CLASSNAMES
     assert len(CLASSNAMES) == 32 and len(set(CLASSNAMES)) == 32
-    templates = (demo / "templates.txt").read_text().splitlines()
-    assert "a photo of a {}." in templates and all("{}" in t for t in templates)
+    templates = (demo / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert "a photo of a {c}." in templates and all("{c}" in t for t in templates)
     info = json.loads((demo / "demo.json").read_text())
     assert info["samples"] == 200 and info["seed"] == 0 and info["image_size"] == 32
     assert info["train"] == "train/{00000..00001}.tar"
@@ -63,6 +63,31 @@ def test_eval_is_labelled_and_held_out(demo: Path) -> None:
         assert 0 <= sample["json"]["label"] < 32
     train_hashes = {s["json"]["sha256"] for s in samples_of(demo / "train")}
     assert not train_hashes & {s["json"]["sha256"] for s in eval_samples}
+
+
+def test_eval_sets_in_clip_benchmark_layout(demo: Path) -> None:
+    """The held-out images again, as clip_benchmark reads them: classification at the root (same images and
+    labels as eval/), retrieval in retrieval/ with 3 distinct captions naming the image's class."""
+    import webdataset as wds
+
+    def read(root: Path, target: str) -> list[tuple]:
+        n = int((root / "test" / "nshards.txt").read_text())
+        urls = [str(root / "test" / f"{i}.tar") for i in range(n)]
+        return list(wds.WebDataset(urls, shardshuffle=False).to_tuple("webp;png;jpg;jpeg", target))
+
+    held_out = samples_of(demo / "eval")
+    classification = read(demo, "cls")
+    assert not (demo / "dataset_type.txt").exists() and (demo / "test" / "nshards.txt").read_text() == "4\n"
+    assert [(image, int(label)) for image, label in classification] == [
+        (s["jpg"], s["json"]["label"]) for s in held_out
+    ]
+    retrieval = read(demo / "retrieval", "txt")
+    assert (demo / "retrieval" / "dataset_type.txt").read_text().strip() == "retrieval"
+    assert [image for image, _ in retrieval] == [s["jpg"] for s in held_out]  # 64 < 256: all of them
+    for (_, text), sample in zip(retrieval, held_out):
+        captions = text.decode().splitlines()
+        colour, shape = CLASSNAMES[sample["json"]["label"]].split()
+        assert len(set(captions)) == 3 and all(colour in c and shape in c for c in captions)
 
 
 def test_deterministic_for_any_worker_count(demo: Path, tmp_path: Path) -> None:

@@ -1,0 +1,52 @@
+"""Contrastive validation loss on held-out shards in the training format (`eval.val_data`).
+
+The InfoNCE loss of the whole held-out set at once: every held-out pair is a negative for every other, the
+mean of both directions, at the model's logit scale. Unlike open_clip's per-batch `clip_val_loss` it does
+not depend on how the set is batched or split over ranks. Each rank embeds its share; the embeddings are
+gathered; each rank takes the loss terms of its own rows and the sums are added over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.evaluation.batches import all_sum, eval_batches, gather_rows, rank_offset
+
+TASK = "contrastive_loss"
+
+
+@torch.no_grad()
+def run_val_loss(
+    model,
+    bundle,
+    spec: str,
+    device: torch.device,
+    batch_size: int = 256,
+    split: bool = False,
+    workers: int = 0,
+) -> dict:
+    """`{"task": "contrastive_loss", "val_loss", "samples"}` over the shards of `spec`."""
+    images, texts = [], []
+    for batch, tokens in eval_batches(spec, bundle, device, "tokens", batch_size, split, workers):
+        images.append(model.encode_image(batch.to(device), normalize=True).float())
+        texts.append(model.encode_text(tokens.to(device), normalize=True).float())
+    local = sum(len(x) for x in images)
+    dim = images[0].shape[1] if images else _width(model, bundle, device)
+    image_f = torch.cat(images) if images else torch.zeros(0, dim, device=device)
+    text_f = torch.cat(texts) if texts else torch.zeros(0, dim, device=device)
+    first = rank_offset(local, split)
+    all_images, all_texts = gather_rows(image_f, split), gather_rows(text_f, split)
+    if len(all_images) == 0:
+        raise ValueError(f"eval.val_data {spec!r} holds no readable samples")
+    scale = model.logit_scale.exp().float()
+    targets = torch.arange(first, first + local, device=device)
+    total = F.cross_entropy(scale * image_f @ all_texts.T, targets, reduction="sum")
+    total = total + F.cross_entropy(scale * text_f @ all_images.T, targets, reduction="sum")
+    total = all_sum(total.reshape(1).double(), split)
+    return {"task": TASK, "val_loss": total.item() / (2 * len(all_images)), "samples": len(all_images)}
+
+
+def _width(model, bundle, device: torch.device) -> int:
+    """The embedding width, for a rank that got no samples."""
+    return model.encode_text(bundle.tokenizer([""]).to(device), normalize=True).shape[1]
