@@ -22,31 +22,11 @@ as with `ClipLoss`. All ranks must use the same local batch size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain.distributed import world
+from pretrain.loss.ring import exchange, ring_peers
 from pretrain.loss.tiling import RowTiledLoss
-
-
-def _exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> tuple[torch.Tensor, list]:
-    """Start sending `tensor` to `send_to` and receiving a same-shaped block from `recv_from`.
-
-    Returns the receive buffer and the works to wait on; the caller keeps `tensor` alive until then.
-    """
-    received = torch.empty_like(tensor)
-    # One batch so that NCCL posts the send and the receive together (separately, every rank's send
-    # would wait for its neighbour's receive, queued behind that neighbour's own send: a cycle).
-    works = dist.batch_isend_irecv(
-        [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, received, recv_from)]
-    )
-    return received, works
-
-
-def _ring_peers() -> tuple[int, int]:
-    """(left, right) neighbours of this rank on the ring."""
-    rank, size = world()
-    return (rank - 1) % size, (rank + 1) % size
 
 
 class _Hop:
@@ -59,9 +39,9 @@ class _Hop:
     """
 
     def __init__(self, texts: torch.Tensor) -> None:
-        self.left, self.right = _ring_peers()
+        self.left, self.right = ring_peers()
         self.sent = texts.detach().contiguous()  # alive until the send completes
-        self.arrived, self.works = _exchange(self.sent, send_to=self.right, recv_from=self.left)
+        self.arrived, self.works = exchange(self.sent, send_to=self.right, recv_from=self.left)
         self.grad_sent: torch.Tensor | None = None
 
     def wait_arrival(self) -> torch.Tensor:
@@ -71,7 +51,7 @@ class _Hop:
 
     def start_return(self, grad: torch.Tensor) -> None:
         self.grad_sent = grad.contiguous()
-        self.returned, self.works = _exchange(self.grad_sent, send_to=self.left, recv_from=self.right)
+        self.returned, self.works = exchange(self.grad_sent, send_to=self.left, recv_from=self.right)
 
     def wait_return(self) -> torch.Tensor:
         if self.grad_sent is None:
