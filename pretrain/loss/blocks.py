@@ -16,14 +16,9 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _spans(n: int, chunk: int) -> list[slice]:
+def spans(n: int, chunk: int) -> list[slice]:
+    """The slices of `n` rows, `chunk` at a time (the last one shorter)."""
     return [slice(start, start + chunk) for start in range(0, n, chunk)]
-
-
-def _block_logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw dot products, scaled logits) of one block, in the accumulation dtype."""
-    raw = (a @ b.T).to(accumulation_dtype(a))
-    return raw, scale.to(raw.dtype) * raw
 
 
 def block_lse(
@@ -34,9 +29,10 @@ def block_lse(
     dtype = accumulation_dtype(a)
     rows = a.new_full((a.shape[0],), -torch.inf, dtype=dtype)
     cols = a.new_full((b.shape[0],), -torch.inf, dtype=dtype) if columns else None
-    for i in _spans(a.shape[0], chunk):
-        for j in _spans(b.shape[0], chunk):
-            _, logits = _block_logits(a[i], b[j], scale)
+    for i in spans(a.shape[0], chunk):
+        scaled = a[i] * scale.to(a.dtype)  # chunk x d: cheaper than scaling every chunk x chunk block
+        for j in spans(b.shape[0], chunk):
+            logits = (scaled @ b[j].T).to(dtype)
             rows[i] = torch.logaddexp(rows[i], logits.logsumexp(dim=1))
             if cols is not None:
                 cols[j] = torch.logaddexp(cols[j], logits.logsumexp(dim=0))
@@ -55,22 +51,31 @@ def block_lse_grads(
     """Add to `grads` = (d a, d b) the gradients of `weight` x (sum of the row log-sum-exps `lse[0]` + sum
     of the column log-sum-exps `lse[1]` when given) of `scale * a @ b.T`; return the gradient of `scale`.
 
-    d logit_ij = weight x (softmax over row i + softmax over column j), recomputed block by block. Writing
-    into the caller's accumulators keeps the feature-sized buffers to the gradients themselves.
+    With P the row softmax (+ column softmax) of the logits, recomputed block by block, and w = `weight`:
+    d a = w scale P b, d b = w scale P.T a and d scale = w sum(P * a @ b.T) = w sum(a * P b), the last per
+    row tile from `P b` so that no block needs a further pass. The matmuls run in the inputs' dtype (bf16
+    on tensor cores), softmax and sums in fp32 at least. Writing into the caller's accumulators keeps the
+    feature-sized buffers to the gradients themselves.
     """
     (row_lse, col_lse), (grad_a, grad_b) = lse, grads
     dtype = grad_a.dtype
     grad_scale = torch.zeros((), dtype=dtype, device=a.device)
-    scale = scale.to(dtype)
-    for i in _spans(a.shape[0], chunk):
-        for j in _spans(b.shape[0], chunk):
-            raw, logits = _block_logits(a[i], b[j], scale)
-            probs = torch.exp(logits - row_lse[i, None])
-            if col_lse is not None:
-                probs += torch.exp(logits - col_lse[None, j])
-            probs *= weight
-            grad_scale += (probs * raw).sum()
-            probs *= scale  # d loss / d raw dot product
-            grad_a[i] += probs @ b[j].to(dtype)
-            grad_b[j] += probs.T @ a[i].to(dtype)
+    coef = scale.to(dtype) * weight  # d loss / d (a . b) = scale x d loss / d logit
+    for i in spans(a.shape[0], chunk):
+        scaled, a_coef = a[i] * scale.to(a.dtype), (a[i].to(dtype) * coef).to(a.dtype)
+        prob_b = torch.zeros(a[i].shape, dtype=dtype, device=a.device)  # sum over blocks of P b
+        for j in spans(b.shape[0], chunk):
+            logits = (scaled @ b[j].T).to(dtype)  # the forward's logits, recomputed
+            probs = _probs(logits, row_lse[i], None if col_lse is None else col_lse[j]).to(a.dtype)
+            prob_b += probs @ b[j]
+            grad_b[j] += probs.T @ a_coef
+        grad_a[i] += prob_b * coef
+        grad_scale += weight * (a[i] * prob_b).sum(dtype=dtype)
     return grad_scale
+
+
+def _probs(logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor | None) -> torch.Tensor:
+    """Row softmax (+ column softmax) of a block of logits from the saved log-sum-exps, in place."""
+    col_probs = None if col_lse is None else torch.exp(logits - col_lse[None, :])
+    probs = logits.sub_(row_lse[:, None]).exp_()
+    return probs if col_probs is None else probs.add_(col_probs)

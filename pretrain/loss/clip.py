@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pretrain.distributed import all_gather_with_grad, world
 from pretrain.loss.tiled_clip import tiled_loss_sum
-from pretrain.loss.tiling import RowTiledLoss
+from pretrain.loss.tiling import ChunkedLoss
 
 
 def _directional_ce(
@@ -27,7 +27,7 @@ def _directional_ce(
     return F.cross_entropy(scale * queries @ keys.T, labels, reduction="sum")
 
 
-class ClipLoss(RowTiledLoss):
+class ClipLoss(ChunkedLoss):
     """Symmetric InfoNCE over the global batch.
 
     `chunk_size` (None: the plain loss) bounds memory by blocks of `chunk_size x chunk_size` logits: what

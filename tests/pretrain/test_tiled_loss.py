@@ -126,3 +126,13 @@ def test_memory_at_32k_within_budget():
     assert full["extra_bytes"] <= 0.35 * 2**30, full
     assert full["extra_bytes"] <= 2.1 * half["extra_bytes"], (half, full)
     assert full["extra_bytes"] >= full["grad_bytes"], full
+
+
+def test_loss_memory_bench_small_mode_runs():
+    """bench/loss_memory.py --small (the smoke run that keeps the script from rotting): a table row per size."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "loss_memory.py"
+    out = subprocess.run([sys.executable, str(bench), "--small"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.split("|")[0].strip().isdigit()]
+    assert [int(row[0]) for row in rows] == [256, 512, 1024]
+    assert all("MiB" in row[1] and "MiB" in row[2] for row in rows), out.stdout
