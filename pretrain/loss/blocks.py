@@ -21,6 +21,12 @@ def spans(n: int, chunk: int) -> list[slice]:
     return [slice(start, start + chunk) for start in range(0, n, chunk)]
 
 
+def _logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`scale * a @ b.T` with the matmul in the inputs' dtype and the scaling in `dtype` (fp32 at least:
+    scaling bf16 features first would round them a second time)."""
+    return (a @ b.T).to(dtype).mul_(scale.to(dtype))
+
+
 def block_lse(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, chunk: int, columns: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -30,9 +36,8 @@ def block_lse(
     rows = a.new_full((a.shape[0],), -torch.inf, dtype=dtype)
     cols = a.new_full((b.shape[0],), -torch.inf, dtype=dtype) if columns else None
     for i in spans(a.shape[0], chunk):
-        scaled = a[i] * scale.to(a.dtype)  # chunk x d: cheaper than scaling every chunk x chunk block
         for j in spans(b.shape[0], chunk):
-            logits = (scaled @ b[j].T).to(dtype)
+            logits = _logits(a[i], b[j], scale, dtype)
             rows[i] = torch.logaddexp(rows[i], logits.logsumexp(dim=1))
             if cols is not None:
                 cols[j] = torch.logaddexp(cols[j], logits.logsumexp(dim=0))
@@ -62,10 +67,10 @@ def block_lse_grads(
     grad_scale = torch.zeros((), dtype=dtype, device=a.device)
     coef = scale.to(dtype) * weight  # d loss / d (a . b) = scale x d loss / d logit
     for i in spans(a.shape[0], chunk):
-        scaled, a_coef = a[i] * scale.to(a.dtype), (a[i].to(dtype) * coef).to(a.dtype)
+        a_coef = (a[i].to(dtype) * coef).to(a.dtype)
         prob_b = torch.zeros(a[i].shape, dtype=dtype, device=a.device)  # sum over blocks of P b
         for j in spans(b.shape[0], chunk):
-            logits = (scaled @ b[j].T).to(dtype)  # the forward's logits, recomputed
+            logits = _logits(a[i], b[j], scale, dtype)  # the forward's logits, recomputed
             probs = _probs(logits, row_lse[i], None if col_lse is None else col_lse[j]).to(a.dtype)
             prob_b += probs @ b[j]
             grad_b[j] += probs.T @ a_coef

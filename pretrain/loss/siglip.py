@@ -174,9 +174,8 @@ def _blocks(img, txt, scale, bias, first_positive, chunk):
     """(row slice, column slice, logits in the accumulation dtype, labels) of every `chunk x chunk` block."""
     dtype = accumulation_dtype(img)
     for i in spans(img.shape[0], chunk):
-        scaled = img[i] * scale.to(img.dtype)
-        for j in spans(txt.shape[0], chunk):
-            logits = (scaled @ txt[j].T).to(dtype) + bias.to(dtype)
+        for j in spans(txt.shape[0], chunk):  # scaled after the matmul, in fp32: bf16 would round twice
+            logits = (img[i] @ txt[j].T).to(dtype) * scale.to(dtype) + bias.to(dtype)
             yield i, j, logits, _signs(i, j, logits.shape, first_positive, logits)
 
 
