@@ -119,15 +119,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     )
     print(f"{'global batch':>12} | {'open_clip ClipLoss':>22} | {'ours':>22}")
     rows, open_clip_alive, ours_alive = [], True, True
+    theirs_note, ours_note = "skipped (cap)", "skipped (time)"
     for batch in args.sizes:
         theirs = mine = None
         if open_clip_alive and batch <= args.open_clip_max:
             theirs = measure("open_clip", batch, args)
             open_clip_alive = theirs is not None
+            theirs_note = theirs_note if open_clip_alive else "out of memory"
         if ours_alive:
             mine = measure("ours", batch, args)
             ours_alive = mine is not None and mine["seconds"] <= args.max_seconds
-        print(f"{batch:>12} | {_cell(theirs, 'OOM/skipped')} | {_cell(mine, 'skipped')}", flush=True)
+            ours_note = ours_note if mine is not None else "out of memory"
+        print(f"{batch:>12} | {_cell(theirs, theirs_note)} | {_cell(mine, ours_note)}", flush=True)
         rows.append({"batch": batch, "open_clip": theirs, "ours": mine})
         if not (open_clip_alive or ours_alive):
             break
