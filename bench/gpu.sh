@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark run, in one call on a lent machine (PyTorch there, no package index): install the wheels
-# that bench/gpu_wheels.sh fetched, then time the train step and the data loader against open_clip.
+# that bench/gpu_wheels.sh fetched, then time the train step, the data loader and the loss memory against open_clip.
 # Results go to stdout and to $OUT (when set) for docs/PERFORMANCE.md.
 #   bash bench/gpu.sh                                    # on the GPU machine, carrying .whl
 #   PATH=$PWD/.venv/bin:$PATH DEVICE=cpu MODEL=tiny-clip BATCH=32 IMAGES=256 WORKERS=1 bash bench/gpu.sh  # dry run
@@ -15,3 +15,6 @@ python3 bench/train_step.py --model "$model" --batch-size "$batch" --precision b
   2>&1 | grep -v WARNING | tee "$out/train_step.txt"
 python3 bench/data_loader.py --images "${IMAGES:-4000}" --shards 16 --workers ${WORKERS:-4 8 14} --batch-size "$batch" \
   --batches 10 --device "$device" 2>&1 | grep -v WARNING | tee "$out/data_loader.txt"
+# Loss memory, open_clip's ClipLoss until it runs out of memory, ours to 1M (a CPU dry run takes the small mode).
+loss_mode=$([ "$device" = cpu ] && echo --small || echo --device cuda --precision bf16)
+python3 bench/loss_memory.py $loss_mode --json "$out/loss_memory.json" 2>&1 | grep -v WARNING | tee "$out/loss_memory.txt"

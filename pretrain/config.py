@@ -183,8 +183,12 @@ class LossConfig:
     caption_weight: float = 2.0
     """Weight of the caption cross-entropy (coca only; open_clip's default)."""
     chunk_size: int | None = None
-    """Rows per tile of the contrastive loss (null: one tile); tiling recomputes each tile's logits in
-    backward, so activation memory is chunk_size x global batch instead of local x global batch."""
+    """Block size of the contrastive loss (null: the plain, untiled loss); clip and coca then keep only
+    log-sum-exps over chunk_size x chunk_size logit blocks and recompute the blocks in backward, so their
+    memory grows linearly with the batch; siglip recomputes chunk_size-row tiles of each rank's block."""
+    ring: bool = False
+    """clip and coca: pass the other ranks' features peer-to-peer around the ring of ranks instead of
+    all-gathering them (one other rank's block held at a time); needs chunk_size. siglip always does."""
 
     def __post_init__(self) -> None:
         _check(
@@ -198,6 +202,16 @@ class LossConfig:
             self.chunk_size is None or self.chunk_size > 0,
             "loss.chunk_size",
             f"must be > 0 or null, got {self.chunk_size}",
+        )
+        _check(
+            not self.ring or self.chunk_size is not None,
+            "loss.ring",
+            "needs loss.chunk_size (the ring is part of the tiled loss), got loss.chunk_size=null",
+        )
+        _check(
+            not (self.ring and self.name == "siglip"),
+            "loss.ring",
+            "is for clip and coca; siglip always passes texts around the ring",
         )
 
 

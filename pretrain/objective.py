@@ -111,21 +111,27 @@ class Objective:
 
 
 class _OnlyContrastive(Objective):
-    """An objective whose one part is a contrastive loss module built with `loss.chunk_size`."""
-
-    loss_class: type[nn.Module]
+    """An objective whose one part is a contrastive loss module built from `loss.chunk_size` (and `loss.ring`)."""
 
     def __init__(self, cfg: LossConfig) -> None:
         if cfg.clip_weight <= 0:
             raise ConfigError(f"loss.clip_weight: must be > 0 for loss.name={self.name} (its only part)")
         super().__init__({"contrastive": cfg.clip_weight})
-        self.loss = self.loss_class(cfg.chunk_size)
+        self.loss = self.build_loss(cfg)
+
+    def build_loss(self, cfg: LossConfig) -> nn.Module:
+        """The loss module, from `loss.chunk_size` (and `loss.ring` where it applies)."""
+        raise NotImplementedError
 
 
 class ClipObjective(_OnlyContrastive):
-    """CLIP InfoNCE with gathered negatives (`pretrain.loss.ClipLoss`), tiled by `loss.chunk_size`."""
+    """CLIP InfoNCE with negatives from all ranks (`pretrain.loss.ClipLoss`), in O(B) memory with
+    `loss.chunk_size`, the other ranks' features passed around the ring with `loss.ring`."""
 
-    name, loss_class = "clip", ClipLoss
+    name = "clip"
+
+    def build_loss(self, cfg: LossConfig) -> nn.Module:
+        return ClipLoss(cfg.chunk_size, ring=cfg.ring)
 
     def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
         return self.loss(image_features, text_features, logit_scale)
@@ -135,7 +141,12 @@ class SigLipObjective(_OnlyContrastive):
     """The pairwise sigmoid loss with a learnable bias, texts passed around the ring of ranks
     (`pretrain.loss.SigLipLoss`), tiled by `loss.chunk_size`."""
 
-    name, loss_class = "siglip", SigLipLoss
+    name = "siglip"
+
+    def build_loss(self, cfg: LossConfig) -> nn.Module:
+        if cfg.ring:  # loss.name was null: the model chose siglip
+            raise ConfigError("loss.ring: is for clip and coca; siglip always passes texts around the ring")
+        return SigLipLoss(cfg.chunk_size)
 
     def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
         return self.loss(image_features, text_features, logit_scale, logit_bias)
@@ -152,7 +163,7 @@ class CoCaObjective(Objective):
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__({"contrastive": cfg.clip_weight, "caption": cfg.caption_weight})
-        self.loss = ClipLoss(cfg.chunk_size)
+        self.loss = ClipLoss(cfg.chunk_size, ring=cfg.ring)
 
     def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
         return self.loss(image_features, text_features, logit_scale)

@@ -78,10 +78,11 @@ class CoCaLoss(nn.Module):
         caption_weight: float = 2.0,
         pad_id: int = PAD_ID,
         chunk_size: int | None = None,
+        ring: bool = False,
     ) -> None:
         super().__init__()
         self.clip_weight, self.caption_weight, self.pad_id = clip_weight, caption_weight, pad_id
-        self.clip_loss = ClipLoss(chunk_size=chunk_size)
+        self.clip_loss = ClipLoss(chunk_size=chunk_size, ring=ring)
 
     def forward(
         self,

@@ -10,7 +10,8 @@ communication overlaps compute where the backend runs P2P asynchronously (NCCL; 
 received block travel back along the ring to the rank that owns those texts, each return started before
 this rank scores the block backward and waited for after, so backward overlaps too. Logits are computed one
 `B x B` block at a time and the `N x N` global matrix never exists; autograd keeps each block's
-activations (`B x N` in all, as ClipLoss's local rows) unless `chunk_size` recomputes them.
+activations (`B x N` in all) unless `chunk_size` scores each block in `chunk x chunk` pieces that a custom
+autograd Function recomputes in backward (nothing but the inputs saved).
 
 Normalisation (open_clip's): each rank divides by its local batch `B`, so
 `loss_r = -sum(logsigmoid over its B x N pairs) / B`. The mean of `loss_r` over ranks is the full-batch loss
@@ -22,31 +23,12 @@ as with `ClipLoss`. All ranks must use the same local batch size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain.distributed import world
-from pretrain.loss.tiling import RowTiledLoss
-
-
-def _exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> tuple[torch.Tensor, list]:
-    """Start sending `tensor` to `send_to` and receiving a same-shaped block from `recv_from`.
-
-    Returns the receive buffer and the works to wait on; the caller keeps `tensor` alive until then.
-    """
-    received = torch.empty_like(tensor)
-    # One batch so that NCCL posts the send and the receive together (separately, every rank's send
-    # would wait for its neighbour's receive, queued behind that neighbour's own send: a cycle).
-    works = dist.batch_isend_irecv(
-        [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, received, recv_from)]
-    )
-    return received, works
-
-
-def _ring_peers() -> tuple[int, int]:
-    """(left, right) neighbours of this rank on the ring."""
-    rank, size = world()
-    return (rank - 1) % size, (rank + 1) % size
+from pretrain.loss.blocks import accumulation_dtype, spans
+from pretrain.loss.ring import exchange, ring_peers
+from pretrain.loss.tiling import ChunkedLoss
 
 
 class _Hop:
@@ -59,9 +41,9 @@ class _Hop:
     """
 
     def __init__(self, texts: torch.Tensor) -> None:
-        self.left, self.right = _ring_peers()
+        self.left, self.right = ring_peers()
         self.sent = texts.detach().contiguous()  # alive until the send completes
-        self.arrived, self.works = _exchange(self.sent, send_to=self.right, recv_from=self.left)
+        self.arrived, self.works = exchange(self.sent, send_to=self.right, recv_from=self.left)
         self.grad_sent: torch.Tensor | None = None
 
     def wait_arrival(self) -> torch.Tensor:
@@ -71,7 +53,7 @@ class _Hop:
 
     def start_return(self, grad: torch.Tensor) -> None:
         self.grad_sent = grad.contiguous()
-        self.returned, self.works = _exchange(self.grad_sent, send_to=self.left, recv_from=self.right)
+        self.returned, self.works = exchange(self.grad_sent, send_to=self.left, recv_from=self.right)
 
     def wait_return(self) -> torch.Tensor:
         if self.grad_sent is None:
@@ -115,11 +97,6 @@ class _Arrival(torch.autograd.Function):
         return None, None
 
 
-def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """fp32, or the tensor's dtype when wider (fp64 stays fp64)."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
 def _pair_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
@@ -137,14 +114,76 @@ def _pair_loss(
     if first_positive is not None:
         rows = torch.arange(img.shape[0], device=img.device)
         labels[rows, rows + first_positive] = 1.0
-    return -F.logsigmoid(labels * logits).sum(dtype=_accumulation_dtype(logits))
+    return -F.logsigmoid(labels * logits).sum(dtype=accumulation_dtype(logits))
 
 
-class SigLipLoss(RowTiledLoss):
+def _signs(rows: slice, cols: slice, shape: torch.Size, first_positive: int | None, like: torch.Tensor):
+    """Labels of one block: -1, and +1 where text column = image row + `first_positive`."""
+    signs = torch.full(shape, -1.0, dtype=like.dtype, device=like.device)
+    if first_positive is not None:
+        start = max(rows.start, cols.start - first_positive)
+        stop = min(rows.start + shape[0], cols.start + shape[1] - first_positive)
+        if start < stop:
+            r = torch.arange(start, stop, device=like.device)
+            signs[r - rows.start, r + first_positive - cols.start] = 1.0
+    return signs
+
+
+class _BlockedPairLoss(torch.autograd.Function):
+    """`_pair_loss` over `chunk x chunk` blocks: nothing but the inputs is saved, and backward recomputes
+    each block's logits to add its share of the gradients (d logit = -label x sigmoid(-label x logit))."""
+
+    @staticmethod
+    def forward(ctx, img, txt, scale, bias, first_positive: int | None, chunk: int):
+        ctx.save_for_backward(img, txt, scale, bias)
+        ctx.first_positive, ctx.chunk = first_positive, chunk
+        total = torch.zeros((), dtype=accumulation_dtype(img), device=img.device)
+        for _, _, logits, signs in _blocks(img, txt, scale, bias, first_positive, chunk):
+            total -= F.logsigmoid(signs * logits).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        img, txt, scale, bias = ctx.saved_tensors
+        dtype = accumulation_dtype(img)
+        grad_img = torch.zeros(img.shape, dtype=dtype, device=img.device)
+        grad_txt, grad_scale = (
+            torch.zeros(txt.shape, dtype=dtype, device=img.device),
+            grad.new_zeros((), dtype=dtype),
+        )
+        grad_bias = torch.zeros((), dtype=dtype, device=img.device)
+        blocks = _blocks(img, txt, scale, bias, ctx.first_positive, ctx.chunk)
+        for i, j, logits, signs in blocks:
+            dlogits = (-signs * torch.sigmoid(-signs * logits) * grad).to(img.dtype)
+            grad_bias += dlogits.sum(dtype=dtype)
+            d_img = dlogits @ txt[j]  # d loss / d (img . txt) = scale x dlogits
+            grad_scale += (img[i] * d_img).sum(dtype=dtype)
+            grad_img[i] += d_img * scale
+            grad_txt[j] += (dlogits.T @ img[i]) * scale
+        return (
+            grad_img.to(img.dtype),
+            grad_txt.to(txt.dtype),
+            grad_scale.to(scale.dtype).reshape(scale.shape),
+            grad_bias.to(bias.dtype).reshape(bias.shape),
+            None,
+            None,
+        )
+
+
+def _blocks(img, txt, scale, bias, first_positive, chunk):
+    """(row slice, column slice, logits in the accumulation dtype, labels) of every `chunk x chunk` block."""
+    dtype = accumulation_dtype(img)
+    for i in spans(img.shape[0], chunk):
+        for j in spans(txt.shape[0], chunk):  # scaled after the matmul, in fp32: bf16 would round twice
+            logits = (img[i] @ txt[j].T).to(dtype) * scale.to(dtype) + bias.to(dtype)
+            yield i, j, logits, _signs(i, j, logits.shape, first_positive, logits)
+
+
+class SigLipLoss(ChunkedLoss):
     """Pairwise sigmoid loss over the global batch, negatives exchanged around the ring of ranks.
 
-    `chunk_size` tiles the local image rows of every block and recomputes each tile's logits in backward
-    instead of storing them, so saved activations are `chunk_size x B` per block rather than `B x B`.
+    `chunk_size` scores every ring block in `chunk_size x chunk_size` pieces inside a custom autograd
+    Function that saves only its inputs and recomputes each piece in backward: no `B x B` logits are kept.
     """
 
     def forward(
@@ -161,7 +200,7 @@ class SigLipLoss(RowTiledLoss):
                 f"texts for {image_features.shape[0]} images"
             )
         _, size = world()
-        texts, total = text_features, image_features.new_zeros((), dtype=_accumulation_dtype(image_features))
+        texts, total = text_features, image_features.new_zeros((), dtype=accumulation_dtype(image_features))
         for step in range(size):
             hop = None
             if step < size - 1:  # pass this block on before scoring it: the transfer overlaps the compute
@@ -173,9 +212,8 @@ class SigLipLoss(RowTiledLoss):
         return total / image_features.shape[0]
 
     def _block(self, img, txt, scale, bias, positives: bool) -> torch.Tensor:
-        """Summed pair losses of local images against one text block, tiled by `chunk_size` rows."""
-        total = img.new_zeros((), dtype=_accumulation_dtype(img))
-        for rows in self.row_tiles(img.shape[0]):
-            first_positive = rows.start if positives else None
-            total = total + self.tile(_pair_loss, img[rows], txt, scale, bias, first_positive)
-        return total
+        """Summed pair losses of local images against one text block, in `chunk_size` blocks if set."""
+        first_positive = 0 if positives else None
+        if self.chunk_size is None:
+            return _pair_loss(img, txt, scale, bias, first_positive)
+        return _BlockedPairLoss.apply(img, txt, scale, bias, first_positive, self.chunk_size)

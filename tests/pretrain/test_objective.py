@@ -53,11 +53,16 @@ def model_file(tmp: Path, name: str, cfg: dict) -> Path:
         ("loss.chunk_size=0", "loss.chunk_size: must be > 0 or null, got 0"),
         ("loss.clip_weight=-1", "loss.clip_weight: must be >= 0, got -1.0"),
         ("loss.caption_weight=-0.5", "loss.caption_weight: must be >= 0, got -0.5"),
+        ("loss.ring=true", "loss.ring: needs loss.chunk_size (the ring is part of the tiled loss)"),
+        (
+            "loss.name=siglip loss.chunk_size=4 loss.ring=true",
+            "loss.ring: is for clip and coca; siglip always passes texts around the ring",
+        ),
     ],
 )
 def test_bad_loss_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(TINY, [override])
+        load_config(TINY, override.split())
     assert message in str(err.value)
 
 
@@ -72,7 +77,7 @@ def test_loss_section_defaults_and_pretrain_config_lists_it():
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(":")[0]: line for line in proc.stdout.splitlines()}
     assert lines["loss.name"].startswith("loss.name: null  # clip (InfoNCE)")
-    assert lines["loss.chunk_size"].startswith("loss.chunk_size: 4  # Rows per tile")
+    assert lines["loss.chunk_size"].startswith("loss.chunk_size: 4  # Block size of the contrastive loss")
     assert "loss.clip_weight: 1.0  #" in lines["loss.clip_weight"]
     assert "loss.caption_weight: 2.0  #" in lines["loss.caption_weight"]
 
@@ -122,6 +127,10 @@ def test_loss_is_chosen_from_the_model():
         ConfigError, match=r"^loss.clip_weight: must be > 0 for loss.name=clip \(its only part\)$"
     ):
         build_objective(load_config(TINY, ["loss.clip_weight=0"]), models["clip"])
+    ring = load_config(TINY, ["loss.chunk_size=3", "loss.ring=true"])
+    assert build_objective(ring, models["clip"]).loss.ring and build_objective(ring, models["coca"]).loss.ring
+    with pytest.raises(ConfigError, match=r"^loss.ring: is for clip and coca; siglip always passes"):
+        build_objective(ring, models["siglip"])  # loss.name null: the model chose siglip
 
 
 def final_params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
