@@ -56,7 +56,7 @@ def run_zeroshot(
     )
     counts = torch.zeros(3, dtype=torch.long, device=device)  # top-1 hits, top-5 hits, samples
     k = min(5, len(classnames))
-    for images, labels in _batches(source):
+    for images, labels in eval_batches(source):
         topk = (model.encode_image(images.to(device), normalize=True) @ classifier).topk(k, dim=1).indices
         hits = topk == labels.to(device)[:, None]
         counts += torch.stack(
@@ -69,7 +69,8 @@ def run_zeroshot(
     return {"top1": top1 / total, "top5": top5 / total, "samples": total}
 
 
-def _batches(source):
+def eval_batches(source):
+    """The batches of an eval source until it ends; the source is closed at the end."""
     try:
         while True:
             yield source.next_batch()
