@@ -88,7 +88,7 @@ def test_caption_score_is_the_share_of_captions_naming_their_image_class():
 
 
 def test_coca_demo_reports_zero_shot_and_caption_score(tmp_path, monkeypatch, capsys):
-    """The CoCa path end to end on a few images and 2 steps: both result rows, and the caption score is the
+    """The CoCa path end to end on a few images and 1 step: both result rows, and the caption score is the
     share of the printed example captions (all 3 eval images) that name their class."""
     import pretrain.demo as demo
     from data_tools.demo import write_demo_data
@@ -97,7 +97,7 @@ def test_coca_demo_reports_zero_shot_and_caption_score(tmp_path, monkeypatch, ca
         return write_demo_data(folder, samples=32, eval_samples=3, samples_per_shard=32, workers=1)
 
     monkeypatch.setattr(demo, "write_demo_data", small_data)
-    overrides = ["train.steps=2", "train.batch_size=8", "log.every=1", f"run.dir={tmp_path / 'runs'}"]
+    overrides = ["train.steps=1", "train.batch_size=4", "log.every=1", f"run.dir={tmp_path / 'runs'}"]
     demo.main(
         ["--data", str(tmp_path / "data"), "--config", str(ROOT / "configs/coca-demo.yaml"), *overrides]
     )
