@@ -22,6 +22,8 @@ from pretrain.metrics import read_metrics
 from pretrain.trainer import Trainer
 
 TARGET_TOP1 = 0.90
+# A CoCa (`make demo-coca`) spends part of its capacity and time on captioning: issue 10's aim is 0.80 on both.
+TARGET_TOP1_CAPTIONER = 0.80
 TARGET_CAPTION = 0.80
 
 
@@ -91,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         times["captions"] = time.perf_counter() - start - sum(times.values())
     export(run_dir, run_dir / "export")
     times["total"] = time.perf_counter() - start
-    ok = result["top1"] >= TARGET_TOP1 and (captions is None or captions.score >= TARGET_CAPTION)
+    target_top1 = TARGET_TOP1 if captions is None else TARGET_TOP1_CAPTIONER
+    ok = result["top1"] >= target_top1 and (captions is None or captions.score >= TARGET_CAPTION)
     rows = [
-        ("zero-shot top-1", verdict(result["top1"], TARGET_TOP1)),
+        ("zero-shot top-1", verdict(result["top1"], target_top1)),
         ("zero-shot top-5", f"{result['top5']:.3f}"),
         *caption_rows(captions),
         ("eval images", str(result["samples"])),
