@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo-data
 
-.PHONY: setup slurm-deps demo test test-fast test-slow lint format clean
+.PHONY: setup slurm-deps demo demo-coca test test-fast test-slow lint format clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ slurm-deps:
 
 demo: setup
 	$(PY) -m pretrain.demo --data $(DEMO_DIR) --config configs/demo.yaml
+
+# The same program with tiny-coca (configs/coca-demo.yaml): zero-shot top-1 and the share of eval images whose
+# generated caption names their colour and shape.
+demo-coca: setup
+	$(PY) -m pretrain.demo --data $(DEMO_DIR) --config configs/coca-demo.yaml
 
 # `make test` is the whole suite (what CI runs); test-fast and test-slow split it at the `slow` marker.
 test: setup slurm-deps
