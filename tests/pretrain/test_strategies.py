@@ -3,6 +3,7 @@ and an FSDP checkpoint saved at world size 2 resumes at world size 1."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -77,6 +78,11 @@ def cut_back(src: Path, dst: Path) -> Path:
     return dst
 
 
+def eval_tasks(demo_data: Path) -> str:
+    """The demo's classification and retrieval eval sets as an `eval.tasks` override."""
+    return f"eval.tasks=[{{name: zeroshot, root: {demo_data}}}, {{name: demo-retrieval, root: {demo_data}/retrieval}}]"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_data):
     """Finished 2-rank runs (with a zero-shot eval at the end), trained once per strategy on demand."""
@@ -84,7 +90,7 @@ def runs(tmp_path_factory, demo_data):
 
     def get(strategy: str) -> Path:
         if strategy not in done:
-            done[strategy] = train(root / strategy, strategy, extra=(f"eval.zeroshot={demo_data}",))
+            done[strategy] = train(root / strategy, strategy, extra=(eval_tasks(demo_data),))
         return done[strategy]
 
     return get
@@ -151,12 +157,23 @@ def assert_export_matches(run_dir: Path, out: Path) -> None:
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed3"])
 def test_export_and_eval_read_sharded_checkpoints(runs, strategy, tmp_path, demo_data):
-    """`pretrain export` / `pretrain eval` on a run directory whose checkpoints are DCP or DeepSpeed folders."""
+    """`pretrain export` / `pretrain eval` on a run directory whose checkpoints are DCP or DeepSpeed folders; the
+    evaluation of the sharded model during training equals `pretrain eval` in one process, metric for metric."""
     require(strategy)
     assert_export_matches(runs(strategy), tmp_path / "export")
-    proc = run_cmd([*CLI, "eval", "--checkpoint", str(runs(strategy)), "--zeroshot", str(demo_data)])
+    tasks = ["--task", f"zeroshot={demo_data}", "--task", f"demo-retrieval={demo_data}/retrieval"]
+    proc = run_cmd([*CLI, "eval", "--checkpoint", str(runs(strategy)), *tasks])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '"eval": "zeroshot"' in proc.stdout
+    lines = [
+        line for line in proc.stdout.splitlines() if line.startswith("{")
+    ]  # DeepSpeed prints to stdout too
+    printed = {r["eval"]: r for r in map(json.loads, lines)}
+    # the sharded model's own eval at the end of training (2 ranks) gives exactly what one process gives
+    in_loop = {r["eval"]: r for r in read_jsonl(runs(strategy) / "metrics.jsonl") if "eval" in r}
+    assert printed.keys() == in_loop.keys() == {"zeroshot", "demo-retrieval"}
+    for name, result in printed.items():
+        metrics = {k: v for k, v in result.items() if k not in ("seconds", "step")}
+        assert metrics == {k: in_loop[name][k] for k in metrics}, name
 
 
 COCA_STEPS = 3
