@@ -134,6 +134,40 @@ def trained_tiny_clip(root: Path, shards: str, steps: int = 80, batch_size: int 
     return trained_tiny_model(root, "tiny-clip", shards, steps, batch_size)
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread: on a busy machine several times faster than threads competing for cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def moto_s3(monkeypatch, bucket: str = "bucket") -> Iterator:
+    """A moto S3 server on loopback holding an empty `bucket`; the project finds it through AWS_ENDPOINT_URL
+    (set with the test credentials by `monkeypatch`). Yields a boto3 client of it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = "http://{}:{}".format(*server.get_host_and_port())
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield client
+    finally:
+        server.stop()
+
+
 def trained_tiny_model(root: Path, model: str, shards: str, steps: int = 80, batch_size: int = 32) -> Path:
     """A run of `model` (configs/tiny.yaml) trained on ``shards`` in ``root``; reused when already there.
 
@@ -143,14 +177,8 @@ def trained_tiny_model(root: Path, model: str, shards: str, steps: int = 80, bat
     run_dir = root / f"{model}-run"
     if (run_dir / "checkpoints" / "latest").exists():
         return run_dir
-    import torch
-
     overrides = [f"model.name={model}", f"data.train={shards}", f"train.steps={steps}"]
     overrides += [f"train.batch_size={batch_size}", "train.warmup_steps=10", f"checkpoint.every={steps}"]
     overrides += [f"log.every={steps}"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return train_in_process(root, overrides, name=run_dir.name)
-    finally:
-        torch.set_num_threads(threads)

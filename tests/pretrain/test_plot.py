@@ -8,7 +8,7 @@ import struct
 import sys
 
 import pytest
-from helpers import run_cmd, train_in_process
+from helpers import one_torch_thread, run_cmd, train_in_process
 from PIL import Image
 
 from pretrain import plot
@@ -19,13 +19,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread: on a busy machine several times faster than threads competing for cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One torch thread for every test here (see helpers.one_torch_thread)."""
+    with one_torch_thread():
+        yield
 
 
 def png_size(path) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_cmd
+from helpers import ROOT, moto_s3, run_cmd
 from hub_server import serve_hub
 
 from pretrain.cli import main
@@ -139,21 +139,11 @@ class S3:
 
 @pytest.fixture
 def s3(monkeypatch):
-    import boto3
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.s3.models import s3_backends
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="bucket")
-    yield S3(client, s3_backends[DEFAULT_ACCOUNT_ID]["aws"])
-    server.stop()
+    with moto_s3(monkeypatch) as client:
+        yield S3(client, s3_backends[DEFAULT_ACCOUNT_ID]["aws"])
 
 
 def expected_marker(files: dict[str, bytes]) -> dict:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import TINY, read_jsonl, torchrun, train_in_process
+from helpers import TINY, moto_s3, one_torch_thread, read_jsonl, torchrun, train_in_process
 from safetensors.torch import load_file
 
 from pretrain import remote
@@ -20,30 +20,16 @@ RUN = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=2"]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread: on a busy machine several times faster than threads competing for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One torch thread for every test here (see helpers.one_torch_thread)."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture
 def s3(monkeypatch):
     """An empty bucket `bucket` on a moto S3 server; the project finds it through AWS_ENDPOINT_URL."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="bucket")
-    yield client
-    server.stop()
+    with moto_s3(monkeypatch) as client:
+        yield client
 
 
 def bucket_files(client, prefix: str) -> dict[str, bytes]:

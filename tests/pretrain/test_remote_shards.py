@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import read_jsonl, serve_files, train_in_process
+from helpers import moto_s3, read_jsonl, serve_files, train_in_process
 
 
 def train(tmp: Path, spec: str, workers: int) -> list[dict]:
@@ -28,24 +28,11 @@ def test_trains_from_http_shards(tmp_path, http_root, workers):
 
 @pytest.fixture
 def s3_bucket(demo_data, monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="bucket")
-    for path in (demo_data / "train").iterdir():
-        if path.suffix in (".tar", ".json"):
-            s3.upload_file(str(path), "bucket", path.name)
-    yield "s3://bucket"
-    server.stop()
+    with moto_s3(monkeypatch) as s3:
+        for path in (demo_data / "train").iterdir():
+            if path.suffix in (".tar", ".json"):
+                s3.upload_file(str(path), "bucket", path.name)
+        yield "s3://bucket"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
