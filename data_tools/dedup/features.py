@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from data_tools.dedup.exact import DIGEST_BYTES, sample_digest
 from data_tools.dedup.perceptual import phash64
+from data_tools.phases import JobOptions, run_phase
 from data_tools.runner import RunSummary, Task, run_tasks
 from webshards.atomic import atomic_path
 from webshards.layout import iter_shard
@@ -47,10 +48,18 @@ def feature_files(output: str | Path, job: FeatureJob, count: int) -> list[Path]
     return [Path(output) / "features" / job.folder_name / f"{i:05d}.parquet" for i in range(count)]
 
 
-def run_features(urls: list[str], output: str | Path, job: FeatureJob, workers: int = 1) -> list[Path]:
-    """Hash every shard not hashed yet; returns the feature files in shard order (all complete)."""
+def run_features(
+    urls: list[str], output: str | Path, job: FeatureJob, workers: int = 1, options: JobOptions | None = None
+) -> list[Path]:
+    """Hash every shard not hashed yet; returns the feature files in shard order (all complete).
+
+    With ``options`` (a partitioned job) it is a phase: under a rank split it waits for the other ranks.
+    """
     files = feature_files(output, job, len(urls))
     tasks = [Task(f"{i}:{url}", path, (url, job)) for i, (url, path) in enumerate(zip(urls, files))]
+    if options is not None:
+        run_phase(tasks, hash_shard, options, f"hash ({job.method})")
+        return files
     summary: RunSummary = run_tasks(tasks, hash_shard, workers=workers, desc=f"hash ({job.method})")
     if not summary.ok():
         name, reason = summary.failed[0]
