@@ -19,6 +19,7 @@ similarity block; the merge O(n) labels, similarities and scores plus the pairs.
 from __future__ import annotations
 
 import math
+import multiprocessing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ def sample_task(task: Task) -> int:
 def centroids_task(task: Task) -> int:
     """k-means on the whole sample, shards in order."""
     files, k, cfg = task.payload
+    _fork_safe_faiss()
     sample = np.concatenate([np.load(f) for f in files])
     save_array(task.output, kmeans_centroids(sample, k, cfg))
     return len(sample)
@@ -123,6 +125,7 @@ def centroids_task(task: Task) -> int:
 def assign_task(task: Task) -> int:
     """One shard's bucket entries, split by partition, and each row's similarity to its own centroid."""
     image_file, offset, centroids, cfg, partitions = task.payload
+    _fork_safe_faiss()
     raw = np.asarray(read_part(image_file))
     own_sim, unchecked, (clusters, rows, member) = nearest_clusters(np.load(centroids), cfg)(raw)
     dtype = np.dtype(
@@ -139,6 +142,15 @@ def assign_task(task: Task) -> int:
         np.savez(f, sim=own_sim, unchecked=np.int64(unchecked))
     write_partitioned(task.output, records, records["cluster"] % partitions, partitions)
     return len(raw)
+
+
+def _fork_safe_faiss() -> None:
+    """In a forked pool worker, one OpenMP thread for faiss: the parent's OpenMP pool does not survive a
+    fork, and faiss would wait for it forever. The results do not depend on the thread count."""
+    if multiprocessing.parent_process() is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
 
 
 def _sims_path(marker: Path) -> Path:
