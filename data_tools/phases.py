@@ -47,6 +47,8 @@ class JobOptions:
     """Seconds a node waits for other ranks to finish a phase before giving up."""
     runner: dict[str, Any] = field(default_factory=dict)
     """More keywords for ``run_tasks`` (e.g. an ``engine``); passed only where run_tasks accepts them."""
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+    """Filled in by ``run_phase``: seconds per phase on this node (its tasks plus the wait for others)."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -76,6 +78,7 @@ def run_phase(
 
     A failed task raises a ValueError naming it (a rerun retries only the failed tasks).
     """
+    start = time.perf_counter()
     summary = run_tasks(
         tasks, fn, workers=job.workers, rank=job.rank, world=job.world, desc=desc, **_extra(job)
     )
@@ -86,6 +89,7 @@ def run_phase(
         )
     if not last or job.is_merger:
         wait_for_markers([task.output for task in tasks], job.phase_timeout, desc)
+    job.timings[desc] = job.timings.get(desc, 0.0) + time.perf_counter() - start
 
 
 def _extra(job: JobOptions) -> dict[str, Any]:
