@@ -38,7 +38,7 @@ from data_tools.filter import (
     read_scores,
     write_outputs,
 )
-from data_tools.phases import JobOptions, input_fingerprint, remove_scratch, run_phase, settings_key
+from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
 from webshards.atomic import atomic_path, write_json_atomic
 
@@ -65,6 +65,7 @@ def filter_job(
     ]
     run_phase(tasks, keep_task, job, "filter (keep)", last=True)
     if not job.is_merger:
+        release_scratch(scratch, work, job)
         return None
     tally = Tally()
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
@@ -72,7 +73,7 @@ def filter_job(
             tally.merge(json.loads(task.output.read_text()))
             writer.write_table(pq.read_table(task.output.with_suffix(".parquet")))
     summary = write_outputs(output, fmt, tally, cfg, threshold)
-    remove_scratch(scratch)
+    release_scratch(scratch, work, job)
     return summary
 
 

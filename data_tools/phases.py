@@ -8,8 +8,9 @@ or a cluster engine. A later phase reads the earlier phase's files, so before it
 polling with a timeout (``JobOptions.phase_timeout``) and failing with one line naming the phase and a
 missing file. Without a rank split the wait finds all markers at once.
 
-The last phase is different: only rank 0 waits for it, then merges (small) and removes the scratch folder;
-the other ranks end once their own tasks are done, so nothing can wait on files rank 0 removes.
+The last phase is different: only rank 0 waits for it, then merges (small); the other ranks end once
+their own tasks are done. Every rank then marks itself done, and rank 0 removes the scratch folder only
+when all ranks have, so no rank can be left polling for files that are gone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.runner import Task, resolve_rank_world, run_tasks
+from webshards.atomic import write_atomic
 
 DEFAULT_PARTITIONS = 16
 DEFAULT_PHASE_TIMEOUT = 24 * 3600.0
@@ -127,6 +129,12 @@ def input_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(path), st.st_size, st.st_mtime_ns) for path, st in stats]
 
 
-def remove_scratch(folder: Path) -> None:
-    """Delete a finished job's scratch folder (rank 0, after the merge)."""
-    shutil.rmtree(folder, ignore_errors=True)
+def release_scratch(scratch: Path, work: Path, job: JobOptions) -> None:
+    """The end of a job on every rank: mark this rank done (past every barrier); rank 0, after its merge,
+    waits for all ranks' marks and then deletes the scratch folder, so no rank still polls files in it."""
+    rank, world = resolve_rank_world(job.rank, job.world)
+    marks = [work / "ranks" / f"{r}-of-{world}.done" for r in range(world)]
+    write_atomic(marks[rank], b"")
+    if rank == 0:
+        wait_for_markers(marks, job.phase_timeout, "end of job")
+        shutil.rmtree(scratch, ignore_errors=True)

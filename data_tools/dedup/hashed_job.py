@@ -31,7 +31,7 @@ from data_tools.dedup.features import FEATURE_COLUMN, FeatureJob, iter_tables, r
 from data_tools.dedup.groups import connected_components, group_ids
 from data_tools.dedup.perceptual import HASH_BITS, perceptual_edges
 from data_tools.dedup.shuffle import marker_path, mix64, read_partition, save_array, write_partitioned
-from data_tools.phases import JobOptions, input_fingerprint, remove_scratch, run_phase, settings_key
+from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
 
 SCRATCH = "partitions"
@@ -62,11 +62,12 @@ def run_hashed(
     ]
     run_phase(edge_tasks, edges_task, job, f"dedup {cfg.method} (edges)", last=True)
     if not job.is_merger:
+        release_scratch(scratch, work, job)
         return None
     edges = np.concatenate([np.load(task.output) for task in edge_tasks])
     labels = connected_components(int(offsets[-1]), edges)
     pixels = read_features(files, cfg.method)[1] if cfg.policy == "largest" else np.zeros(int(offsets[-1]))
-    remove_scratch(scratch)
+    release_scratch(scratch, work, job)
     info = {"with_caption": cfg.with_caption} if cfg.method == "exact" else {"threshold_bits": cfg.bits}
     info["hash_seconds"] = round(hashing, 3)
     return group_ids(labels), pixels.astype(np.float64), iter_tables(files), info

@@ -42,7 +42,7 @@ from data_tools.dedup.semantic import (
     unit_rows,
 )
 from data_tools.dedup.shuffle import marker_path, read_partition, save_array, write_partitioned
-from data_tools.phases import JobOptions, input_fingerprint, remove_scratch, run_phase, settings_key
+from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
 from webshards.atomic import atomic_path
 
@@ -76,9 +76,10 @@ def semantic_job(embeddings: str | Path, output: str | Path, cfg: SemanticConfig
     ]
     run_phase(pair_tasks, pairs_task, job, "dedup semantic (pairs)", last=True)
     if not job.is_merger:
+        release_scratch(scratch, work, job)
         return None
     result = _merge(parts, markers, [task.output for task in pair_tasks], n, cfg, len(np.load(centroids)))
-    remove_scratch(scratch)
+    release_scratch(scratch, work, job)
     return result
 
 
