@@ -130,13 +130,13 @@ def read_features(files: list[Path], method: str) -> tuple[np.ndarray, np.ndarra
     tables = [pq.read_table(path, columns=[column, "pixels"]) for path in files]
     pixels = np.concatenate([t["pixels"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     if method == "exact":
-        digests = [_fixed_binary(t[column].combine_chunks()) for t in tables]
+        digests = [fixed_binary(t[column].combine_chunks()) for t in tables]
         return np.concatenate(digests or [np.zeros((0, DIGEST_BYTES), np.uint8)]), pixels
     hashes = [t[column].to_numpy() for t in tables]
     return (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), pixels
 
 
-def _fixed_binary(array: pa.FixedSizeBinaryArray) -> np.ndarray:
+def fixed_binary(array: pa.FixedSizeBinaryArray) -> np.ndarray:
     """The rows of a fixed-size binary column as a ``(n, width)`` uint8 array, without Python objects."""
     width = array.type.byte_width
     data = np.frombuffer(array.buffers()[1], dtype=np.uint8)

@@ -27,7 +27,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from data_tools.dedup.exact import DIGEST_BYTES
-from data_tools.dedup.features import FEATURE_COLUMN, FeatureJob, iter_tables, read_features, run_features
+from data_tools.dedup.features import (
+    FEATURE_COLUMN,
+    FeatureJob,
+    fixed_binary,
+    iter_tables,
+    read_features,
+    run_features,
+)
 from data_tools.dedup.groups import connected_components, group_ids
 from data_tools.dedup.perceptual import HASH_BITS, perceptual_edges
 from data_tools.dedup.shuffle import marker_path, mix64, read_partition, save_array, write_partitioned
@@ -91,9 +98,7 @@ def _exact_records(column: Any, index: np.ndarray, partitions: int) -> tuple[np.
     records = np.empty(len(index), dtype=dtype)
     records["index"] = index
     if len(index):
-        digests = np.frombuffer(column.combine_chunks().buffers()[1], np.uint8)
-        offset = column.combine_chunks().offset * DIGEST_BYTES
-        records["digest"] = digests[offset : offset + len(index) * DIGEST_BYTES].reshape(-1, DIGEST_BYTES)
+        records["digest"] = fixed_binary(column.combine_chunks())
     head = records["digest"][:, :8].copy().view(">u8").ravel().astype(np.uint64)
     return records, (head % np.uint64(partitions)).astype(np.int64)
 

@@ -106,29 +106,38 @@ def write_features(output: Path, method: str, features: np.ndarray, pixels: np.n
         start += size
 
 
+def make_features(method: str, factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Hashes (with ties) and pixel counts (with ties, for the "largest" policy) in a features folder."""
+    rng = np.random.default_rng(1)
+    n = sum(SHARD_SIZES)
+    features = exact_digests(rng, n) if method == "exact" else perceptual_hashes(rng, n)
+    pixels = rng.integers(1, 4, size=n) * 100
+    seed_dir = factory.mktemp(f"features-{method}")
+    write_features(seed_dir, method, features, pixels)
+    return features, pixels, seed_dir
+
+
 @pytest.fixture(scope="module", params=["exact", "perceptual"])
 def hashed_case(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, np.ndarray, Path, Path]:
     """(method, features, folder of its feature files, reference output of the in-process path)."""
     method = request.param
-    rng = np.random.default_rng(1)
-    n = sum(SHARD_SIZES)
-    features = exact_digests(rng, n) if method == "exact" else perceptual_hashes(rng, n)
-    pixels = rng.integers(1, 4, size=n) * 100  # ties in the "largest" policy too
-    seed_dir = tmp_path_factory.mktemp(f"features-{method}")
-    write_features(seed_dir, method, features, pixels)
+    features, pixels, seed_dir = make_features(method, tmp_path_factory)
     reference = tmp_path_factory.mktemp(f"reference-{method}")
     write_features(reference, method, features, pixels)
     find_duplicates(reference, DedupConfig(method, keep_policy="largest"), URLS)
     return method, features, seed_dir, reference
 
 
-def brute_force(method: str, features: np.ndarray) -> set[frozenset[int]]:
+def brute_force(method: str, features: np.ndarray, bits: int = 10) -> set[frozenset[int]]:
     n = len(features)
     if method == "exact":
         pairs = [(a, b) for a in range(n) for b in range(a) if features[a].tobytes() == features[b].tobytes()]
     else:
         pairs = [
-            (a, b) for a in range(n) for b in range(a) if bin(int(features[a] ^ features[b])).count("1") <= 10
+            (a, b)
+            for a in range(n)
+            for b in range(a)
+            if bin(int(features[a] ^ features[b])).count("1") <= bits
         ]
     return union_groups(n, pairs)
 
@@ -154,6 +163,19 @@ def test_hashed_job_equals_reference_and_brute_force(
     assert not (out / "partitions").exists()  # scratch removed after the merge
 
 
+@pytest.mark.parametrize("bits", [0, 3, 32])
+def test_perceptual_job_at_other_thresholds(tmp_path_factory, tmp_path: Path, bits: int) -> None:
+    """One band of 64 bits (threshold 0) up to 33 bands of one or two bits (threshold 32)."""
+    method = "perceptual"
+    features, _, seed_dir = make_features(method, tmp_path_factory)
+    cfg = DedupConfig("perceptual", threshold=bits)
+    find_duplicates(fresh_output(seed_dir, tmp_path / "ref"), cfg, URLS)
+    job = JobOptions(rank=0, world=1, partitions=3)
+    find_duplicates(fresh_output(seed_dir, tmp_path / "job"), cfg, URLS, job=job)
+    assert_same_files(tmp_path / "job" / "out", tmp_path / "ref" / "out")
+    assert found_groups(tmp_path / "job" / "out") == brute_force(method, features, bits)
+
+
 def cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "data_tools.cli", *args]
@@ -176,6 +198,16 @@ def test_hashed_job_on_two_ranks(hashed_case, tmp_path: Path) -> None:
     rank0, rank1 = two_ranks([*args, "--partitions", "3"])
     assert "removed" in rank0 and "rank 0 writes" in rank1
     assert_same_files(out, reference)
+
+
+def test_a_rank_alone_times_out_with_one_line(hashed_case, tmp_path: Path) -> None:
+    method, _, seed_dir, _ = hashed_case
+    out = fresh_output(seed_dir, tmp_path)
+    args = ["dedup", "--method", method, "--shards", "/nowhere/{00000..00004}.tar", "--output", str(out)]
+    _, err = cli([*args, "--rank", "1", "--world", "2", "--phase-timeout", "1"]).communicate(timeout=120)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "(scatter): 3 task(s) of other ranks not complete after 1 s" in lines[0], err
+    assert "Traceback" not in err
 
 
 def test_hashed_job_resumes_after_half_the_tasks(hashed_case, tmp_path: Path) -> None:
