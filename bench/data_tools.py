@@ -5,11 +5,18 @@ printed time ratios show how each method scales (10x the items at ~10x the time 
 
     .venv/bin/python bench/data_tools.py                        # defaults: dedup on 10k, 30k and 100k items
     .venv/bin/python bench/data_tools.py --sizes 10000 100000 --embed-samples 2048 --build-images 4000
+
+``--embeddings N`` (default 1M) instead times the partitioned jobs alone: N synthetic embeddings through
+``filter --keep-fraction`` and semantic dedup, stage by stage (each a phase of runner tasks), with
+``--workers`` and ``--partitions``; ``--engine`` is passed to the runner where it accepts one.
+
+    .venv/bin/python bench/data_tools.py --embeddings 100000 --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import shutil
 import sys
@@ -111,6 +118,54 @@ def time_dedup(method: str, sizes: list[int], work: Path) -> list[tuple[int, flo
     return results
 
 
+def bench_partitioned(items: int, work: Path, job_options: dict) -> None:
+    """Per-stage seconds and items/s of filter (--keep-fraction 0.3) and semantic dedup as task jobs."""
+    from data_tools.filter import FilterConfig
+    from data_tools.filter_tasks import filter_job
+    from data_tools.phases import JobOptions
+
+    start = time.perf_counter()
+    write_embeddings(work / "embeddings", items)
+    print(f"{items} synthetic {EMBED_DIM}-d embeddings written in {time.perf_counter() - start:.1f} s")
+    jobs = [
+        (
+            "filter",
+            lambda job: filter_job(
+                work / "embeddings", work / "keep.parquet", FilterConfig(keep_fraction=0.3), job
+            ),
+        ),
+        (
+            "dedup semantic",
+            lambda job: find_duplicates(
+                work / "dedup", DedupConfig("semantic"), embeddings=work / "embeddings", job=job
+            ),
+        ),
+    ]
+    for name, run in jobs:
+        job = JobOptions(**job_options)
+        start = time.perf_counter()
+        run(job)
+        total = time.perf_counter() - start
+        stages = {**job.timings, f"{name} (merge + outputs)": total - sum(job.timings.values())}
+        for stage, seconds in stages.items():
+            print(f"  {stage:<34} {seconds:7.1f} s  {items / max(seconds, 1e-9):9.0f} items/s")
+        print(
+            f"{name:<36} {total:7.1f} s  {items / total:9.0f} items/s (workers {job.workers}, partitions {job.partitions})"
+        )
+
+
+def engine_options(engine: str | None, address: str | None) -> dict:
+    """``engine``/``ray_address`` for run_tasks, only if this version of run_tasks takes them."""
+    from data_tools.runner import run_tasks
+
+    accepted = inspect.signature(run_tasks).parameters
+    wanted = {"engine": engine, "ray_address": address}
+    ignored = [k for k, v in wanted.items() if v is not None and k not in accepted]
+    if ignored:
+        print(f"run_tasks takes no {', '.join(ignored)} (yet): running on the local engine")
+    return {k: v for k, v in wanted.items() if v is not None and k in accepted}
+
+
 def bench_embed(samples: int, work: Path) -> float:
     """Samples/s of embed with an untrained tiny-clip on CPU (model loading excluded)."""
     from data_tools.demo import write_demo_data
@@ -150,9 +205,21 @@ def main() -> None:
     parser.add_argument("--embed-samples", type=int, default=2048, help="samples embedded")
     parser.add_argument("--build-images", type=int, default=2000, help="images built (0: skip)")
     parser.add_argument("--methods", nargs="+", default=["exact", "perceptual", "semantic"])
+    parser.add_argument(
+        "--embeddings", type=int, nargs="?", const=1_000_000, metavar="N", help="only filter + semantic jobs"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="processes per job (--embeddings)")
+    parser.add_argument("--partitions", type=int, default=16, help="reduce tasks per phase (--embeddings)")
+    parser.add_argument("--engine", help="run_tasks engine, e.g. local or ray (where run_tasks has one)")
+    parser.add_argument("--ray-address", help="with --engine ray")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-data-tools-") as tmp:
         work = Path(tmp)
+        if args.embeddings:
+            runner = engine_options(args.engine, args.ray_address)
+            options = {"workers": args.workers, "partitions": args.partitions, "rank": 0, "world": 1}
+            bench_partitioned(args.embeddings, work, {**options, "runner": runner})
+            return
         print(f"embed (tiny-clip, CPU, batch 256): {bench_embed(args.embed_samples, work):.0f} samples/s")
         if args.build_images:
             rate = bench_build(args.build_images, work)

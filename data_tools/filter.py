@@ -67,26 +67,43 @@ def read_scores(path: Path) -> np.ndarray:
     return pq.read_table(path, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False)
 
 
-def _quantile_bin(scores: np.ndarray) -> np.ndarray:
+def quantile_bin(scores: np.ndarray) -> np.ndarray:
     """The fixed bin of each score; the same function in both passes, so the counts agree exactly."""
     scaled = np.floor((np.clip(scores, -1.0, 1.0) + 1.0) * (QUANTILE_BINS / 2.0))
     return np.minimum(scaled.astype(np.int64), QUANTILE_BINS - 1)
 
 
 def score_threshold(files: list[Path], keep_fraction: float) -> float:
-    """The clip_score of the ``round(keep_fraction * n)``-th best sample (+inf when that is zero)."""
+    """The clip_score of the ``round(keep_fraction * n)``-th best sample (+inf when that is zero).
+
+    The in-process reference; ``filter_tasks`` computes the same value with per-shard tasks.
+    """
     counts = np.zeros(QUANTILE_BINS, dtype=np.int64)
     for path in files:
-        counts += np.bincount(_quantile_bin(read_scores(path)), minlength=QUANTILE_BINS)
+        counts += np.bincount(quantile_bin(read_scores(path)), minlength=QUANTILE_BINS)
+    plan = quantile_plan(counts, keep_fraction)
+    if plan is None:
+        return math.inf
+    target = plan[0]
+    return pick_threshold([s[quantile_bin(s) == target] for s in map(read_scores, files)], plan)
+
+
+def quantile_plan(counts: np.ndarray, keep_fraction: float) -> tuple[int, int] | None:
+    """From the bin counts: the bin holding the threshold and the rank of the threshold inside it
+    (0 = the bin's best); None when nothing is kept."""
     keep = round(keep_fraction * int(counts.sum()))
     if keep == 0:
-        return math.inf
+        return None
     above = np.cumsum(counts[::-1])[::-1]  # above[b]: samples in bin b or higher
     target = int(np.flatnonzero(above >= keep)[-1])
-    in_bin = [s[_quantile_bin(s) == target] for s in map(read_scores, files)]
-    ranked = np.sort(np.concatenate(in_bin))[::-1]
     higher = int(above[target] - counts[target])
-    return float(ranked[keep - higher - 1])
+    return target, keep - higher - 1
+
+
+def pick_threshold(in_bin: list[np.ndarray], plan: tuple[int, int]) -> float:
+    """The threshold: the score of the planned rank among all scores of the target bin."""
+    ranked = np.sort(np.concatenate(in_bin))[::-1]
+    return float(ranked[plan[1]])
 
 
 def _sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray] | None:
@@ -167,7 +184,7 @@ def _shard_url(metadata: Path, urls: list[str] | None) -> str:
     return urls[index]
 
 
-def _filtered_tables(
+def filtered_tables(
     files: list[Path], cfg: FilterConfig, threshold: float, urls: list[str] | None
 ) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
     """Each metadata table with its rule masks, sizes looked up in the shards only when needed."""
@@ -181,6 +198,16 @@ def _filtered_tables(
         yield table, rule_masks(table, cfg, threshold, sizes)
 
 
+def input_files(embeddings: str | Path, fmt: str) -> list[Path]:
+    """The metadata parquets to filter, in shard order; a ValueError for a bad format or none found."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    files = metadata_files(embeddings)
+    if not files:
+        raise ValueError(f"no metadata/metadata_*.parquet in {embeddings}")
+    return files
+
+
 def filter_embeddings(
     embeddings: str | Path,
     output: str | Path,
@@ -188,19 +215,29 @@ def filter_embeddings(
     fmt: str = "parquet",
     shard_urls: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the keep list ``output`` (+ ``.npy`` for datacomp, summary json and histogram png)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    files = metadata_files(embeddings)
-    if not files:
-        raise ValueError(f"no metadata/metadata_*.parquet in {embeddings}")
+    """Write the keep list ``output`` (+ ``.npy`` for datacomp, summary json and histogram png).
+
+    In one process: the reference for ``filter_tasks.filter_job``, which gives the same files as tasks.
+    """
+    files = input_files(embeddings, fmt)
     output = Path(output)
     threshold = _threshold(files, cfg)
-    tally = _Tally()
+    tally = Tally()
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
-        for table, masks in _filtered_tables(files, cfg, threshold, shard_urls):
-            keep = tally.add(table, masks)
-            writer.write_table(pa.table({"uid": table["uid"].filter(pa.array(keep))}, schema=KEEP_SCHEMA))
+        for table, masks in filtered_tables(files, cfg, threshold, shard_urls):
+            writer.write_table(kept_uids(table, tally.add(table, masks)))
+    return write_outputs(output, fmt, tally, cfg, threshold)
+
+
+def kept_uids(table: pa.Table, keep: np.ndarray) -> pa.Table:
+    """The keep-list rows of one metadata table."""
+    return pa.table({"uid": table["uid"].filter(pa.array(keep))}, schema=KEEP_SCHEMA)
+
+
+def write_outputs(
+    output: Path, fmt: str, tally: Tally, cfg: FilterConfig, threshold: float
+) -> dict[str, Any]:
+    """After the keep list ``output``: the datacomp ``.npy`` (if asked), the summary json and the PNG."""
     if fmt == "datacomp":
         kept = pq.read_table(output, columns=["uid"])["uid"].to_pylist()
         with atomic_path(output.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
@@ -219,7 +256,7 @@ def histogram_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}_scores.png")
 
 
-class _Tally:
+class Tally:
     """Counts and score histograms gathered while streaming the tables."""
 
     def __init__(self) -> None:
@@ -242,6 +279,20 @@ class _Tally:
         self.kept += int(keep.sum())
         return keep
 
+    def as_dict(self) -> dict[str, Any]:
+        """The counts as JSON-friendly values (one shard's tally, merged later with ``merge``)."""
+        hists = {"all_hist": self.all_hist.tolist(), "kept_hist": self.kept_hist.tolist()}
+        return {"samples": self.samples, "kept": self.kept, "removed": self.removed, **hists}
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add a tally written by ``as_dict`` (rules in their first-seen order, as one pass counts them)."""
+        self.samples += other["samples"]
+        self.kept += other["kept"]
+        for rule, count in other["removed"].items():
+            self.removed[rule] = self.removed.get(rule, 0) + count
+        self.all_hist += np.asarray(other["all_hist"], dtype=np.int64)
+        self.kept_hist += np.asarray(other["kept_hist"], dtype=np.int64)
+
     def summary(self, cfg: FilterConfig, threshold: float, output: Path, fmt: str) -> dict[str, Any]:
         return {
             "samples": self.samples,
@@ -255,7 +306,7 @@ class _Tally:
         }
 
 
-def plot_histogram(tally: _Tally, threshold: float, path: Path) -> None:
+def plot_histogram(tally: Tally, threshold: float, path: Path) -> None:
     """A PNG of the clip_score distribution, all samples against kept ones, with the threshold."""
     import matplotlib
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_tools.commands.options import add_output, add_required, float_at_least, int_at_least
+from data_tools.commands.options import (
+    add_output,
+    add_phase_args,
+    add_required,
+    add_runner_args,
+    float_at_least,
+    int_at_least,
+    runner_options,
+)
 from data_tools.dedup import KEEP_POLICIES, METHODS
 
 HELP = "find exact (sha256), perceptual (pHash) or semantic (SemDeDup) duplicates"
@@ -29,18 +37,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--clusters", type=int_at_least(1), metavar="K", help="semantic: k-means clusters")
     add("--probes", type=int_at_least(1), default=3, metavar="N", help="semantic: clusters checked per item")
     add("--seed", type=int_at_least(0), default=0, metavar="S", help="semantic: k-means seed")
-    add("--workers", type=int_at_least(1), default=1, metavar="N", help="processes hashing shards")
+    add_runner_args(parser)
+    add_phase_args(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     """Deduplicate and print the totals."""
     from data_tools.dedup import DedupConfig, find_duplicates
+    from data_tools.phases import JobOptions
     from webshards.spec import expand_urls
 
     options = (args.threshold, args.keep_policy, args.with_caption, args.clusters, args.probes, args.seed)
     cfg = DedupConfig(args.method, *options)
     urls = expand_urls(args.shards) if args.shards else None
-    report = find_duplicates(args.output, cfg, urls, args.embeddings, args.workers)
+    job = JobOptions.from_runner(
+        runner_options(args), partitions=args.partitions, phase_timeout=args.phase_timeout
+    )
+    report = find_duplicates(args.output, cfg, urls, args.embeddings, job=job)
+    if report is None:
+        print(f"dedup ({args.method}): this rank's tasks are done; rank 0 writes {args.output}")
+        return
     print(
         f"dedup ({args.method}): {report['items']} items, {report['groups']} duplicate groups, "
         f"{report['removed']} removed, {report['kept']} kept -> {args.output}/keep.parquet "

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_tools.commands.options import add_output, add_required, float_at_least, int_at_least
+from data_tools.commands.options import (
+    add_output,
+    add_phase_args,
+    add_required,
+    add_runner_args,
+    float_at_least,
+    int_at_least,
+    runner_options,
+)
 
 HELP = "keep list by clip score threshold or top fraction, plus size/aspect/caption rules"
 DESCRIPTION = (
@@ -27,16 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-aspect-ratio", type=float_at_least(1.0), metavar="R", help="long/short side")
     add("--min-words", type=int_at_least(0), metavar="N", help="least caption words")
     add("--shards", metavar="SPEC", help="the embedded shards, when sizes must come from them")
+    add_runner_args(parser)
+    add_phase_args(parser, partitions=False)
 
 
 def run(args: argparse.Namespace) -> None:
-    """Filter and print what was kept."""
-    from data_tools.filter import FilterConfig, filter_embeddings
+    """Filter (as per-shard tasks) and print what was kept; ranks other than 0 print only their part."""
+    from data_tools.filter import FilterConfig
+    from data_tools.filter_tasks import filter_job
+    from data_tools.phases import JobOptions
     from webshards.spec import expand_urls
 
     rules = (args.min_score, args.keep_fraction, args.min_side, args.max_aspect_ratio, args.min_words)
     urls = expand_urls(args.shards) if args.shards else None
-    summary = filter_embeddings(args.embeddings, args.output, FilterConfig(*rules), args.format, urls)
+    job = JobOptions.from_runner(runner_options(args), phase_timeout=args.phase_timeout)
+    summary = filter_job(args.embeddings, args.output, FilterConfig(*rules), job, args.format, urls)
+    if summary is None:
+        print(f"filter: this rank's tasks are done; rank 0 writes {args.output}")
+        return
     threshold = summary["score_threshold"]
     print(
         f"filter: kept {summary['kept']} of {summary['samples']} samples ({summary['kept_fraction']:.1%}), "

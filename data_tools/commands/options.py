@@ -52,3 +52,17 @@ def add_runner_args(parser: argparse.ArgumentParser) -> None:
 def runner_options(args: argparse.Namespace) -> dict[str, int | None]:
     """The ``workers``, ``rank`` and ``world`` keywords of a runner job, as ``add_runner_args`` parsed them."""
     return {"workers": args.workers, "rank": args.rank, "world": args.world}
+
+
+def add_phase_args(parser: argparse.ArgumentParser, partitions: bool = True) -> None:
+    """``--partitions`` and ``--phase-timeout`` of a multi-phase job (filter, dedup; see data_tools/phases.py)."""
+    add = parser.add_argument
+    if partitions:
+        add("--partitions", type=int_at_least(1), default=16, metavar="P", help="reduce tasks per phase")
+    add(
+        "--phase-timeout",
+        type=float_at_least(1.0),
+        default=86400.0,
+        metavar="S",
+        help="seconds a node waits for the other ranks to finish a phase",
+    )

@@ -16,8 +16,11 @@ import numpy as np
 from data_tools.dedup.exact import exact_labels
 from data_tools.dedup.features import FeatureJob, iter_tables, read_features, run_features
 from data_tools.dedup.groups import choose_keep, connected_components, group_ids, write_results
+from data_tools.dedup.hashed_job import run_hashed
 from data_tools.dedup.perceptual import DEFAULT_THRESHOLD, perceptual_edges
 from data_tools.dedup.semantic import DEFAULT_EPS, SemanticConfig, metadata_tables, semantic_components
+from data_tools.dedup.semantic_job import semantic_job
+from data_tools.phases import JobOptions
 
 METHODS = ("exact", "perceptual", "semantic")
 KEEP_POLICIES = {
@@ -74,17 +77,29 @@ def find_duplicates(
     shard_urls: list[str] | None = None,
     embeddings: str | Path | None = None,
     workers: int = 1,
-) -> dict[str, Any]:
-    """Find duplicates and write ``output``/duplicates.parquet, keep.parquet and report.json."""
+    job: JobOptions | None = None,
+) -> dict[str, Any] | None:
+    """Find duplicates and write ``output``/duplicates.parquet, keep.parquet and report.json.
+
+    Without ``job`` in one process (the reference path); with it as partitioned task phases
+    (hashed_job.py, semantic_job.py), which give the same files; then ranks other than 0 return None.
+    """
     start = time.perf_counter()
     if cfg.method == "semantic":
         if embeddings is None:
             raise ValueError("--method semantic needs --embeddings DIR (from data-tools embed)")
-        groups, priority, tables, info = _semantic(output, cfg, embeddings)
+        found = _semantic(output, cfg, embeddings, job)
     else:
         if not shard_urls:
             raise ValueError(f"--method {cfg.method} needs --shards")
-        groups, priority, tables, info = _hashed(output, cfg, shard_urls, workers)
+        found = (
+            _hashed(output, cfg, shard_urls, workers)
+            if job is None
+            else run_hashed(output, cfg, shard_urls, job)
+        )
+    if found is None:
+        return None
+    groups, priority, tables, info = found
     keep = choose_keep(groups, priority)
     info = {"method": cfg.method, "keep_policy": cfg.policy, **info}
     report = write_results(output, tables, groups, keep, info)
@@ -108,8 +123,13 @@ def _hashed(output: str | Path, cfg: DedupConfig, urls: list[str], workers: int)
     return group_ids(labels), priority, iter_tables(files), info
 
 
-def _semantic(output: str | Path, cfg: DedupConfig, embeddings: str | Path) -> tuple[Any, ...]:
-    result = semantic_components(embeddings, output, cfg.semantic())
+def _semantic(output: str | Path, cfg: DedupConfig, embeddings: str | Path, job: JobOptions | None) -> Any:
+    if job is None:
+        result = semantic_components(embeddings, output, cfg.semantic())
+    else:
+        result = semantic_job(embeddings, output, cfg.semantic(), job)
+    if result is None:
+        return None
     priority = {
         "farthest": -result.centroid_sim,
         "centroid": result.centroid_sim,

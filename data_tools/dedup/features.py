@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from data_tools.dedup.exact import DIGEST_BYTES, sample_digest
 from data_tools.dedup.perceptual import phash64
+from data_tools.phases import JobOptions, run_phase
 from data_tools.runner import RunSummary, Task, run_tasks
 from webshards.atomic import atomic_path
 from webshards.layout import iter_shard
@@ -47,10 +48,18 @@ def feature_files(output: str | Path, job: FeatureJob, count: int) -> list[Path]
     return [Path(output) / "features" / job.folder_name / f"{i:05d}.parquet" for i in range(count)]
 
 
-def run_features(urls: list[str], output: str | Path, job: FeatureJob, workers: int = 1) -> list[Path]:
-    """Hash every shard not hashed yet; returns the feature files in shard order (all complete)."""
+def run_features(
+    urls: list[str], output: str | Path, job: FeatureJob, workers: int = 1, options: JobOptions | None = None
+) -> list[Path]:
+    """Hash every shard not hashed yet; returns the feature files in shard order (all complete).
+
+    With ``options`` (a partitioned job) it is a phase: under a rank split it waits for the other ranks.
+    """
     files = feature_files(output, job, len(urls))
     tasks = [Task(f"{i}:{url}", path, (url, job)) for i, (url, path) in enumerate(zip(urls, files))]
+    if options is not None:
+        run_phase(tasks, hash_shard, options, f"hash ({job.method})")
+        return files
     summary: RunSummary = run_tasks(tasks, hash_shard, workers=workers, desc=f"hash ({job.method})")
     if not summary.ok():
         name, reason = summary.failed[0]
@@ -121,13 +130,13 @@ def read_features(files: list[Path], method: str) -> tuple[np.ndarray, np.ndarra
     tables = [pq.read_table(path, columns=[column, "pixels"]) for path in files]
     pixels = np.concatenate([t["pixels"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     if method == "exact":
-        digests = [_fixed_binary(t[column].combine_chunks()) for t in tables]
+        digests = [fixed_binary(t[column].combine_chunks()) for t in tables]
         return np.concatenate(digests or [np.zeros((0, DIGEST_BYTES), np.uint8)]), pixels
     hashes = [t[column].to_numpy() for t in tables]
     return (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), pixels
 
 
-def _fixed_binary(array: pa.FixedSizeBinaryArray) -> np.ndarray:
+def fixed_binary(array: pa.FixedSizeBinaryArray) -> np.ndarray:
     """The rows of a fixed-size binary column as a ``(n, width)`` uint8 array, without Python objects."""
     width = array.type.byte_width
     data = np.frombuffer(array.buffers()[1], dtype=np.uint8)

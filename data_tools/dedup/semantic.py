@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,7 @@ def unit_rows(raw: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def _parts(embeddings: Path) -> list[tuple[Path, Path]]:
+def embedding_parts(embeddings: Path) -> list[tuple[Path, Path]]:
     """(metadata, image embeddings) file pairs in shard order."""
     pairs = [(m, embedding_files(embeddings, shard_index(m)).image) for m in metadata_files(embeddings)]
     if not pairs:
@@ -85,30 +85,45 @@ def _parts(embeddings: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _read_part(image_file: Path) -> np.ndarray:
+def read_part(image_file: Path) -> np.ndarray:
     return np.load(image_file, mmap_mode="r")
 
 
 def _count_rows(parts: list[tuple[Path, Path]]) -> int:
     """Total rows; each shard's embeddings must align with its metadata rows."""
-    total = 0
+    return sum(part_rows(parts))
+
+
+def part_rows(parts: list[tuple[Path, Path]]) -> list[int]:
+    """Rows per shard; each shard's embeddings must align with its metadata rows."""
+    counts = []
     for metadata, image_file in parts:
         rows = pq.read_metadata(metadata).num_rows
-        if _read_part(image_file).shape[0] != rows:
+        if read_part(image_file).shape[0] != rows:
             raise ValueError(f"{image_file.name} and {metadata.name} have different row counts")
-        total += rows
-    return total
+        counts.append(rows)
+    return counts
 
 
 def train_centroids(parts: list[tuple[Path, Path]], n: int, k: int, cfg: SemanticConfig) -> np.ndarray:
     """Unit centroids of spherical k-means on a uniform sample of at most 256 rows per cluster."""
+    rng = np.random.default_rng(cfg.seed)
+    rate = sample_rate(n, k)
+    sample = np.concatenate(
+        [unit_rows(x[rng.random(len(x)) < rate]) for x in (read_part(p) for _, p in parts)]
+    )
+    return kmeans_centroids(sample, k, cfg)
+
+
+def sample_rate(n: int, k: int) -> float:
+    """The fraction of rows k-means trains on: at most 256 per cluster."""
+    return min(1.0, k * TRAIN_POINTS_PER_CLUSTER / max(n, 1))
+
+
+def kmeans_centroids(sample: np.ndarray, k: int, cfg: SemanticConfig) -> np.ndarray:
+    """Unit centroids of spherical k-means (faiss) on the unit rows ``sample``."""
     import faiss
 
-    rng = np.random.default_rng(cfg.seed)
-    rate = min(1.0, k * TRAIN_POINTS_PER_CLUSTER / max(n, 1))
-    sample = np.concatenate(
-        [unit_rows(x[rng.random(len(x)) < rate]) for x in (_read_part(p) for _, p in parts)]
-    )
     k = max(1, min(k, len(sample)))
     kmeans = faiss.Kmeans(
         sample.shape[1], k, niter=cfg.iterations, seed=cfg.seed, spherical=True, min_points_per_centroid=1
@@ -163,26 +178,38 @@ def assign(
 
     Returns each item's cosine similarity to its own centroid and the number of unchecked items.
     """
+    search = nearest_clusters(centroids, cfg)
+    centroid_sim, unchecked, offset = np.zeros(n, dtype=np.float32), 0, 0
+    for _, image_file in parts:
+        raw = np.asarray(read_part(image_file))
+        own_sim, part_unchecked, (clusters, rows, member) = search(raw)
+        unchecked += part_unchecked
+        centroid_sim[offset : offset + len(raw)] = own_sim
+        spill.add(clusters, offset + rows, member, raw[rows])
+        offset += len(raw)
+    spill.flush()
+    return centroid_sim, unchecked
+
+
+def nearest_clusters(centroids: np.ndarray, cfg: SemanticConfig) -> Callable[[np.ndarray], tuple[Any, ...]]:
+    """A function from raw embedding rows to (similarity to the own centroid, unchecked count,
+    (cluster, row, member flag) of every bucket entry: the own cluster plus the boundary probes)."""
     import faiss
 
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     probes = min(cfg.probes, len(centroids))
     margin = 2.0 * math.sqrt(2.0 * cfg.eps)
-    centroid_sim, unchecked, offset = np.zeros(n, dtype=np.float32), 0, 0
-    for _, image_file in parts:
-        raw = np.asarray(_read_part(image_file))
+
+    def search(raw: np.ndarray) -> tuple[Any, ...]:
         sims, ids = index.search(unit_rows(raw), probes)
         dist = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0))
         near = dist <= dist[:, :1] + margin
-        if probes < len(centroids):
-            unchecked += int(near[:, -1].sum())
-        centroid_sim[offset : offset + len(raw)] = sims[:, 0]
+        unchecked = int(near[:, -1].sum()) if probes < len(centroids) else 0
         rows, cols = np.nonzero(near)
-        spill.add(ids[rows, cols], offset + rows, cols == 0, raw[rows])
-        offset += len(raw)
-    spill.flush()
-    return centroid_sim, unchecked
+        return sims[:, 0], unchecked, (ids[rows, cols], rows, cols == 0)
+
+    return search
 
 
 def bucket_edges(records: np.ndarray, eps: float) -> np.ndarray:
@@ -202,7 +229,7 @@ def bucket_edges(records: np.ndarray, eps: float) -> np.ndarray:
 
 def semantic_components(embeddings: str | Path, work_dir: str | Path, cfg: SemanticConfig) -> SemanticResult:
     """Duplicate components over all image embeddings of ``embeddings``; buckets live under ``work_dir``."""
-    parts = _parts(Path(embeddings))
+    parts = embedding_parts(Path(embeddings))
     n = _count_rows(parts)
     if n == 0:
         raise ValueError(f"no embeddings in {embeddings}")
@@ -220,5 +247,5 @@ def semantic_components(embeddings: str | Path, work_dir: str | Path, cfg: Seman
 
 def metadata_tables(embeddings: str | Path) -> Iterator[Any]:
     """The key/uid/caption tables of the embeddings folder, in item order."""
-    for metadata, _ in _parts(Path(embeddings)):
+    for metadata, _ in embedding_parts(Path(embeddings)):
         yield pq.read_table(metadata, columns=["key", "uid", "caption"])

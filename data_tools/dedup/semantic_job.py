@@ -1,0 +1,188 @@
+"""SemDeDup as partitioned task phases (see data_tools/phases.py), equal to ``semantic_components``.
+
+1. ``sample``: one task per shard draws its rows of the k-means sample. The in-process path draws one
+   random number per row from one generator, shard after shard; a task jumps the same generator (PCG64)
+   ahead by the rows before its shard, so the sample is the same, row for row;
+2. ``centroids``: one task trains k-means on the sample (as in one process);
+3. ``assign``: one task per shard finds each row's clusters (its own plus boundary probes) and spills the
+   bucket entries (index, member flag, fp16 vector, cluster), split by partition ``cluster % P``;
+4. ``pairs``: one task per partition rebuilds each of its clusters' buckets, in the same row order as the
+   in-process spill, and runs the same blocked similarity search (``bucket_edges``) on it;
+5. merge (rank 0): connected components of all pairs.
+
+Memory: a sample or assign task holds one shard's embeddings; the k-means task the sample (at most 256
+rows per cluster); a pairs task its partition's buckets, about ``(1 + probes) n d / P`` fp16 values, and one
+similarity block; the merge O(n) labels, similarities and scores plus the pairs. Spill files live under
+``DIR/semantic-work/`` (the output folder, shared by the nodes) and are removed after the merge.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from data_tools.dedup.groups import connected_components
+from data_tools.dedup.semantic import (
+    CLUSTER_SIZE,
+    SemanticConfig,
+    SemanticResult,
+    bucket_edges,
+    embedding_parts,
+    kmeans_centroids,
+    nearest_clusters,
+    part_rows,
+    read_part,
+    sample_rate,
+    unit_rows,
+)
+from data_tools.dedup.shuffle import marker_path, read_partition, save_array, write_partitioned
+from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
+from data_tools.runner import Task
+from webshards.atomic import atomic_path
+
+SCRATCH = "semantic-work"
+
+
+def semantic_job(embeddings: str | Path, output: str | Path, cfg: SemanticConfig, job: JobOptions) -> Any:
+    """Duplicate components of the image embeddings as task phases; a SemanticResult on rank 0, else None."""
+    parts = embedding_parts(Path(embeddings))
+    rows = part_rows(parts)
+    n = sum(rows)
+    if n == 0:
+        raise ValueError(f"no embeddings in {embeddings}")
+    k = cfg.clusters or max(1, math.ceil(n / CLUSTER_SIZE))
+    scratch = Path(output) / SCRATCH
+    fingerprint = input_fingerprint([f for part in parts for f in part])
+    work = scratch / settings_key({"cfg": asdict(cfg), "P": job.partitions, "inputs": fingerprint})
+    offsets = np.cumsum([0, *rows])
+    centroids = _centroids(parts, offsets, k, cfg, work, job)
+    folder = work / "assign"
+    payload = (centroids, cfg, job.partitions)
+    tasks = [
+        Task(f"assign:{i}", marker_path(folder, i), (p, int(offsets[i]), *payload))
+        for i, (_, p) in enumerate(parts)
+    ]
+    run_phase(tasks, assign_task, job, "dedup semantic (assign)")
+    markers = [task.output for task in tasks]
+    pair_tasks = [
+        Task(f"pairs:{p}", work / "pairs" / f"{p:05d}.npy", (markers, p, cfg.eps))
+        for p in range(job.partitions)
+    ]
+    run_phase(pair_tasks, pairs_task, job, "dedup semantic (pairs)", last=True)
+    if not job.is_merger:
+        release_scratch(scratch, work, job)
+        return None
+    result = _merge(parts, markers, [task.output for task in pair_tasks], n, cfg, len(np.load(centroids)))
+    release_scratch(scratch, work, job)
+    return result
+
+
+def _centroids(
+    parts: list[tuple[Path, Path]],
+    offsets: np.ndarray,
+    k: int,
+    cfg: SemanticConfig,
+    work: Path,
+    job: JobOptions,
+) -> Path:
+    """The sample phase, then the one k-means task; returns the centroids file."""
+    rate = sample_rate(int(offsets[-1]), k)
+    tasks = [
+        Task(f"sample:{i}", work / "sample" / f"{i:05d}.npy", (p, rate, cfg.seed, int(offsets[i])))
+        for i, (_, p) in enumerate(parts)
+    ]
+    run_phase(tasks, sample_task, job, "dedup semantic (sample)")
+    train = Task("centroids", work / "centroids.npy", ([t.output for t in tasks], k, cfg))
+    run_phase([train], centroids_task, job, "dedup semantic (k-means)")
+    return train.output
+
+
+def sample_task(task: Task) -> int:
+    """One shard's k-means sample rows: the generator jumped past the rows of the shards before it."""
+    image_file, rate, seed, offset = task.payload
+    raw = read_part(image_file)
+    bits = np.random.PCG64(seed)
+    bits.advance(offset)  # one 64-bit draw per row for Generator.random, as the in-process pass uses
+    draws = np.random.Generator(bits).random(len(raw))
+    save_array(task.output, unit_rows(raw[draws < rate]))
+    return len(raw)
+
+
+def centroids_task(task: Task) -> int:
+    """k-means on the whole sample, shards in order."""
+    files, k, cfg = task.payload
+    _fork_safe_faiss()
+    sample = np.concatenate([np.load(f) for f in files])
+    save_array(task.output, kmeans_centroids(sample, k, cfg))
+    return len(sample)
+
+
+def assign_task(task: Task) -> int:
+    """One shard's bucket entries, split by partition, and each row's similarity to its own centroid."""
+    image_file, offset, centroids, cfg, partitions = task.payload
+    _fork_safe_faiss()
+    raw = np.asarray(read_part(image_file))
+    own_sim, unchecked, (clusters, rows, member) = nearest_clusters(np.load(centroids), cfg)(raw)
+    dtype = np.dtype(
+        [("cluster", "<i8"), ("index", "<i8"), ("member", "u1"), ("vec", "<f2", (raw.shape[1],))]
+    )
+    records = np.empty(len(rows), dtype=dtype)
+    records["cluster"], records["index"], records["member"], records["vec"] = (
+        clusters,
+        offset + rows,
+        member,
+        raw[rows],
+    )
+    with atomic_path(_sims_path(task.output)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, sim=own_sim, unchecked=np.int64(unchecked))
+    write_partitioned(task.output, records, records["cluster"] % partitions, partitions)
+    return len(raw)
+
+
+def _fork_safe_faiss() -> None:
+    """In a forked pool worker, one OpenMP thread for faiss: the parent's OpenMP pool does not survive a
+    fork, and faiss would wait for it forever. The results do not depend on the thread count."""
+    if multiprocessing.parent_process() is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+
+
+def _sims_path(marker: Path) -> Path:
+    return marker.with_name(marker.name.replace(".bounds.npy", ".sims.npz"))
+
+
+def pairs_task(task: Task) -> int:
+    """The duplicate pairs inside every cluster of one partition, bucket by bucket."""
+    markers, partition, eps = task.payload
+    records = read_partition(markers, partition)
+    records = records[np.argsort(records["cluster"], kind="stable")]
+    bounds = np.flatnonzero(np.diff(records["cluster"])) + 1
+    edges = [bucket_edges(bucket, eps) for bucket in np.split(records, bounds) if len(bucket)]
+    save_array(task.output, np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64))
+    return len(records)
+
+
+def _merge(
+    parts: list[tuple[Path, Path]],
+    markers: list[Path],
+    pair_files: list[Path],
+    n: int,
+    cfg: SemanticConfig,
+    k: int,
+) -> SemanticResult:
+    """Components of all pairs plus the per-item values the keep policies need, as in one process."""
+    edges = np.concatenate([np.load(f) for f in pair_files])
+    labels = connected_components(n, edges)
+    sims = [np.load(_sims_path(m)) for m in markers]
+    centroid_sim = np.concatenate([s["sim"] for s in sims]).astype(np.float32)
+    unchecked = int(sum(int(s["unchecked"]) for s in sims))
+    scores = [pq.read_table(m, columns=["clip_score"])["clip_score"].to_numpy() for m, _ in parts]
+    info = {"eps": cfg.eps, "clusters": k, "probes": cfg.probes, "unchecked": unchecked}
+    return SemanticResult(labels, centroid_sim, np.concatenate(scores), {**info, "exact": unchecked == 0})

@@ -1,0 +1,129 @@
+"""``filter`` as a job of per-shard tasks (see phases.py), with the same files as ``filter_embeddings``.
+
+Phases, each a list of idempotent tasks over the metadata parquets:
+
+1. ``counts`` (only for ``keep_fraction``): each shard's clip_score counts in the 65,536 quantile bins;
+2. ``bin``: each shard's scores inside the one bin that holds the threshold (found from the summed counts);
+   sorting those gives the threshold bit for bit as ``score_threshold`` does, ties included;
+3. ``keep``: each shard's kept uids (parquet) and counts (json, the marker);
+
+then rank 0 streams the kept uids into the keep list shard by shard and writes the summary and histogram.
+Memory: a task holds one shard's metadata; the merge holds the histogram, one shard's uids, and (only
+for ``--format datacomp``, as in one process) all kept uids. Scratch files live in ``FILE_work/`` next to
+the keep list and are removed after the merge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from data_tools.filter import (
+    KEEP_SCHEMA,
+    QUANTILE_BINS,
+    FilterConfig,
+    Tally,
+    filtered_tables,
+    input_files,
+    kept_uids,
+    pick_threshold,
+    quantile_bin,
+    quantile_plan,
+    read_scores,
+    write_outputs,
+)
+from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
+from data_tools.runner import Task
+from webshards.atomic import atomic_path, write_json_atomic
+
+
+def filter_job(
+    embeddings: str | Path,
+    output: str | Path,
+    cfg: FilterConfig,
+    job: JobOptions,
+    fmt: str = "parquet",
+    shard_urls: list[str] | None = None,
+) -> dict[str, Any] | None:
+    """Write what ``filter_embeddings`` writes, with every pass as runner tasks; None on ranks other than 0."""
+    files = input_files(embeddings, fmt)
+    output = Path(output)
+    scratch = output.with_name(f"{output.stem}_work")
+    work = scratch / settings_key({"inputs": input_fingerprint(files)})
+    threshold = _threshold(files, cfg, work, job)
+    rules = settings_key({"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls})
+    parts = work / f"keep-{rules}"
+    tasks = [
+        Task(f"keep:{i}", parts / f"{i:05d}.json", (p, cfg, threshold, shard_urls))
+        for i, p in enumerate(files)
+    ]
+    run_phase(tasks, keep_task, job, "filter (keep)", last=True)
+    if not job.is_merger:
+        release_scratch(scratch, work, job)
+        return None
+    tally = Tally()
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
+        for task in tasks:
+            tally.merge(json.loads(task.output.read_text()))
+            writer.write_table(pq.read_table(task.output.with_suffix(".parquet")))
+    summary = write_outputs(output, fmt, tally, cfg, threshold)
+    release_scratch(scratch, work, job)
+    return summary
+
+
+def _threshold(files: list[Path], cfg: FilterConfig, work: Path, job: JobOptions) -> float:
+    """The score threshold: given, none, or the exact ``keep_fraction`` quantile from two task phases."""
+    if cfg.keep_fraction is None:
+        return -math.inf if cfg.min_score is None else cfg.min_score
+    tasks = [Task(f"counts:{i}", work / "counts" / f"{i:05d}.npy", path) for i, path in enumerate(files)]
+    run_phase(tasks, counts_task, job, "filter (score counts)")
+    counts = np.zeros(QUANTILE_BINS, dtype=np.int64)
+    for task in tasks:
+        bins, n = np.load(task.output)
+        np.add.at(counts, bins, n)
+    plan = quantile_plan(counts, cfg.keep_fraction)
+    if plan is None:
+        return math.inf
+    folder = work / f"bin-{plan[0]}"
+    tasks = [Task(f"bin:{i}", folder / f"{i:05d}.npy", (p, plan[0])) for i, p in enumerate(files)]
+    run_phase(tasks, bin_task, job, "filter (threshold bin)")
+    return pick_threshold([np.load(task.output) for task in tasks], plan)
+
+
+def counts_task(task: Task) -> int:
+    """One shard's non-empty quantile bins and their counts, as a ``(2, bins)`` int64 array."""
+    scores = read_scores(task.payload)
+    bins, counts = np.unique(quantile_bin(scores), return_counts=True)
+    _save(task.output, np.stack([bins, counts]).astype(np.int64))
+    return len(scores)
+
+
+def bin_task(task: Task) -> int:
+    """One shard's scores inside the threshold's bin."""
+    path, target = task.payload
+    scores = read_scores(path)
+    _save(task.output, scores[quantile_bin(scores) == target])
+    return len(scores)
+
+
+def keep_task(task: Task) -> int:
+    """One shard's kept uids (``.parquet``) and counts (``.json``, written last: the marker)."""
+    path, cfg, threshold, urls = task.payload
+    tally = Tally()
+    for table, masks in filtered_tables([path], cfg, threshold, urls):
+        kept = kept_uids(table, tally.add(table, masks))
+        with atomic_path(task.output.with_suffix(".parquet")) as tmp:
+            pq.write_table(kept, tmp)
+    write_json_atomic(task.output, tally.as_dict())
+    return tally.samples
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
