@@ -96,6 +96,8 @@ def build(
     workers: int = 1,
     rank: int | None = None,
     world: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> RunSummary:
     """Build shards from ``input_path`` into ``output``; returns the run summary of this node."""
     if samples_per_shard < 1:
@@ -109,7 +111,16 @@ def build(
     shards = _split_rows(spec, output, samples_per_shard, rank, world)
     digits = max(4, len(str(samples_per_shard - 1)))
     tasks = [_task(output, i, spec.base, digits, image, fetching) for i in range(shards)]
-    summary = run_tasks(tasks, write_shard, workers=workers, rank=rank, world=world, desc="build")
+    summary = run_tasks(
+        tasks,
+        write_shard,
+        workers=workers,
+        rank=rank,
+        world=world,
+        desc="build",
+        engine=engine,
+        ray_address=ray_address,
+    )
     _finish(output, tasks)
     return summary
 

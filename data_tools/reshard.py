@@ -71,6 +71,8 @@ def reshard(
     workers: int = 1,
     rank: int | None = None,
     world: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> RunSummary:
     """Write the kept samples of ``shards`` into ``output``; returns the run summary of this node."""
     if samples_per_shard < 1 or shuffle_buffer < 0:
@@ -86,7 +88,16 @@ def reshard(
     _check_settings(output, settings)
     inputs = _select(tars, keep, output / SELECTION_DIR)
     tasks = plan(output, inputs, samples_per_shard, shuffle_buffer, seed)
-    summary = run_tasks(tasks, write_output_shard, workers=workers, rank=rank, world=world, desc="reshard")
+    summary = run_tasks(
+        tasks,
+        write_output_shard,
+        workers=workers,
+        rank=rank,
+        world=world,
+        desc="reshard",
+        engine=engine,
+        ray_address=ray_address,
+    )
     _finish(output, tasks)
     return summary
 
