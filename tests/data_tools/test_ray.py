@@ -1,0 +1,133 @@
+"""The Ray engine on a real two-node Ray cluster (tests/ray_cluster.py): build, embed and reshard write the
+same bytes as the local engine, and a build survives the loss of a node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import ROOT, run_cmd, write_image_folder
+from ray_cluster import RayCluster, missing_reason
+from safetensors.torch import save_model
+
+SKIP = missing_reason()
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+
+TIMING_KEYS = {"start_time", "end_time", "duration"}
+"""_stats.json records when its shard was written: the one thing two runs legitimately differ in."""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> RayCluster:
+    """The two-node cluster, started once for this module; nothing of it may be left running after."""
+    with RayCluster() as ray_cluster:
+        yield ray_cluster
+    assert ray_cluster.leftovers() == []
+
+
+def on_ray(cluster: RayCluster) -> list[str]:
+    return ["--engine", "ray", "--ray-address", cluster.address]
+
+
+def data_tools(args: list[str], cluster: RayCluster | None = None) -> str:
+    """Run ``data-tools ARGS`` (inside the cluster's namespace when given); returns stderr, checks success."""
+    command = ["data-tools", *args]
+    proc = cluster.run(command) if cluster else run_cmd(command, timeout=600)
+    assert proc.returncode == 0, f"{command} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stderr
+
+
+def tree(folder: Path) -> dict[str, bytes | dict]:
+    """Every file under ``folder`` by relative path: its bytes, or for _stats.json its fields but timing."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.endswith("_stats.json"):
+            files[rel] = {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING_KEYS}
+        else:
+            files[rel] = path.read_bytes()
+    return files
+
+
+def assert_same_tree(local: Path, ray: Path) -> None:
+    expected, got = tree(local), tree(ray)
+    assert sorted(got) == sorted(expected)
+    assert not any(".tmp" in name for name in got)
+    for name in expected:
+        assert got[name] == expected[name], f"{name} differs between the local and the Ray engine"
+
+
+def write_export(folder: Path) -> Path:
+    """A tiny-clip (seeded random weights) as an open_clip export folder, built by open_clip alone."""
+    open_clip.add_model_config(ROOT / "configs" / "models")
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms("tiny-clip")
+    model_cfg = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
+    mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64, "mean": mean, "std": std}}
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_model(model, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def write_keep_list(build: Path, path: Path) -> int:
+    """Every other successful uid of a build, read from its parquets; returns how many."""
+    uids = []
+    for parquet in sorted(build.glob("*.parquet")):
+        table = pq.read_table(parquet, columns=["uid", "status"]).to_pylist()
+        uids += [row["uid"] for row in table if row["status"] == "success"]
+    pq.write_table(pa.table({"uid": uids[::2]}), path)
+    return len(uids[::2])
+
+
+def test_every_node_uses_loopback(cluster: RayCluster) -> None:
+    nodes = cluster.nodes()
+    assert len(nodes) == 2 and all(node["alive"] for node in nodes)
+    assert {node["address"] for node in nodes} == {"127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_build_embed_reshard_on_ray_equal_local(cluster: RayCluster, tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "images", 11)  # + one broken image: a failed_to_decode row
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    build = ["build", "--input", str(tmp_path / "images"), "--samples-per-shard", "3", "--image-size", "32"]
+    data_tools([*build, "--output", str(local / "build"), "--workers", "2"])
+    log = data_tools([*build, "--output", str(ray / "build"), *on_ray(cluster)], cluster)
+    assert "build: 4 done, 0 skipped, 0 failed" in log
+    assert_same_tree(local / "build", ray / "build")
+
+    shards = str(local / "build" / "{00000..00003}.tar")
+    embed = [
+        "embed",
+        "--shards",
+        shards,
+        "--model",
+        str(write_export(tmp_path / "export")),
+        "--batch-size",
+        "4",
+    ]
+    data_tools([*embed, "--output", str(local / "emb")])
+    data_tools([*embed, "--output", str(ray / "emb"), *on_ray(cluster)], cluster)
+    assert_same_tree(local / "emb", ray / "emb")
+
+    kept = write_keep_list(local / "build", tmp_path / "keep.parquet")
+    reshard = [
+        "reshard",
+        "--shards",
+        shards,
+        "--keep",
+        str(tmp_path / "keep.parquet"),
+        "--samples-per-shard",
+        "2",
+    ]
+    reshard += ["--shuffle-buffer", "3", "--seed", "7"]
+    data_tools([*reshard, "--output", str(local / "reshard")])
+    data_tools([*reshard, "--output", str(ray / "reshard"), *on_ray(cluster)], cluster)
+    assert_same_tree(local / "reshard", ray / "reshard")
+    assert sum(json.loads((local / "reshard" / "sizes.json").read_text()).values()) == kept
