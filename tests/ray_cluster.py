@@ -53,6 +53,7 @@ class RayCluster:
         self.env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         self._holder: subprocess.Popen | None = None
         self._nodes: list[subprocess.Popen] = []
+        self._background: list[subprocess.Popen] = []
 
     def __enter__(self) -> RayCluster:
         try:
@@ -73,12 +74,10 @@ class RayCluster:
         self._spawn_node("head", ["--head", "--port", str(HEAD_PORT), "--include-dashboard=false"])
         self.add_worker()
 
-    def add_worker(self) -> None:
-        """Start one more worker node (a fresh temp dir) and wait until every node started is alive."""
+    def add_worker(self, expected: int = 2) -> None:
+        """Start one more worker node (a fresh temp dir); wait until ``expected`` nodes are alive."""
         self._spawn_node(f"worker{len(self._nodes)}", ["--address", self.address])
-        self._wait_for(
-            lambda: self.alive_nodes() == len(self._nodes), f"{len(self._nodes)} alive Ray nodes", 180
-        )
+        self._wait_for(lambda: self.alive_nodes() == expected, f"{expected} alive Ray nodes", 180)
 
     def _spawn_node(self, name: str, args: list[str]) -> None:
         temp = self.dir / name
@@ -110,6 +109,12 @@ class RayCluster:
             timeout=timeout,
         )
 
+    def popen(self, args: list[str]) -> subprocess.Popen:
+        """Start a background command inside the namespace (stdout piped); ended by ``close`` at the latest."""
+        proc = subprocess.Popen(self._enter(args), env=self.env, stdout=subprocess.PIPE, text=True)
+        self._background.append(proc)
+        return proc
+
     def nodes(self) -> list[dict]:
         """Each node Ray knows: ``{"alive": bool, "address": NodeManagerAddress}``."""
         script = (
@@ -134,6 +139,17 @@ class RayCluster:
                         pids[name] = pid
         return pids
 
+    def running_task_workers(self, raylet: int) -> list[int]:
+        """Pids of the worker processes of ``raylet`` that are running a task now (title ``ray::NAME``)."""
+        return [
+            pid
+            for pid, cmdline in _processes()
+            if cmdline
+            and cmdline[0].startswith("ray::")
+            and cmdline[0] != "ray::IDLE"
+            and _parent(pid) == raylet
+        ]
+
     def leftovers(self) -> list[str]:
         """Command lines of processes still running that belong to this cluster."""
         return [" ".join(c)[:200] for _, c in _processes() if any(str(self.dir) in part for part in c)]
@@ -154,6 +170,9 @@ class RayCluster:
 
     def close(self) -> None:
         """End the `ray start` processes (workers first), then the namespace holder; kill what remains."""
+        for proc in self._background:
+            proc.kill()
+            proc.wait()
         for node in reversed(self._nodes):
             if node.poll() is None:
                 node.terminate()
@@ -177,6 +196,14 @@ def _netns(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
         return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
 
 
 def _processes() -> list[tuple[int, list[str]]]:

@@ -4,6 +4,10 @@ same bytes as the local engine, and a build survives the loss of a node."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import open_clip
@@ -131,3 +135,50 @@ def test_build_embed_reshard_on_ray_equal_local(cluster: RayCluster, tmp_path: P
     data_tools([*reshard, "--output", str(ray / "reshard"), *on_ray(cluster)], cluster)
     assert_same_tree(local / "reshard", ray / "reshard")
     assert sum(json.loads((local / "reshard" / "sizes.json").read_text()).values()) == kept
+
+
+SERVER = """
+import pathlib, sys, time
+sys.path.insert(0, {tests!r})
+from helpers import serve_files
+files = {{p.name: p.read_bytes() for p in pathlib.Path({folder!r}).glob("*.png")}}
+with serve_files(files, delay={delay}) as url:
+    print(url, flush=True)
+    time.sleep(1e9)
+"""
+
+
+def serve_slowly(cluster: RayCluster, folder: Path, delay: float) -> str:
+    """Serve the PNGs of ``folder`` over HTTP inside the cluster's namespace, each after ``delay`` seconds;
+    returns the base URL."""
+    script = SERVER.format(tests=str(ROOT / "tests"), folder=str(folder), delay=delay)
+    server = cluster.popen([sys.executable, "-c", script])
+    return server.stdout.readline().strip()
+
+
+def kill_when_busy(cluster: RayCluster, node: str, timeout: float = 120) -> None:
+    """SIGKILL ``node``'s raylet as soon as one of its workers is running a task."""
+    raylet = cluster.raylet_pids()[node]
+    deadline = time.monotonic() + timeout
+    while not cluster.running_task_workers(raylet):
+        assert time.monotonic() < deadline, "no task ever ran on the worker node"
+        time.sleep(0.1)
+    os.kill(raylet, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_build_survives_losing_a_node(cluster: RayCluster, tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "images", 16, corrupt=False)
+    base = serve_slowly(cluster, tmp_path / "images", delay=0.5)
+    rows = [f"{base}/img{i:03d}.png,caption {i}" for i in range(16)]
+    (tmp_path / "urls.csv").write_text("url,caption\n" + "\n".join(rows) + "\n")
+    build = ["build", "--input", str(tmp_path / "urls.csv"), "--samples-per-shard", "2", "--threads", "1"]
+    build += ["--image-size", "32"]
+    local = data_tools([*build, "--output", str(tmp_path / "local"), "--workers", "2"], cluster)
+    assert "8 done, 0 skipped, 0 failed" in local
+    job = cluster.popen(["data-tools", *build, "--output", str(tmp_path / "ray"), *on_ray(cluster)])
+    kill_when_busy(cluster, "worker1")
+    assert job.wait(timeout=600) == 0
+    assert cluster.alive_nodes() == 1  # the node is gone, its tasks ran again on the head node
+    assert_same_tree(tmp_path / "local", tmp_path / "ray")
+    cluster.add_worker(expected=2)  # the module's other tests get two nodes again
