@@ -22,8 +22,8 @@ from typing import Any
 from tqdm import tqdm
 
 from data_tools.engine_ray import ActorSpec, run_on_ray
+from webshards import outputs
 from webshards.ranks import ranks_from_env
-from webshards.urls import local_path, url_to_fs
 
 log = logging.getLogger("data_tools")
 
@@ -122,7 +122,7 @@ def run_tasks(
     summary = RunSummary(unit=unit)
     pending = []
     for task in node_split(tasks, rank, world):
-        if output_exists(task.output):
+        if outputs.exists(task.output):
             summary.skipped.append(task.name)
         else:
             pending.append(task)
@@ -133,15 +133,6 @@ def run_tasks(
     summary.seconds = time.perf_counter() - start
     _log_summary(summary, desc, rank, world)
     return summary
-
-
-def output_exists(output: Path | str) -> bool:
-    """Whether a task's completion marker exists: a local path, or an object under an fsspec URL."""
-    path = local_path(str(output))
-    if path is not None:
-        return Path(path).exists()
-    fs, remote = url_to_fs(str(output))
-    return fs.exists(remote)
 
 
 def _check_unique(names: list[str]) -> None:
@@ -199,13 +190,15 @@ def _log_summary(summary: RunSummary, desc: str, rank: int, world: int) -> None:
     (log.error if summary.failed else log.info)("%s", summary.line(node))
 
 
-def check_settings(path: Path, settings: dict[str, Any], what: str) -> bool:
-    """Refuse to resume into a folder whose settings file ``path`` records other ``settings``: a ValueError
-    names ``what`` the folder holds and each changed key. Returns whether the file was there."""
-    if not path.exists():
+def check_settings(path: Path | str, settings: dict[str, Any], what: str) -> bool:
+    """Refuse to resume into a folder whose settings file ``path`` (local or a URL) records other
+    ``settings``: a ValueError names ``what`` the folder holds and each changed key. Returns whether the
+    file was there."""
+    if not outputs.exists(path):
         return False
-    previous = json.loads(path.read_text())
+    previous = json.loads(outputs.read_bytes(path))
     changed = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
     if changed:
-        raise ValueError(f"{path.parent} holds {what} with other settings ({', '.join(changed)})")
+        folder = str(path).rsplit("/", 1)[0]
+        raise ValueError(f"{folder} holds {what} with other settings ({', '.join(changed)})")
     return True
