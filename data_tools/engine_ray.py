@@ -27,6 +27,9 @@ ACTOR_RESTARTS = 3
 PROGRESS_EVERY = 10.0
 """Seconds between progress lines on Ray (no tqdm bar: many nodes, one driver log)."""
 INSTALL_HINT = "--engine ray needs `pip install clip-pretrain[ray]`"
+FORWARDED_ENV = ("AWS_ENDPOINT_URL",)
+"""Driver settings the tasks need to reach the same storage; credentials stay with the nodes (their
+environment, instance roles), never sent through the cluster."""
 
 Outcome = tuple[str, int, "str | None"]
 """(task name, samples processed, failure reason or None): what a guarded task call returns."""
@@ -68,7 +71,14 @@ def connect(address: str | None) -> Any:
         return ray
     try:
         # Task output reaches the driver (a task's warnings matter); Ray's own start-up chatter does not.
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, configure_logging=True)
+        env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": env} if env else None,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
     except (ConnectionError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(

@@ -51,6 +51,13 @@ class RayCluster:
         # the nodes' workers import the task functions: this checkout, whatever is installed
         self.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep)
         self.env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        # the nodes' S3 credentials (a real cluster's come from its environment or instance roles); the
+        # endpoint (a moto server in the namespace) is set by the job's driver, which forwards it
+        self.env |= {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         self._holder: subprocess.Popen | None = None
         self._nodes: list[subprocess.Popen] = []
         self._background: list[subprocess.Popen] = []
@@ -109,9 +116,9 @@ class RayCluster:
             timeout=timeout,
         )
 
-    def popen(self, args: list[str]) -> subprocess.Popen:
-        """Start a background command inside the namespace (stdout piped); ended by ``close`` at the latest."""
-        proc = subprocess.Popen(self._enter(args), env=self.env, stdout=subprocess.PIPE, text=True)
+    def popen(self, args: list[str], env: dict | None = None, stdout=subprocess.PIPE) -> subprocess.Popen:
+        """Start a background command inside the namespace; ended by ``close`` at the latest."""
+        proc = subprocess.Popen(self._enter(args), env={**self.env, **(env or {})}, stdout=stdout, text=True)
         self._background.append(proc)
         return proc
 

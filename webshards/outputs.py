@@ -143,3 +143,17 @@ def write_sizes_when_complete(output: Location, markers: list[Location]) -> bool
         sizes[f"{name}.tar"] = int(json.loads(read_bytes(marker))["successes"])
     write_json(join(output, SIZES_FILE), dict(sorted(sizes.items())))
     return True
+
+
+def describe_shards(output: Location) -> str:
+    """E.g. ``3 complete shards, 250 samples in out/`` (from sizes.json or the ``_stats.json`` markers)."""
+    if not is_remote(output):
+        return layout.describe_shards(Path(output))
+    fs, base = url_to_fs(str(output))
+    base = base.rstrip("/")
+    if fs.exists(f"{base}/{SIZES_FILE}"):
+        sizes = json.loads(fs.cat_file(f"{base}/{SIZES_FILE}"))
+    else:
+        markers = fs.glob(f"{base}/[0-9][0-9][0-9][0-9][0-9]_stats.json")
+        sizes = {marker: json.loads(fs.cat_file(marker))["successes"] for marker in markers}
+    return f"{len(sizes)} complete shards, {sum(sizes.values())} samples in {str(output).rstrip('/')}/"

@@ -36,9 +36,12 @@ def add_required(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> N
     parser.add_argument(flag, required=True, default=argparse.SUPPRESS, **kwargs)
 
 
-def add_output(parser: argparse.ArgumentParser, metavar: str = "DIR", help: str = "output folder") -> None:
-    """The required ``--output`` of a subcommand that writes files."""
-    add_required(parser, "--output", type=Path, metavar=metavar, help=help)
+def add_output(
+    parser: argparse.ArgumentParser, metavar: str = "DIR", help: str = "output folder", url: bool = False
+) -> None:
+    """The required ``--output`` of a subcommand that writes files; with ``url``, a folder or an fsspec URL
+    (kept as text: a ``Path`` would fold ``s3://`` into ``s3:/``)."""
+    add_required(parser, "--output", type=str if url else Path, metavar=metavar, help=help)
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:

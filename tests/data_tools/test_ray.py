@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import ROOT, run_cmd, write_image_folder
-from ray_cluster import RayCluster, missing_reason
+from ray_cluster import BIN, RayCluster, missing_reason
 from safetensors.torch import save_model
 
 SKIP = missing_reason()
@@ -182,3 +183,66 @@ def test_build_survives_losing_a_node(cluster: RayCluster, tmp_path: Path) -> No
     assert cluster.alive_nodes() == 1  # the node is gone, its tasks ran again on the head node
     assert_same_tree(tmp_path / "local", tmp_path / "ray")
     cluster.add_worker(expected=2)  # the module's other tests get two nodes again
+
+
+MOTO_PORT = 5555  # inside the namespace: free
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}"}
+BUCKET = """
+import pathlib, sys, time, boto3
+client = boto3.client("s3")
+command, prefix, dest = sys.argv[1:4]
+for attempt in range(100):
+    try:
+        if command == "create":
+            client.create_bucket(Bucket="bucket")
+        break
+    except Exception:
+        time.sleep(0.2)
+for item in client.list_objects_v2(Bucket="bucket", Prefix=prefix + "/").get("Contents", []):
+    path = pathlib.Path(dest) / item["Key"].removeprefix(prefix + "/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(client.get_object(Bucket="bucket", Key=item["Key"])["Body"].read())
+"""
+
+
+def bucket(cluster: RayCluster, command: str, prefix: str = "", dest: str = "") -> None:
+    """``create`` the test bucket, or ``get`` the objects under ``prefix/`` into folder ``dest``."""
+    proc = cluster.run([sys.executable, "-c", BUCKET, command, prefix, dest], env=S3_ENV)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_build_and_reshard_to_s3_on_ray(cluster: RayCluster, tmp_path: Path) -> None:
+    cluster.popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(MOTO_PORT)], stdout=subprocess.DEVNULL
+    )
+    bucket(cluster, "create")
+    write_image_folder(tmp_path / "images", 8, corrupt=False)
+    build = ["build", "--input", str(tmp_path / "images"), "--samples-per-shard", "3", "--image-size", "32"]
+    data_tools([*build, "--output", str(tmp_path / "local")])
+    job = cluster.run(["data-tools", *build, "--output", "s3://bucket/built", *on_ray(cluster)], env=S3_ENV)
+    assert job.returncode == 0 and "3 complete shards, 8 samples in s3://bucket/built/" in job.stdout, (
+        job.stderr
+    )
+    bucket(cluster, "get", "built", str(tmp_path / "built"))
+    assert_same_tree(tmp_path / "local", tmp_path / "built")
+
+    kept = write_keep_list(tmp_path / "local", tmp_path / "keep.parquet")
+    shards = str(tmp_path / "local" / "{00000..00002}.tar")
+    reshard = [
+        "reshard",
+        "--shards",
+        shards,
+        "--keep",
+        str(tmp_path / "keep.parquet"),
+        "--samples-per-shard",
+        "3",
+    ]
+    data_tools([*reshard, "--output", str(tmp_path / "curated-local")])
+    job = cluster.run(
+        ["data-tools", *reshard, "--output", "s3://bucket/curated", *on_ray(cluster)], env=S3_ENV
+    )
+    assert job.returncode == 0, job.stderr
+    bucket(cluster, "get", "curated", str(tmp_path / "curated"))
+    assert_same_tree(tmp_path / "curated-local", tmp_path / "curated")
+    assert sum(json.loads((tmp_path / "curated" / "sizes.json").read_text()).values()) == kept
