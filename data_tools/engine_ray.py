@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ ACTOR_RESTARTS = 3
 """Times Ray restarts an actor whose process or node died; its unfinished calls are retried as often."""
 PROGRESS_EVERY = 10.0
 """Seconds between progress lines on Ray (no tqdm bar: many nodes, one driver log)."""
+CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for the head's GCS port to answer before giving up on ``--ray-address``."""
 INSTALL_HINT = "--engine ray needs `pip install clip-pretrain[ray]`"
 FORWARDED_ENV = ("AWS_ENDPOINT_URL",)
 """Driver settings the tasks need to reach the same storage; credentials stay with the nodes (their
@@ -69,6 +72,7 @@ def connect(address: str | None) -> Any:
     ray = import_ray()
     if ray.is_initialized():
         return ray
+    _check_reachable(address)
     try:
         # Task output reaches the driver (a task's warnings matter); Ray's own start-up chatter does not.
         env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
@@ -85,6 +89,17 @@ def connect(address: str | None) -> Any:
             f"cannot join the Ray cluster at {address or 'RAY_ADDRESS/local'}: {first}"
         ) from None
     return ray
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail fast on a ``HOST:PORT`` nothing listens on (Ray itself would keep retrying for minutes)."""
+    if address is None or address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {error}") from None
 
 
 def run_on_ray(

@@ -4,9 +4,11 @@ progress line, and how many model actors a cluster holds."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port, write_image_folder
 
 from data_tools import engine_ray
 from data_tools.cli import main
@@ -42,6 +44,18 @@ def test_missing_ray_is_one_clear_line(tmp_path: Path, monkeypatch, capsys) -> N
     tasks = [Task("t0", tmp_path / "t0.done", 1)]
     with pytest.raises(ValueError, match=r"^--engine ray needs `pip install clip-pretrain\[ray\]`"):
         run_tasks(tasks, len, engine="ray")
+
+
+def test_unreachable_cluster_is_one_line_and_fast(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("ray")
+    write_image_folder(tmp_path / "images", 1, corrupt=False)
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    argv = ["build", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
+    start = time.monotonic()
+    assert main([*argv, "--engine", "ray", "--ray-address", address]) == 1
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"data-tools: error: cannot reach the Ray cluster at {address}: ")
 
 
 def test_unknown_engine_is_refused(tmp_path: Path) -> None:
