@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 log = logging.getLogger("data_tools")
@@ -25,6 +26,8 @@ TASK_RETRIES = 3
 """Times Ray reruns a task whose worker or node died (task errors are recorded, not retried)."""
 ACTOR_RESTARTS = 3
 """Times Ray restarts an actor whose process or node died; its unfinished calls are retried as often."""
+IN_FLIGHT = 2000
+"""Ray tasks submitted and not yet finished, at most (the rest wait in the driver)."""
 PROGRESS_EVERY = 10.0
 """Seconds between progress lines on Ray (no tqdm bar: many nodes, one driver log)."""
 CONNECT_TIMEOUT = 10.0
@@ -155,13 +158,31 @@ class Progress:
 
 
 def _task_outcomes(ray: Any, pending: list[Any], guarded: Callable) -> Iterator[Outcome | None]:
-    """One Ray task per pending task (1 CPU each); outcomes in completion order."""
+    """One Ray task per pending task (1 CPU each); outcomes in completion order. At most ``IN_FLIGHT``
+    tasks are submitted at a time, so a job of millions of shards does not flood the driver and the GCS
+    (yet enough wait that an autoscaler sees the demand)."""
     remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_call)
     fn_ref = ray.put(guarded)  # pickled once, not once per task
-    names = {remote.remote(fn_ref, task): task.name for task in pending}
-    while names:
-        done, _ = ray.wait(list(names), num_returns=1, timeout=PROGRESS_EVERY)
-        yield _outcome(ray, done[0], names.pop(done[0])) if done else None
+    queue, names = iter(pending), {}
+    while True:
+        for task in islice(queue, IN_FLIGHT - len(names)):
+            names[remote.remote(fn_ref, task)] = task.name
+        if not names:
+            return
+        yield from _finished(ray, names)
+
+
+def _finished(ray: Any, names: dict[Any, str]) -> Iterator[Outcome | None]:
+    """The outcomes of every task of ``names`` finished now, waiting up to ``PROGRESS_EVERY`` s for the
+    first (None when none finished); finished refs leave ``names``."""
+    refs = list(names)
+    done, _ = ray.wait(refs, num_returns=1, timeout=PROGRESS_EVERY)
+    if not done:
+        yield None
+        return
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # everything else ready too
+    for ref in done:
+        yield _outcome(ray, ref, names.pop(ref))
 
 
 def _call(guarded: Callable[[Any], Outcome], task: Any) -> Outcome:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import free_port, write_image_folder
@@ -103,3 +104,49 @@ class FakeRay:
 )
 def test_actor_count(spec: ActorSpec, resources: dict, tasks: int, expected: int) -> None:
     assert _actor_count(FakeRay(resources), spec, tasks) == expected
+
+
+class Ref:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+class FakeRuntime:
+    """Enough of ``ray`` for ``_task_outcomes``: a task runs when submitted; counts what is in flight."""
+
+    exceptions = SimpleNamespace(RayError=RuntimeError)
+
+    def __init__(self) -> None:
+        self.unread: set[int] = set()
+        self.most_in_flight = 0
+
+    def remote(self, **options):
+        def decorate(fn):
+            return SimpleNamespace(remote=lambda *args: self._submit(fn, *args))
+
+        return decorate
+
+    def _submit(self, fn, *args) -> Ref:
+        ref = Ref(fn(*(a.value if isinstance(a, Ref) else a for a in args)))
+        self.unread.add(id(ref))
+        self.most_in_flight = max(self.most_in_flight, len(self.unread))
+        return ref
+
+    def put(self, value) -> Ref:
+        return Ref(value)
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        self.unread.discard(id(ref))
+        return ref.value
+
+
+def test_ray_tasks_are_submitted_in_a_bounded_window(monkeypatch) -> None:
+    monkeypatch.setattr(engine_ray, "IN_FLIGHT", 3)
+    runtime = FakeRuntime()
+    tasks = [Task(f"t{i}", Path(f"t{i}"), i) for i in range(10)]
+    outcomes = list(engine_ray._task_outcomes(runtime, tasks, lambda task: (task.name, task.payload, None)))
+    assert sorted(outcomes) == sorted((f"t{i}", i, None) for i in range(10))
+    assert runtime.most_in_flight == 3
