@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from data_tools.images import (
@@ -37,15 +36,9 @@ from data_tools.images import (
 )
 from data_tools.inputs import InputRow, InputSpec, iter_rows, resolve_input
 from data_tools.runner import RunSummary, Task, check_settings, owns, resolve_rank_world, run_tasks
-from webshards.atomic import atomic_path, write_json_atomic
-from webshards.layout import (
-    ShardWriter,
-    is_complete,
-    key_for,
-    make_uid,
-    shard_name,
-    write_sizes_when_complete,
-)
+from webshards import outputs
+from webshards.layout import ShardWriter, key_for, make_uid, shard_name, stats_name
+from webshards.outputs import Location, join
 
 log = logging.getLogger("data_tools")
 
@@ -76,9 +69,9 @@ class FetchConfig:
 class ShardJob:
     """The payload of one shard task: everything writing the shard needs."""
 
-    output: Path
+    output: Location
     shard_id: int
-    rows_file: Path
+    rows_file: Location
     base: Path
     index_digits: int
     image: ImageConfig
@@ -87,7 +80,7 @@ class ShardJob:
 
 def build(
     input_path: str | Path,
-    output: str | Path,
+    output: Location,
     samples_per_shard: int = 10000,
     image: ImageConfig | None = None,
     fetching: FetchConfig | None = None,
@@ -96,20 +89,32 @@ def build(
     workers: int = 1,
     rank: int | None = None,
     world: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> RunSummary:
-    """Build shards from ``input_path`` into ``output``; returns the run summary of this node."""
+    """Build shards from ``input_path`` into ``output`` (a folder or an fsspec URL such as ``s3://…``);
+    returns the run summary of this node."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     image, fetching = image or ImageConfig(), fetching or FetchConfig()
     spec = resolve_input(input_path, source_col, caption_col)
-    output = Path(output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    output = outputs.resolve(output)
+    outputs.make_folder(output)
     _check_settings(output, _settings(spec, samples_per_shard, image))
     rank, world = resolve_rank_world(rank, world)
     shards = _split_rows(spec, output, samples_per_shard, rank, world)
     digits = max(4, len(str(samples_per_shard - 1)))
     tasks = [_task(output, i, spec.base, digits, image, fetching) for i in range(shards)]
-    summary = run_tasks(tasks, write_shard, workers=workers, rank=rank, world=world, desc="build")
+    summary = run_tasks(
+        tasks,
+        write_shard,
+        workers=workers,
+        rank=rank,
+        world=world,
+        desc="build",
+        engine=engine,
+        ray_address=ray_address,
+    )
     _finish(output, tasks)
     return summary
 
@@ -125,17 +130,17 @@ def _settings(spec: InputSpec, samples_per_shard: int, image: ImageConfig) -> di
     }
 
 
-def _check_settings(output: Path, settings: dict[str, Any]) -> None:
-    if not check_settings(output / SETTINGS_FILE, settings, "a build"):
-        write_json_atomic(output / SETTINGS_FILE, settings)
+def _check_settings(output: Location, settings: dict[str, Any]) -> None:
+    if not check_settings(join(output, SETTINGS_FILE), settings, "a build"):
+        outputs.write_json(join(output, SETTINGS_FILE), settings)
 
 
-def _split_rows(spec: InputSpec, output: Path, samples_per_shard: int, rank: int, world: int) -> int:
+def _split_rows(spec: InputSpec, output: Location, samples_per_shard: int, rank: int, world: int) -> int:
     """Stream the input once, saving the rows of this node's pending shards; returns the shard count."""
     rows = iter_rows(spec)
     shard_id = 0
     while chunk := list(islice(rows, samples_per_shard)):
-        if owns(shard_id, rank, world) and not is_complete(output, shard_id):
+        if owns(shard_id, rank, world) and not outputs.exists(join(output, stats_name(shard_name(shard_id)))):
             _write_rows(_rows_file(output, shard_id), chunk)
         shard_id += 1
     if shard_id == 0:
@@ -143,39 +148,38 @@ def _split_rows(spec: InputSpec, output: Path, samples_per_shard: int, rank: int
     return shard_id
 
 
-def _rows_file(output: Path, shard_id: int) -> Path:
-    return output / ROWS_DIR / f"{shard_name(shard_id)}.parquet"
+def _rows_file(output: Location, shard_id: int) -> Location:
+    return join(output, f"{ROWS_DIR}/{shard_name(shard_id)}.parquet")
 
 
-def _write_rows(path: Path, rows: list[InputRow]) -> None:
-    """Save a shard's input rows under a temp name, then rename (a killed run never leaves half)."""
+def _write_rows(path: Location, rows: list[InputRow]) -> None:
+    """Save a shard's input rows whole (a killed run never leaves half a file)."""
     table = pa.Table.from_pylist([dataclasses.asdict(row) for row in rows], schema=_ROWS_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    outputs.write_parquet(path, table)
 
 
 def _task(
-    output: Path, shard_id: int, base: Path, digits: int, image: ImageConfig, fetching: FetchConfig
+    output: Location, shard_id: int, base: Path, digits: int, image: ImageConfig, fetching: FetchConfig
 ) -> Task:
     name = shard_name(shard_id)
     job = ShardJob(output, shard_id, _rows_file(output, shard_id), base, digits, image, fetching)
-    return Task(name=name, output=output / f"{name}_stats.json", payload=job)
+    return Task(name=name, output=join(output, stats_name(name)), payload=job)
 
 
 def write_shard(task: Task) -> int:
     """Runner task: fetch and resize a shard's images and write the shard; returns the rows processed."""
     job: ShardJob = task.payload
-    rows = [InputRow(**r) for r in pq.read_table(job.rows_file).to_pylist()]
+    rows = [InputRow(**r) for r in outputs.read_parquet(job.rows_file).to_pylist()]
     remove_stale_temps(job.output, task.name)
     with (
         pixel_limit(job.fetching.max_pixels),
         ThreadPoolExecutor(job.fetching.threads) as pool,
-        ShardWriter(job.output, job.shard_id) as writer,
+        outputs.shard_writer(job.output, job.shard_id) as writer,
     ):
         results = _in_order(pool, lambda row: _load(row, job), rows, window=4 * job.fetching.threads)
         for index, (row, result) in enumerate(zip(rows, results)):
             _add(writer, key_for(job.shard_id, index, job.index_digits), row, result)
-    job.rows_file.unlink(missing_ok=True)
+    outputs.remove(job.rows_file)
     return len(rows)
 
 
@@ -190,8 +194,11 @@ def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) 
         yield in_flight.popleft().result()
 
 
-def remove_stale_temps(folder: Path, name: str) -> None:
-    """Remove temp files a killed writer of shard ``name`` left (only its one owner writes a shard)."""
+def remove_stale_temps(folder: Location, name: str) -> None:
+    """Remove temp files a killed writer of shard ``name`` left (only its one owner writes a shard); a
+    remote shard is staged in a local temp folder and leaves none."""
+    if outputs.is_remote(folder):
+        return
     for pattern in (f".{name}.*.tmp", f".{name}_stats.json.*.tmp"):
         for stale in folder.glob(pattern):
             stale.unlink(missing_ok=True)
@@ -227,11 +234,12 @@ def _add(writer: ShardWriter, key: str, row: InputRow, result: tuple) -> None:
     writer.add(key, data, row.caption, meta)
 
 
-def _finish(output: Path, tasks: list[Task]) -> None:
+def _finish(output: Location, tasks: list[Task]) -> None:
     """Drop leftover row files of complete shards; write sizes.json once every shard is complete."""
     for task in tasks:
-        if task.output.exists():
-            task.payload.rows_file.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty: other nodes' shards are still pending
-        (output / ROWS_DIR).rmdir()
-    write_sizes_when_complete(output, [task.output for task in tasks])
+        if outputs.exists(task.output):
+            outputs.remove(task.payload.rows_file)
+    if not outputs.is_remote(output):
+        with contextlib.suppress(OSError):  # not empty: other nodes' shards are still pending
+            (output / ROWS_DIR).rmdir()
+    outputs.write_sizes_when_complete(output, [task.output for task in tasks])

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from data_tools import models
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
+from data_tools.engine_ray import ActorSpec
 from data_tools.runner import RunSummary, Task, run_tasks
 from webshards.atomic import atomic_path
 from webshards.layout import iter_shard
@@ -76,21 +77,33 @@ def embed_shards(
     workers: int = 1,
     rank: int | None = None,
     world: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_cpus_per_actor: float = 1.0,
 ) -> RunSummary:
-    """Embed every incomplete shard of ``urls`` into ``output`` (resumable, split across nodes)."""
+    """Embed every incomplete shard of ``urls`` into ``output`` (resumable, split across nodes).
+
+    On Ray the shards stream to actors that each hold the model: one per GPU on CUDA, else one per
+    ``ray_cpus_per_actor`` CPUs of the cluster (torch in each uses that many threads)."""
     if not urls:
         raise ValueError("no shards to embed")
-    if cfg.device.startswith("cuda") and workers > 1:
+    on_cuda = cfg.device.startswith("cuda")
+    if on_cuda and workers > 1 and engine == "local":
         raise ValueError("embedding on cuda takes one worker per process (split nodes with rank/world)")
-    if workers == 1:
+    if workers == 1 and engine == "local":
         load_embedder(cfg.model, cfg.pretrained, cfg.device)  # a bad model fails here, once
-    else:  # no torch work before the pool forks: OpenMP state does not survive a fork
+    else:  # no torch work before the pool forks (OpenMP state does not survive a fork), none on a Ray driver
         models.check_model(cfg.model, cfg.pretrained)
     for sub in ("img_emb", "text_emb", "metadata"):
         (Path(output) / sub).mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    threads, actors = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0, None
+    if engine == "ray":
+        setup = partial(load_embedder, cfg.model, cfg.pretrained, cfg.device)
+        actors = ActorSpec(setup, num_cpus=ray_cpus_per_actor, num_gpus=1.0 if on_cuda else 0.0)
+        threads = max(1, int(ray_cpus_per_actor))
     tasks = embed_tasks(urls, output, cfg, threads)
-    return run_tasks(tasks, embed_shard, workers=workers, rank=rank, world=world, desc="embed")
+    options = {"rank": rank, "world": world, "engine": engine, "ray_address": ray_address, "actors": actors}
+    return run_tasks(tasks, embed_shard, workers=workers, desc="embed", **options)
 
 
 def embed_shard(task: Task) -> int:

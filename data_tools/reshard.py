@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 
 from data_tools.build import remove_stale_temps
 from data_tools.runner import RunSummary, Task, check_settings, run_tasks
-from webshards.atomic import atomic_path, write_json_atomic
-from webshards.layout import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, write_sizes_when_complete
+from webshards import outputs
+from webshards.layout import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, stats_name
+from webshards.outputs import Location, join
 from webshards.samples import image_extension
 from webshards.spec import expand_urls
 
@@ -41,7 +42,7 @@ class InputShard:
     """One input shard: its tar, its selection file, and where its kept samples start in the stream."""
 
     tar: Path
-    selection: Path
+    selection: Location
     start: int
     count: int
 
@@ -50,7 +51,7 @@ class InputShard:
 class OutputShard:
     """The payload of one output task: stream positions [start, end) with the window shuffle."""
 
-    output: Path
+    output: Location
     shard_id: int
     start: int
     end: int
@@ -64,30 +65,42 @@ class OutputShard:
 def reshard(
     shards: str,
     keep_files: list[str | Path],
-    output: str | Path,
+    output: Location,
     samples_per_shard: int = 10000,
     shuffle_buffer: int = 0,
     seed: int = 0,
     workers: int = 1,
     rank: int | None = None,
     world: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> RunSummary:
-    """Write the kept samples of ``shards`` into ``output``; returns the run summary of this node."""
+    """Write the kept samples of ``shards`` into ``output`` (a folder or an fsspec URL such as ``s3://…``);
+    returns the run summary of this node."""
     if samples_per_shard < 1 or shuffle_buffer < 0:
         raise ValueError("samples_per_shard must be at least 1 and shuffle_buffer at least 0")
     tars = _input_tars(shards)
     keep = load_keep(keep_files)
-    output = Path(output).resolve()
+    output = outputs.resolve(output)
     settings = {
         "shards": [str(t.resolve()) for t in tars],
         "keep": [str(Path(k).resolve()) for k in keep_files],
     }
     settings |= {"samples_per_shard": samples_per_shard, "shuffle_buffer": shuffle_buffer, "seed": seed}
     _check_settings(output, settings)
-    inputs = _select(tars, keep, output / SELECTION_DIR)
+    inputs = _select(tars, keep, join(output, SELECTION_DIR))
     tasks = plan(output, inputs, samples_per_shard, shuffle_buffer, seed)
-    summary = run_tasks(tasks, write_output_shard, workers=workers, rank=rank, world=world, desc="reshard")
-    _finish(output, tasks)
+    summary = run_tasks(
+        tasks,
+        write_output_shard,
+        workers=workers,
+        rank=rank,
+        world=world,
+        desc="reshard",
+        engine=engine,
+        ray_address=ray_address,
+    )
+    _finish(output, tasks, inputs)
     return summary
 
 
@@ -126,7 +139,7 @@ def _read_uids(path: Path) -> Iterator[str]:
         yield from batch.column(0).to_pylist()
 
 
-def _select(tars: list[Path], keep: Counter[str], folder: Path) -> list[InputShard]:
+def _select(tars: list[Path], keep: Counter[str], folder: Location) -> list[InputShard]:
     """Save each input shard's kept keys with counts; returns the shards with their stream offsets."""
     inputs, start = [], 0
     for index, tar in enumerate(tars):
@@ -135,9 +148,8 @@ def _select(tars: list[Path], keep: Counter[str], folder: Path) -> list[InputSha
             if keep.get(uid, 0) > 0:
                 keys.append(key)
                 counts.append(keep[uid])
-        selection = folder / f"{index:05d}.parquet"
-        with atomic_path(selection) as tmp:
-            pq.write_table(pa.table({"key": keys, "count": counts}, schema=_SELECTION_SCHEMA), tmp)
+        selection = join(folder, f"{index:05d}.parquet")
+        outputs.write_parquet(selection, pa.table({"key": keys, "count": counts}, schema=_SELECTION_SCHEMA))
         inputs.append(InputShard(tar, selection, start, sum(counts)))
         start += sum(counts)
     return inputs
@@ -156,14 +168,14 @@ def _successful_samples(tar: Path) -> Iterator[tuple[str, str]]:
         yield sample["__key__"], sample["json"]["uid"]
 
 
-def _check_settings(output: Path, settings: dict[str, Any]) -> None:
+def _check_settings(output: Location, settings: dict[str, Any]) -> None:
     """Refuse to resume into a folder written with other inputs or settings (its plan would differ)."""
-    if not check_settings(output / SETTINGS_FILE, settings, "a reshard"):
-        write_json_atomic(output / SETTINGS_FILE, settings)
+    if not check_settings(join(output, SETTINGS_FILE), settings, "a reshard"):
+        outputs.write_json(join(output, SETTINGS_FILE), settings)
 
 
 def plan(
-    output: Path, inputs: list[InputShard], samples_per_shard: int, shuffle_buffer: int, seed: int
+    output: Location, inputs: list[InputShard], samples_per_shard: int, shuffle_buffer: int, seed: int
 ) -> list[Task]:
     """One task per output shard, each with the input shards its stream positions come from."""
     total = sum(shard.count for shard in inputs)
@@ -176,7 +188,7 @@ def plan(
         needed = tuple(s for s in inputs if s.count and s.start < high and s.start + s.count > low)
         job = OutputShard(output, shard_id, start, end, total, window, seed, digits, needed)
         name = shard_name(shard_id)
-        tasks.append(Task(name=name, output=output / f"{name}_stats.json", payload=job))
+        tasks.append(Task(name=name, output=join(output, stats_name(name)), payload=job))
     return tasks
 
 
@@ -199,7 +211,7 @@ def write_output_shard(task: Task) -> int:
     sources = source_positions(job.start, job.end, job.total, job.window, job.seed)
     stream = _kept_stream(job.inputs, min(sources), max(sources) + 1)
     wanted, buffer = set(sources), {}
-    with ShardWriter(job.output, job.shard_id) as writer:
+    with outputs.shard_writer(job.output, job.shard_id) as writer:
         for index, source in enumerate(sources):
             while source not in buffer:  # read on; a window's samples wait in the buffer
                 position, sample = next(stream)
@@ -214,7 +226,7 @@ def _kept_stream(inputs: tuple[InputShard, ...], low: int, high: int) -> Iterato
     for shard in inputs:
         if shard.start + shard.count <= low or shard.start >= high:
             continue
-        table = pq.read_table(shard.selection)
+        table = outputs.read_parquet(shard.selection)
         counts = dict(zip(table.column("key").to_pylist(), table.column("count").to_pylist()))
         position = shard.start
         for sample in iter_shard(shard.tar):
@@ -234,11 +246,12 @@ def _add(writer: ShardWriter, key: str, sample: dict) -> None:
     writer.add(key, sample[ext], sample["txt"], sample["json"], ext=ext, extras=extras)
 
 
-def _finish(output: Path, tasks: list[Task]) -> None:
+def _finish(output: Location, tasks: list[Task], inputs: list[InputShard]) -> None:
     """Once every output shard is complete: write sizes.json and drop the selection files."""
-    if not write_sizes_when_complete(output, [task.output for task in tasks]):
+    if not outputs.write_sizes_when_complete(output, [task.output for task in tasks]):
         return
-    for selection in (output / SELECTION_DIR).glob("*.parquet"):
-        selection.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        (output / SELECTION_DIR).rmdir()
+    for shard in inputs:
+        outputs.remove(shard.selection)
+    if not outputs.is_remote(output):
+        with contextlib.suppress(OSError):
+            (output / SELECTION_DIR).rmdir()

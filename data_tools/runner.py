@@ -1,8 +1,10 @@
-"""The one task runner for every data_tools job: a process pool locally, a rank/world split across nodes.
+"""The one task runner for every data_tools job: a process pool locally, a rank/world split across nodes,
+or a Ray cluster (``engine="ray"``, see ``engine_ray``).
 
 A job is a list of tasks, each with the one file whose existence marks it complete (written last, by the
 task). Running a job again skips complete tasks, so a killed job resumes where it stopped; nodes given
-the same task list and their own rank each take a disjoint share, so together they cover it once.
+the same task list and their own rank each take a disjoint share, so together they cover it once. The
+same property lets Ray rerun a task whose node died, on another node.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_tools.engine_ray import ActorSpec, run_on_ray
+from webshards import outputs
 from webshards.ranks import ranks_from_env
 
 log = logging.getLogger("data_tools")
+
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -29,7 +35,8 @@ class Task:
     """One unit of work: ``output`` existing means it is complete (the task writes it last)."""
 
     name: str
-    output: Path
+    output: Path | str
+    """A local path or an fsspec URL (``s3://…``)."""
     payload: Any = None
 
 
@@ -94,25 +101,35 @@ def run_tasks(
     world: int | None = None,
     desc: str = "",
     unit: str = "samples",
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: ActorSpec | None = None,
 ) -> RunSummary:
     """Run this node's incomplete tasks with ``fn`` (returns samples processed); one failure stops no other.
 
-    ``fn`` must be picklable (a module-level function) when ``workers > 1``; with one worker it runs in
-    this process, which makes debugging easy.
+    ``engine="local"``: ``workers`` processes here; ``fn`` must be picklable (a module-level function)
+    when ``workers > 1``, with one worker it runs in this process, which makes debugging easy.
+    ``engine="ray"``: one Ray task per task on the cluster at ``ray_address`` (``workers`` is unused), or
+    calls on long-lived ``actors`` (e.g. holding a model).
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     _check_unique([task.name for task in tasks])
     rank, world = resolve_rank_world(rank, world)
     start = time.perf_counter()
     summary = RunSummary(unit=unit)
     pending = []
     for task in node_split(tasks, rank, world):
-        if Path(task.output).exists():
+        if outputs.exists(task.output):
             summary.skipped.append(task.name)
         else:
             pending.append(task)
-    _run_pending(pending, fn, workers, summary, desc, unit)
+    if engine == "ray":
+        run_on_ray(pending, partial(_call_guarded, fn), partial(_record, summary), desc, ray_address, actors)
+    else:
+        _run_pending(pending, fn, workers, summary, desc, unit)
     summary.seconds = time.perf_counter() - start
     _log_summary(summary, desc, rank, world)
     return summary
@@ -150,16 +167,22 @@ def _call_guarded(fn: Callable[[Task], int], task: Task) -> tuple[str, int, str 
 
 
 def _collect(outcomes: Any, summary: RunSummary, progress: tqdm, total_tasks: int) -> None:
-    for name, samples, error in outcomes:
-        if error is None:
-            summary.done.append(name)
-            summary.samples += samples
-        else:
-            summary.failed.append((name, error))
-            log.warning("task %s failed: %s", name, error)
-        progress.update(samples)
+    for outcome in outcomes:
+        _record(summary, outcome)
+        progress.update(outcome[1])
         finished = len(summary.done) + len(summary.failed)
         progress.set_postfix_str(f"tasks {finished}/{total_tasks}", refresh=False)
+
+
+def _record(summary: RunSummary, outcome: tuple[str, int, str | None]) -> None:
+    """Add one task's outcome (name, samples, failure reason or None) to the summary."""
+    name, samples, error = outcome
+    if error is None:
+        summary.done.append(name)
+        summary.samples += samples
+    else:
+        summary.failed.append((name, error))
+        log.warning("task %s failed: %s", name, error)
 
 
 def _log_summary(summary: RunSummary, desc: str, rank: int, world: int) -> None:
@@ -167,13 +190,15 @@ def _log_summary(summary: RunSummary, desc: str, rank: int, world: int) -> None:
     (log.error if summary.failed else log.info)("%s", summary.line(node))
 
 
-def check_settings(path: Path, settings: dict[str, Any], what: str) -> bool:
-    """Refuse to resume into a folder whose settings file ``path`` records other ``settings``: a ValueError
-    names ``what`` the folder holds and each changed key. Returns whether the file was there."""
-    if not path.exists():
+def check_settings(path: Path | str, settings: dict[str, Any], what: str) -> bool:
+    """Refuse to resume into a folder whose settings file ``path`` (local or a URL) records other
+    ``settings``: a ValueError names ``what`` the folder holds and each changed key. Returns whether the
+    file was there."""
+    if not outputs.exists(path):
         return False
-    previous = json.loads(path.read_text())
+    previous = json.loads(outputs.read_bytes(path))
     changed = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
     if changed:
-        raise ValueError(f"{path.parent} holds {what} with other settings ({', '.join(changed)})")
+        folder = str(path).rsplit("/", 1)[0]
+        raise ValueError(f"{folder} holds {what} with other settings ({', '.join(changed)})")
     return True

@@ -42,6 +42,11 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the project's JSON files hold it: indented, one trailing newline."""
+    return (json.dumps(obj, indent=1) + "\n").encode("utf-8")
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON (one trailing newline) to ``path`` atomically."""
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    write_atomic(path, json_bytes(obj))

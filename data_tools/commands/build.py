@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``build``."""
     add = parser.add_argument
     add_required(parser, "--input", type=Path, metavar="PATH", help="folder or CSV/TSV/JSONL/parquet")
-    add_output(parser)
+    add_output(parser, "DIR|URL", "output folder or fsspec URL (s3://bucket/prefix)", url=True)
     add("--samples-per-shard", type=int_at_least(1), default=10000, metavar="N", help="input rows per shard")
     add("--image-size", type=int_at_least(1), default=256, metavar="N", help="target side in pixels")
     add("--resize-mode", choices=RESIZE_MODES, default="keep_ratio", help="as img2dataset")
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> RunSummary:
     """Build shards and print where they are."""
     from data_tools.build import FetchConfig, build
-    from webshards.layout import describe_shards
+    from webshards.outputs import describe_shards
 
     image = ImageConfig(args.image_size, args.resize_mode, args.jpeg_quality, args.max_aspect_ratio)
     fetching = FetchConfig(

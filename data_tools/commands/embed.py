@@ -8,6 +8,7 @@ from data_tools.commands.options import (
     add_output,
     add_required,
     add_runner_args,
+    float_at_least,
     int_at_least,
     runner_options,
 )
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int_at_least(1), default=256, metavar="N", help="samples per forward pass")
     add("--pretrained", metavar="TAG", help="open_clip pretrained tag (with an open_clip name)")
     add("--device", choices=("cpu", "cuda"), default="cpu", help="cuda runs under bf16 autocast")
+    add("--ray-cpus-per-actor", type=float_at_least(0.01), default=1.0, metavar="N",
+        help="--engine ray on CPU: CPUs (and torch threads) of each actor holding the model")  # fmt: skip
     add_runner_args(parser)
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> RunSummary:
     from webshards.spec import expand_urls
 
     cfg = EmbedConfig(args.model, args.pretrained, args.batch_size, args.device)
-    summary = embed_shards(expand_urls(args.shards), args.output, cfg, **runner_options(args))
+    options = {**runner_options(args), "ray_cpus_per_actor": args.ray_cpus_per_actor}
+    summary = embed_shards(expand_urls(args.shards), args.output, cfg, **options)
     done = f"{summary.samples} samples embedded, {len(summary.skipped)} shards already done"
     print(f"embed: {done} -> {args.output}")
     return summary

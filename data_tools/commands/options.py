@@ -36,22 +36,62 @@ def add_required(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> N
     parser.add_argument(flag, required=True, default=argparse.SUPPRESS, **kwargs)
 
 
-def add_output(parser: argparse.ArgumentParser, metavar: str = "DIR", help: str = "output folder") -> None:
-    """The required ``--output`` of a subcommand that writes files."""
-    add_required(parser, "--output", type=Path, metavar=metavar, help=help)
+def add_output(
+    parser: argparse.ArgumentParser, metavar: str = "DIR", help: str = "output folder", url: bool = False
+) -> None:
+    """The required ``--output`` of a subcommand that writes files; with ``url``, a folder or an fsspec URL
+    (kept as text: a ``Path`` would fold ``s3://`` into ``s3:/``)."""
+    add_required(parser, "--output", type=str if url else Path, metavar=metavar, help=help)
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
-    """``--workers``, ``--rank``, ``--world``: how a runner job spreads over processes and nodes."""
+    """``--workers``, ``--rank``, ``--world``, ``--engine``, ``--ray-address``: how a runner job spreads over
+    processes and nodes."""
     add = parser.add_argument
-    add("--workers", type=int_at_least(1), default=1, metavar="N", help="processes, one task each at a time")
+    add(
+        "--workers",
+        type=int_at_least(1),
+        default=1,
+        metavar="N",
+        help="local processes, one task each at a time",
+    )
     add("--rank", type=int_at_least(0), metavar="R", help="this node (default: RANK/SLURM_PROCID, else 0)")
     add("--world", type=int_at_least(1), metavar="W", help="nodes (default: WORLD_SIZE/SLURM_NTASKS, else 1)")
+    add_engine_args(parser)
 
 
-def runner_options(args: argparse.Namespace) -> dict[str, int | None]:
-    """The ``workers``, ``rank`` and ``world`` keywords of a runner job, as ``add_runner_args`` parsed them."""
-    return {"workers": args.workers, "rank": args.rank, "world": args.world}
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """``--engine local|ray`` and ``--ray-address``: where a job's tasks run."""
+    add = parser.add_argument
+    add(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool here; ray: a Ray cluster",
+    )
+    add("--ray-address", type=ray_address, metavar="auto|HOST:PORT",
+        help="the Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")  # fmt: skip
+
+
+def ray_address(text: str) -> str:
+    """An argparse type for ``--ray-address``: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``."""
+    host, sep, port = text.removeprefix("ray://").rpartition(":")
+    if text == "auto" or (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto or HOST:PORT, got {text!r}")
+
+
+def runner_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``workers``, ``rank``, ``world``, ``engine`` and ``ray_address`` keywords of a runner job, as
+    ``add_runner_args`` parsed them."""
+    return {"workers": args.workers, "rank": args.rank, "world": args.world, **engine_options(args)}
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``engine`` and ``ray_address`` keywords, as ``add_engine_args`` parsed them."""
+    if args.ray_address is not None and args.engine != "ray":
+        raise ValueError("--ray-address needs --engine ray")
+    return {"engine": args.engine, "ray_address": args.ray_address}
 
 
 def add_phase_args(parser: argparse.ArgumentParser, partitions: bool = True) -> None:

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_required(parser, "--shards", metavar="SPEC", help="input shards, e.g. 'in/{00000..00009}.tar'")
     keep_help = "keep list (parquet with uid, or DataComp .npy); repeat to intersect"
     add_required(parser, "--keep", type=Path, action="append", metavar="FILE", help=keep_help)
-    add_output(parser)
+    add_output(parser, "DIR|URL", "output folder or fsspec URL (s3://bucket/prefix)", url=True)
     add(
         "--samples-per-shard",
         type=int_at_least(1),
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> RunSummary:
     """Reshard and print where the new shards are."""
     from data_tools.reshard import reshard
-    from webshards.layout import describe_shards
+    from webshards.outputs import describe_shards
 
     summary = reshard(
         args.shards,
