@@ -4,15 +4,20 @@ Both train the same open_clip model on the same fixed batch already on the devic
 forward under autocast, the CLIP InfoNCE loss, backward, AdamW step and the logit-scale clamp. Ours is
 `pretrain.trainer.Trainer.train_step` (single process); open_clip's is the body of
 `open_clip_train.train.train_one_epoch` without accumulation (open_clip.ClipLoss, model output as a dict).
-Prints samples/s of each and the ratio; the data loader is measured separately by bench/data_loader.py.
+Prints samples/s of each, achieved model TFLOP/s and MFU (pretrain/flops.py's count: ~3x the forward
+matmuls; MFU needs a known GPU or --peak-tflops), and the ratio. `--compile` times both compiled, the way
+each is compiled in training: ours per transformer block (`dist.compile=true`), open_clip's whole model
+(`open_clip_train --torchcompile`). The data loader is measured separately by bench/data_loader.py.
 
     .venv/bin/python bench/train_step.py                                  # CPU default: tiny-clip, batch 64
-    .venv/bin/python bench/train_step.py --model ViT-B-32 --batch-size 256 --precision bf16 --device cuda
+    .venv/bin/python bench/train_step.py --model ViT-B-32 --batch-size 512 --precision bf16 --device cuda
+    .venv/bin/python bench/train_step.py --model ViT-B-32 --batch-size 512 --precision bf16 --device cuda --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -76,7 +81,7 @@ def ours(args: argparse.Namespace, batch) -> float:
             f"model.name={args.model}", "data.train=synthetic", f"train.batch_size={args.batch_size}",
             f"train.precision={args.precision}", f"train.device={args.device}", f"run.dir={run_dir}",
             f"train.steps={args.warmup + args.steps}", "train.warmup_steps=1", "log.every=1000000",
-            "checkpoint.every=1000000",
+            "checkpoint.every=1000000", f"dist.compile={str(args.compile).lower()}",
         ]  # fmt: skip
         trainer = Trainer(load_config(None, overrides))
         trainer.source = FixedSource(batch)
@@ -94,6 +99,7 @@ def open_clip_step(args: argparse.Namespace, batch) -> float:
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, device=device, output_dict=True)
     model.train()
+    forward = torch.compile(model) if args.compile else model  # open_clip_train --torchcompile
     # open_clip_train.main's parameter groups: no weight decay on gains, biases, embeddings and logit_scale
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
@@ -109,7 +115,7 @@ def open_clip_step(args: argparse.Namespace, batch) -> float:
     def step() -> torch.Tensor:
         optimizer.zero_grad()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(images, texts)
+            out = forward(images, texts)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         loss.backward()
         optimizer.step()
@@ -129,7 +135,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile both (see above)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU on an unlisted device")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     from pretrain.model import register_model_configs
 
@@ -137,10 +148,34 @@ def main() -> None:
     batch = fixed_batch(args.model, args.batch_size, torch.device(args.device))
     theirs = open_clip_step(args, batch)
     mine = ours(args, batch)
-    b = args.batch_size
-    print(f"model {args.model} | batch {b} | {args.precision} | {args.device} | {args.steps} timed steps")
-    print(f"{'open_clip':>10} | {'ours':>10} | ratio")
-    print(f"{b / theirs:>10.1f} | {b / mine:>10.1f} | {theirs / mine:.2f}   (samples/s)")
+    report(args, {"open_clip": args.batch_size / theirs, "ours": args.batch_size / mine})
+
+
+def report(args: argparse.Namespace, rates: dict[str, float]) -> None:
+    """The table: samples/s, model TFLOP/s and MFU of each, and the ratio (also as JSON with --json)."""
+    from pretrain.flops import model_config, peak_flops, train_flops_per_sample
+
+    per_sample = train_flops_per_sample(model_config(args.model))
+    peak = peak_flops(torch.device(args.device), args.precision, args.peak_tflops)
+    compiled = " | torch.compile" if args.compile else ""
+    print(f"model {args.model} | batch {args.batch_size} | {args.precision} | {args.device}{compiled} | "
+          f"{args.steps} timed steps | {per_sample / 1e9 if per_sample else float('nan'):.1f} GFLOP/sample")  # fmt: skip
+    print(f"{'':>10} | {'samples/s':>10} | {'TFLOP/s':>8} | MFU")
+    rows = {}
+    for name, rate in rates.items():
+        tflops = per_sample * rate / 1e12 if per_sample else None
+        share = per_sample * rate / peak if per_sample and peak else None
+        rows[name] = {"samples_per_s": rate, "tflops": tflops, "mfu": share}
+        cells = [
+            f"{rate:>10.1f}",
+            f"{tflops:>8.2f}" if tflops else f"{'-':>8}",
+            f"{share:.1%}" if share else "-",
+        ]
+        print(f"{name:>10} | " + " | ".join(cells))
+    ratio = rates["ours"] / rates["open_clip"]
+    print(f"ratio (ours / open_clip): {ratio:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({**rows, "ratio": ratio, **vars(args)}, default=str, indent=1))
 
 
 if __name__ == "__main__":
