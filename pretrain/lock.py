@@ -1,7 +1,7 @@
 """Locked towers for continued pretraining: LiT (a whole tower frozen) and partial locking (the last layer
-groups left trainable), with open_clip's meaning, by open_clip's own `lock_image_tower` / `lock_text_tower` (CoCa has neither: there the towers' own `lock`,
-which is what those methods call for CLIP models with a separate text tower; CoCa's text decoder is never
-locked).
+groups left trainable), with open_clip's meaning, by open_clip's own `lock_image_tower` / `lock_text_tower`.
+CoCa has neither method; its towers' own `lock` is what those methods call for models with a separate text
+tower, so CoCa is locked through them (its text decoder is never locked).
 
 A locked parameter has `requires_grad=False`, so it gets no gradient, no optimizer state (pretrain/optim.py
 leaves it out of the parameter groups) and no gradient communication: DDP builds its buckets from

@@ -13,6 +13,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 
 from pretrain.config import ConfigError, ModelConfig, close_matches
 from pretrain.lock import apply_locks
@@ -119,9 +120,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     name = resolve_model_name(cfg.name)
     check_pretrained(name, cfg.pretrained)
     local = cfg.pretrained is not None and Path(cfg.pretrained).exists()
-    tag = (
-        None if local else cfg.pretrained
-    )  # open_clip downloads a tag; local starting points are ours to read
+    tag = None if local else cfg.pretrained  # open_clip downloads tags; local starting points are read here
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=tag, device=device
@@ -210,10 +209,15 @@ def load_starting_point(model: torch.nn.Module, path: Path, name: str) -> None:
             incompatible = model.load_state_dict(_folder_weights(path, model), strict=False)
         else:
             incompatible = open_clip.load_checkpoint(model, str(path), strict=False, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, SafetensorError) as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"would call {found.group(1)}" if found else "holds more than tensors and plain containers"
-        raise ConfigError(f"model.pretrained: {path}: refusing to load it: unpickling it {what}") from None
+        if found:  # weights_only refused a class: the file would run code if loaded in full
+            raise ConfigError(
+                f"model.pretrained: {path}: refusing to load it: unpickling it would call {found[1]}"
+            ) from None
+        raise ConfigError(
+            f"model.pretrained: {path}: not a readable weights file ({_read_error(e)})"
+        ) from None
     except RuntimeError as e:  # shapes that differ ("size mismatch for KEY: ..."), a file of another kind
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
@@ -225,6 +229,13 @@ def load_starting_point(model: torch.nn.Module, path: Path, name: str) -> None:
     if problems:
         raise ConfigError(f"model.pretrained: {path} does not fit {name}: {'; '.join(problems)}")
     log.info("model.pretrained: loaded %s", path)
+
+
+def _read_error(e: Exception) -> str:
+    """The informative line of a failed read (torch's weights_only message puts it after its preamble)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    after = [b for a, b in zip(lines, lines[1:]) if "WeightsUnpickler error" in a]
+    return (after or lines)[0]
 
 
 def _first_keys(kind: str, keys: list[str]) -> str:

@@ -85,12 +85,16 @@ def bad_files(root: Path, weights: dict) -> dict[str, Path]:
     torch.save({**weights, "visual.proj": torch.zeros(3, 3)}, root / "shape.pt")
     torch.save({"state_dict": weights, "extra": NotATensor()}, root / "unsafe.pt")
     (root / "empty-folder").mkdir()
+    (root / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    (root / "garbage.pt").write_bytes(b"not a pickle")
     return {
         "missing": root / "missing.pt",
         "shape": root / "shape.pt",
         "coca": coca_safetensors(root / "coca.safetensors"),
         "unsafe": root / "unsafe.pt",
         "folder": root / "empty-folder",
+        "garbage.safetensors": root / "garbage.safetensors",
+        "garbage.pt": root / "garbage.pt",
     }
 
 
@@ -100,6 +104,8 @@ EXPECTED = {
     "coca": "does not fit tiny-clip: missing keys positional_embedding, text_projection, ",
     "unsafe": "refusing to load it: unpickling it would call",
     "folder": "is neither an export folder",
+    "garbage.safetensors": "not a readable weights file (Error while deserializing header",
+    "garbage.pt": "not a readable weights file (",
 }
 
 
