@@ -28,6 +28,7 @@ PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 LOSSES = ("clip", "siglip", "coca")
 SECRET_WORDS = ("key", "token", "secret", "password")
+SCHEDULES = ("cosine", "const", "const_cooldown")
 
 
 class ConfigError(ValueError):
@@ -68,7 +69,35 @@ class ModelConfig:
     name: str = "tiny-clip"
     """An open_clip model name (e.g. ViT-B-32), a config in configs/models/, or a path to a JSON config."""
     pretrained: str | None = None
-    """open_clip pretrained tag or weights file to start from (None: random init)."""
+    """Weights to start from: an open_clip pretrained tag, a weights file (open_clip_train `epoch_N.pt`,
+    `.safetensors`, a state dict), an export folder, or a checkpoint folder / run directory of ours (its
+    model weights only); null: random init."""
+
+    # Locked towers (continued pretraining): open_clip's lock_image_tower / lock_text_tower.
+    lock_image: bool = False
+    """Freeze the image tower (LiT): no gradients, no optimizer state, no gradient all-reduce."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave the last N layer groups of the image tower trainable (open_clip's groups)."""
+    lock_image_freeze_bn_stats: bool = False
+    """With lock_image: freeze BatchNorm running stats of the locked layers (open_clip); a fully locked
+    image tower is also kept in eval mode."""
+    lock_text: bool = False
+    """Freeze the text tower (embeddings, blocks, final norm, projection)."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave the last N layer groups of the text tower trainable (open_clip's groups)."""
+    lock_text_freeze_layer_norm: bool = True
+    """With lock_text: keep LayerNorms of locked layers frozen too; false is only supported by Hugging Face
+    text towers (open_clip's own towers lock their LayerNorms with the rest)."""
+
+    def __post_init__(self) -> None:
+        for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+            value = getattr(self, key)
+            _check(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
+            _check(
+                value == 0 or getattr(self, f"lock_{tower}"),
+                f"model.{key}",
+                f"only applies to a locked tower; set model.lock_{tower}=true (got {key}={value})",
+            )
 
 
 @dataclass
@@ -154,6 +183,17 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
 
+    # Learning-rate schedule shapes (open_clip_train's scheduler.py); warmup comes first in each.
+    schedule: str = "cosine"
+    """cosine (down to min_lr), const (lr after warmup) or const_cooldown (lr, then a cooldown over the
+    last cooldown_steps)."""
+    cooldown_steps: int = 0
+    """const_cooldown: steps of the final decay from lr to cooldown_end_lr."""
+    cooldown_power: float = 1.0
+    """const_cooldown: shape of the decay, (1 - progress) ** power (1: linear)."""
+    cooldown_end_lr: float = 0.0
+    """const_cooldown: the learning rate the cooldown decays towards."""
+
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "accum_steps"):
             value = getattr(self, name)
@@ -170,6 +210,33 @@ class TrainConfig:
             self.device in ("auto", "cpu", "cuda"),
             "train.device",
             f"must be auto, cpu or cuda, got {self.device!r}",
+        )
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """The schedule keys: a known shape, and a cooldown that fits after the warmup."""
+        _check(
+            self.schedule in SCHEDULES,
+            "train.schedule",
+            f"must be one of {SCHEDULES}, got {self.schedule!r}",
+        )
+        _check(self.cooldown_steps >= 0, "train.cooldown_steps", f"must be >= 0, got {self.cooldown_steps}")
+        _check(self.cooldown_power > 0, "train.cooldown_power", f"must be > 0, got {self.cooldown_power}")
+        _check(
+            self.cooldown_end_lr >= 0, "train.cooldown_end_lr", f"must be >= 0, got {self.cooldown_end_lr}"
+        )
+        if self.schedule != "const_cooldown":
+            _check(
+                self.cooldown_steps == 0,
+                "train.cooldown_steps",
+                f"only applies to train.schedule=const_cooldown (schedule is {self.schedule})",
+            )
+            return
+        room = self.steps - self.warmup_steps
+        _check(
+            0 < self.cooldown_steps <= room,
+            "train.cooldown_steps",
+            f"must be in 1..{room} (train.steps - train.warmup_steps) with const_cooldown, got {self.cooldown_steps}",
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 
 from pretrain.config import ConfigError, ModelConfig, close_matches
+from pretrain.lock import apply_locks
 
 log = logging.getLogger("pretrain")
 
@@ -75,9 +78,10 @@ def resolve_model_name(name: str) -> str:
 
 
 def check_pretrained(name: str, pretrained: str | None) -> None:
-    """Refuse a `model.pretrained` that is neither a weights file nor an open_clip tag of model `name`,
-    before anything is built or downloaded, naming the tags open_clip knows for it."""
-    if pretrained is None or name.startswith(SCHEMAS) or Path(pretrained).is_file():
+    """Refuse a `model.pretrained` that is neither a local file or folder (a starting point, see
+    `load_starting_point`) nor an open_clip tag of model `name`, before anything is built or downloaded,
+    naming the tags open_clip knows for it."""
+    if pretrained is None or name.startswith(SCHEMAS) or Path(pretrained).exists():
         return
     if open_clip.is_pretrained_cfg(name, pretrained):
         return
@@ -111,22 +115,28 @@ def build_tokenizer(name: str) -> Callable[..., torch.Tensor]:
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
-    """Create the model (fp32 weights; autocast handles bf16) with its tokenizer and transforms."""
+    """Create the model (fp32 weights; autocast handles bf16) with its tokenizer and transforms, load its
+    starting weights (`model.pretrained`), then lock the towers `model.lock_*` asks for."""
     name = resolve_model_name(cfg.name)
     check_pretrained(name, cfg.pretrained)
+    local = cfg.pretrained is not None and Path(cfg.pretrained).exists()
+    tag = None if local else cfg.pretrained  # open_clip downloads tags; local starting points are read here
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=cfg.pretrained, device=device
+            name, pretrained=tag, device=device
         )
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
-        if cfg.pretrained is None:
+        if tag is None:
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"model.pretrained: cannot load {cfg.pretrained!r} for {name}: {reason}") from None
-    if cfg.pretrained is None and not name.startswith(SCHEMAS):
+        raise ConfigError(f"model.pretrained: cannot load {tag!r} for {name}: {reason}") from None
+    if tag is None and not name.startswith(SCHEMAS):
         init_uninitialised(model)
+    if local:
+        load_starting_point(model, Path(cfg.pretrained), name)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
+    apply_locks(model, cfg)
     return ModelBundle(model, build_tokenizer(name), preprocess_train, preprocess_val, name)
 
 
@@ -180,3 +190,77 @@ def use_dict_outputs(model: torch.nn.Module) -> None:
     read outputs by name: a CLIP forward returns 3 or 4 values, CoCa's a dict with logits and labels."""
     if hasattr(model, "output_dict"):
         model.output_dict = True
+
+
+# ---- starting points (model.pretrained as a local file or folder) --------------------------------------
+EXPORT_WEIGHTS = "open_clip_model.safetensors"
+"""The weights file of an export folder (docs/export.md)."""
+KEYS_SHOWN = 3
+
+
+def load_starting_point(model: torch.nn.Module, path: Path, name: str) -> None:
+    """Load the weights at `path` into `model`: a file through open_clip's `load_checkpoint` (an
+    open_clip_train `epoch_N.pt` with its `state_dict` and `module.` prefixes, `.safetensors`, a state dict;
+    `torch.load(weights_only=True)`, so no code runs), an export folder, or a checkpoint folder / run
+    directory of ours (its model weights only: the run starts at step 0 with a fresh optimizer). Weights that
+    do not fit the model are one `ConfigError` line naming the file and the first keys that differ."""
+    try:
+        if path.is_dir():
+            incompatible = model.load_state_dict(_folder_weights(path, model), strict=False)
+        else:
+            incompatible = open_clip.load_checkpoint(model, str(path), strict=False, weights_only=True)
+    except (pickle.UnpicklingError, SafetensorError) as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # weights_only refused a class: the file would run code if loaded in full
+            raise ConfigError(
+                f"model.pretrained: {path}: refusing to load it: unpickling it would call {found[1]}"
+            ) from None
+        raise ConfigError(
+            f"model.pretrained: {path}: not a readable weights file ({_read_error(e)})"
+        ) from None
+    except RuntimeError as e:  # shapes that differ ("size mismatch for KEY: ..."), a file of another kind
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
+        raise ConfigError(f"model.pretrained: {path} does not fit {name}: {reason}") from None
+    problems = [
+        _first_keys(kind, keys) for kind, keys in
+        (("missing keys", incompatible.missing_keys), ("unexpected keys", incompatible.unexpected_keys)) if keys
+    ]  # fmt: skip
+    if problems:
+        raise ConfigError(f"model.pretrained: {path} does not fit {name}: {'; '.join(problems)}")
+    log.info("model.pretrained: loaded %s", path)
+
+
+def _read_error(e: Exception) -> str:
+    """The informative line of a failed read (torch's weights_only message puts it after its preamble)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    after = [b for a, b in zip(lines, lines[1:]) if "WeightsUnpickler error" in a]
+    return (after or lines)[0]
+
+
+def _first_keys(kind: str, keys: list[str]) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > KEYS_SHOWN else ""
+    return f"{kind} {', '.join(keys[:KEYS_SHOWN])}{more}"
+
+
+def _folder_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model weights of an export folder or of a checkpoint of ours (any strategy's format), shaped
+    like `model`'s (a scalar logit scale saved as shape [1] by FSDP / DeepSpeed reads back as a scalar)."""
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint import resolve_checkpoint
+
+    if (path / EXPORT_WEIGHTS).is_file():
+        state = load_file(str(path / EXPORT_WEIGHTS))
+    else:
+        try:
+            folder = resolve_checkpoint(path)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"model.pretrained: {path} is neither an export folder ({EXPORT_WEIGHTS}) nor a checkpoint "
+                "folder or run directory of ours (trainer.pt, checkpoints/latest)"
+            ) from None
+        state = load_trained(folder).model.state_dict()
+    own = model.state_dict()
+    scalar = {k for k, v in state.items() if k in own and v.numel() == 1 == own[k].numel()}
+    return {k: v.reshape(own[k].shape) if k in scalar else v for k, v in state.items()}

@@ -1,4 +1,5 @@
-"""AdamW with CLIP's parameter groups and a warmup + cosine learning-rate schedule."""
+"""AdamW with CLIP's parameter groups, and the learning-rate schedules (warmup, then cosine, constant, or
+constant with a cooldown: the shapes of open_clip_train's scheduler.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decayed and undecayed trainable parameters; locked ones (requires_grad False) are in neither, so
+    the optimizer keeps no state for them. A group left empty by locking is dropped."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if _no_decay(name, param) else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -30,13 +34,28 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of `cfg.lr` at optimizer step `step`: linear warmup, then cosine down to `min_lr`."""
+    """Multiplier of `cfg.lr` at optimizer step `step` (0-based): linear warmup, then `cfg.schedule`."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "const":
+        return 1.0
+    if cfg.schedule == "const_cooldown":
+        return _cooldown_factor(step, cfg)
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _cooldown_factor(step: int, cfg: TrainConfig) -> float:
+    """Constant until the last `cooldown_steps`, then (1 - progress) ** power from lr towards
+    `cooldown_end_lr` (open_clip_train's const_lr_cooldown; progress 0 at the first cooldown step)."""
+    start = cfg.steps - cfg.cooldown_steps
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start) / cfg.cooldown_steps)
+    end = cfg.cooldown_end_lr / cfg.lr
+    return (1 - progress) ** cfg.cooldown_power * (1 - end) + end
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
