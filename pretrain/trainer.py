@@ -69,9 +69,8 @@ class Trainer:
         use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
         # Before anything is written: a loss the model does not fit is one line, exit 2.
         self.objective = build_objective(cfg, self.model)
-        teacher = build_teacher(
-            cfg, self.bundle, self.device
-        )  # before wrapping: ZSCL copies the start weights
+        # Before wrapping (FSDP shards in place): ZSCL's initial model is a copy of the starting weights.
+        teacher = build_teacher(cfg, self.bundle, self.device)
         self.strategy = build_strategy(cfg, self.info)
         self.module = self.strategy.wrap(self.model, self.device)
         self.ensemble = build_weight_ensemble(cfg, self.model)  # starts from the initial weights
@@ -171,9 +170,9 @@ class Trainer:
             clamp_logit_scale(self.model)
         self._nonfinite |= ~torch.isfinite(loss)
         self.state.step += 1
+        self.state.samples_seen += self.global_batch
         if self.ensemble is not None:
             self.ensemble.update(self.state.step)
-        self.state.samples_seen += self.global_batch
         return loss
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

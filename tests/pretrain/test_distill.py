@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def distill_args(phrases: Path, teacher: Path, ref_batch: int) -> list[str]:
     return [
         "distill.model=tiny-clip", f"distill.pretrained={teacher}", "distill.reference_data=synthetic",
         f"distill.reference_texts={phrases}", f"distill.reference_batch_size={ref_batch}", "distill.weight=0.5",
+        "train.weight_ensemble_every=2",
     ]  # fmt: skip
 
 
@@ -99,10 +101,14 @@ def parts(run_dir: Path) -> list[tuple[float, float, float]]:
 
 
 def assert_close_runs(a: Path, b: Path, rtol: float = 1e-4) -> None:
+    """The same loss parts at every step, and the same weight ensemble at the end."""
     pa, pb = parts(a), parts(b)
     assert len(pa) == len(pb) == STEPS
     for step, (x, y) in enumerate(zip(pa, pb), 1):
         assert x == pytest.approx(y, rel=rtol), f"step {step}: {x} vs {y}"
+    ea, eb = (load_file(d / f"checkpoints/step_{STEPS:08d}/ensemble.safetensors") for d in (a, b))
+    worst = max((ea[k].reshape(eb[k].shape) - eb[k]).abs().max().item() for k in eb)
+    assert worst < 1e-4, f"weight ensembles differ by {worst}"
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +137,26 @@ def test_two_ranks_equal_one_rank(one_rank, tmp_path, phrases, teacher_weights, 
     proc = torchrun(2, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_close_runs(tmp_path / "two", one_rank, rtol=1e-3)
+
+
+def test_fsdp_resume_is_exact_with_ensemble(tmp_path, phrases, teacher_weights):
+    """2 FSDP ranks: the sharded ensemble is saved whole and re-sharded on resume; resumed == straight."""
+    args = [
+        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", f"train.steps={STEPS + 1}",
+        "train.batch_size=8", "log.every=1", "dist.strategy=fsdp", "checkpoint.every=2", "checkpoint.keep=5",
+        *distill_args(phrases, teacher_weights, 4),
+    ]  # fmt: skip
+    straight = torchrun(2, [*args, "run.name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / f"resumed/checkpoints/step_{STEPS + 1:08d}")
+    (tmp_path / "resumed/checkpoints/latest").write_text("step_00000002")
+    resumed = torchrun(2, [*args, "run.name=resumed", "resume=latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = f"checkpoints/step_{STEPS + 1:08d}/ensemble.safetensors"
+    a, b = load_file(tmp_path / "straight" / last), load_file(tmp_path / "resumed" / last)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert parts(tmp_path / "straight")[-1] == parts(tmp_path / "resumed")[-1]
 
 
 def test_zscl_without_a_teacher_starts_at_zero(tmp_path, phrases):
