@@ -46,6 +46,33 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 CLASSNAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+# `--domain new`: colours and shapes the default set never shows, for continued-pretraining experiments
+# (learn the new domain without forgetting the old one).
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (250, 120, 190),
+    "cyan": (30, 210, 220),
+    "brown": (130, 80, 30),
+    "grey": (128, 128, 128),
+}
+NEW_SHAPES = ("pentagon", "hexagon", "diamond", "ring")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The colours and shapes of a demo set; its classes are every colour x shape."""
+
+    colours: dict[str, tuple[int, int, int]]
+    shapes: tuple[str, ...]
+    uid_prefix: str
+    """Keeps uids of different domains apart (the default's is the original "demo")."""
+
+    @property
+    def classnames(self) -> list[str]:
+        return [f"{colour} {shape}" for colour in self.colours for shape in self.shapes]
+
+
+DOMAINS = {"default": Domain(COLOURS, SHAPES, "demo"), "new": Domain(NEW_COLOURS, NEW_SHAPES, "demo-new")}
+"""`data-tools demo-data --domain`: the default 32 classes, or 16 new ones."""
 TEMPLATES = (
     "a photo of a {c}.",
     "a {c}.",
@@ -68,7 +95,10 @@ SIZE_RANGE = (0.45, 0.85)  # shape extent as a fraction of the image side
 # Shapes stand upright with a little jitter: a tiny ViT learns upright shapes in minutes on a CPU, while
 # arbitrary rotations need far more steps than a demo has.
 ROTATION_JITTER = math.radians(15)
-UPRIGHT = {"square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2, "circle": 0.0}
+UPRIGHT = {"square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2, "circle": 0.0,
+           "pentagon": -math.pi / 2, "hexagon": 0.0, "diamond": 0.0, "ring": 0.0}  # fmt: skip
+CORNERS = {"square": 4, "triangle": 3, "star": 10, "pentagon": 5, "hexagon": 6, "diamond": 4}
+RING_HOLE = 0.55  # inner radius of a ring as a fraction of its outer radius
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,7 @@ class ShardTask:
     image_size: int
     seed: int
     index_digits: int
+    domain: str = "default"
 
 
 def write_demo_data(
@@ -93,23 +124,32 @@ def write_demo_data(
     samples_per_shard: int = 4000,
     seed: int = 0,
     workers: int = 2,
+    domain: str = "default",
 ) -> dict[str, Any]:
     """Write the demo set under ``output``: train/ and eval/ shards (img2dataset layout), the held-out images
     again as eval sets in clip_benchmark's layout (classification at ``output`` itself, retrieval in
     ``output/retrieval``), and demo.json (last).
 
+    ``domain="new"`` draws the 16 classes of `NEW_COLOURS` x `NEW_SHAPES` instead of the default 32.
     Returns the demo.json content plus how many shards were written and skipped.
     """
     output = Path(output)
     settings = _validate(samples, eval_samples, image_size, samples_per_shard, seed, workers)
+    if domain != "default":  # the default's demo.json stays as it always was
+        settings["domain"] = domain
     check_settings(output / "demo.json", settings, "demo data")  # refuse to mix shards of other settings
     output.mkdir(parents=True, exist_ok=True)
     tasks = _plan(output, settings)
     summary = _run(tasks, workers)
     for split in {task.split for task in tasks}:
         write_sizes(output / split)
-    eval_sets = write_eval_sets(output, settings["seed"]) if settings["eval_samples"] else {}
-    info = {**settings, "classes": len(CLASSNAMES), **_shard_specs(tasks), "eval_sets": eval_sets}
+    eval_sets = write_eval_sets(output, settings["seed"], domain) if settings["eval_samples"] else {}
+    info = {
+        **settings,
+        "classes": len(DOMAINS[domain].classnames),
+        **_shard_specs(tasks),
+        "eval_sets": eval_sets,
+    }
     write_json_atomic(output / "demo.json", info)  # last: demo.json appears only when all is written
     return {**info, "shards_written": len(summary.done), "shards_skipped": len(summary.skipped)}
 
@@ -137,7 +177,7 @@ def _plan(output: Path, settings: dict[str, int]) -> list[ShardTask]:
         for shard_id, start in enumerate(range(0, total, per_shard)):
             count = min(per_shard, total - start)
             args = (split, shard_id, start, count, settings["image_size"], settings["seed"], index_digits)
-            tasks.append(ShardTask(output / split, *args))
+            tasks.append(ShardTask(output / split, *args, settings.get("domain", "default")))
     return tasks
 
 
@@ -173,24 +213,27 @@ def _write_job(job: Task) -> int:
 
 def write_shard(task: ShardTask) -> int:
     """Write one shard; classes go round robin over global indices, shuffled inside the shard."""
+    domain = DOMAINS[task.domain]
     rng = np.random.default_rng([task.seed, SPLIT_STREAMS[task.split], task.shard_id])
-    labels = (task.start + np.arange(task.count)) % len(CLASSNAMES)
+    labels = (task.start + np.arange(task.count)) % len(domain.classnames)
     rng.shuffle(labels)
     with ShardWriter(task.folder, task.shard_id) as writer:
         for index, label in enumerate(labels.tolist()):
             key = key_for(task.shard_id, index, task.index_digits)
-            image_bytes, caption, meta = render_sample(rng, label, task.image_size)
-            meta["path"] = f"demo/{task.split}/{key}"
-            meta["uid"] = make_uid("demo", str(task.seed), task.split, key)
+            image_bytes, caption, meta = render_sample(rng, label, task.image_size, domain)
+            meta["path"] = f"{domain.uid_prefix}/{task.split}/{key}"
+            meta["uid"] = make_uid(domain.uid_prefix, str(task.seed), task.split, key)
             extras = {"cls": str(label)} if task.split == "eval" else None
             writer.add(key, image_bytes, caption, meta, extras=extras)
     return task.count
 
 
-def render_sample(rng: np.random.Generator, label: int, image_size: int) -> tuple[bytes, str, dict]:
-    """Draw one sample of class ``label``: JPEG bytes, a caption, and its json metadata."""
-    colour, shape = CLASSNAMES[label].split(" ")
-    fill = COLOURS[colour]
+def render_sample(
+    rng: np.random.Generator, label: int, image_size: int, domain: Domain = DOMAINS["default"]
+) -> tuple[bytes, str, dict]:
+    """Draw one sample of class ``label`` of ``domain``: JPEG bytes, a caption, and its json metadata."""
+    colour, shape = domain.classnames[label].split(" ")
+    fill = domain.colours[colour]
     background_kind = str(rng.choice(list(BACKGROUNDS)))
     background = _background(rng, background_kind, fill, image_size)
     fraction = float(rng.uniform(*SIZE_RANGE))
@@ -201,7 +244,7 @@ def render_sample(rng: np.random.Generator, label: int, image_size: int) -> tupl
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     caption = _caption(rng, colour, shape, fraction, BACKGROUNDS[background_kind])
-    meta = {"label": label, "classname": CLASSNAMES[label], "background": background_kind}
+    meta = {"label": label, "classname": domain.classnames[label], "background": background_kind}
     return buffer.getvalue(), caption, meta
 
 
@@ -241,8 +284,11 @@ def _shape_mask(rng: np.random.Generator, shape: str, fraction: float, size: int
     rotation = UPRIGHT[shape] + rng.uniform(-ROTATION_JITTER, ROTATION_JITTER)
     mask = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(mask)
-    if shape == "circle":
+    if shape in ("circle", "ring"):
         draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
+        if shape == "ring":
+            hole = RING_HOLE * radius
+            draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=0)
     else:
         draw.polygon(_polygon(shape, cx, cy, radius, rotation), fill=255)
     return mask.reduce(SUPERSAMPLE)
@@ -250,7 +296,7 @@ def _shape_mask(rng: np.random.Generator, shape: str, fraction: float, size: int
 
 def _polygon(shape: str, cx: float, cy: float, radius: float, rotation: float) -> list[tuple[float, float]]:
     """Vertices of a rotated square, triangle or five-pointed star inside a circle of ``radius``."""
-    corners = {"square": 4, "triangle": 3, "star": 10}[shape]
+    corners = CORNERS[shape]
     points = []
     for i in range(corners):
         r = radius * (0.45 if shape == "star" and i % 2 else 1.0)
@@ -293,7 +339,7 @@ def _phrasings(colour: str, shape: str, size: str | None, background: str) -> tu
     return captions if size else tuple(c for i, c in enumerate(captions) if i not in (2, 7))
 
 
-def write_eval_sets(output: Path, seed: int) -> dict[str, str]:
+def write_eval_sets(output: Path, seed: int, domain: str = "default") -> dict[str, str]:
     """The held-out images as eval sets in clip_benchmark's layout: classification (class index per image,
     same images and prompts as always) at ``output``, retrieval (3 captions per image) in ``retrieval/``.
     Returns their roots relative to ``output``. Skipped when written before (settings are checked)."""
@@ -305,10 +351,10 @@ def write_eval_sets(output: Path, seed: int) -> dict[str, str]:
         (evalset.sample_key(j), {"jpg": s["jpg"], "cls": s["cls"]}) for j, s in enumerate(samples)
     ]
     _write_split(output, classification, EVAL_SET_SHARDS)
-    evalset.write_metadata(output, evalset.CLASSIFICATION, CLASSNAMES, list(TEMPLATES))
+    evalset.write_metadata(output, evalset.CLASSIFICATION, DOMAINS[domain].classnames, list(TEMPLATES))
     evalset.finish(output, EVAL_SET_SHARDS)
     retrieval = [
-        (evalset.sample_key(j), {"jpg": s["jpg"], "txt": _retrieval_captions(seed, j, s)})
+        (evalset.sample_key(j), {"jpg": s["jpg"], "txt": _retrieval_captions(seed, j, s, domain)})
         for j, s in enumerate(samples[:RETRIEVAL_IMAGES])
     ]
     _write_split(output / RETRIEVAL_DIR, retrieval, RETRIEVAL_SHARDS)
@@ -324,10 +370,10 @@ def _write_split(root: Path, samples: list, shards: int) -> None:
         evalset.write_shard(root / evalset.SPLIT / f"{i}.tar", samples[bounds[i] : bounds[i + 1]])
 
 
-def _retrieval_captions(seed: int, index: int, sample: dict) -> bytes:
+def _retrieval_captions(seed: int, index: int, sample: dict, domain: str = "default") -> bytes:
     """3 different phrasings for a held-out image (one per line), drawn from its own seed stream."""
     meta = json.loads(sample["json"])
-    colour, shape = CLASSNAMES[meta["label"]].split(" ")
+    colour, shape = DOMAINS[domain].classnames[meta["label"]].split(" ")
     phrasings = _phrasings(colour, shape, None, BACKGROUNDS[meta["background"]])
     rng = np.random.default_rng([seed, 2, index])
     return "\n".join(phrasings[i] for i in rng.choice(len(phrasings), 3, replace=False)).encode()

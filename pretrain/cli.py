@@ -47,6 +47,13 @@ def build_parser() -> OneLineParser:
     ex = sub.add_parser("export", help="export a checkpoint to the open_clip hub layout")
     ex.add_argument("--checkpoint", required=True, help="checkpoint folder or run directory (its latest)")
     ex.add_argument("--output", required=True, help="folder to write (replaced atomically)")
+    ex.add_argument(
+        "--weights",
+        choices=["final", "ensemble"],
+        default="final",
+        help="final: the checkpoint's weights (default); ensemble: its running weight average "
+        "(train.weight_ensemble_every)",
+    )
     add_push_args(sub.add_parser("push", help="publish an export to the Hugging Face Hub or an fsspec store"))
     add_caption_args(
         sub.add_parser(
@@ -201,7 +208,7 @@ def _push(args) -> int:
 def _export(args) -> int:
     from pretrain.hub import export
 
-    print(f"exported to {export(args.checkpoint, args.output)}")
+    print(f"exported to {export(args.checkpoint, args.output, args.weights)}")
     return 0
 
 

@@ -182,6 +182,9 @@ class TrainConfig:
     """Max global gradient norm; 0 disables clipping."""
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
+    weight_ensemble_every: int = 0
+    """Weight ensembling (ZSCL's WE): every N steps fold the weights into a running average that starts
+    from the initial weights (`pretrain export --weights ensemble` exports it); 0: off."""
 
     # Learning-rate schedule shapes (open_clip_train's scheduler.py); warmup comes first in each.
     schedule: str = "cosine"
@@ -206,6 +209,11 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(
+            self.weight_ensemble_every >= 0,
+            "train.weight_ensemble_every",
+            f"must be >= 0 (0: off), got {self.weight_ensemble_every}",
+        )
         _check(
             self.device in ("auto", "cpu", "cuda"),
             "train.device",
@@ -406,6 +414,54 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    model: str | None = None
+    """Teacher for open_clip's distillation term (`loss_distill`): an open_clip model name (with
+    `pretrained`), an export folder, a checkpoint folder or a run directory; null: no teacher term."""
+    pretrained: str | None = None
+    """The teacher's open_clip pretrained tag or weights file (only with an open_clip name in `model`)."""
+    weight: float = 1.0
+    """Weight of the distillation terms (`loss_distill`, `loss_zscl`) in the total loss."""
+    temperature: float = 2.0
+    """ZSCL: softmax temperature of the image-to-reference-text distributions (ZSCL's T)."""
+    reference_data: str | None = None
+    """ZSCL: shard spec of reference images (their captions are ignored), or `synthetic`; null: no ZSCL."""
+    reference_texts: str | None = None
+    """ZSCL: text file of reference phrases, one per line (needed with `reference_data`)."""
+    reference_batch_size: int = 16
+    """ZSCL: reference images per rank per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0, "distill.weight", f"must be >= 0, got {self.weight}")
+        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+        _check(
+            self.reference_batch_size > 0,
+            "distill.reference_batch_size",
+            f"must be > 0, got {self.reference_batch_size}",
+        )
+        _check(
+            self.pretrained is None or self.model is not None,
+            "distill.pretrained",
+            f"needs distill.model (the teacher's open_clip name), got distill.pretrained={self.pretrained}",
+        )
+        _check(
+            (self.reference_data is None) == (self.reference_texts is None),
+            "distill.reference_texts" if self.reference_data else "distill.reference_data",
+            "ZSCL needs both distill.reference_data and distill.reference_texts",
+        )
+
+    @property
+    def zscl(self) -> bool:
+        """True when the ZSCL reference-set term is on."""
+        return self.reference_data is not None
+
+    @property
+    def enabled(self) -> bool:
+        """True when any distillation term is on (a teacher, or ZSCL's reference set)."""
+        return self.model is not None or self.zscl
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -416,6 +472,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     resume: str | None = None
     """null, `latest`, or a checkpoint path."""
 

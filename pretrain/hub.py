@@ -11,6 +11,7 @@ import open_clip
 from safetensors.torch import save_file
 
 from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
+from pretrain.ensemble import apply_ensemble
 from pretrain.metrics import read_metrics
 from pretrain.model import load_trained, resolve_model_name
 from pretrain.model_card import model_card
@@ -30,12 +31,15 @@ def preprocess_cfg(model) -> dict:
     return cfg
 
 
-def export(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write open_clip_config.json, open_clip_model.safetensors, tokenizer files and README.md to `output`."""
+def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -> Path:
+    """Write open_clip_config.json, open_clip_model.safetensors, tokenizer files and README.md to `output`;
+    `weights="ensemble"` exports the checkpoint's running weight average instead of its weights."""
     folder = resolve_checkpoint(checkpoint)
     state = load_trainer_state(folder)
     cfg = state["config"]
     bundle = load_trained(folder)
+    if weights == "ensemble":
+        apply_ensemble(folder, bundle.model)
     name = resolve_model_name(cfg["model"]["name"])
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")

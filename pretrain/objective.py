@@ -15,6 +15,14 @@ gradient accumulation exact:
    normalised by a global count asks for it with `needs_token_count` (see there).
 3. `total(parts)` is the weighted sum that is back-propagated and logged as `loss`; every part is also
    logged, as `loss_<part>`.
+
+Terms added on top of a loss (`pretrain.distill`: a teacher's distillation term, ZSCL's reference-set
+term) use three more hooks: `begin_step(micro)` sees the step's micro-batches once before the micro-steps
+(a teacher encodes them there, without grad); `pairwise(...)` returns `contrastive` and every other term
+over the accumulated features (`pairwise_parts`: like `contrastive`, their last micro-step's value is the
+step's); `per_step(encode_images)` returns terms computed once per step in the last micro-step, on their
+own inputs (`encode_images` runs the trained model's image tower with grad). `state_dict()` is the
+objective's own resume state (a reference-data position), saved per rank.
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ class Objective:
     """The `loss.name` this objective implements."""
     parts: tuple[str, ...] = ("contrastive",)
     """Names of the logged parts (`loss_<part>` in metrics.jsonl); "contrastive" first, always present."""
+    pairwise_parts: tuple[str, ...] = ("contrastive",)
+    """The parts `pairwise` returns: terms over all accumulated features, not summed over micro-steps."""
     needs_token_count: bool = False
     """True when `per_micro` needs `token_count`: the number of target tokens of the whole optimizer step
     (all micro-batches, all ranks), which the trainer asks `token_count` for before the micro-steps. A
@@ -95,6 +105,34 @@ class Objective:
         """The pairwise term over this rank's accumulated features (negatives from all ranks)."""
         raise NotImplementedError
 
+    def begin_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Called once per optimizer step with its (images, texts) micro-batches, before the micro-steps."""
+
+    def pairwise(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The `pairwise_parts` over this rank's accumulated features (the micro-batches in step order)."""
+        return {"contrastive": self.contrastive(image_features, text_features, logit_scale, logit_bias)}
+
+    def per_step(self, encode_images: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Terms computed once per step (in its last micro-step) on their own inputs; `encode_images` gives
+        the trained model's (fp32, normalised) image features with grad."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """This rank's resume state of the objective (saved in its rank file)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`."""
+
+    def close(self) -> None:
+        """Release what the objective holds open (a reference-data stream)."""
+
     def per_micro(self, output: dict, texts: torch.Tensor, token_count: torch.Tensor | None) -> dict:
         """Terms of one micro-batch alone, from the model's dict `output` (bf16 under autocast) and its
         input tokens; `token_count` is the step's global target-token count when `needs_token_count`."""
@@ -106,8 +144,9 @@ class Objective:
         raise NotImplementedError(f"loss.name={self.name} counts no target tokens")
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted sum of the parts: what is back-propagated and logged as `loss`."""
-        return sum(self.weights[name] * parts[name] for name in self.parts)
+        """The weighted sum of the parts: what is back-propagated and logged as `loss` (a micro-step sums
+        the parts it has: per-step terms come only in the last)."""
+        return sum(self.weights[name] * parts[name] for name in self.parts if name in parts)
 
 
 class _OnlyContrastive(Objective):

@@ -18,7 +18,9 @@ from pretrain import checkpoint as ckpt
 from pretrain import remote
 from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
+from pretrain.distill import build_teacher, with_distillation
 from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
+from pretrain.ensemble import build_weight_ensemble
 from pretrain.flops import mfu, model_config, peak_flops, train_flops_per_sample
 from pretrain.metrics import MetricsWriter, setup_logging
 from pretrain.model import build_model, clamp_logit_scale, use_dict_outputs
@@ -67,13 +69,19 @@ class Trainer:
         use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
         # Before anything is written: a loss the model does not fit is one line, exit 2.
         self.objective = build_objective(cfg, self.model)
+        # Before wrapping (FSDP shards in place): ZSCL's initial model is a copy of the starting weights.
+        teacher = build_teacher(cfg, self.bundle, self.device)
         self.strategy = build_strategy(cfg, self.info)
         self.module = self.strategy.wrap(self.model, self.device)
+        self.ensemble = build_weight_ensemble(cfg, self.model)  # starts from the initial weights
         optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.module, self.optimizer = self.strategy.attach_optimizer(self.module, optimizer)
         seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
         self.source = build_source(cfg, self.bundle, self.info, self.device)
+        self.objective = with_distillation(
+            self.objective, cfg, teacher, self.strategy, self.info, self.device
+        )
         self.state = TrainState()
         self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -163,6 +171,8 @@ class Trainer:
         self._nonfinite |= ~torch.isfinite(loss)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
+        if self.ensemble is not None:
+            self.ensemble.update(self.state.step)
         return loss
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +194,7 @@ class Trainer:
         over the accumulated batch, per-micro-batch parts summed.
         """
         texts = [t for _, t in micro]
+        self.objective.begin_step(micro)
         token_count = self.objective.token_count(texts) if self.objective.needs_token_count else None
         if len(micro) == 1:
             return self._micro_step(micro[0], [], [], token_count)
@@ -195,7 +206,7 @@ class Trainer:
             with contextlib.nullcontext() if last else self.strategy.no_sync(self.module):
                 parts = self._micro_step(batch, cached[:j], cached[j + 1 :], token_count, last)
             for name, value in parts.items():
-                summed = name != "contrastive" and name in totals
+                summed = name not in self.objective.pairwise_parts and name in totals
                 totals[name] = totals[name] + value if summed else value
         return totals
 
@@ -210,11 +221,17 @@ class Trainer:
             image_f = torch.cat([c.image for c in before] + [image_f] + [c.image for c in after])
             text_f = torch.cat([c.text for c in before] + [text_f] + [c.text for c in after])
         parts = {
-            "contrastive": self.objective.contrastive(image_f, text_f, own.logit_scale, own.logit_bias),
+            **self.objective.pairwise(image_f, text_f, own.logit_scale, own.logit_bias),
             **self.objective.per_micro(output, batch[1], token_count),
+            **(self.objective.per_step(self._encode_images) if last else {}),
         }
         self.strategy.backward(self.objective.total(parts))
         return {name: value.detach() for name, value in parts.items()}
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The trained model's fp32 image features (with grad) through the wrapped module's forward, so every
+        strategy sees the pass (for objective terms on their own images, e.g. ZSCL's reference set)."""
+        return self._forward(images, None)["image_features"].float()
 
     # ---- logging, eval, checkpoints -------------------------------------------------------------------
     def _check_finite(self) -> None:
@@ -300,15 +317,22 @@ class Trainer:
 
         def write_shared(folder: Path) -> None:
             self.strategy.save(folder, self.module, self.optimizer, self.info.is_main)
+            if self.ensemble is not None:
+                self.ensemble.save(folder, self.info.is_main)
             if self.info.is_main:
                 trainer_state = {
                     **vars(self.state),
                     "scheduler": self.scheduler.state_dict(),
                     "config": redacted(self.cfg),
+                    **({"ensemble_count": self.ensemble.count} if self.ensemble is not None else {}),
                 }
                 torch.save(trainer_state, folder / "trainer.pt")
 
-        rank_state = {"rng": ckpt.rng_state(), "data": self.source.state_dict()}
+        rank_state = {
+            "rng": ckpt.rng_state(),
+            "data": self.source.state_dict(),
+            "objective": self.objective.state_dict(),
+        }
         path = ckpt.save_checkpoint(
             self.ckpt_root,
             self.state.step,
@@ -327,8 +351,13 @@ class Trainer:
         trainer_state = ckpt.load_trainer_state(folder)
         self.state = TrainState(step=trainer_state["step"], samples_seen=trainer_state["samples_seen"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if self.ensemble is not None:
+            if "ensemble_count" not in trainer_state:
+                raise ValueError(f"train.weight_ensemble_every: {folder} was saved without a weight ensemble")
+            self.ensemble.load(folder, trainer_state["ensemble_count"])
         rank_state = ckpt.load_rank_state(folder, self.info.rank)
         self.source.load_state_dict(rank_state["data"])
+        self.objective.load_state_dict(rank_state.get("objective", {}))
         ckpt.set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d", folder, self.state.step)
 
@@ -338,4 +367,5 @@ class Trainer:
         self.preemption.close()
         self.metrics.close()
         self.source.close()
+        self.objective.close()
         shutdown()

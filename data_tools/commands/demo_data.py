@@ -21,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--samples-per-shard", type=int_at_least(1), default=4000, metavar="N", help="samples per tar")
     add("--seed", type=int_at_least(0), default=0, metavar="N", help="same seed, same bytes")
     add("--workers", type=int_at_least(1), default=2, metavar="N", help="processes writing shards")
+    add(
+        "--domain",
+        choices=["default", "new"],
+        default="default",
+        help="default: 8 colours x 4 shapes (32 classes); new: pink/cyan/brown/grey x pentagon/hexagon/"
+        "diamond/ring (16 classes the default never shows, for continued-pretraining experiments)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -36,6 +43,7 @@ def run(args: argparse.Namespace) -> None:
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
         workers=args.workers,
+        domain=args.domain,
     )
     seconds = time.perf_counter() - start
     print(

@@ -84,6 +84,12 @@ class Strategy:
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         return self.prepare(model.to(device))
 
+    def wrap_frozen(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """A model that only runs forward (a distillation teacher): on the device, in eval mode, without
+        gradients (so no optimizer state and no gradient reduction); replicated unless a strategy shards it."""
+        model.to(device).eval().requires_grad_(False)
+        return model
+
     def attach_optimizer(
         self, module: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:

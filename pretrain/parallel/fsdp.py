@@ -91,6 +91,15 @@ class FSDPStrategy(Strategy):
             apply_fully_shard(model, **self.shard_kwargs())
         return model
 
+    def wrap_frozen(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """A forward-only model sharded like the student (per block, then the root): each rank keeps 1/W of
+        its weights and gathers a block's weights only while that block runs."""
+        model = super().wrap_frozen(model, device)
+        apply_vector_scalars(model)
+        if dist.is_initialized():
+            apply_fully_shard(model, **self.shard_kwargs())
+        return model
+
     def step(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
     ) -> torch.Tensor | float | None:

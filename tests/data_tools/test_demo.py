@@ -121,6 +121,26 @@ def test_cli_writes_demo_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "40 samples" in capsys.readouterr().out
 
 
+def test_new_domain_draws_other_classes(demo: Path, tmp_path: Path) -> None:
+    """`--domain new`: 16 classes of colours and shapes the default never shows, balanced, with their own
+    uids and class names; the default set's demo.json does not mention a domain (its bytes are unchanged)."""
+    argv = ["demo-data", "--output", str(tmp_path), "--samples", "64", "--eval-samples", "32"]
+    assert main([*argv, "--image-size", "32", "--workers", "1", "--domain", "new"]) == 0
+    classnames = (tmp_path / "classnames.txt").read_text().splitlines()
+    assert len(classnames) == 16 and not set(classnames) & set(CLASSNAMES)
+    assert {name.split()[1] for name in classnames} == {"pentagon", "hexagon", "diamond", "ring"}
+    samples = samples_of(tmp_path / "train")
+    counts = collections.Counter(sample["json"]["classname"] for sample in samples)
+    assert set(counts) == set(classnames) and set(counts.values()) == {4}
+    for sample in samples:
+        colour, shape = sample["json"]["classname"].split()
+        assert colour in sample["txt"] and shape in sample["txt"]
+    default_uids = {sample["json"]["uid"] for sample in samples_of(demo / "train")}
+    assert not {sample["json"]["uid"] for sample in samples} & default_uids
+    assert json.loads((tmp_path / "demo.json").read_text())["domain"] == "new"
+    assert "domain" not in json.loads((demo / "demo.json").read_text())
+
+
 def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert main(["demo-data", "--help"]) == 0
