@@ -10,6 +10,7 @@ import ast
 import difflib
 import functools
 import inspect
+import logging
 import os
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -28,6 +29,8 @@ PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 LOSSES = ("clip", "siglip", "coca")
 SECRET_WORDS = ("key", "token", "secret", "password")
+
+log = logging.getLogger("pretrain")
 
 
 class ConfigError(ValueError):
@@ -69,6 +72,14 @@ class ModelConfig:
     """An open_clip model name (e.g. ViT-B-32), a config in configs/models/, or a path to a JSON config."""
     pretrained: str | None = None
     """open_clip pretrained tag or weights file to start from (None: random init)."""
+    patch_dropout: float = 0.0
+    """Fraction of image patch tokens dropped in training (FLIP; open_clip's `force_patch_dropout`): 0 off.
+    Eval and the exported model see all patches."""
+
+    def __post_init__(self) -> None:
+        _check(
+            0 <= self.patch_dropout < 1, "model.patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
+        )
 
 
 @dataclass
@@ -153,6 +164,11 @@ class TrainConfig:
     """Max global gradient norm; 0 disables clipping."""
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
+    compile: bool = False
+    """torch.compile each transformer block (after activation checkpointing, before sharding) and the
+    contrastive loss."""
+    fused_adamw: str = "auto"
+    """auto (fused AdamW when every trainable parameter is on CUDA, else torch's default), true or false."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "accum_steps"):
@@ -170,6 +186,12 @@ class TrainConfig:
             self.device in ("auto", "cpu", "cuda"),
             "train.device",
             f"must be auto, cpu or cuda, got {self.device!r}",
+        )
+        self.fused_adamw = str(self.fused_adamw).lower()  # YAML and overrides make `true` a bool
+        _check(
+            self.fused_adamw in ("auto", "true", "false"),
+            "train.fused_adamw",
+            f"must be auto, true or false, got {self.fused_adamw!r}",
         )
 
 
@@ -225,8 +247,8 @@ class DistConfig:
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less activation memory, ~30% more compute)."""
-    compile: bool = False
-    """torch.compile each transformer block (applied after activation checkpointing, before sharding)."""
+    compile: bool | None = None
+    """Deprecated alias of `train.compile`."""
     param_dtype: str = "auto"
     """FSDP compute dtype of the gathered weights: auto (bf16 under train.precision=bf16, else fp32),
     fp32 or bf16."""
@@ -351,6 +373,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resume: str | None = None
     """null, `latest`, or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        if self.dist.compile is not None:  # the deprecated alias: moved to train.compile
+            log.warning("dist.compile is deprecated: use train.compile (set to %s)", self.dist.compile)
+            self.train.compile = self.train.compile or self.dist.compile
+            self.dist.compile = None
 
     @property
     def run_dir(self) -> Path:

@@ -116,8 +116,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     check_pretrained(name, cfg.pretrained)
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=cfg.pretrained, device=device
-        )
+            name, pretrained=cfg.pretrained, device=device,
+            force_patch_dropout=cfg.patch_dropout or None,  # FLIP; open_clip drops patches in training only
+        )  # fmt: skip
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
         if cfg.pretrained is None:
             raise

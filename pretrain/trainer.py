@@ -18,7 +18,9 @@ from pretrain import checkpoint as ckpt
 from pretrain import remote
 from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
+from pretrain.data.prefetch import DevicePrefetcher
 from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
+from pretrain.fast import apply_compile_loss
 from pretrain.flops import mfu, model_config, peak_flops, train_flops_per_sample
 from pretrain.metrics import MetricsWriter, setup_logging
 from pretrain.model import build_model, clamp_logit_scale, use_dict_outputs
@@ -67,13 +69,16 @@ class Trainer:
         use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
         # Before anything is written: a loss the model does not fit is one line, exit 2.
         self.objective = build_objective(cfg, self.model)
+        if cfg.train.compile:
+            apply_compile_loss(self.objective)
         self.strategy = build_strategy(cfg, self.info)
         self.module = self.strategy.wrap(self.model, self.device)
         optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.module, self.optimizer = self.strategy.attach_optimizer(self.module, optimizer)
         seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
-        self.source = build_source(cfg, self.bundle, self.info, self.device)
+        # the next batch is copied on a side stream while the step runs (CUDA; a pass-through on CPU)
+        self.source = DevicePrefetcher(build_source(cfg, self.bundle, self.info, self.device), self.device)
         self.state = TrainState()
         self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
