@@ -16,8 +16,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD BENCH_WHEELS=$PWD/.whl/old
 fi
 device=${DEVICE:-cuda} model=${MODEL:-ViT-B-32} batch=${BATCH:-512} out=${OUT:-/tmp}
-images=${IMAGES:-1024} shards=${SHARDS:-16} workers=${WORKERS:-14}
 cpu=$([ "$device" = cpu ] && echo 1 || echo 0)
+images=${IMAGES:-1024} shards=${SHARDS:-$([ $cpu = 1 ] && echo 4 || echo 16)} workers=${WORKERS:-14}
 precision=$([ $cpu = 1 ] && echo fp32 || echo bf16)
 steps=$([ $cpu = 1 ] && echo 3 || echo 20)
 mkdir -p "$out"
