@@ -13,13 +13,9 @@ from pretrain.config import ConfigError, TrainConfig
 
 log = logging.getLogger("pretrain")
 
-ADAMW_KINDS = {
-    "fused": {"fused": True},
-    "foreach": {"foreach": True},
-    "default": {},
-}
-"""AdamW keyword arguments of each implementation: fused (one kernel for all parameters), foreach (a few
-multi-tensor kernels), default (torch's choice for the device: foreach on CUDA, a loop on CPU)."""
+ADAMW_KINDS = {"fused": {"fused": True}, "default": {}}
+"""AdamW keyword arguments of each implementation: fused (one kernel for all parameters), default (torch's
+choice for the device: the multi-tensor `foreach` kernels on CUDA, a loop over parameters on CPU)."""
 
 
 def adamw_kind(params: Iterable[torch.Tensor], mode: str) -> str:

@@ -7,7 +7,8 @@ first waits for its copy, and each tensor is marked as used by the compute strea
 reuse its memory early) and starts fetching the following one. Exact resume: the batch held ahead has been
 read from the source but not trained on, so `state_dict()` is the source's state from *before* that read,
 and a resumed run reads it again. The source's other attributes (e.g. `skipped`) are passed through; they
-may count the batch held ahead. On CPU it is a pass-through (no stream, no lookahead).
+may count the batch held ahead, and an error reading that batch surfaces one step early. On CPU it is a
+pass-through (no stream, no lookahead).
 """
 
 from __future__ import annotations
