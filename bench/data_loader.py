@@ -8,6 +8,7 @@ first (installed once with pip into bench/.cache); ours runs on the project's cu
 
     .venv/bin/python bench/data_loader.py                  # defaults: 2,000 images, workers 1 and 2
     .venv/bin/python bench/data_loader.py --workers 4 8 --images 8000
+    .venv/bin/python bench/data_loader.py --small          # smoke run: 256 images, tiny-clip, 1 worker
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ import json, sys, time, argparse
 import open_clip
 from open_clip_train.data import get_wds_dataset
 spec, model, workers, batch_size, count, samples = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+open_clip.add_model_config(sys.argv[7])  # configs/models/ (tiny-clip) for the small run
 _, preprocess, _ = open_clip.create_model_and_transforms(model)
 args = argparse.Namespace(train_data=spec, val_data=None, train_num_samples=samples, dataset_resampled=True,
     train_data_upsampling_factors=None, seed=0, workers=workers, batch_size=batch_size, world_size=1)
@@ -140,7 +142,8 @@ def open_clip_loader(spec: str, model: str, workers: int, batch_size: int, count
     env_path = ":".join(filter(None, [str(old_webdataset()), str(ROOT), os.environ.get("PYTHONPATH")]))
     samples = batch_size * (count + 2) * 4
     proc = subprocess.run(
-        [sys.executable, "-c", OPEN_CLIP_SNIPPET, spec, model, str(workers), str(batch_size), str(count), str(samples)],
+        [sys.executable, "-c", OPEN_CLIP_SNIPPET, spec, model, str(workers), str(batch_size), str(count), str(samples),
+         str(ROOT / "configs" / "models")],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": env_path}, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
@@ -161,8 +164,14 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="where our per-batch finishing runs (cuda: all of it)"
     )
+    parser.add_argument(
+        "--small", action="store_true", help="smoke run: the e2e.py --small shards, 2 batches"
+    )
     args = parser.parse_args()
-    spec = build_shards(CACHE / f"photos-{args.images}", args.images, args.shards)
+    if args.small:
+        args.images, args.shards, args.workers, args.batch_size, args.batches = 256, 4, [1], 16, 2
+        args.model = "tiny-clip"
+    spec = build_shards(CACHE / f"photos-{args.images}-{args.shards}", args.images, args.shards)  # as e2e.py
     decodes = ["cpu", "device"] + (["nvjpeg"] if args.device.startswith("cuda") else [])
     print(f"shards: {spec} | model transform: {args.model} | batch {args.batch_size}")
     print(

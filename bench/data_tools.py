@@ -5,6 +5,7 @@ printed time ratios show how each method scales (10x the items at ~10x the time 
 
     .venv/bin/python bench/data_tools.py                        # defaults: dedup on 10k, 30k and 100k items
     .venv/bin/python bench/data_tools.py --sizes 10000 100000 --embed-samples 2048 --build-images 4000
+    .venv/bin/python bench/data_tools.py --small                # smoke run: seconds
 
 ``--embeddings N`` (default 1M) instead times the partitioned jobs alone: N synthetic embeddings through
 ``filter --keep-fraction`` and semantic dedup, stage by stage (each a phase of runner tasks), with
@@ -212,7 +213,10 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=16, help="reduce tasks per phase (--embeddings)")
     parser.add_argument("--engine", help="run_tasks engine, e.g. local or ray (where run_tasks has one)")
     parser.add_argument("--ray-address", help="with --engine ray")
+    parser.add_argument("--small", action="store_true", help="smoke run: dedup on 500 and 1000 items")
     args = parser.parse_args()
+    if args.small:
+        args.sizes, args.embed_samples, args.build_images = [500, 1000], 256, 32
     with tempfile.TemporaryDirectory(prefix="bench-data-tools-") as tmp:
         work = Path(tmp)
         if args.embeddings:

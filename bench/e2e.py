@@ -51,7 +51,7 @@ def ours(args: argparse.Namespace, spec: str, log_every: int) -> dict:
             f"data.workers={args.workers}", f"data.decode={decode}", f"train.batch_size={args.batch_size}",
             f"train.precision={args.precision}", f"train.device={args.device}", f"train.steps={args.steps}",
             "train.warmup_steps=1", f"log.every={log_every}", f"checkpoint.every={args.steps * 10}",
-            f"run.dir={run_dir}", "run.name=e2e", f"dist.compile={str(args.compile).lower()}",
+            f"run.dir={run_dir}", "run.name=e2e", f"train.compile={str(args.compile).lower()}",
         ]  # fmt: skip
         run([sys.executable, "-m", "pretrain.train", *overrides], os.environ)
         rows = [json.loads(line) for line in (Path(run_dir) / "e2e/metrics.jsonl").read_text().splitlines()]
@@ -106,10 +106,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="torch.compile in both trainers")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--small", action="store_true", help="CPU smoke run: tiny-clip, batch 16, 8 steps")
+    parser.add_argument("--small", action="store_true", help="CPU smoke run: tiny-clip, batch 16, 4 steps")
     args = parser.parse_args()
     if args.small:
-        args.model, args.batch_size, args.steps, args.images, args.shards = "tiny-clip", 16, 8, 256, 4
+        args.model, args.batch_size, args.steps, args.images, args.shards = "tiny-clip", 16, 4, 256, 4
         args.device, args.precision, args.workers = "cpu", "fp32", 1
     return args
 

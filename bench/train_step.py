@@ -6,8 +6,10 @@ forward under autocast, the CLIP InfoNCE loss, backward, AdamW step and the logi
 `open_clip_train.train.train_one_epoch` without accumulation (open_clip.ClipLoss, model output as a dict).
 Prints samples/s of each, achieved model TFLOP/s and MFU (pretrain/flops.py's count: ~3x the forward
 matmuls; MFU needs a known GPU or --peak-tflops), and the ratio. `--compile` times both compiled, the way
-each is compiled in training: ours per transformer block (`dist.compile=true`), open_clip's whole model
-(`open_clip_train --torchcompile`). The data loader is measured separately by bench/data_loader.py.
+each is compiled in training: ours per transformer block and the loss (`train.compile=true`), open_clip's
+whole model (`open_clip_train --torchcompile`). The data loader is measured separately by bench/data_loader.py.
+On CUDA the timed steps run under `torch.cuda.set_sync_debug_mode("warn")`: the host syncs of each step
+(none expected for ours) are counted and printed, with the first one's message.
 
     .venv/bin/python bench/train_step.py                                  # CPU default: tiny-clip, batch 64
     .venv/bin/python bench/train_step.py --model ViT-B-32 --batch-size 512 --precision bf16 --device cuda
@@ -17,12 +19,14 @@ each is compiled in training: ours per transformer block (`dist.compile=true`), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,18 +35,41 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def timed(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int) -> float:
-    """Seconds per step over `steps` steps after `warmup` (the device synchronised around the timing)."""
+def timed(
+    step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int
+) -> tuple[float, list]:
+    """Seconds per step over `steps` steps after `warmup` (the device synchronised around the timing), and
+    the host syncs seen in the timed steps (CUDA only)."""
     for _ in range(warmup):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    syncs: list[str] = []
     start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
+    with host_syncs(device, syncs):
+        for _ in range(steps):
+            loss = step()
     sync()
+    seconds = (time.perf_counter() - start) / steps
     assert math.isfinite(loss.item())
-    return (time.perf_counter() - start) / steps
+    return seconds, syncs
+
+
+@contextlib.contextmanager
+def host_syncs(device: torch.device, found: list[str]) -> Iterator[None]:
+    """On CUDA, torch's sync debug mode: each synchronising call (`.item()`, a device-to-host copy, ...)
+    inside the block adds its warning's first line to `found`. CPU has no such mode (nothing is added)."""
+    if device.type != "cuda":
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 def fixed_batch(model_name: str, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +99,7 @@ class FixedSource:
         pass
 
 
-def ours(args: argparse.Namespace, batch) -> float:
+def ours(args: argparse.Namespace, batch) -> tuple[float, list]:
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
@@ -81,7 +108,7 @@ def ours(args: argparse.Namespace, batch) -> float:
             f"model.name={args.model}", "data.train=synthetic", f"train.batch_size={args.batch_size}",
             f"train.precision={args.precision}", f"train.device={args.device}", f"run.dir={run_dir}",
             f"train.steps={args.warmup + args.steps}", "train.warmup_steps=1", "log.every=1000000",
-            "checkpoint.every=1000000", f"dist.compile={str(args.compile).lower()}",
+            "checkpoint.every=1000000", f"train.compile={str(args.compile).lower()}",
         ]  # fmt: skip
         trainer = Trainer(load_config(None, overrides))
         trainer.source = FixedSource(batch)
@@ -91,7 +118,7 @@ def ours(args: argparse.Namespace, batch) -> float:
             trainer.close()
 
 
-def open_clip_step(args: argparse.Namespace, batch) -> float:
+def open_clip_step(args: argparse.Namespace, batch) -> tuple[float, list]:
     """open_clip_train's training step: model(images, texts) -> dict -> ClipLoss, AdamW, clamp."""
     import open_clip
 
@@ -146,13 +173,15 @@ def main() -> None:
 
     register_model_configs()  # configs/models/ (tiny-clip) for open_clip's side too
     batch = fixed_batch(args.model, args.batch_size, torch.device(args.device))
-    theirs = open_clip_step(args, batch)
-    mine = ours(args, batch)
-    report(args, {"open_clip": args.batch_size / theirs, "ours": args.batch_size / mine})
+    theirs, their_syncs = open_clip_step(args, batch)
+    mine, my_syncs = ours(args, batch)
+    syncs = {"open_clip": their_syncs, "ours": my_syncs} if args.device.startswith("cuda") else None
+    report(args, {"open_clip": args.batch_size / theirs, "ours": args.batch_size / mine}, syncs)
 
 
-def report(args: argparse.Namespace, rates: dict[str, float]) -> None:
-    """The table: samples/s, model TFLOP/s and MFU of each, and the ratio (also as JSON with --json)."""
+def report(args: argparse.Namespace, rates: dict[str, float], syncs: dict[str, list] | None) -> None:
+    """The table: samples/s, model TFLOP/s and MFU of each, and the ratio; the host syncs of the timed
+    steps on CUDA (also as JSON with --json)."""
     from pretrain.flops import model_config, peak_flops, train_flops_per_sample
 
     per_sample = train_flops_per_sample(model_config(args.model))
@@ -166,6 +195,8 @@ def report(args: argparse.Namespace, rates: dict[str, float]) -> None:
         tflops = per_sample * rate / 1e12 if per_sample else None
         share = per_sample * rate / peak if per_sample and peak else None
         rows[name] = {"samples_per_s": rate, "tflops": tflops, "mfu": share}
+        if syncs is not None:
+            rows[name]["host_syncs"] = len(syncs[name])
         cells = [
             f"{rate:>10.1f}",
             f"{tflops:>8.2f}" if tflops else f"{'-':>8}",
@@ -174,6 +205,9 @@ def report(args: argparse.Namespace, rates: dict[str, float]) -> None:
         print(f"{name:>10} | " + " | ".join(cells))
     ratio = rates["ours"] / rates["open_clip"]
     print(f"ratio (ours / open_clip): {ratio:.2f}")
+    for name, found in (syncs or {}).items():
+        first = f" (first: {found[0]})" if found else ""
+        print(f"host syncs in {args.steps} timed steps, {name}: {len(found)}{first}")
     if args.json:
         args.json.write_text(json.dumps({**rows, "ratio": ratio, **vars(args)}, default=str, indent=1))
 

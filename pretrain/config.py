@@ -10,6 +10,7 @@ import ast
 import difflib
 import functools
 import inspect
+import logging
 import os
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -29,6 +30,8 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed")
 LOSSES = ("clip", "siglip", "coca")
 SECRET_WORDS = ("key", "token", "secret", "password")
 SCHEDULES = ("cosine", "const", "const_cooldown")
+
+log = logging.getLogger("pretrain")
 
 
 class ConfigError(ValueError):
@@ -89,7 +92,14 @@ class ModelConfig:
     """With lock_text: keep LayerNorms of locked layers frozen too; false is only supported by Hugging Face
     text towers (open_clip's own towers lock their LayerNorms with the rest)."""
 
+    patch_dropout: float = 0.0
+    """Fraction of image patch tokens dropped in training (FLIP; open_clip's `force_patch_dropout`): 0 off.
+    Eval and the exported model see all patches."""
+
     def __post_init__(self) -> None:
+        _check(
+            0 <= self.patch_dropout < 1, "model.patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
+        )
         for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
             value = getattr(self, key)
             _check(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
@@ -196,6 +206,11 @@ class TrainConfig:
     """const_cooldown: shape of the decay, (1 - progress) ** power (1: linear)."""
     cooldown_end_lr: float = 0.0
     """const_cooldown: the learning rate the cooldown decays towards."""
+    compile: bool = False
+    """torch.compile each transformer block (after activation checkpointing, before sharding) and the
+    contrastive loss."""
+    fused_adamw: str = "auto"
+    """auto (fused AdamW when every trainable parameter is on CUDA, else torch's default), true or false."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "accum_steps"):
@@ -220,6 +235,12 @@ class TrainConfig:
             f"must be auto, cpu or cuda, got {self.device!r}",
         )
         self._check_schedule()
+        self.fused_adamw = str(self.fused_adamw).lower()  # YAML and overrides make `true` a bool
+        _check(
+            self.fused_adamw in ("auto", "true", "false"),
+            "train.fused_adamw",
+            f"must be auto, true or false, got {self.fused_adamw!r}",
+        )
 
     def _check_schedule(self) -> None:
         """The schedule keys: a known shape, and a cooldown that fits after the warmup."""
@@ -300,8 +321,8 @@ class DistConfig:
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less activation memory, ~30% more compute)."""
-    compile: bool = False
-    """torch.compile each transformer block (applied after activation checkpointing, before sharding)."""
+    compile: bool | None = None
+    """Deprecated alias of `train.compile`."""
     param_dtype: str = "auto"
     """FSDP compute dtype of the gathered weights: auto (bf16 under train.precision=bf16, else fp32),
     fp32 or bf16."""
@@ -475,6 +496,12 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     resume: str | None = None
     """null, `latest`, or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        if self.dist.compile is not None:  # the deprecated alias: moved to train.compile
+            log.warning("dist.compile is deprecated: use train.compile (set to %s)", self.dist.compile)
+            self.train.compile = self.train.compile or self.dist.compile
+            self.dist.compile = None
 
     @property
     def run_dir(self) -> Path:

@@ -123,8 +123,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     tag = None if local else cfg.pretrained  # open_clip downloads tags; local starting points are read here
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device
-        )
+            name, pretrained=tag, device=device,
+            force_patch_dropout=cfg.patch_dropout or None,  # FLIP; open_clip drops patches in training only
+        )  # fmt: skip
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
         if tag is None:
             raise

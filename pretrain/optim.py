@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pretrain.config import TrainConfig
+from pretrain.fast import build_adamw
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -28,9 +29,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
-    )
+    return build_adamw(param_groups(model, cfg.weight_decay), cfg)  # fused per train.fused_adamw
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -18,9 +18,11 @@ from pretrain import checkpoint as ckpt
 from pretrain import remote
 from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
+from pretrain.data.prefetch import DevicePrefetcher
 from pretrain.distill import build_teacher, with_distillation
 from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
 from pretrain.ensemble import build_weight_ensemble
+from pretrain.fast import apply_compile_loss
 from pretrain.flops import mfu, model_config, peak_flops, train_flops_per_sample
 from pretrain.metrics import MetricsWriter, setup_logging
 from pretrain.model import build_model, clamp_logit_scale, use_dict_outputs
@@ -69,6 +71,8 @@ class Trainer:
         use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
         # Before anything is written: a loss the model does not fit is one line, exit 2.
         self.objective = build_objective(cfg, self.model)
+        if cfg.train.compile:
+            apply_compile_loss(self.objective)
         # Before wrapping (FSDP shards in place): ZSCL's initial model is a copy of the starting weights.
         teacher = build_teacher(cfg, self.bundle, self.device)
         self.strategy = build_strategy(cfg, self.info)
@@ -78,7 +82,8 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.train)
         self.module, self.optimizer = self.strategy.attach_optimizer(self.module, optimizer)
         seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
-        self.source = build_source(cfg, self.bundle, self.info, self.device)
+        # the next batch is copied on a side stream while the step runs (CUDA; a pass-through on CPU)
+        self.source = DevicePrefetcher(build_source(cfg, self.bundle, self.info, self.device), self.device)
         self.objective = with_distillation(
             self.objective, cfg, teacher, self.strategy, self.info, self.device
         )

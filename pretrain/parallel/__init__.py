@@ -12,7 +12,14 @@ from pretrain.parallel.base import Strategy
 
 
 def build_strategy(cfg: Config, info: DistInfo) -> Strategy:
-    """The strategy for this run. A single-process DDP run needs no wrapper; FSDP and DeepSpeed keep their
+    """The strategy for this run, compiling transformer blocks when `train.compile` is set."""
+    strategy = _strategy_for(cfg, info)
+    strategy.compile_blocks = cfg.train.compile
+    return strategy
+
+
+def _strategy_for(cfg: Config, info: DistInfo) -> Strategy:
+    """The strategy of `dist.strategy`. A single-process DDP run needs no wrapper; FSDP and DeepSpeed keep their
     own checkpoint formats even on one process (so a sharded run can resume on one device)."""
     dist_cfg, precision = cfg.dist, cfg.train.precision
     if dist_cfg.strategy == "fsdp":

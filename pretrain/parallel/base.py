@@ -68,6 +68,8 @@ class Strategy:
     collective_eval = False
     """True when the model can only run forward on all ranks together (sharded weights): eval then runs
     on every rank and only rank 0 reports."""
+    compile_blocks = False
+    """torch.compile each transformer block in `prepare` (`train.compile`, set by `build_strategy`)."""
 
     def __init__(self, cfg: DistConfig | None = None, precision: str = "fp32") -> None:
         self.cfg = cfg or DistConfig()
@@ -77,7 +79,7 @@ class Strategy:
         """Model transforms in their fixed order: activation checkpointing, then compile (then sharding)."""
         if self.cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if self.cfg.compile:
+        if self.compile_blocks:
             apply_compile(model)
         return model
 
