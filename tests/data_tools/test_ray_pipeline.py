@@ -123,6 +123,13 @@ def ray_drivers(cluster: RayCluster) -> list[str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("command", ["filter", "dedup"])
+def test_filter_and_dedup_take_engine_options(command: str) -> None:
+    proc = run_cmd(["data-tools", command, "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--engine {local,ray}" in proc.stdout and "--ray-address auto|HOST:PORT" in proc.stdout
+
+
 @pytest.mark.slow
 def test_curation_pipeline_on_ray_equals_local(cluster: RayCluster, tmp_path: Path) -> None:
     write_inputs(tmp_path / "images")
