@@ -140,6 +140,8 @@ class FakeRuntime:
 
     def get(self, ref):
         self.unread.discard(id(ref))
+        if ref.value[0] == "lost":  # as Ray reports a task whose node kept dying past its retries
+            raise self.exceptions.RayError("NodeDiedError: the node running the task died\nmore detail")
         return ref.value
 
 
@@ -150,3 +152,13 @@ def test_ray_tasks_are_submitted_in_a_bounded_window(monkeypatch) -> None:
     outcomes = list(engine_ray._task_outcomes(runtime, tasks, lambda task: (task.name, task.payload, None)))
     assert sorted(outcomes) == sorted((f"t{i}", i, None) for i in range(10))
     assert runtime.most_in_flight == 3
+
+
+def test_a_task_ray_gives_up_on_is_a_failure_and_the_rest_go_on() -> None:
+    tasks = [Task(name, Path(name), 1) for name in ("t0", "lost", "t2")]
+    outcomes = list(engine_ray._task_outcomes(FakeRuntime(), tasks, lambda task: (task.name, 1, None)))
+    assert outcomes == [
+        ("t0", 1, None),
+        ("lost", 0, "RuntimeError: NodeDiedError: the node running the task died"),
+        ("t2", 1, None),
+    ]
