@@ -9,21 +9,28 @@ printed time ratios show how each method scales (10x the items at ~10x the time 
 
 ``--embeddings N`` (default 1M) instead times the partitioned jobs alone: N synthetic embeddings through
 ``filter --keep-fraction`` and semantic dedup, stage by stage (each a phase of runner tasks), with
-``--workers`` and ``--partitions``; ``--engine`` is passed to the runner where it accepts one.
+``--workers`` and ``--partitions``, on ``--engine local`` or on the Ray cluster at ``--engine ray
+--ray-address HOST:PORT``. ``--engine ray`` without an address compares the local engine with a Ray
+cluster of 1 and of 2 nodes (1 CPU each) that it starts in a private network namespace like the tests
+(tests/ray_cluster.py; needs ``unshare -n``), and prints a table of seconds per stage.
 
     .venv/bin/python bench/data_tools.py --embeddings 100000 --workers 2
+    .venv/bin/python bench/data_tools.py --embeddings 1000000 --engine ray
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
+import json
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -119,30 +126,28 @@ def time_dedup(method: str, sizes: list[int], work: Path) -> list[tuple[int, flo
     return results
 
 
-def bench_partitioned(items: int, work: Path, job_options: dict) -> None:
-    """Per-stage seconds and items/s of filter (--keep-fraction 0.3) and semantic dedup as task jobs."""
+def bench_partitioned(items: int, work: Path, job_options: dict) -> dict[str, float]:
+    """Per-stage seconds and items/s of filter (--keep-fraction 0.3) and semantic dedup as task jobs,
+    printed and returned (stage -> seconds). The embeddings are written once per ``work`` folder."""
     from data_tools.filter import FilterConfig
     from data_tools.filter_tasks import filter_job
     from data_tools.phases import JobOptions
 
-    start = time.perf_counter()
-    write_embeddings(work / "embeddings", items)
-    print(f"{items} synthetic {EMBED_DIM}-d embeddings written in {time.perf_counter() - start:.1f} s")
-    jobs = [
-        (
-            "filter",
-            lambda job: filter_job(
-                work / "embeddings", work / "keep.parquet", FilterConfig(keep_fraction=0.3), job
-            ),
+    embeddings = work / f"embeddings-{items}"
+    if not embeddings.exists():
+        start = time.perf_counter()
+        write_embeddings(embeddings, items)
+        print(f"{items} synthetic {EMBED_DIM}-d embeddings written in {time.perf_counter() - start:.1f} s")
+    jobs = {
+        "filter": lambda job: filter_job(
+            embeddings, work / "keep.parquet", FilterConfig(keep_fraction=0.3), job
         ),
-        (
-            "dedup semantic",
-            lambda job: find_duplicates(
-                work / "dedup", DedupConfig("semantic"), embeddings=work / "embeddings", job=job
-            ),
+        "dedup semantic": lambda job: find_duplicates(
+            work / "dedup", DedupConfig("semantic"), embeddings=embeddings, job=job
         ),
-    ]
-    for name, run in jobs:
+    }
+    times = {}
+    for name, run in jobs.items():
         job = JobOptions(**job_options)
         start = time.perf_counter()
         run(job)
@@ -153,18 +158,80 @@ def bench_partitioned(items: int, work: Path, job_options: dict) -> None:
         print(
             f"{name:<36} {total:7.1f} s  {items / total:9.0f} items/s (workers {job.workers}, partitions {job.partitions})"
         )
+        times |= {**stages, name: total}
+    shutil.rmtree(work / "dedup", ignore_errors=True)
+    return times
 
 
-def engine_options(engine: str | None, address: str | None) -> dict:
-    """``engine``/``ray_address`` for run_tasks, only if this version of run_tasks takes them."""
-    from data_tools.runner import run_tasks
+def bench_ray_scaling(args: argparse.Namespace, work: Path) -> None:
+    """filter + semantic dedup on the local engine, then on a private Ray cluster of 1 and of 2 nodes
+    (1 CPU each, tests/ray_cluster.py: a network namespace, loopback only), with a per-stage table."""
+    options = {"workers": args.workers, "partitions": args.partitions, "rank": 0, "world": 1}
+    columns = {f"local ({args.workers} worker)": bench_partitioned(args.embeddings, work, options)}
+    for nodes in (1, 2):
+        print(f"--- Ray, {nodes} node(s) of 1 CPU")
+        with private_ray_cluster(nodes) as cluster:
+            command = [sys.executable, __file__, "--embeddings", str(args.embeddings), "--work", str(work)]
+            command += [
+                "--partitions",
+                str(args.partitions),
+                "--engine",
+                "ray",
+                "--ray-address",
+                cluster.address,
+            ]
+            proc = cluster.run(command, timeout=24 * 3600)
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"the Ray run with {nodes} node(s) failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+            )
+        lines = proc.stdout.splitlines()
+        print("\n".join(line for line in lines if not line.startswith(TIMES)))
+        columns[f"Ray {nodes} node"] = json.loads(
+            next(line for line in lines if line.startswith(TIMES))[len(TIMES) :]
+        )
+    print_table(columns, args.embeddings)
 
-    accepted = inspect.signature(run_tasks).parameters
-    wanted = {"engine": engine, "ray_address": address}
-    ignored = [k for k, v in wanted.items() if v is not None and k not in accepted]
-    if ignored:
-        print(f"run_tasks takes no {', '.join(ignored)} (yet): running on the local engine")
-    return {k: v for k, v in wanted.items() if v is not None and k in accepted}
+
+TIMES = "stage seconds: "
+"""The line on which a Ray run (a child process inside the cluster's namespace) hands its times back."""
+
+
+def print_table(columns: dict[str, dict[str, float]], items: int) -> None:
+    """Seconds per stage and engine (markdown), then each engine's speed-up over the first column."""
+    names, first = list(columns), next(iter(columns.values()))
+    print(f"\n| stage ({items} embeddings) | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for stage in first:
+        cells = [f"{columns[name].get(stage, float('nan')):.1f} s" for name in names]
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+    for job in ("filter", "dedup semantic"):
+        ratios = ", ".join(f"{name} {first[job] / columns[name][job]:.2f}x" for name in names[1:])
+        print(f"{job}: speed-up over {names[0]}: {ratios}")
+
+
+@contextmanager
+def private_ray_cluster(nodes: int) -> Iterator[Any]:
+    """A started test cluster (tests/ray_cluster.py) of ``nodes`` (1 or 2) nodes with 1 CPU each.
+
+    Token authentication off: Ray turns it on for the head only when ``~/.ray/auth_token`` exists, and a
+    joining node is then refused; the namespace is reachable by nothing else."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ray_cluster import RayCluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        raise SystemExit(f"cannot start a private Ray cluster here: {reason}")
+
+    class HeadOnly(RayCluster):
+        def add_worker(self, expected: int = 1) -> None:
+            """No worker node: wait until the head alone is alive."""
+            self._wait_for(lambda: self.alive_nodes() == 1, "the Ray head node", 180)
+
+    cluster = RayCluster() if nodes == 2 else HeadOnly()
+    cluster.env["RAY_AUTH_MODE"] = "disabled"
+    with cluster:
+        yield cluster
 
 
 def bench_embed(samples: int, work: Path) -> float:
@@ -211,39 +278,55 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="processes per job (--embeddings)")
     parser.add_argument("--partitions", type=int, default=16, help="reduce tasks per phase (--embeddings)")
-    parser.add_argument("--engine", help="run_tasks engine, e.g. local or ray (where run_tasks has one)")
-    parser.add_argument("--ray-address", help="with --engine ray")
+    parser.add_argument(
+        "--engine",
+        help="run_tasks engine: local, or ray (without --ray-address: local, then Ray of 1 and 2 nodes)",
+    )
+    parser.add_argument("--ray-address", help="with --engine ray: an existing cluster")
+    parser.add_argument("--work", type=Path, help="folder for the inputs (default: a temp folder)")
     parser.add_argument("--small", action="store_true", help="smoke run: dedup on 500 and 1000 items")
     args = parser.parse_args()
     if args.small:
         args.sizes, args.embed_samples, args.build_images = [500, 1000], 256, 32
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        run_bench(args, args.work)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-data-tools-") as tmp:
-        work = Path(tmp)
-        if args.embeddings:
-            runner = engine_options(args.engine, args.ray_address)
-            options = {"workers": args.workers, "partitions": args.partitions, "rank": 0, "world": 1}
-            bench_partitioned(args.embeddings, work, {**options, "runner": runner})
-            return
-        print(f"embed (tiny-clip, CPU, batch 256): {bench_embed(args.embed_samples, work):.0f} samples/s")
-        if args.build_images:
-            rate = bench_build(args.build_images, work)
+        run_bench(args, Path(tmp))
+
+
+def run_bench(args: argparse.Namespace, work: Path) -> None:
+    """The benchmarks ``args`` ask for, with their inputs and outputs under ``work``."""
+    if args.embeddings and args.engine == "ray" and not args.ray_address:
+        bench_ray_scaling(args, work)
+    elif args.embeddings:
+        runner = {"engine": args.engine or "local", "ray_address": args.ray_address}
+        options = {"workers": args.workers, "partitions": args.partitions, "rank": 0, "world": 1}
+        times = bench_partitioned(args.embeddings, work, {**options, "runner": runner})
+        print(TIMES + json.dumps(times))
+    else:
+        bench_curation(args, work)
+
+
+def bench_curation(args: argparse.Namespace, work: Path) -> None:
+    """embed, build and every dedup method end to end (the default run)."""
+    print(f"embed (tiny-clip, CPU, batch 256): {bench_embed(args.embed_samples, work):.0f} samples/s")
+    if args.build_images:
+        rate = bench_build(args.build_images, work)
+        print("build: data_tools.build not found" if rate is None else f"build (64 px): {rate:.0f} samples/s")
+    for method in args.methods:
+        results = time_dedup(method, sorted(args.sizes), work)
+        for size, seconds, report in results:
+            extra = f", {report['clusters']} clusters" if method == "semantic" else ""
+            if "hash_seconds" in report:
+                extra += f" (hashing {report['hash_seconds']:.1f} s, grouping and writing the rest)"
             print(
-                "build: data_tools.build not found"
-                if rate is None
-                else f"build (64 px): {rate:.0f} samples/s"
+                f"dedup {method:<10} {size:>7} items: {seconds:6.1f} s, {size / seconds:7.0f} items/s, "
+                f"{report['groups']} groups, {report['removed']} removed{extra}"
             )
-        for method in args.methods:
-            results = time_dedup(method, sorted(args.sizes), work)
-            for size, seconds, report in results:
-                extra = f", {report['clusters']} clusters" if method == "semantic" else ""
-                if "hash_seconds" in report:
-                    extra += f" (hashing {report['hash_seconds']:.1f} s, grouping and writing the rest)"
-                print(
-                    f"dedup {method:<10} {size:>7} items: {seconds:6.1f} s, {size / seconds:7.0f} items/s, "
-                    f"{report['groups']} groups, {report['removed']} removed{extra}"
-                )
-            (small, t_small, _), (large, t_large, _) = results[0], results[-1]
-            print(f"dedup {method:<10} {large // small}x items -> {t_large / t_small:.1f}x time")
+        (small, t_small, _), (large, t_large, _) = results[0], results[-1]
+        print(f"dedup {method:<10} {large // small}x items -> {t_large / t_small:.1f}x time")
 
 
 if __name__ == "__main__":

@@ -27,14 +27,6 @@ TIMING_KEYS = {"start_time", "end_time", "duration"}
 """_stats.json records when its shard was written: the one thing two runs legitimately differ in."""
 
 
-@pytest.fixture(scope="session")
-def cluster() -> RayCluster:
-    """The two-node cluster, started once per test session; nothing of it may be left running after."""
-    with RayCluster() as ray_cluster:
-        yield ray_cluster
-    assert ray_cluster.leftovers() == []
-
-
 def on_ray(cluster: RayCluster) -> list[str]:
     return ["--engine", "ray", "--ray-address", cluster.address]
 
