@@ -229,7 +229,6 @@ def private_ray_cluster(nodes: int) -> Iterator[Any]:
             self._wait_for(lambda: self.alive_nodes() == 1, "the Ray head node", 180)
 
     cluster = RayCluster() if nodes == 2 else HeadOnly()
-    cluster.env["RAY_AUTH_MODE"] = "disabled"
     with cluster:
         yield cluster
 

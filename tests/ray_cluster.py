@@ -48,6 +48,10 @@ class RayCluster:
         self.dir = Path(tempfile.mkdtemp(prefix="ray-"))  # short: Ray's socket paths live under it
         self.address = f"127.0.0.1:{HEAD_PORT}"
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
+        # Ray >= 2.5x turns token auth on for `ray start --head` whenever ~/.ray/auth_token exists (an
+        # earlier ray.init() on the machine writes one) but not for a joining `ray start --address`, which
+        # is then refused. Nothing outside the private namespace can reach this cluster: no auth.
+        self.env["RAY_AUTH_MODE"] = "disabled"
         # the nodes' workers import the task functions: this checkout, whatever is installed
         self.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep)
         self.env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
