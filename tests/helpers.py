@@ -182,3 +182,21 @@ def trained_tiny_model(root: Path, model: str, shards: str, steps: int = 80, bat
     overrides += [f"log.every={steps}"]
     with one_torch_thread():
         return train_in_process(root, overrides, name=run_dir.name)
+
+
+def write_export(folder: Path) -> Path:
+    """A tiny-clip (seeded random weights) as an open_clip export folder, built by open_clip alone."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_model
+
+    open_clip.add_model_config(ROOT / "configs" / "models")
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms("tiny-clip")
+    model_cfg = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
+    mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64, "mean": mean, "std": std}}
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_model(model, str(folder / "open_clip_model.safetensors"))
+    return folder

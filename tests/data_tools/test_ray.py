@@ -11,14 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from helpers import ROOT, run_cmd, write_image_folder
+from helpers import ROOT, run_cmd, write_export, write_image_folder
 from ray_cluster import BIN, RayCluster, missing_reason
-from safetensors.torch import save_model
 
 SKIP = missing_reason()
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
@@ -57,20 +54,6 @@ def assert_same_tree(local: Path, ray: Path) -> None:
     assert not any(".tmp" in name for name in got)
     for name in expected:
         assert got[name] == expected[name], f"{name} differs between the local and the Ray engine"
-
-
-def write_export(folder: Path) -> Path:
-    """A tiny-clip (seeded random weights) as an open_clip export folder, built by open_clip alone."""
-    open_clip.add_model_config(ROOT / "configs" / "models")
-    torch.manual_seed(0)
-    model, _, _ = open_clip.create_model_and_transforms("tiny-clip")
-    model_cfg = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
-    mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64, "mean": mean, "std": std}}
-    folder.mkdir(parents=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    save_model(model, str(folder / "open_clip_model.safetensors"))
-    return folder
 
 
 def write_keep_list(build: Path, path: Path) -> int:

@@ -10,14 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import pytest
-import torch
-from helpers import ROOT, run_cmd, write_image_folder
+from helpers import run_cmd, write_export, write_image_folder
 from PIL import Image
 from ray_cluster import RayCluster, missing_reason
-from safetensors.torch import save_model
 
 from data_tools.cli import main
 
@@ -50,20 +47,6 @@ def data_tools(args: list[str], cluster: RayCluster | None = None) -> None:
         return
     proc = cluster.run(["data-tools", *args])
     assert proc.returncode == 0, f"data-tools {args} failed:\n{proc.stdout}\n{proc.stderr}"
-
-
-def write_export(folder: Path) -> Path:
-    """A tiny-clip (seeded random weights) as an open_clip export folder, built by open_clip alone."""
-    open_clip.add_model_config(ROOT / "configs" / "models")
-    torch.manual_seed(0)
-    model, _, _ = open_clip.create_model_and_transforms("tiny-clip")
-    model_cfg = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
-    mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64, "mean": mean, "std": std}}
-    folder.mkdir(parents=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    save_model(model, str(folder / "open_clip_model.safetensors"))
-    return folder
 
 
 def write_inputs(folder: Path) -> None:
