@@ -2,15 +2,15 @@
 
 Every key can be overridden as `section.key=value`. Unknown keys and values of the wrong type raise
 `ConfigError` with one line that names the key, so the CLI can exit 2 with a message a user can act on.
+The sections live in `config_sections.py`; this module assembles, loads, describes and saves them, and is
+the one to import from.
 """
 
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 import inspect
-import logging
 import os
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -18,468 +18,60 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.config_sections import (
+    LOSSES,
+    PRECISIONS,
+    SCHEDULES,
+    SECRET_WORDS,
+    STRATEGIES,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    DistConfig,
+    DistillConfig,
+    EvalConfig,
+    EvalTaskConfig,
+    LogConfig,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    close_matches,
+    log,
+)
 from webshards.atomic import write_atomic
-from webshards.evalset import TASKS as EVAL_TASKS
 from webshards.urls import redact_url
 
-PRECISIONS = ("fp32", "bf16")
-STRATEGIES = ("ddp", "fsdp", "deepspeed")
-LOSSES = ("clip", "siglip", "coca")
-SECRET_WORDS = ("key", "token", "secret", "password")
-SCHEDULES = ("cosine", "const", "const_cooldown")
-
-log = logging.getLogger("pretrain")
-
-
-class ConfigError(ValueError):
-    """A config problem, described in one line that names the key."""
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def close_matches(word: str, candidates: list[str], n: int = 1) -> str:
-    """A ` (did you mean 'x'?)` hint naming up to `n` candidates close to `word` (any case), or ''."""
-    by_lower = {c.lower(): c for c in candidates}
-    close = [by_lower[c] for c in difflib.get_close_matches(word.lower(), list(by_lower), n=n)]
-    if not close:
-        return ""
-    quoted = [f"'{c}'" for c in close]
-    names = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
-    return f" (did you mean {names}?)"
-
-
-@dataclass
-class RunConfig:
-    name: str = "run"
-    """Run name; outputs go to `{dir}/{name}/`."""
-    dir: str = "runs"
-    """Parent folder of run directories."""
-    license: str | None = None
-    """License of the trained weights for the exported model card, a Hub license id (e.g. `apache-2.0`,
-    `other`); null: the card names none."""
-    datasets: list[str] = field(default_factory=list)
-    """Names of the training data sets for the model card's `datasets` (Hub dataset ids); empty: none."""
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny-clip"
-    """An open_clip model name (e.g. ViT-B-32), a config in configs/models/, or a path to a JSON config."""
-    pretrained: str | None = None
-    """Weights to start from: an open_clip pretrained tag, a weights file (open_clip_train `epoch_N.pt`,
-    `.safetensors`, a state dict), an export folder, or a checkpoint folder / run directory of ours (its
-    model weights only); null: random init."""
-
-    # Locked towers (continued pretraining): open_clip's lock_image_tower / lock_text_tower.
-    lock_image: bool = False
-    """Freeze the image tower (LiT): no gradients, no optimizer state, no gradient all-reduce."""
-    lock_image_unlocked_groups: int = 0
-    """With lock_image: leave the last N layer groups of the image tower trainable (open_clip's groups)."""
-    lock_image_freeze_bn_stats: bool = False
-    """With lock_image: freeze BatchNorm running stats of the locked layers (open_clip); a fully locked
-    image tower is also kept in eval mode."""
-    lock_text: bool = False
-    """Freeze the text tower (embeddings, blocks, final norm, projection)."""
-    lock_text_unlocked_layers: int = 0
-    """With lock_text: leave the last N layer groups of the text tower trainable (open_clip's groups)."""
-    lock_text_freeze_layer_norm: bool = True
-    """With lock_text: keep LayerNorms of locked layers frozen too; false is only supported by Hugging Face
-    text towers (open_clip's own towers lock their LayerNorms with the rest)."""
-
-    patch_dropout: float = 0.0
-    """Fraction of image patch tokens dropped in training (FLIP; open_clip's `force_patch_dropout`): 0 off.
-    Eval and the exported model see all patches."""
-
-    def __post_init__(self) -> None:
-        _check(
-            0 <= self.patch_dropout < 1, "model.patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
-        )
-        for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
-            value = getattr(self, key)
-            _check(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
-            _check(
-                value == 0 or getattr(self, f"lock_{tower}"),
-                f"model.{key}",
-                f"only applies to a locked tower; set model.lock_{tower}=true (got {key}={value})",
-            )
-
-
-@dataclass
-class DataConfig:
-    train: str = "synthetic"
-    """Shard spec (brace-expanded, `::`-joined sources) or the word `synthetic`."""
-    train_weights: list[float] | None = None
-    """Sampling weight of each `::`-joined source (needs `sampling=resampled`)."""
-    sampling: str = "epoch"
-    """`epoch` (every shard once per epoch, split across ranks and workers) or `resampled` (shards drawn
-    with replacement by weight, the LAION-5B recipe)."""
-    shuffle_buffer: int = 1000
-    """Samples per shuffle block of each worker (1: no sample shuffling)."""
-    workers: int = 0
-    """Data-loading worker processes per rank (0: load in the training process)."""
-    prefetch: int = 2
-    """Batches each worker prepares ahead."""
-    pin_memory: bool = True
-    """Pin host batches for faster copies to the GPU (ignored on CPU)."""
-    decode: str = "cpu"
-    """`cpu` (decode + model transform in workers), `device` (workers decode at reduced size; resize and
-    normalise on the device) or `nvjpeg` (workers pass JPEG bytes; the GPU decodes)."""
-    max_bad_fraction: float = 0.5
-    """Stop when more than this fraction of the last `bad_window` samples of a worker were bad."""
-    bad_window: int = 1000
-    """Samples per worker over which `max_bad_fraction` is measured."""
-    retries: int = 3
-    """Attempts (with exponential backoff) to open a shard before skipping it."""
-    synthetic_classes: int = 16
-    """Synthetic data: number of latent classes (images and texts of a class correlate, so loss falls)."""
-
-    def __post_init__(self) -> None:
-        _check(
-            self.sampling in ("epoch", "resampled"),
-            "data.sampling",
-            f"must be epoch or resampled, got {self.sampling!r}",
-        )
-        _check(
-            self.train_weights is None or self.sampling == "resampled",
-            "data.train_weights",
-            "needs data.sampling=resampled (epoch sampling reads every shard once and ignores weights)",
-        )
-        _check(
-            self.decode in ("cpu", "device", "nvjpeg"),
-            "data.decode",
-            f"must be cpu, device or nvjpeg, got {self.decode!r}",
-        )
-        for name in ("workers", "retries"):
-            _check(getattr(self, name) >= 0, f"data.{name}", f"must be >= 0, got {getattr(self, name)}")
-        for name in ("shuffle_buffer", "prefetch", "bad_window", "synthetic_classes"):
-            _check(getattr(self, name) > 0, f"data.{name}", f"must be > 0, got {getattr(self, name)}")
-        _check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in (0, 1]")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    """Optimizer steps to run in total."""
-    batch_size: int = 16
-    """Samples per rank per micro-step."""
-    accum_steps: int = 1
-    """Micro-steps per optimizer step; all accumulated samples are negatives for each other."""
-    seed: int = 0
-    """Seed of the model init, the synthetic data and the shard order."""
-    precision: str = "fp32"
-    """fp32 or bf16 (autocast; also on CPU)."""
-    lr: float = 5e-4
-    """Peak learning rate (AdamW), reached after `warmup_steps`."""
-    min_lr: float = 0.0
-    """Floor of the cosine schedule."""
-    warmup_steps: int = 10
-    """Steps of linear warmup up to `lr`."""
-    weight_decay: float = 0.2
-    """Applied to weight matrices only; gains, biases and the logit scale get none."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.98
-    """AdamW beta2."""
-    eps: float = 1e-6
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Max global gradient norm; 0 disables clipping."""
-    device: str = "auto"
-    """auto (cuda if available), cpu or cuda."""
-    weight_ensemble_every: int = 0
-    """Weight ensembling (ZSCL's WE): every N steps fold the weights into a running average that starts
-    from the initial weights (`pretrain export --weights ensemble` exports it); 0: off."""
-
-    # Learning-rate schedule shapes (open_clip_train's scheduler.py); warmup comes first in each.
-    schedule: str = "cosine"
-    """cosine (down to min_lr), const (lr after warmup) or const_cooldown (lr, then a cooldown over the
-    last cooldown_steps)."""
-    cooldown_steps: int = 0
-    """const_cooldown: steps of the final decay from lr to cooldown_end_lr."""
-    cooldown_power: float = 1.0
-    """const_cooldown: shape of the decay, (1 - progress) ** power (1: linear)."""
-    cooldown_end_lr: float = 0.0
-    """const_cooldown: the learning rate the cooldown decays towards."""
-    compile: bool = False
-    """torch.compile each transformer block (after activation checkpointing, before sharding) and the
-    contrastive loss."""
-    fused_adamw: str = "auto"
-    """auto (fused AdamW when every trainable parameter is on CUDA, else torch's default), true or false."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "accum_steps"):
-            value = getattr(self, name)
-            _check(value > 0, f"train.{name}", f"must be > 0, got {value}")
-        _check(
-            self.precision in PRECISIONS,
-            "train.precision",
-            f"must be one of {PRECISIONS}, got {self.precision!r}",
-        )
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _check(
-            self.weight_ensemble_every >= 0,
-            "train.weight_ensemble_every",
-            f"must be >= 0 (0: off), got {self.weight_ensemble_every}",
-        )
-        _check(
-            self.device in ("auto", "cpu", "cuda"),
-            "train.device",
-            f"must be auto, cpu or cuda, got {self.device!r}",
-        )
-        self._check_schedule()
-        self.fused_adamw = str(self.fused_adamw).lower()  # YAML and overrides make `true` a bool
-        _check(
-            self.fused_adamw in ("auto", "true", "false"),
-            "train.fused_adamw",
-            f"must be auto, true or false, got {self.fused_adamw!r}",
-        )
-
-    def _check_schedule(self) -> None:
-        """The schedule keys: a known shape, and a cooldown that fits after the warmup."""
-        _check(
-            self.schedule in SCHEDULES,
-            "train.schedule",
-            f"must be one of {SCHEDULES}, got {self.schedule!r}",
-        )
-        _check(self.cooldown_steps >= 0, "train.cooldown_steps", f"must be >= 0, got {self.cooldown_steps}")
-        _check(self.cooldown_power > 0, "train.cooldown_power", f"must be > 0, got {self.cooldown_power}")
-        _check(
-            self.cooldown_end_lr >= 0, "train.cooldown_end_lr", f"must be >= 0, got {self.cooldown_end_lr}"
-        )
-        if self.schedule != "const_cooldown":
-            _check(
-                self.cooldown_steps == 0,
-                "train.cooldown_steps",
-                f"only applies to train.schedule=const_cooldown (schedule is {self.schedule})",
-            )
-            return
-        room = self.steps - self.warmup_steps
-        _check(
-            0 < self.cooldown_steps <= room,
-            "train.cooldown_steps",
-            f"must be in 1..{room} (train.steps - train.warmup_steps) with const_cooldown, got {self.cooldown_steps}",
-        )
-
-
-@dataclass
-class LossConfig:
-    name: str | None = None
-    """clip (InfoNCE), siglip (pairwise sigmoid) or coca (contrastive + captioning); null: chosen from the
-    model (open_clip CoCa models: coca, models with `init_logit_bias`: siglip, others: clip)."""
-    clip_weight: float = 1.0
-    """Weight of the contrastive part: loss = clip_weight x contrastive (+ caption_weight x caption)."""
-    caption_weight: float = 2.0
-    """Weight of the caption cross-entropy (coca only; open_clip's default)."""
-    chunk_size: int | None = None
-    """Block size of the contrastive loss (null: the plain, untiled loss); clip and coca then keep only
-    log-sum-exps over chunk_size x chunk_size logit blocks and recompute the blocks in backward, so their
-    memory grows linearly with the batch; siglip recomputes chunk_size-row tiles of each rank's block."""
-    ring: bool = False
-    """clip and coca: pass the other ranks' features peer-to-peer around the ring of ranks instead of
-    all-gathering them (one other rank's block held at a time); needs chunk_size. siglip always does."""
-
-    def __post_init__(self) -> None:
-        _check(
-            self.name is None or self.name in LOSSES,
-            "loss.name",
-            f"must be one of {LOSSES} or null (chosen from the model), got {self.name!r}",
-        )
-        for name in ("clip_weight", "caption_weight"):
-            _check(getattr(self, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(
-            self.chunk_size is None or self.chunk_size > 0,
-            "loss.chunk_size",
-            f"must be > 0 or null, got {self.chunk_size}",
-        )
-        _check(
-            not self.ring or self.chunk_size is not None,
-            "loss.ring",
-            "needs loss.chunk_size (the ring is part of the tiled loss), got loss.chunk_size=null",
-        )
-        _check(
-            not (self.ring and self.name == "siglip"),
-            "loss.ring",
-            "is for clip and coca; siglip always passes texts around the ring",
-        )
-
-
-@dataclass
-class DistConfig:
-    strategy: str = "ddp"
-    """ddp, fsdp or deepspeed."""
-    zero_stage: int = 1
-    """DeepSpeed ZeRO stage (1, 2 or 3)."""
-    backend: str = "auto"
-    """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block in the backward pass (less activation memory, ~30% more compute)."""
-    compile: bool | None = None
-    """Deprecated alias of `train.compile`."""
-    param_dtype: str = "auto"
-    """FSDP compute dtype of the gathered weights: auto (bf16 under train.precision=bf16, else fp32),
-    fp32 or bf16."""
-    reduce_dtype: str = "fp32"
-    """FSDP gradient reduce-scatter dtype (fp32 or bf16)."""
-    reshard_after_forward: bool = True
-    """FSDP: free gathered weights after forward (ZeRO-3-like); false keeps them to backward (ZeRO-2-like)."""
-    offload: bool = False
-    """Keep sharded parameters and optimizer states in CPU memory (FSDP CPUOffloadPolicy; DeepSpeed
-    offload_optimizer, and offload_param at stage 3)."""
-    deepspeed_config: str | None = None
-    """A DeepSpeed JSON config used whole instead of the one built from these keys (batch keys are set to
-    match train.*)."""
-
-    def __post_init__(self) -> None:
-        _check(
-            self.strategy in STRATEGIES,
-            "dist.strategy",
-            f"must be one of {STRATEGIES}, got {self.strategy!r}",
-        )
-        _check(self.zero_stage in (1, 2, 3), "dist.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
-        _check(self.backend in ("auto", "nccl", "gloo"), "dist.backend", f"bad backend {self.backend!r}")
-        for name, allowed in (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16"))):
-            value = getattr(self, name)
-            _check(value in allowed, f"dist.{name}", f"must be one of {allowed}, got {value!r}")
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 1000
-    """Checkpoint cadence in steps (a checkpoint is always written at the end)."""
-    keep: int = 3
-    """How many checkpoints to keep (oldest deleted first), locally and at `remote`."""
-    remote: str | None = None
-    """fsspec URL that completed checkpoints are copied to (in the background, by rank 0), under
-    `{remote}/{run.name}/`; `resume=latest` looks there too (null: no copies)."""
-
-    def __post_init__(self) -> None:
-        _check(self.every > 0, "checkpoint.every", f"must be > 0, got {self.every}")
-        _check(self.keep > 0, "checkpoint.keep", f"must be > 0, got {self.keep}")
-
-
-@dataclass
-class LogConfig:
-    every: int = 10
-    """Metrics cadence in steps (the final step is always logged)."""
-    wandb: bool = False
-    """Log to wandb (offline when no WANDB_API_KEY is set)."""
-    wandb_project: str = "clip-pretrain"
-    """wandb project name."""
-    tensorboard: bool = False
-    """Write TensorBoard events to `{run_dir}/tensorboard`."""
-    peak_tflops: float | None = None
-    """Peak dense TFLOP/s of one device for MFU (null: look the GPU up in pretrain/flops.py; CPU: no MFU)."""
-
-    def __post_init__(self) -> None:
-        _check(self.every > 0, "log.every", f"must be > 0, got {self.every}")
-        _check(self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops", "must be > 0 or null")
-
-
-@dataclass
-class EvalTaskConfig:
-    name: str = MISSING
-    """Name of the eval (the `eval` key of its result lines), e.g. imagenet."""
-    root: str = MISSING
-    """Eval set in clip_benchmark's webdataset layout: a folder or an s3:// or http(s):// URL."""
-    task: str | None = None
-    """zeroshot_classification or zeroshot_retrieval (null: from ROOT's dataset_type.txt)."""
-
-    def __post_init__(self) -> None:
-        _check(bool(self.name) and "=" not in self.name, "eval.tasks.name", f"bad eval name {self.name!r}")
-        _check(
-            self.task in (None, *EVAL_TASKS),
-            "eval.tasks.task",
-            f"must be one of {EVAL_TASKS} or null, got {self.task!r}",
-        )
-
-
-@dataclass
-class EvalConfig:
-    tasks: list[EvalTaskConfig] = field(default_factory=list)
-    """Eval sets, each `{name, root}` (+ optional `task`), in clip_benchmark's webdataset layout."""
-    val_data: str | None = None
-    """Held-out shards in the training format (shard spec): contrastive validation loss over all of them."""
-    zeroshot: str | None = None
-    """Deprecated alias: the same as one task `{name: zeroshot, root: DIR}`."""
-    every: int = 0
-    """Evaluate every N steps (0: only at the end of training)."""
-    batch_size: int = 256
-    """Images per forward pass of the evaluation."""
-    workers: int = 0
-    """Data-loading worker processes per rank while evaluating (0: in the training process)."""
-
-    def __post_init__(self) -> None:
-        _check(self.every >= 0, "eval.every", "must be >= 0")
-        _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
-        _check(self.workers >= 0, "eval.workers", "must be >= 0")
-        names = [t.name for t in self.all_tasks()] + (["val"] if self.val_data else [])
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        _check(not repeated, "eval.tasks", f"eval names must be unique, {repeated[:1]} repeats")
-
-    def all_tasks(self) -> list[EvalTaskConfig]:
-        """`tasks`, and the deprecated `zeroshot` folder as a task named `zeroshot`."""
-        alias = [EvalTaskConfig(name="zeroshot", root=self.zeroshot)] if self.zeroshot else []
-        return [*alias, *self.tasks]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.all_tasks() or self.val_data)
-
-
-@dataclass
-class DistillConfig:
-    model: str | None = None
-    """Teacher for open_clip's distillation term (`loss_distill`): an open_clip model name (with
-    `pretrained`), an export folder, a checkpoint folder or a run directory; null: no teacher term."""
-    pretrained: str | None = None
-    """The teacher's open_clip pretrained tag or weights file (only with an open_clip name in `model`)."""
-    weight: float = 1.0
-    """Weight of the distillation terms (`loss_distill`, `loss_zscl`) in the total loss."""
-    temperature: float = 2.0
-    """ZSCL: softmax temperature of the image-to-reference-text distributions (ZSCL's T)."""
-    reference_data: str | None = None
-    """ZSCL: shard spec of reference images (their captions are ignored), or `synthetic`; null: no ZSCL."""
-    reference_texts: str | None = None
-    """ZSCL: text file of reference phrases, one per line (needed with `reference_data`)."""
-    reference_batch_size: int = 16
-    """ZSCL: reference images per rank per optimizer step."""
-
-    def __post_init__(self) -> None:
-        _check(self.weight >= 0, "distill.weight", f"must be >= 0, got {self.weight}")
-        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
-        _check(
-            self.reference_batch_size > 0,
-            "distill.reference_batch_size",
-            f"must be > 0, got {self.reference_batch_size}",
-        )
-        _check(
-            self.pretrained is None or self.model is not None,
-            "distill.pretrained",
-            f"needs distill.model (the teacher's open_clip name), got distill.pretrained={self.pretrained}",
-        )
-        _check(
-            (self.reference_data is None) == (self.reference_texts is None),
-            "distill.reference_texts" if self.reference_data else "distill.reference_data",
-            "ZSCL needs both distill.reference_data and distill.reference_texts",
-        )
-
-    @property
-    def zscl(self) -> bool:
-        """True when the ZSCL reference-set term is on."""
-        return self.reference_data is not None
-
-    @property
-    def enabled(self) -> bool:
-        """True when any distillation term is on (a teacher, or ZSCL's reference set)."""
-        return self.model is not None or self.zscl
+__all__ = [
+    "LOSSES",
+    "PRECISIONS",
+    "SCHEDULES",
+    "STRATEGIES",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "DistillConfig",
+    "EvalConfig",
+    "EvalTaskConfig",
+    "LogConfig",
+    "LossConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "all_keys",
+    "close_matches",
+    "describe_config",
+    "field_docs",
+    "load_config",
+    "redacted",
+    "save_config",
+    "to_dict",
+]
 
 
 @dataclass
