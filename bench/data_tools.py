@@ -1,4 +1,4 @@
-"""Curation benchmark: samples/s of embed (tiny-clip, CPU), of each dedup method, and of build.
+"""Curation benchmark: samples/s of embed (tiny-clip, CPU), of each dedup method, of build and reshard.
 
 Dedup runs end to end (shards or embeddings in, keep list out) on synthetic sets of growing size, so the
 printed time ratios show how each method scales (10x the items at ~10x the time is linear).
@@ -264,6 +264,26 @@ def bench_build(images: int, work: Path) -> float | None:
     return summary.samples / (time.perf_counter() - start)
 
 
+def bench_reshard(items: int, work: Path) -> tuple[float, float]:
+    """Input and output samples/s of reshard: ``items`` samples in, every other uid kept, 10k per shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_tools.reshard import reshard
+
+    folder = work / "reshard-in"
+    urls = write_image_shards(folder, items, seed=1)
+    uids = [u for url in urls for u in pq.read_table(Path(url).with_suffix(".parquet"))["uid"].to_pylist()]
+    pq.write_table(pa.table({"uid": uids[::2]}), work / "reshard-keep.parquet")
+    spec = f"{folder}/{{00000..{len(urls) - 1:05d}}}.tar"
+    start = time.perf_counter()
+    summary = reshard(
+        spec, [work / "reshard-keep.parquet"], work / "reshard-out", samples_per_shard=SHARD_ITEMS
+    )
+    seconds = time.perf_counter() - start
+    return items / seconds, summary.samples / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -271,6 +291,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 30000, 100000], help="dedup items")
     parser.add_argument("--embed-samples", type=int, default=2048, help="samples embedded")
     parser.add_argument("--build-images", type=int, default=2000, help="images built (0: skip)")
+    parser.add_argument("--reshard-items", type=int, default=100000, help="samples resharded (0: skip)")
     parser.add_argument("--methods", nargs="+", default=["exact", "perceptual", "semantic"])
     parser.add_argument(
         "--embeddings", type=int, nargs="?", const=1_000_000, metavar="N", help="only filter + semantic jobs"
@@ -286,7 +307,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="smoke run: dedup on 500 and 1000 items")
     args = parser.parse_args()
     if args.small:
-        args.sizes, args.embed_samples, args.build_images = [500, 1000], 256, 32
+        args.sizes, args.embed_samples, args.build_images, args.reshard_items = [500, 1000], 256, 32, 1000
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
         run_bench(args, args.work)
@@ -314,6 +335,9 @@ def bench_curation(args: argparse.Namespace, work: Path) -> None:
     if args.build_images:
         rate = bench_build(args.build_images, work)
         print("build: data_tools.build not found" if rate is None else f"build (64 px): {rate:.0f} samples/s")
+    if args.reshard_items:
+        scanned, written = bench_reshard(args.reshard_items, work)
+        print(f"reshard (keep 1/2): {scanned:.0f} input samples/s, {written:.0f} written samples/s")
     for method in args.methods:
         results = time_dedup(method, sorted(args.sizes), work)
         for size, seconds, report in results:
