@@ -50,7 +50,7 @@ def resolve(location: Location) -> Location:
 
 def join(location: Location, name: str) -> Location:
     """``name`` (may hold ``/``) inside ``location``, of the same kind."""
-    return f"{location}/{name}" if is_remote(location) else Path(location) / name
+    return f"{str(location).rstrip('/')}/{name}" if is_remote(location) else Path(location) / name
 
 
 def _fs(location: Location) -> tuple:
