@@ -80,8 +80,8 @@ def semantic_job(embeddings: Location, output: Location, cfg: SemanticConfig, jo
     if not job.is_merger:
         release_scratch(scratch, work, job)
         return None
-    k = len(outputs.load_npy(centroids))
-    result = _merge(parts, markers, [task.output for task in pair_tasks], n, cfg, k)
+    trained = len(outputs.load_npy(centroids))  # k-means may train fewer clusters than asked
+    result = _merge(parts, markers, [task.output for task in pair_tasks], n, cfg, trained)
     release_scratch(scratch, work, job)
     return result
 
