@@ -2,6 +2,8 @@
 
 The output follows clip-retrieval's layout (embeddings.py), so its tools and ours (filter, semantic dedup,
 stats) read it. The metadata parquet of shard ``i`` is written last, so a rerun skips complete shards.
+The output may be an fsspec URL (``s3://bucket/emb``): each file is written locally, then uploaded whole,
+metadata last; a local output gets temp names renamed into place.
 Samples whose image or caption cannot be decoded are left out (all three files stay aligned) with a
 warning. One process per GPU: on CUDA use one worker per node and split shards with rank/world.
 """
@@ -17,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,9 @@ from data_tools import models
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
 from data_tools.engine_ray import ActorSpec
 from data_tools.runner import RunSummary, Task, run_tasks
-from webshards.atomic import atomic_path
+from webshards import outputs
 from webshards.layout import iter_shard
+from webshards.outputs import Location
 from webshards.samples import BadSample
 from webshards.urls import open_url
 
@@ -61,7 +63,7 @@ class EmbedConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
 
 
-def embed_tasks(urls: list[str], output: str | Path, cfg: EmbedConfig, threads: int = 0) -> list[Task]:
+def embed_tasks(urls: list[str], output: Location, cfg: EmbedConfig, threads: int = 0) -> list[Task]:
     """One task per input shard, complete when its metadata parquet exists; ``threads`` > 0 caps torch's."""
     payload = (str(output), cfg, threads)
     return [
@@ -72,7 +74,7 @@ def embed_tasks(urls: list[str], output: str | Path, cfg: EmbedConfig, threads: 
 
 def embed_shards(
     urls: list[str],
-    output: str | Path,
+    output: Location,
     cfg: EmbedConfig,
     workers: int = 1,
     rank: int | None = None,
@@ -95,7 +97,7 @@ def embed_shards(
     else:  # no torch work before the pool forks (OpenMP state does not survive a fork), none on a Ray driver
         models.check_model(cfg.model, cfg.pretrained)
     for sub in ("img_emb", "text_emb", "metadata"):
-        (Path(output) / sub).mkdir(parents=True, exist_ok=True)
+        outputs.make_folder(outputs.join(output, sub))
     threads, actors = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0, None
     if engine == "ray":
         setup = partial(load_embedder, cfg.model, cfg.pretrained, cfg.device)
@@ -121,12 +123,12 @@ def embed_shard(task: Task) -> int:
     image_all, text_all = _stack(images, bundle.model), _stack(texts, bundle.model)
     scores = (image_all * text_all).sum(axis=1)
     files = embedding_files(output, index)
-    _write_npy(files.image, image_all.astype(np.float16))
-    _write_npy(files.text, text_all.astype(np.float16))
+    outputs.save_npy(files.image, image_all.astype(np.float16))
+    outputs.save_npy(files.text, text_all.astype(np.float16))
     table = pa.Table.from_pylist(
         [{**r, "clip_score": float(s)} for r, s in zip(rows, scores)], METADATA_SCHEMA
     )
-    with atomic_path(files.metadata) as tmp:
+    with outputs.staged(files.metadata) as tmp:
         pq.write_table(table, tmp)
     return len(rows)
 
@@ -196,8 +198,3 @@ def _stack(parts: list[np.ndarray], model: torch.nn.Module) -> np.ndarray:
         return np.concatenate(parts)
     dim = int(getattr(model.visual, "output_dim", 0))
     return np.zeros((0, dim), dtype=np.float32)
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)

@@ -7,15 +7,18 @@
     metadata/metadata_{i}.parquet    key, uid, caption, clip_score (+ image sizes), rows aligned
 
 ``i`` is the input shard's position in the expanded shard spec; the metadata parquet is written last, so
-its presence marks shard ``i`` complete.
+its presence marks shard ``i`` complete. The folder may be an fsspec URL (``s3://bucket/emb``): paths are
+then joined as text (``pathlib`` would fold ``s3://`` into ``s3:/``) and listed with fsspec.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
+
+from webshards import outputs
+from webshards.outputs import Location
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -33,29 +36,29 @@ METADATA_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class EmbeddingFiles:
-    """The three files of input shard ``i``."""
+    """The three files of input shard ``i``: ``Path``s in a local folder, URLs in an fsspec one."""
 
-    image: Path
-    text: Path
-    metadata: Path
+    image: Location
+    text: Location
+    metadata: Location
 
 
-def embedding_files(folder: str | Path, index: int) -> EmbeddingFiles:
-    """The paths of shard ``index`` under ``folder``."""
-    out = Path(folder)
+def embedding_files(folder: Location, index: int) -> EmbeddingFiles:
+    """The paths of shard ``index`` under ``folder`` (a local folder or an fsspec URL such as ``s3://…``)."""
     return EmbeddingFiles(
-        out / "img_emb" / f"img_emb_{index}.npy",
-        out / "text_emb" / f"text_emb_{index}.npy",
-        out / "metadata" / f"metadata_{index}.parquet",
+        outputs.join(folder, f"img_emb/img_emb_{index}.npy"),
+        outputs.join(folder, f"text_emb/text_emb_{index}.npy"),
+        outputs.join(folder, f"metadata/metadata_{index}.parquet"),
     )
 
 
-def shard_index(metadata: Path) -> int:
+def shard_index(metadata: Location) -> int:
     """The shard index ``i`` of ``metadata_{i}.parquet``."""
-    return int(metadata.stem.removeprefix("metadata_"))
+    return int(outputs.name(metadata).removesuffix(".parquet").removeprefix("metadata_"))
 
 
-def metadata_files(folder: str | Path) -> list[Path]:
-    """The complete shards' metadata parquets of an embeddings folder, in shard order."""
-    found = (Path(folder) / "metadata").glob("metadata_*.parquet")
-    return sorted((p for p in found if p.stem.removeprefix("metadata_").isdigit()), key=shard_index)
+def metadata_files(folder: Location) -> list[Location]:
+    """The complete shards' metadata parquets of an embeddings folder (local or a URL), in shard order."""
+    found = outputs.list_files(folder, "metadata/metadata_*.parquet")
+    stems = ((p, outputs.name(p).removesuffix(".parquet").removeprefix("metadata_")) for p in found)
+    return sorted((p for p, stem in stems if stem.isdigit()), key=shard_index)

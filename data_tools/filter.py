@@ -5,6 +5,9 @@ The CLIP-score threshold is global: either given (``min_score``) or the score th
 counts scores into 65,536 fixed bins over [-1, 1]; pass two reads back only the scores inside the bin that
 holds the quantile and sorts those. Both passes read just the ``clip_score`` column of each metadata
 parquet, so memory is the histogram plus one bin's scores, whatever the number of samples.
+
+The embeddings folder and the keep list may be fsspec URLs (``s3://…``); the summary json, histogram png and
+datacomp ``.npy`` go beside the keep list, on the same storage.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_tools.embeddings import metadata_files, shard_index
-from webshards.atomic import atomic_path, write_json_atomic
+from webshards import outputs
 from webshards.layout import iter_shard
+from webshards.outputs import Location
 from webshards.urls import open_url
 
 QUANTILE_BINS = 65536
@@ -62,9 +66,9 @@ class FilterConfig:
         return self.min_side is not None or self.max_aspect_ratio is not None
 
 
-def read_scores(path: Path) -> np.ndarray:
+def read_scores(path: Location) -> np.ndarray:
     """The clip_score column of one metadata parquet (float32)."""
-    return pq.read_table(path, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False)
+    return outputs.read_parquet(path, ["clip_score"])["clip_score"].to_numpy(zero_copy_only=False)
 
 
 def quantile_bin(scores: np.ndarray) -> np.ndarray:
@@ -73,7 +77,7 @@ def quantile_bin(scores: np.ndarray) -> np.ndarray:
     return np.minimum(scaled.astype(np.int64), QUANTILE_BINS - 1)
 
 
-def score_threshold(files: list[Path], keep_fraction: float) -> float:
+def score_threshold(files: list[Location], keep_fraction: float) -> float:
     """The clip_score of the ``round(keep_fraction * n)``-th best sample (+inf when that is zero).
 
     The in-process reference; ``filter_tasks`` computes the same value with per-shard tasks.
@@ -168,37 +172,37 @@ def datacomp_uids(uids: list[str] | np.ndarray) -> np.ndarray:
     return pairs
 
 
-def _threshold(files: list[Path], cfg: FilterConfig) -> float:
+def _threshold(files: list[Location], cfg: FilterConfig) -> float:
     if cfg.keep_fraction is not None:
         return score_threshold(files, cfg.keep_fraction)
     return -math.inf if cfg.min_score is None else cfg.min_score
 
 
-def _shard_url(metadata: Path, urls: list[str] | None) -> str:
+def _shard_url(metadata: Location, urls: list[str] | None) -> str:
     """The shard that ``metadata_{i}.parquet`` came from: the i-th of ``--shards``."""
     if urls is None:
-        raise ValueError(f"size rules need width/height: {metadata.name} has none, pass --shards")
+        raise ValueError(f"size rules need width/height: {outputs.name(metadata)} has none, pass --shards")
     index = shard_index(metadata)
     if index >= len(urls):
-        raise ValueError(f"{metadata.name} has no shard in --shards ({len(urls)} shards)")
+        raise ValueError(f"{outputs.name(metadata)} has no shard in --shards ({len(urls)} shards)")
     return urls[index]
 
 
 def filtered_tables(
-    files: list[Path], cfg: FilterConfig, threshold: float, urls: list[str] | None
+    files: list[Location], cfg: FilterConfig, threshold: float, urls: list[str] | None
 ) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
     """Each metadata table with its rule masks, sizes looked up in the shards only when needed."""
     for path in files:
-        table = pq.read_table(path)
+        table = outputs.read_parquet(path)
         sizes = _sizes(table) if cfg.needs_sizes else None
         if cfg.needs_sizes and (sizes is None or np.isnan(sizes[0]).any()):
             sizes = _sizes_from_shard(_shard_url(path, urls), table["key"].to_pylist())
             if np.isnan(sizes[0]).any():
-                raise ValueError(f"size rules: some samples of {path.name} are not in its shard")
+                raise ValueError(f"size rules: some samples of {outputs.name(path)} are not in its shard")
         yield table, rule_masks(table, cfg, threshold, sizes)
 
 
-def input_files(embeddings: str | Path, fmt: str) -> list[Path]:
+def input_files(embeddings: Location, fmt: str) -> list[Location]:
     """The metadata parquets to filter, in shard order; a ValueError for a bad format or none found."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -209,8 +213,8 @@ def input_files(embeddings: str | Path, fmt: str) -> list[Path]:
 
 
 def filter_embeddings(
-    embeddings: str | Path,
-    output: str | Path,
+    embeddings: Location,
+    output: Location,
     cfg: FilterConfig,
     fmt: str = "parquet",
     shard_urls: list[str] | None = None,
@@ -220,10 +224,10 @@ def filter_embeddings(
     In one process: the reference for ``filter_tasks.filter_job``, which gives the same files as tasks.
     """
     files = input_files(embeddings, fmt)
-    output = Path(output)
+    output = keep_list_location(output)
     threshold = _threshold(files, cfg)
     tally = Tally()
-    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
+    with outputs.staged(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
         for table, masks in filtered_tables(files, cfg, threshold, shard_urls):
             writer.write_table(kept_uids(table, tally.add(table, masks)))
     return write_outputs(output, fmt, tally, cfg, threshold)
@@ -234,26 +238,37 @@ def kept_uids(table: pa.Table, keep: np.ndarray) -> pa.Table:
     return pa.table({"uid": table["uid"].filter(pa.array(keep))}, schema=KEEP_SCHEMA)
 
 
+def keep_list_location(output: Location) -> Location:
+    """The keep list as a ``Path`` (local) or a URL without a trailing slash."""
+    return str(output).rstrip("/") if outputs.is_remote(output) else Path(output)
+
+
 def write_outputs(
-    output: Path, fmt: str, tally: Tally, cfg: FilterConfig, threshold: float
+    output: Location, fmt: str, tally: Tally, cfg: FilterConfig, threshold: float
 ) -> dict[str, Any]:
-    """After the keep list ``output``: the datacomp ``.npy`` (if asked), the summary json and the PNG."""
+    """After the keep list ``output``: the datacomp ``.npy`` (if asked), the summary json and the PNG, all
+    beside it (the same storage, local or remote)."""
     if fmt == "datacomp":
-        kept = pq.read_table(output, columns=["uid"])["uid"].to_pylist()
-        with atomic_path(output.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
-            np.save(f, datacomp_uids(kept))
+        kept = outputs.read_parquet(output, ["uid"])["uid"].to_pylist()
+        name = Path(outputs.name(output)).with_suffix(".npy").name
+        outputs.save_npy(outputs.with_name(output, name), datacomp_uids(kept))
     summary = tally.summary(cfg, threshold, output, fmt)
-    write_json_atomic(summary_path(output), summary)
+    outputs.write_json(summary_path(output), summary)
     plot_histogram(tally, threshold, histogram_path(output))
     return summary
 
 
-def summary_path(output: Path) -> Path:
-    return output.with_name(f"{output.stem}_summary.json")
+def keep_list_stem(output: Location) -> str:
+    """The keep list's name without its suffix: the files beside it are named after it."""
+    return Path(outputs.name(output)).stem
 
 
-def histogram_path(output: Path) -> Path:
-    return output.with_name(f"{output.stem}_scores.png")
+def summary_path(output: Location) -> Location:
+    return outputs.with_name(output, f"{keep_list_stem(output)}_summary.json")
+
+
+def histogram_path(output: Location) -> Location:
+    return outputs.with_name(output, f"{keep_list_stem(output)}_scores.png")
 
 
 class Tally:
@@ -293,7 +308,7 @@ class Tally:
         self.all_hist += np.asarray(other["all_hist"], dtype=np.int64)
         self.kept_hist += np.asarray(other["kept_hist"], dtype=np.int64)
 
-    def summary(self, cfg: FilterConfig, threshold: float, output: Path, fmt: str) -> dict[str, Any]:
+    def summary(self, cfg: FilterConfig, threshold: float, output: Location, fmt: str) -> dict[str, Any]:
         return {
             "samples": self.samples,
             "kept": self.kept,
@@ -306,7 +321,7 @@ class Tally:
         }
 
 
-def plot_histogram(tally: Tally, threshold: float, path: Path) -> None:
+def plot_histogram(tally: Tally, threshold: float, path: Location) -> None:
     """A PNG of the clip_score distribution, all samples against kept ones, with the threshold."""
     import matplotlib
 
@@ -326,6 +341,6 @@ def plot_histogram(tally: Tally, threshold: float, path: Path) -> None:
     ax.set(xlabel="clip_score (cosine)", ylabel="samples", title=f"{tally.kept} of {tally.samples} kept")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with outputs.staged(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -10,7 +10,8 @@ Phases, each a list of idempotent tasks over the metadata parquets:
 then rank 0 streams the kept uids into the keep list shard by shard and writes the summary and histogram.
 Memory: a task holds one shard's metadata; the merge holds the histogram, one shard's uids, and (only
 for ``--format datacomp``, as in one process) all kept uids. Scratch files live in ``FILE_work/`` next to
-the keep list and are removed after the merge.
+the keep list, on the same storage (with ``--output s3://…`` on the object store, where every node sees
+them), and are removed after the merge.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,8 @@ from data_tools.filter import (
     Tally,
     filtered_tables,
     input_files,
+    keep_list_location,
+    keep_list_stem,
     kept_uids,
     pick_threshold,
     quantile_bin,
@@ -40,12 +42,13 @@ from data_tools.filter import (
 )
 from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
-from webshards.atomic import atomic_path, write_json_atomic
+from webshards import outputs
+from webshards.outputs import Location
 
 
 def filter_job(
-    embeddings: str | Path,
-    output: str | Path,
+    embeddings: Location,
+    output: Location,
     cfg: FilterConfig,
     job: JobOptions,
     fmt: str = "parquet",
@@ -53,14 +56,14 @@ def filter_job(
 ) -> dict[str, Any] | None:
     """Write what ``filter_embeddings`` writes, with every pass as runner tasks; None on ranks other than 0."""
     files = input_files(embeddings, fmt)
-    output = Path(output)
-    scratch = output.with_name(f"{output.stem}_work")
-    work = scratch / settings_key({"inputs": input_fingerprint(files)})
+    output = keep_list_location(output)
+    scratch = outputs.with_name(output, f"{keep_list_stem(output)}_work")
+    work = outputs.join(scratch, settings_key({"inputs": input_fingerprint(files)}))
     threshold = _threshold(files, cfg, work, job)
     rules = settings_key({"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls})
-    parts = work / f"keep-{rules}"
+    parts = outputs.join(work, f"keep-{rules}")
     tasks = [
-        Task(f"keep:{i}", parts / f"{i:05d}.json", (p, cfg, threshold, shard_urls))
+        Task(f"keep:{i}", outputs.join(parts, f"{i:05d}.json"), (p, cfg, threshold, shard_urls))
         for i, p in enumerate(files)
     ]
     run_phase(tasks, keep_task, job, "filter (keep)", last=True)
@@ -68,39 +71,43 @@ def filter_job(
         release_scratch(scratch, work, job)
         return None
     tally = Tally()
-    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
+    with outputs.staged(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
         for task in tasks:
-            tally.merge(json.loads(task.output.read_text()))
-            writer.write_table(pq.read_table(task.output.with_suffix(".parquet")))
+            tally.merge(json.loads(outputs.read_bytes(task.output)))
+            writer.write_table(outputs.read_parquet(_uids_file(task.output)))
     summary = write_outputs(output, fmt, tally, cfg, threshold)
     release_scratch(scratch, work, job)
     return summary
 
 
-def _threshold(files: list[Path], cfg: FilterConfig, work: Path, job: JobOptions) -> float:
+def _threshold(files: list[Location], cfg: FilterConfig, work: Location, job: JobOptions) -> float:
     """The score threshold: given, none, or the exact ``keep_fraction`` quantile from two task phases."""
     if cfg.keep_fraction is None:
         return -math.inf if cfg.min_score is None else cfg.min_score
-    tasks = [Task(f"counts:{i}", work / "counts" / f"{i:05d}.npy", path) for i, path in enumerate(files)]
+    tasks = [
+        Task(f"counts:{i}", outputs.join(work, f"counts/{i:05d}.npy"), path) for i, path in enumerate(files)
+    ]
     run_phase(tasks, counts_task, job, "filter (score counts)")
     counts = np.zeros(QUANTILE_BINS, dtype=np.int64)
     for task in tasks:
-        bins, n = np.load(task.output)
+        bins, n = outputs.load_npy(task.output)
         np.add.at(counts, bins, n)
     plan = quantile_plan(counts, cfg.keep_fraction)
     if plan is None:
         return math.inf
-    folder = work / f"bin-{plan[0]}"
-    tasks = [Task(f"bin:{i}", folder / f"{i:05d}.npy", (p, plan[0])) for i, p in enumerate(files)]
+    folder = outputs.join(work, f"bin-{plan[0]}")
+    tasks = [
+        Task(f"bin:{i}", outputs.join(folder, f"{i:05d}.npy"), (p, plan[0])) for i, p in enumerate(files)
+    ]
     run_phase(tasks, bin_task, job, "filter (threshold bin)")
-    return pick_threshold([np.load(task.output) for task in tasks], plan)
+    return pick_threshold([outputs.load_npy(task.output) for task in tasks], plan)
 
 
 def counts_task(task: Task) -> int:
     """One shard's non-empty quantile bins and their counts, as a ``(2, bins)`` int64 array."""
     scores = read_scores(task.payload)
     bins, counts = np.unique(quantile_bin(scores), return_counts=True)
-    _save(task.output, np.stack([bins, counts]).astype(np.int64))
+    outputs.save_npy(task.output, np.stack([bins, counts]).astype(np.int64))
     return len(scores)
 
 
@@ -108,7 +115,7 @@ def bin_task(task: Task) -> int:
     """One shard's scores inside the threshold's bin."""
     path, target = task.payload
     scores = read_scores(path)
-    _save(task.output, scores[quantile_bin(scores) == target])
+    outputs.save_npy(task.output, scores[quantile_bin(scores) == target])
     return len(scores)
 
 
@@ -118,12 +125,12 @@ def keep_task(task: Task) -> int:
     tally = Tally()
     for table, masks in filtered_tables([path], cfg, threshold, urls):
         kept = kept_uids(table, tally.add(table, masks))
-        with atomic_path(task.output.with_suffix(".parquet")) as tmp:
+        with outputs.staged(_uids_file(task.output)) as tmp:
             pq.write_table(kept, tmp)
-    write_json_atomic(task.output, tally.as_dict())
+    outputs.write_json(task.output, tally.as_dict())
     return tally.samples
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+def _uids_file(marker: Location) -> Location:
+    """The kept uids (``NNNNN.parquet``) beside a keep task's marker (``NNNNN.json``)."""
+    return outputs.with_name(marker, outputs.name(marker).removesuffix(".json") + ".parquet")

@@ -6,7 +6,8 @@ on whatever engine ``runner.run_tasks`` offers: the local process pool, a rank/w
 or a cluster engine. A later phase reads the earlier phase's files, so before it starts, a node waits until
 *every* marker of the earlier phase exists — written by itself or by other ranks on the shared folder —
 polling with a timeout (``JobOptions.phase_timeout``) and failing with one line naming the phase and a
-missing file. Without a rank split the wait finds all markers at once.
+missing file. Without a rank split the wait finds all markers at once. The scratch folder may be on an fsspec store
+(``s3://…``, when the job's output is): markers are then polled there, since the nodes share no disk.
 
 The last phase is different: only rank 0 waits for it, then merges (small); the other ranks end once
 their own tasks are done. Every rank then marks itself done, and rank 0 removes the scratch folder only
@@ -18,15 +19,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from data_tools.runner import Task, resolve_rank_world, run_tasks
-from webshards.atomic import write_atomic
+from webshards import outputs
+from webshards.outputs import Location
 
 DEFAULT_PARTITIONS = 16
 DEFAULT_PHASE_TIMEOUT = 24 * 3600.0
@@ -100,12 +100,13 @@ def _extra(job: JobOptions) -> dict[str, Any]:
     return {key: value for key, value in job.runner.items() if key in accepted and value is not None}
 
 
-def wait_for_markers(markers: list[Path], timeout: float, desc: str) -> None:
-    """Poll until every marker exists; a ValueError names the phase and a missing file after ``timeout`` s."""
+def wait_for_markers(markers: list[Location], timeout: float, desc: str) -> None:
+    """Poll until every marker (a path or URL) exists; a ValueError names the phase and a missing file after
+    ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    missing = [Path(m) for m in markers]
+    missing = list(markers)
     while True:
-        missing = [m for m in missing if not m.exists()]
+        missing = [m for m in missing if not outputs.exists(m)]
         if not missing:
             return
         if time.monotonic() >= deadline:
@@ -123,18 +124,18 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def input_fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
-    """Name, size and mtime of each input file, so a rerun on changed inputs uses fresh scratch files."""
-    stats = [(Path(f), Path(f).stat()) for f in files]
-    return [(str(path), st.st_size, st.st_mtime_ns) for path, st in stats]
+def input_fingerprint(files: list[Location]) -> list[tuple[str, int, int | str]]:
+    """Name, size and version (mtime, ETag) of each input file, so a rerun on changed inputs uses fresh
+    scratch files."""
+    return [outputs.fingerprint(f) for f in files]
 
 
-def release_scratch(scratch: Path, work: Path, job: JobOptions) -> None:
+def release_scratch(scratch: Location, work: Location, job: JobOptions) -> None:
     """The end of a job on every rank: mark this rank done (past every barrier); rank 0, after its merge,
     waits for all ranks' marks and then deletes the scratch folder, so no rank still polls files in it."""
     rank, world = resolve_rank_world(job.rank, job.world)
-    marks = [work / "ranks" / f"{r}-of-{world}.done" for r in range(world)]
-    write_atomic(marks[rank], b"")
+    marks = [outputs.join(work, f"ranks/{r}-of-{world}.done") for r in range(world)]
+    outputs.write_bytes(marks[rank], b"")
     if rank == 0:
         wait_for_markers(marks, job.phase_timeout, "end of job")
-        shutil.rmtree(scratch, ignore_errors=True)
+        outputs.remove_tree(scratch)

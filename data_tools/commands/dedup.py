@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from data_tools.commands.options import (
     add_output,
@@ -29,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--shards", metavar="SPEC", help="input shards (exact, perceptual)")
     add_required(parser, "--method", choices=METHODS, help="duplicate kind")
-    add("--embeddings", type=Path, metavar="DIR", help="from embed (semantic)")
+    add("--embeddings", metavar="DIR|URL", help="from embed (semantic; a folder or fsspec URL)")
     add("--threshold", type=float_at_least(0.0), metavar="T", help="perceptual: bits (10); semantic: eps")
-    add_output(parser)
+    add_output(parser, "DIR|URL", "output folder or fsspec URL (s3://bucket/prefix)", url=True)
     add("--keep-policy", choices=policies, help="which member of a group to keep (see docs)")
     add("--with-caption", action="store_true", help="exact: the normalised caption must match too")
     add("--clusters", type=int_at_least(1), metavar="K", help="semantic: k-means clusters")

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_required(parser, "--shards", metavar="SPEC", help="input shards")
     model_help = "open_clip name, export folder, checkpoint folder or run directory"
     add_required(parser, "--model", metavar="NAME|PATH", help=model_help)
-    add_output(parser)
+    add_output(parser, "DIR|URL", "output folder or fsspec URL (s3://bucket/prefix)", url=True)
     add("--batch-size", type=int_at_least(1), default=256, metavar="N", help="samples per forward pass")
     add("--pretrained", metavar="TAG", help="open_clip pretrained tag (with an open_clip name)")
     add("--device", choices=("cpu", "cuda"), default="cpu", help="cuda runs under bf16 autocast")

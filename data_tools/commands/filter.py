@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from data_tools.commands.options import (
     add_output,
@@ -25,11 +24,11 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``filter``."""
     add = parser.add_argument
-    add_required(parser, "--embeddings", type=Path, metavar="DIR", help="from embed")
+    add_required(parser, "--embeddings", metavar="DIR|URL", help="from embed (a folder or fsspec URL)")
     score = parser.add_mutually_exclusive_group(required=True)
     score.add_argument("--min-score", type=float_at_least(-1.0), metavar="X", help="least clip_score kept")
     score.add_argument("--keep-fraction", type=float_at_least(0.0), metavar="F", help="keep the top F")
-    add_output(parser, metavar="FILE", help="keep list")
+    add_output(parser, "FILE|URL", "keep list (a path or fsspec URL)", url=True)
     add("--format", choices=("parquet", "datacomp"), default="parquet", help="datacomp: also FILE.npy")
     add("--min-side", type=int_at_least(1), metavar="N", help="least original image side")
     add("--max-aspect-ratio", type=float_at_least(1.0), metavar="R", help="long/short side")

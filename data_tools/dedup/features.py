@@ -11,7 +11,6 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +20,9 @@ from data_tools.dedup.exact import DIGEST_BYTES, sample_digest
 from data_tools.dedup.perceptual import phash64
 from data_tools.phases import JobOptions, run_phase
 from data_tools.runner import RunSummary, Task, run_tasks
-from webshards.atomic import atomic_path
+from webshards import outputs
 from webshards.layout import iter_shard
+from webshards.outputs import Location
 from webshards.samples import image_extension
 from webshards.urls import open_url
 
@@ -43,14 +43,14 @@ class FeatureJob:
         return f"{self.method}-caption" if self.with_caption else self.method
 
 
-def feature_files(output: str | Path, job: FeatureJob, count: int) -> list[Path]:
-    """Where the hashes of the ``count`` input shards go, in shard order."""
-    return [Path(output) / "features" / job.folder_name / f"{i:05d}.parquet" for i in range(count)]
+def feature_files(output: Location, job: FeatureJob, count: int) -> list[Location]:
+    """Where the hashes of the ``count`` input shards go, in shard order (under the output, local or URL)."""
+    return [outputs.join(output, f"features/{job.folder_name}/{i:05d}.parquet") for i in range(count)]
 
 
 def run_features(
-    urls: list[str], output: str | Path, job: FeatureJob, workers: int = 1, options: JobOptions | None = None
-) -> list[Path]:
+    urls: list[str], output: Location, job: FeatureJob, workers: int = 1, options: JobOptions | None = None
+) -> list[Location]:
     """Hash every shard not hashed yet; returns the feature files in shard order (all complete).
 
     With ``options`` (a partitioned job) it is a phase: under a rank split it waits for the other ranks.
@@ -82,7 +82,7 @@ def hash_shard(task: Task) -> int:
             rows["caption"].append(_caption(sample))
             rows["pixels"].append(int(meta.get("width") or 0) * int(meta.get("height") or 0))
             rows["feature"].append(feature)
-    with atomic_path(task.output) as tmp:
+    with outputs.staged(task.output) as tmp:
         pq.write_table(_table(rows, job), tmp)
     return len(rows["key"])
 
@@ -124,10 +124,10 @@ def _table(rows: dict[str, list], job: FeatureJob) -> pa.Table:
     )
 
 
-def read_features(files: list[Path], method: str) -> tuple[np.ndarray, np.ndarray]:
+def read_features(files: list[Location], method: str) -> tuple[np.ndarray, np.ndarray]:
     """The hash column of all shards (``(n, 32)`` uint8 digests or ``(n,)`` uint64) and pixels per item."""
     column = FEATURE_COLUMN[method]
-    tables = [pq.read_table(path, columns=[column, "pixels"]) for path in files]
+    tables = [outputs.read_parquet(path, [column, "pixels"]) for path in files]
     pixels = np.concatenate([t["pixels"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     if method == "exact":
         digests = [fixed_binary(t[column].combine_chunks()) for t in tables]
@@ -143,6 +143,6 @@ def fixed_binary(array: pa.FixedSizeBinaryArray) -> np.ndarray:
     return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
 
 
-def iter_tables(files: list[Path]) -> Iterator[pa.Table]:
+def iter_tables(files: list[Location]) -> Iterator[pa.Table]:
     """The key/uid/caption tables of the shards, one at a time, in item order."""
-    return (pq.read_table(path, columns=["key", "uid", "caption"]) for path in files)
+    return (outputs.read_parquet(path, ["key", "uid", "caption"]) for path in files)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from webshards.atomic import atomic_path, write_json_atomic
+from webshards import outputs
+from webshards.outputs import Location
 
 DUPLICATES_SCHEMA = pa.schema(
     [("key", pa.string()), ("uid", pa.string()), ("group", pa.int64()), ("keep", pa.bool_())]
@@ -79,20 +79,19 @@ def choose_keep(groups: np.ndarray, priority: np.ndarray) -> np.ndarray:
 
 
 def write_results(
-    output: str | Path, tables: Iterable[pa.Table], groups: np.ndarray, keep: np.ndarray, info: dict[str, Any]
+    output: Location, tables: Iterable[pa.Table], groups: np.ndarray, keep: np.ndarray, info: dict[str, Any]
 ) -> dict[str, Any]:
     """Write duplicates.parquet, keep.parquet, then report.json (last) from per-shard tables in item order.
 
     ``tables`` carry ``key``, ``uid`` and ``caption`` for the items ``groups``/``keep`` index, in order.
     """
-    out = Path(output)
     sizes = np.bincount(groups[groups >= 0])
     examples = set(np.argsort(-sizes, kind="stable")[:EXAMPLE_GROUPS].tolist())
     members: dict[int, list[dict[str, Any]]] = {g: [] for g in examples}
     start = 0
     with (
-        atomic_path(out / "duplicates.parquet") as dup_tmp,
-        atomic_path(out / "keep.parquet") as keep_tmp,
+        outputs.staged(outputs.join(output, "duplicates.parquet")) as dup_tmp,
+        outputs.staged(outputs.join(output, "keep.parquet")) as keep_tmp,
         pq.ParquetWriter(dup_tmp, DUPLICATES_SCHEMA) as duplicates,
         pq.ParquetWriter(keep_tmp, KEEP_SCHEMA) as kept,
     ):
@@ -106,7 +105,7 @@ def write_results(
     if start != len(groups):
         raise ValueError(f"the shard tables hold {start} items, the groups {len(groups)}")
     report = {**info, **_counts(groups, keep, sizes), "examples": _examples(members)}
-    write_json_atomic(out / "report.json", report)
+    outputs.write_json(outputs.join(output, "report.json"), report)
     return report
 
 

@@ -15,16 +15,18 @@ path (``exact_labels`` / ``perceptual_edges`` + ``connected_components``) group 
 Memory: a scatter task holds one shard's hashes; an edges task its partition, about ``n / P`` digests or
 ``(r + 1) n / P`` hashes (a single band key cannot be split, so at most ``n / 2^(64 // (r + 1))`` per key);
 the merge holds O(n) int64 labels, pixels and the edges.
+
+Scratch files live under ``DIR/partitions/`` of the output (an fsspec URL such as ``s3://…`` too, where the
+nodes of a rank split see each other's files) and are removed after the merge; the per-shard hashes stay
+in ``DIR/features/`` for reruns.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from data_tools.dedup.exact import DIGEST_BYTES
 from data_tools.dedup.features import (
@@ -40,22 +42,24 @@ from data_tools.dedup.perceptual import HASH_BITS, perceptual_edges
 from data_tools.dedup.shuffle import marker_path, mix64, read_partition, save_array, write_partitioned
 from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
+from webshards import outputs
+from webshards.outputs import Location
 
 SCRATCH = "partitions"
 
 
 def run_hashed(
-    output: str | Path, cfg: Any, urls: list[str], job: JobOptions
+    output: Location, cfg: Any, urls: list[str], job: JobOptions
 ) -> tuple[np.ndarray, np.ndarray, Any, dict[str, Any]] | None:
     """Exact or perceptual dedup of ``urls`` as task phases; (groups, priority, tables, info) on rank 0."""
     start = time.perf_counter()
     files = run_features(urls, output, FeatureJob(cfg.method, cfg.with_caption), options=job)
     hashing = time.perf_counter() - start
-    scratch = Path(output) / SCRATCH
+    scratch = outputs.join(output, SCRATCH)
     settings = {"method": cfg.method, "caption": cfg.with_caption, "bits": cfg.bits, "P": job.partitions}
-    work = scratch / settings_key({**settings, "inputs": input_fingerprint(files)})
-    offsets = np.cumsum([0] + [pq.read_metadata(f).num_rows for f in files])
-    folder = work / "scatter"
+    work = outputs.join(scratch, settings_key({**settings, "inputs": input_fingerprint(files)}))
+    offsets = np.cumsum([0] + [outputs.parquet_rows(f) for f in files])
+    folder = outputs.join(work, "scatter")
     payload = (cfg.method, cfg.bits, job.partitions)
     tasks = [
         Task(f"scatter:{i}", marker_path(folder, i), (f, int(offsets[i]), *payload))
@@ -64,14 +68,14 @@ def run_hashed(
     run_phase(tasks, scatter_task, job, f"dedup {cfg.method} (scatter)")
     markers = [task.output for task in tasks]
     edge_tasks = [
-        Task(f"edges:{p}", work / "edges" / f"{p:05d}.npy", (markers, p, cfg.method, cfg.bits))
+        Task(f"edges:{p}", outputs.join(work, f"edges/{p:05d}.npy"), (markers, p, cfg.method, cfg.bits))
         for p in range(job.partitions)
     ]
     run_phase(edge_tasks, edges_task, job, f"dedup {cfg.method} (edges)", last=True)
     if not job.is_merger:
         release_scratch(scratch, work, job)
         return None
-    edges = np.concatenate([np.load(task.output) for task in edge_tasks])
+    edges = np.concatenate([outputs.load_npy(task.output) for task in edge_tasks])
     labels = connected_components(int(offsets[-1]), edges)
     pixels = read_features(files, cfg.method)[1] if cfg.policy == "largest" else np.zeros(int(offsets[-1]))
     release_scratch(scratch, work, job)
@@ -83,7 +87,7 @@ def run_hashed(
 def scatter_task(task: Task) -> int:
     """One shard's records (global index + hash), each sent to the partitions of its keys."""
     path, offset, method, bits, partitions = task.payload
-    column = pq.read_table(path, columns=[FEATURE_COLUMN[method]])[FEATURE_COLUMN[method]]
+    column = outputs.read_parquet(path, [FEATURE_COLUMN[method]])[FEATURE_COLUMN[method]]
     index = offset + np.arange(len(column), dtype=np.int64)
     if method == "exact":
         records, partition = _exact_records(column, index, partitions)

@@ -14,22 +14,29 @@ added, as a probe, to every other cluster within that margin among its ``probes`
 searched between a cluster's members and all its members and probes. That finds every pair unless an
 item had more clusters inside its margin than it could probe: the count of such items is reported as
 ``unchecked``, and when it is 0 the groups equal a brute-force search exactly.
+
+The embeddings folder may be an fsspec URL (``s3://…``). ``semantic_components`` is the single-process
+reference: its bucket spill stays on local disk (a temp folder when the output is a URL). The CLI always runs
+the partitioned job (semantic_job.py), whose spill files live under the output, on the same storage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from data_tools.dedup.groups import connected_components
 from data_tools.embeddings import embedding_files, metadata_files, shard_index
+from webshards import outputs
+from webshards.outputs import Location
 
 DEFAULT_EPS = 0.05
 CLUSTER_SIZE = 1000  # mean cluster size when the number of clusters is not given
@@ -77,7 +84,7 @@ def unit_rows(raw: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def embedding_parts(embeddings: Path) -> list[tuple[Path, Path]]:
+def embedding_parts(embeddings: Location) -> list[tuple[Location, Location]]:
     """(metadata, image embeddings) file pairs in shard order."""
     pairs = [(m, embedding_files(embeddings, shard_index(m)).image) for m in metadata_files(embeddings)]
     if not pairs:
@@ -85,27 +92,31 @@ def embedding_parts(embeddings: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def read_part(image_file: Path) -> np.ndarray:
-    return np.load(image_file, mmap_mode="r")
+def read_part(image_file: Location) -> np.ndarray:
+    """One shard's image embeddings: memory-mapped locally, downloaded from a URL."""
+    return outputs.load_npy(image_file, mmap=True)
 
 
-def _count_rows(parts: list[tuple[Path, Path]]) -> int:
+def _count_rows(parts: list[tuple[Location, Location]]) -> int:
     """Total rows; each shard's embeddings must align with its metadata rows."""
     return sum(part_rows(parts))
 
 
-def part_rows(parts: list[tuple[Path, Path]]) -> list[int]:
+def part_rows(parts: list[tuple[Location, Location]]) -> list[int]:
     """Rows per shard; each shard's embeddings must align with its metadata rows."""
     counts = []
     for metadata, image_file in parts:
-        rows = pq.read_metadata(metadata).num_rows
-        if read_part(image_file).shape[0] != rows:
-            raise ValueError(f"{image_file.name} and {metadata.name} have different row counts")
+        rows = outputs.parquet_rows(metadata)
+        if outputs.npy_shape(image_file)[0] != rows:
+            names = f"{outputs.name(image_file)} and {outputs.name(metadata)}"
+            raise ValueError(f"{names} have different row counts")
         counts.append(rows)
     return counts
 
 
-def train_centroids(parts: list[tuple[Path, Path]], n: int, k: int, cfg: SemanticConfig) -> np.ndarray:
+def train_centroids(
+    parts: list[tuple[Location, Location]], n: int, k: int, cfg: SemanticConfig
+) -> np.ndarray:
     """Unit centroids of spherical k-means on a uniform sample of at most 256 rows per cluster."""
     rng = np.random.default_rng(cfg.seed)
     rate = sample_rate(n, k)
@@ -172,7 +183,11 @@ class ClusterSpill:
 
 
 def assign(
-    parts: list[tuple[Path, Path]], centroids: np.ndarray, spill: ClusterSpill, n: int, cfg: SemanticConfig
+    parts: list[tuple[Location, Location]],
+    centroids: np.ndarray,
+    spill: ClusterSpill,
+    n: int,
+    cfg: SemanticConfig,
 ) -> tuple[np.ndarray, int]:
     """Spill every item to its nearest cluster and, as a probe, to boundary clusters within the margin.
 
@@ -227,25 +242,37 @@ def bucket_edges(records: np.ndarray, eps: float) -> np.ndarray:
     return np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64)
 
 
-def semantic_components(embeddings: str | Path, work_dir: str | Path, cfg: SemanticConfig) -> SemanticResult:
-    """Duplicate components over all image embeddings of ``embeddings``; buckets live under ``work_dir``."""
-    parts = embedding_parts(Path(embeddings))
+def semantic_components(embeddings: Location, work_dir: Location, cfg: SemanticConfig) -> SemanticResult:
+    """Duplicate components over all image embeddings of ``embeddings``; buckets live under ``work_dir``
+    (a local temp folder when ``work_dir`` is a URL: this one process is the only reader)."""
+    parts = embedding_parts(embeddings)
     n = _count_rows(parts)
     if n == 0:
         raise ValueError(f"no embeddings in {embeddings}")
     k = cfg.clusters or max(1, math.ceil(n / CLUSTER_SIZE))
     centroids = train_centroids(parts, n, k, cfg)
-    spill = ClusterSpill(Path(work_dir) / "semantic-buckets", centroids.shape[1])
-    centroid_sim, unchecked = assign(parts, centroids, spill, n, cfg)
-    edges = [bucket_edges(records, cfg.eps) for records in spill.buckets()]
-    spill.remove()
+    with _local_folder(work_dir) as folder:
+        spill = ClusterSpill(folder / "semantic-buckets", centroids.shape[1])
+        centroid_sim, unchecked = assign(parts, centroids, spill, n, cfg)
+        edges = [bucket_edges(records, cfg.eps) for records in spill.buckets()]
+        spill.remove()
     labels = connected_components(n, np.concatenate(edges) if edges else np.zeros((0, 2), np.int64))
-    scores = [pq.read_table(m, columns=["clip_score"])["clip_score"].to_numpy() for m, _ in parts]
+    scores = [outputs.read_parquet(m, ["clip_score"])["clip_score"].to_numpy() for m, _ in parts]
     info = {"eps": cfg.eps, "clusters": len(centroids), "probes": cfg.probes, "unchecked": unchecked}
     return SemanticResult(labels, centroid_sim, np.concatenate(scores), {**info, "exact": unchecked == 0})
 
 
-def metadata_tables(embeddings: str | Path) -> Iterator[Any]:
+@contextlib.contextmanager
+def _local_folder(work_dir: Location) -> Iterator[Path]:
+    """``work_dir`` itself when local, else a temp folder removed afterwards."""
+    if not outputs.is_remote(work_dir):
+        yield Path(work_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="semantic-") as folder:
+        yield Path(folder)
+
+
+def metadata_tables(embeddings: Location) -> Iterator[Any]:
     """The key/uid/caption tables of the embeddings folder, in item order."""
-    for metadata, _ in embedding_parts(Path(embeddings)):
-        yield pq.read_table(metadata, columns=["key", "uid", "caption"])
+    for metadata, _ in embedding_parts(embeddings):
+        yield outputs.read_parquet(metadata, ["key", "uid", "caption"])

@@ -13,7 +13,8 @@
 Memory: a sample or assign task holds one shard's embeddings; the k-means task the sample (at most 256
 rows per cluster); a pairs task its partition's buckets, about ``(1 + probes) n d / P`` fp16 values, and one
 similarity block; the merge O(n) labels, similarities and scores plus the pairs. Spill files live under
-``DIR/semantic-work/`` (the output folder, shared by the nodes) and are removed after the merge.
+``DIR/semantic-work/`` (the output folder, shared by the nodes: a shared disk or an fsspec store such as
+``s3://…``) and are removed after the merge. The embeddings folder may be a URL too.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from __future__ import annotations
 import math
 import multiprocessing
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from data_tools.dedup.groups import connected_components
 from data_tools.dedup.semantic import (
@@ -44,25 +43,28 @@ from data_tools.dedup.semantic import (
 from data_tools.dedup.shuffle import marker_path, read_partition, save_array, write_partitioned
 from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
-from webshards.atomic import atomic_path
+from webshards import outputs
+from webshards.outputs import Location
 
 SCRATCH = "semantic-work"
 
 
-def semantic_job(embeddings: str | Path, output: str | Path, cfg: SemanticConfig, job: JobOptions) -> Any:
+def semantic_job(embeddings: Location, output: Location, cfg: SemanticConfig, job: JobOptions) -> Any:
     """Duplicate components of the image embeddings as task phases; a SemanticResult on rank 0, else None."""
-    parts = embedding_parts(Path(embeddings))
+    parts = embedding_parts(embeddings)
     rows = part_rows(parts)
     n = sum(rows)
     if n == 0:
         raise ValueError(f"no embeddings in {embeddings}")
     k = cfg.clusters or max(1, math.ceil(n / CLUSTER_SIZE))
-    scratch = Path(output) / SCRATCH
+    scratch = outputs.join(output, SCRATCH)
     fingerprint = input_fingerprint([f for part in parts for f in part])
-    work = scratch / settings_key({"cfg": asdict(cfg), "P": job.partitions, "inputs": fingerprint})
+    work = outputs.join(
+        scratch, settings_key({"cfg": asdict(cfg), "P": job.partitions, "inputs": fingerprint})
+    )
     offsets = np.cumsum([0, *rows])
     centroids = _centroids(parts, offsets, k, cfg, work, job)
-    folder = work / "assign"
+    folder = outputs.join(work, "assign")
     payload = (centroids, cfg, job.partitions)
     tasks = [
         Task(f"assign:{i}", marker_path(folder, i), (p, int(offsets[i]), *payload))
@@ -71,34 +73,35 @@ def semantic_job(embeddings: str | Path, output: str | Path, cfg: SemanticConfig
     run_phase(tasks, assign_task, job, "dedup semantic (assign)")
     markers = [task.output for task in tasks]
     pair_tasks = [
-        Task(f"pairs:{p}", work / "pairs" / f"{p:05d}.npy", (markers, p, cfg.eps))
+        Task(f"pairs:{p}", outputs.join(work, f"pairs/{p:05d}.npy"), (markers, p, cfg.eps))
         for p in range(job.partitions)
     ]
     run_phase(pair_tasks, pairs_task, job, "dedup semantic (pairs)", last=True)
     if not job.is_merger:
         release_scratch(scratch, work, job)
         return None
-    result = _merge(parts, markers, [task.output for task in pair_tasks], n, cfg, len(np.load(centroids)))
+    trained = len(outputs.load_npy(centroids))  # k-means may train fewer clusters than asked
+    result = _merge(parts, markers, [task.output for task in pair_tasks], n, cfg, trained)
     release_scratch(scratch, work, job)
     return result
 
 
 def _centroids(
-    parts: list[tuple[Path, Path]],
+    parts: list[tuple[Location, Location]],
     offsets: np.ndarray,
     k: int,
     cfg: SemanticConfig,
-    work: Path,
+    work: Location,
     job: JobOptions,
-) -> Path:
+) -> Location:
     """The sample phase, then the one k-means task; returns the centroids file."""
     rate = sample_rate(int(offsets[-1]), k)
     tasks = [
-        Task(f"sample:{i}", work / "sample" / f"{i:05d}.npy", (p, rate, cfg.seed, int(offsets[i])))
+        Task(f"sample:{i}", outputs.join(work, f"sample/{i:05d}.npy"), (p, rate, cfg.seed, int(offsets[i])))
         for i, (_, p) in enumerate(parts)
     ]
     run_phase(tasks, sample_task, job, "dedup semantic (sample)")
-    train = Task("centroids", work / "centroids.npy", ([t.output for t in tasks], k, cfg))
+    train = Task("centroids", outputs.join(work, "centroids.npy"), ([t.output for t in tasks], k, cfg))
     run_phase([train], centroids_task, job, "dedup semantic (k-means)")
     return train.output
 
@@ -118,7 +121,7 @@ def centroids_task(task: Task) -> int:
     """k-means on the whole sample, shards in order."""
     files, k, cfg = task.payload
     _fork_safe_faiss()
-    sample = np.concatenate([np.load(f) for f in files])
+    sample = np.concatenate([outputs.load_npy(f) for f in files])
     save_array(task.output, kmeans_centroids(sample, k, cfg))
     return len(sample)
 
@@ -128,7 +131,7 @@ def assign_task(task: Task) -> int:
     image_file, offset, centroids, cfg, partitions = task.payload
     _fork_safe_faiss()
     raw = np.asarray(read_part(image_file))
-    own_sim, unchecked, (clusters, rows, member) = nearest_clusters(np.load(centroids), cfg)(raw)
+    own_sim, unchecked, (clusters, rows, member) = nearest_clusters(outputs.load_npy(centroids), cfg)(raw)
     dtype = np.dtype(
         [("cluster", "<i8"), ("index", "<i8"), ("member", "u1"), ("vec", "<f2", (raw.shape[1],))]
     )
@@ -139,7 +142,7 @@ def assign_task(task: Task) -> int:
         member,
         raw[rows],
     )
-    with atomic_path(_sims_path(task.output)) as tmp, open(tmp, "wb") as f:
+    with outputs.staged(_sims_path(task.output)) as tmp, open(tmp, "wb") as f:
         np.savez(f, sim=own_sim, unchecked=np.int64(unchecked))
     write_partitioned(task.output, records, records["cluster"] % partitions, partitions)
     return len(raw)
@@ -154,8 +157,8 @@ def _fork_safe_faiss() -> None:
         faiss.omp_set_num_threads(1)
 
 
-def _sims_path(marker: Path) -> Path:
-    return marker.with_name(marker.name.replace(".bounds.npy", ".sims.npz"))
+def _sims_path(marker: Location) -> Location:
+    return outputs.with_name(marker, outputs.name(marker).replace(".bounds.npy", ".sims.npz"))
 
 
 def pairs_task(task: Task) -> int:
@@ -170,19 +173,19 @@ def pairs_task(task: Task) -> int:
 
 
 def _merge(
-    parts: list[tuple[Path, Path]],
-    markers: list[Path],
-    pair_files: list[Path],
+    parts: list[tuple[Location, Location]],
+    markers: list[Location],
+    pair_files: list[Location],
     n: int,
     cfg: SemanticConfig,
     k: int,
 ) -> SemanticResult:
     """Components of all pairs plus the per-item values the keep policies need, as in one process."""
-    edges = np.concatenate([np.load(f) for f in pair_files])
+    edges = np.concatenate([outputs.load_npy(f) for f in pair_files])
     labels = connected_components(n, edges)
-    sims = [np.load(_sims_path(m)) for m in markers]
+    sims = [outputs.load_npy(_sims_path(m)) for m in markers]
     centroid_sim = np.concatenate([s["sim"] for s in sims]).astype(np.float32)
     unchecked = int(sum(int(s["unchecked"]) for s in sims))
-    scores = [pq.read_table(m, columns=["clip_score"])["clip_score"].to_numpy() for m, _ in parts]
+    scores = [outputs.read_parquet(m, ["clip_score"])["clip_score"].to_numpy() for m, _ in parts]
     info = {"eps": cfg.eps, "clusters": k, "probes": cfg.probes, "unchecked": unchecked}
     return SemanticResult(labels, centroid_sim, np.concatenate(scores), {**info, "exact": unchecked == 0})

@@ -2,34 +2,34 @@
 
 A map task writes its shard's records sorted by partition (``NNNNN.records.npy``) and then, as its marker,
 the partition bounds (``NNNNN.bounds.npy``: ``P + 1`` offsets). A reduce task reads its partition's slice
-of every shard's file (memory-mapped, so only that slice is read), in shard order.
+of every shard's file, in shard order: only that slice is read (through a memory map locally, by a ranged
+read of the ``.npy`` file on an fsspec store such as ``s3://``, where the files live when the job's output
+does).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from webshards.atomic import atomic_path
+from webshards import outputs
+from webshards.outputs import Location
 
 
-def marker_path(folder: Path, shard: int) -> Path:
+def marker_path(folder: Location, shard: int) -> Location:
     """The marker (partition bounds) of shard ``shard``'s records under ``folder``."""
-    return folder / f"{shard:05d}.bounds.npy"
+    return outputs.join(folder, f"{shard:05d}.bounds.npy")
 
 
-def _records_path(marker: Path) -> Path:
-    return marker.with_name(marker.name.replace(".bounds.npy", ".records.npy"))
+def _records_path(marker: Location) -> Location:
+    return outputs.with_name(marker, outputs.name(marker).replace(".bounds.npy", ".records.npy"))
 
 
-def save_array(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to a temp name, renamed when complete."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+def save_array(path: Location, array: np.ndarray) -> None:
+    """``np.save`` written whole: to a temp name renamed when complete, or uploaded in one PUT."""
+    outputs.save_npy(path, array)
 
 
-def write_partitioned(marker: Path, records: np.ndarray, partition: np.ndarray, partitions: int) -> None:
+def write_partitioned(marker: Location, records: np.ndarray, partition: np.ndarray, partitions: int) -> None:
     """Write ``records`` grouped by ``partition`` (order kept inside a partition), then the bounds marker."""
     order = np.argsort(partition, kind="stable")
     bounds = np.searchsorted(partition[order], np.arange(partitions + 1)).astype(np.int64)
@@ -37,13 +37,13 @@ def write_partitioned(marker: Path, records: np.ndarray, partition: np.ndarray, 
     save_array(marker, bounds)
 
 
-def read_partition(markers: list[Path], partition: int) -> np.ndarray:
+def read_partition(markers: list[Location], partition: int) -> np.ndarray:
     """Partition ``partition``'s records of every shard, concatenated in shard order."""
     slices = []
     for marker in markers:
-        bounds = np.load(marker)
-        records = np.load(_records_path(marker), mmap_mode="r")
-        slices.append(np.array(records[bounds[partition] : bounds[partition + 1]]))
+        bounds = outputs.load_npy(marker)
+        start, stop = int(bounds[partition]), int(bounds[partition + 1])
+        slices.append(outputs.npy_rows(_records_path(marker), start, stop))
     return np.concatenate(slices)
 
 
