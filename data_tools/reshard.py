@@ -6,6 +6,9 @@ of known length (counted cheaply from the input parquets first); output shard j 
 [j·N, (j+1)·N) of that stream, optionally shuffled within fixed windows by a seeded permutation. Each
 output shard is thus a pure function of the inputs, so it is a runner task: resumable, spread over
 workers and nodes, and a rerun after a kill writes the same bytes.
+
+Input shards, their parquets and the keep lists may be local files or fsspec URLs (``s3://…``): shards are
+streamed, parquets and ``.npy`` lists read through ``webshards.outputs``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from webshards.layout import SUCCESS, ShardWriter, iter_shard, key_for, shard_na
 from webshards.outputs import Location, join
 from webshards.samples import image_extension
 from webshards.spec import expand_urls
+from webshards.urls import open_url, redact_url
 
 log = logging.getLogger("data_tools")
 
@@ -41,7 +45,7 @@ _SELECTION_SCHEMA = pa.schema([("key", pa.string()), ("count", pa.int32())])
 class InputShard:
     """One input shard: its tar, its selection file, and where its kept samples start in the stream."""
 
-    tar: Path
+    tar: Location
     selection: Location
     start: int
     count: int
@@ -64,7 +68,7 @@ class OutputShard:
 
 def reshard(
     shards: str,
-    keep_files: list[str | Path],
+    keep_files: list[Location],
     output: Location,
     samples_per_shard: int = 10000,
     shuffle_buffer: int = 0,
@@ -76,16 +80,13 @@ def reshard(
     ray_address: str | None = None,
 ) -> RunSummary:
     """Write the kept samples of ``shards`` into ``output`` (a folder or an fsspec URL such as ``s3://…``);
-    returns the run summary of this node."""
+    returns the run summary of this node. Shards and keep lists, too, are local paths or URLs."""
     if samples_per_shard < 1 or shuffle_buffer < 0:
         raise ValueError("samples_per_shard must be at least 1 and shuffle_buffer at least 0")
     tars = _input_tars(shards)
     keep = load_keep(keep_files)
     output = outputs.resolve(output)
-    settings = {
-        "shards": [str(t.resolve()) for t in tars],
-        "keep": [str(Path(k).resolve()) for k in keep_files],
-    }
+    settings = {"shards": [_setting(t) for t in tars], "keep": [_setting(k) for k in keep_files]}
     settings |= {"samples_per_shard": samples_per_shard, "shuffle_buffer": shuffle_buffer, "seed": seed}
     _check_settings(output, settings)
     inputs = _select(tars, keep, join(output, SELECTION_DIR))
@@ -104,42 +105,59 @@ def reshard(
     return summary
 
 
-def _input_tars(spec: str) -> list[Path]:
-    tars = [Path(url) for url in expand_urls(spec)]
-    missing = [t for t in tars if not (t.is_file() and t.with_name(f"{t.stem}_stats.json").is_file())]
+def _input_tars(spec: str) -> list[Location]:
+    """The shards of ``spec`` (``Path``s, URLs as text); each must be complete (tar and ``_stats.json``)."""
+    tars = [url if outputs.is_remote(url) else Path(url) for url in expand_urls(spec)]
+    missing = [t for t in tars if not (outputs.exists(t) and outputs.exists(_beside(t, "_stats.json")))]
     if missing:
-        raise ValueError(f"not a complete local shard: {missing[0]} ({len(missing)} of {len(tars)})")
+        raise ValueError(redact_url(f"not a complete shard: {missing[0]} ({len(missing)} of {len(tars)})"))
     return tars
 
 
-def load_keep(paths: list[str | Path]) -> Counter[str]:
+def _beside(tar: Location, suffix: str) -> Location:
+    """The file beside a shard's tar with its stem and ``suffix`` (``00007.parquet`` for ``00007.tar``)."""
+    return outputs.with_name(tar, Path(outputs.name(tar)).stem + suffix)
+
+
+def _setting(location: Location) -> str:
+    """How ``reshard.json`` records an input: a local path made absolute, a URL as given (credentials
+    hidden, as everything this project logs or saves)."""
+    if outputs.is_remote(location):
+        return redact_url(str(location))
+    return str(Path(location).resolve())
+
+
+def load_keep(locations: list[Location]) -> Counter[str]:
     """uid -> times to write it; several lists keep only uids in all of them, with the smallest count."""
-    if not paths:
+    if not locations:
         raise ValueError("need at least one keep list")
     kept: Counter[str] | None = None
-    for path in paths:
-        counts = Counter(_read_uids(Path(path)))
+    for location in locations:
+        counts = Counter(_read_uids(location))
         kept = counts if kept is None else kept & counts  # Counter & is the min count of common keys
     return kept
 
 
-def _read_uids(path: Path) -> Iterator[str]:
-    """The uids of a keep list: a parquet ``uid`` column or a DataComp ``.npy`` of u8,u8 pairs."""
-    if not path.is_file():
-        raise ValueError(f"keep list not found: {path}")
-    if path.suffix == ".npy":
-        pairs = np.load(path)
+def _read_uids(location: Location) -> Iterator[str]:
+    """The uids of a keep list (a path or URL): a parquet ``uid`` column, read in batches, or a DataComp
+    ``.npy`` of u8,u8 pairs."""
+    shown = redact_url(str(location))
+    if not outputs.exists(location):
+        raise ValueError(f"keep list not found: {shown}")
+    if outputs.name(location).endswith(".npy"):
+        pairs = outputs.load_npy(location)
         for high, low in zip(pairs[pairs.dtype.names[0]], pairs[pairs.dtype.names[1]]):
             yield f"{int(high):016x}{int(low):016x}"
         return
-    parquet = pq.ParquetFile(path)
-    if "uid" not in parquet.schema_arrow.names:
-        raise ValueError(f"keep list {path} has no uid column")
-    for batch in parquet.iter_batches(columns=["uid"], batch_size=65536):
-        yield from batch.column(0).to_pylist()
+    with open_url(str(location)) as stream:
+        parquet = pq.ParquetFile(stream)
+        if "uid" not in parquet.schema_arrow.names:
+            raise ValueError(f"keep list {shown} has no uid column")
+        for batch in parquet.iter_batches(columns=["uid"], batch_size=65536):
+            yield from batch.column(0).to_pylist()
 
 
-def _select(tars: list[Path], keep: Counter[str], folder: Location) -> list[InputShard]:
+def _select(tars: list[Location], keep: Counter[str], folder: Location) -> list[InputShard]:
     """Save each input shard's kept keys with counts; returns the shards with their stream offsets."""
     inputs, start = [], 0
     for index, tar in enumerate(tars):
@@ -155,17 +173,18 @@ def _select(tars: list[Path], keep: Counter[str], folder: Location) -> list[Inpu
     return inputs
 
 
-def _successful_samples(tar: Path) -> Iterator[tuple[str, str]]:
+def _successful_samples(tar: Location) -> Iterator[tuple[str, str]]:
     """(key, uid) of the samples in a shard: from its parquet when there is one, else from the tar."""
-    parquet = tar.with_suffix(".parquet")
-    if parquet.is_file():
-        table = pq.read_table(parquet, columns=["key", "uid", "status"])
+    parquet = _beside(tar, ".parquet")
+    if outputs.exists(parquet):
+        table = outputs.read_parquet(parquet, columns=["key", "uid", "status"])
         for key, uid, status in zip(*(table.column(c).to_pylist() for c in ("key", "uid", "status"))):
             if status == SUCCESS:
                 yield key, uid
         return
-    for sample in iter_shard(tar):
-        yield sample["__key__"], sample["json"]["uid"]
+    with open_url(str(tar)) as stream:
+        for sample in iter_shard(stream):
+            yield sample["__key__"], sample["json"]["uid"]
 
 
 def _check_settings(output: Location, settings: dict[str, Any]) -> None:
@@ -229,13 +248,14 @@ def _kept_stream(inputs: tuple[InputShard, ...], low: int, high: int) -> Iterato
         table = outputs.read_parquet(shard.selection)
         counts = dict(zip(table.column("key").to_pylist(), table.column("count").to_pylist()))
         position = shard.start
-        for sample in iter_shard(shard.tar):
-            for _ in range(counts.get(sample["__key__"], 0)):
-                if low <= position < high:
-                    yield position, sample
-                position += 1
-            if position >= high:
-                return
+        with open_url(str(shard.tar)) as stream:  # streamed: a remote tar is never downloaded whole
+            for sample in iter_shard(stream):
+                for _ in range(counts.get(sample["__key__"], 0)):
+                    if low <= position < high:
+                        yield position, sample
+                    position += 1
+                if position >= high:
+                    return
 
 
 def _add(writer: ShardWriter, key: str, sample: dict) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from data_tools.commands.options import (
     add_output,
@@ -24,9 +23,11 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``reshard``."""
     add = parser.add_argument
-    add_required(parser, "--shards", metavar="SPEC", help="input shards, e.g. 'in/{00000..00009}.tar'")
-    keep_help = "keep list (parquet with uid, or DataComp .npy); repeat to intersect"
-    add_required(parser, "--keep", type=Path, action="append", metavar="FILE", help=keep_help)
+    add_required(
+        parser, "--shards", metavar="SPEC", help="input shards (paths or URLs), e.g. 'in/{00000..00009}.tar'"
+    )
+    keep_help = "keep list (parquet with uid, or DataComp .npy), a path or URL; repeat to intersect"
+    add_required(parser, "--keep", type=keep_list, action="append", metavar="FILE|URL", help=keep_help)
     add_output(parser, "DIR|URL", "output folder or fsspec URL (s3://bucket/prefix)", url=True)
     add(
         "--samples-per-shard",
@@ -39,6 +40,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shuffle-buffer", type=int_at_least(0), default=0, metavar="N", help=shuffle_help)
     add("--seed", type=int_at_least(0), default=0, metavar="S", help="seed of the shuffle")
     add_runner_args(parser)
+
+
+def keep_list(text: str) -> str:
+    """An argparse type for ``--keep``: a keep list that is there, kept as text (a ``Path`` would fold
+    ``s3://`` into ``s3:/``). A missing list is a bad argument: one line naming it, exit status 2."""
+    from webshards import outputs
+    from webshards.urls import redact_url
+
+    try:
+        found = outputs.exists(text)
+    except ValueError as error:  # a URL nothing can reach: its reason, not argparse's "invalid value"
+        raise argparse.ArgumentTypeError(str(error)) from None
+    except OSError as error:  # e.g. the store refused the credentials
+        raise argparse.ArgumentTypeError(redact_url(f"keep list not readable: {text} ({error})")) from None
+    if not found:
+        raise argparse.ArgumentTypeError(f"keep list not found: {redact_url(text)}")
+    return text
 
 
 def run(args: argparse.Namespace) -> RunSummary:
