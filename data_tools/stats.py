@@ -1,7 +1,8 @@
 """``data-tools stats``: counts and distributions of a set of shards, from their parquets.
 
 Streams one shard's parquet at a time into fixed-bin histograms, so any number of shards fits in a few MB;
-percentiles are exact to the bin width (1 pixel, 1 word, 0.001 of clip score).
+percentiles are exact to the bin width (1 pixel, 1 word, 0.001 of clip score). Shards and the embeddings
+folder may be local or at fsspec URLs (``s3://…``); the report (``--output``) is written locally.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from webshards import outputs
 from webshards.atomic import write_json_atomic
 from webshards.layout import FAILURE_STATUSES, SUCCESS, iter_shard
+from webshards.outputs import Location
 from webshards.spec import expand_urls
+from webshards.urls import open_url, redact_url
 
 SIZE_FIELDS = ("width", "height", "original_width", "original_height")
 PERCENTILES = (5, 50, 95)
@@ -82,27 +85,28 @@ class ShardStats:
         return {**counts, "statuses": statuses, "distributions": distributions}
 
 
-def gather(spec: str, embeddings: str | Path | None = None) -> ShardStats:
-    """Statistics of the local shards of ``spec`` (and clip scores from an embeddings folder)."""
+def gather(spec: str, embeddings: Location | None = None) -> ShardStats:
+    """Statistics of the shards of ``spec`` (and clip scores from an embeddings folder), local or URLs."""
     stats = ShardStats()
     for url in tqdm(expand_urls(spec), desc="stats", unit=" shards", disable=None):
-        tar = Path(url)
-        if not tar.is_file():
-            raise ValueError(f"shard not found: {tar}")
+        tar = url if outputs.is_remote(url) else Path(url)
+        if not outputs.exists(tar):
+            raise ValueError(redact_url(f"shard not found: {tar}"))
         _add_shard(stats, tar)
     if embeddings is not None:
-        stats.histograms["clip_score"] = _clip_scores(Path(embeddings))
+        stats.histograms["clip_score"] = _clip_scores(embeddings)
     return stats
 
 
-def _add_shard(stats: ShardStats, tar: Path) -> None:
+def _add_shard(stats: ShardStats, tar: Location) -> None:
     """Count a shard's rows by status and add its successful samples to the histograms."""
     stats.shards += 1
-    parquet = tar.with_suffix(".parquet")
-    if parquet.is_file():
-        table = pq.read_table(parquet, columns=["status", "caption", *SIZE_FIELDS]).to_pydict()
+    parquet = outputs.with_name(tar, Path(outputs.name(tar)).stem + ".parquet")
+    if outputs.exists(parquet):
+        table = outputs.read_parquet(parquet, columns=["status", "caption", *SIZE_FIELDS]).to_pydict()
     else:  # no parquet (e.g. written by another tool): the tar's json holds the successes
-        records = [sample.get("json", {}) for sample in iter_shard(tar)]
+        with open_url(str(tar)) as stream:
+            records = [sample.get("json", {}) for sample in iter_shard(stream)]
         names = ["caption", *SIZE_FIELDS]
         table = {"status": [SUCCESS] * len(records), **{n: [r.get(n) for r in records] for n in names}}
     stats.statuses.update(table["status"])
@@ -112,14 +116,15 @@ def _add_shard(stats: ShardStats, tar: Path) -> None:
     stats.histograms["caption_words"].add([len((table["caption"][i] or "").split()) for i in ok])
 
 
-def _clip_scores(folder: Path) -> Histogram:
-    """The clip_score histogram of an embeddings folder's ``metadata/*.parquet``."""
-    files = sorted((folder / "metadata").glob("*.parquet"))
+def _clip_scores(folder: Location) -> Histogram:
+    """The clip_score histogram of an embeddings folder's ``metadata/*.parquet`` (a path or URL)."""
+    files = outputs.list_files(outputs.join(folder, "metadata"), "*.parquet")
     if not files:
-        raise ValueError(f"no metadata/*.parquet in embeddings folder {folder}")
+        raise ValueError(redact_url(f"no metadata/*.parquet in embeddings folder {folder}"))
     histogram = Histogram(-1.0, 0.001, 2001)
     for file in files:
-        histogram.add(pq.read_table(file, columns=["clip_score"]).column(0).to_numpy(zero_copy_only=False))
+        scores = outputs.read_parquet(file, columns=["clip_score"]).column(0)
+        histogram.add(scores.to_numpy(zero_copy_only=False))
     return histogram
 
 

@@ -17,9 +17,11 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``stats``."""
     add = parser.add_argument
-    add_required(parser, "--shards", metavar="SPEC", help="shards, e.g. 'out/{00000..00009}.tar'")
-    embeddings_help = "embeddings folder (metadata/*.parquet with clip_score)"
-    add("--embeddings", type=Path, metavar="DIR", help=embeddings_help)
+    add_required(
+        parser, "--shards", metavar="SPEC", help="shards (paths or URLs), e.g. 'out/{00000..00009}.tar'"
+    )
+    embeddings_help = "embeddings folder or URL (metadata/*.parquet with clip_score)"
+    add("--embeddings", metavar="DIR|URL", help=embeddings_help)  # text: a Path folds s3:// into s3:/
     add("--output", type=Path, metavar="DIR", help="write stats.json and histograms here")
 
 
