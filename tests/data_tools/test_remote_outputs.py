@@ -1,5 +1,5 @@
-"""Every stage with URLs (a moto S3 server): build and reshard with ``--output s3://…``, embed to s3, filter
-and all three dedup methods reading from and writing to s3. The objects equal a local run's files (so no
+"""Every stage with URLs (a moto S3 server): build with ``--output s3://…``, embed to s3, filter, all three
+dedup methods and reshard reading from and writing to s3, stats reading from s3. The objects equal a local run's files (so no
 scratch or spill file is left on s3), every shard's marker is uploaded after its data, a rerun skips what is
 there, a rank split polls its phase markers on s3, and a URL nothing can reach is one line."""
 
@@ -23,6 +23,7 @@ from data_tools.build import build
 from data_tools.cli import main
 from data_tools.images import ImageConfig
 from data_tools.reshard import reshard
+from data_tools.stats import gather
 
 TIMING_KEYS = {"start_time", "end_time", "duration"}
 """_stats.json records when its shard was written: the one thing two runs legitimately differ in."""
@@ -157,9 +158,12 @@ def embedded(dup_shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def upload(client, folder: Path, prefix: str) -> None:
-    """Every file under ``folder`` put under ``prefix/`` of the test bucket with boto3."""
+def upload(client, folder: Path, prefix: str, leave_out: str = "") -> None:
+    """Every file under ``folder`` (but those named ``*leave_out``) put under ``prefix/`` of the test bucket
+    with boto3."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if leave_out and path.name.endswith(leave_out):
+            continue
         key = f"{prefix}/{path.relative_to(folder).as_posix()}"
         client.put_object(Bucket="bucket", Key=key, Body=path.read_bytes())
 
@@ -293,3 +297,111 @@ def test_npy_rows_reads_only_the_rows_range_of_a_remote_file(s3, monkeypatch) ->
         fetched = opened[-1].total_requested_bytes
         assert fetched <= 2 * 65536 + 1024 + (stop - start) * records.itemsize < len(buffer.getvalue()) // 8
     assert webshards.outputs.npy_shape(url) == (200_000,)
+
+
+RESHARD = ["reshard", "--samples-per-shard", "2", "--shuffle-buffer", "3", "--seed", "1"]
+SPEC = "{00000..00002}.tar"
+
+
+def filtered_keep_lists(client, local: Path, embedded: Path, remote: str) -> None:
+    """``keep.parquet`` and ``keep.npy`` from one filter run on local embeddings (into ``local``) and one on
+    the embeddings uploaded to s3 (into the URL ``remote``)."""
+    upload(client, embedded, "emb")
+    args = ["filter", "--keep-fraction", "0.7", "--format", "datacomp", "--embeddings"]
+    assert main([*args, str(embedded), "--output", str(local / "keep.parquet")]) == 0
+    assert main([*args, "s3://bucket/emb", "--output", f"{remote}/keep.parquet"]) == 0
+
+
+def reshard_argv(shards: str, keeps: list[str], output: str) -> list[str]:
+    return [
+        *RESHARD,
+        "--shards",
+        shards,
+        *[a for keep in keeps for a in ("--keep", keep)],
+        "--output",
+        output,
+    ]
+
+
+@pytest.mark.parametrize("prefix", ["with-parquets", "tars-only"])
+def test_reshard_from_s3_shards_and_keep_lists_equals_local(
+    tmp_path: Path, s3, dup_shards: str, embedded: Path, prefix: str
+) -> None:
+    """Shards, keep lists and output on s3 (the shards with their parquets, or tars only: then the kept
+    samples are found by streaming the tars) write the same files as the all-local reshard; reshard.json
+    records the URLs. The second run intersects a DataComp ``.npy`` on s3 with a local parquet list.
+    (moto keeps its buckets for the whole session: each case has its own prefix.)"""
+    client, _ = s3
+    keep, remote = tmp_path / "keep", f"s3://bucket/{prefix}"
+    filtered_keep_lists(client, keep, embedded, f"{remote}/keep")
+    upload(
+        client, Path(dup_shards).parent, f"{prefix}/shards", "" if prefix == "with-parquets" else ".parquet"
+    )
+    local_keeps = [[f"{keep}/keep.parquet"], [f"{keep}/keep.npy", f"{keep}/keep.parquet"]]
+    remote_keeps = [[f"{remote}/keep/keep.parquet"], [f"{remote}/keep/keep.npy", f"{keep}/keep.parquet"]]
+    for run, (local_keep, remote_keep) in enumerate(zip(local_keeps, remote_keeps)):
+        assert main(reshard_argv(dup_shards, local_keep, str(tmp_path / f"local{run}"))) == 0
+        assert main(reshard_argv(f"{remote}/shards/{SPEC}", remote_keep, f"{remote}/curated{run}")) == 0
+        files = bucket_files(client, f"{prefix}/curated{run}")
+        expected = local_files(tmp_path / f"local{run}")
+        settings = json.loads(files.pop("reshard.json"))
+        expected.pop("reshard.json")
+        assert files == expected and {"00000.tar", "00002.tar", "sizes.json"} <= set(files)
+        assert settings["shards"] == [f"{remote}/shards/0000{i}.tar" for i in range(3)]
+        assert settings["keep"] == [remote_keep[0], *(str(Path(k).resolve()) for k in remote_keep[1:])]
+
+
+def test_missing_s3_keep_list_or_shard_is_one_line(tmp_path: Path, s3, dup_shards: str, capsys) -> None:
+    """A keep list not on s3 is a bad argument (exit 2), a shard not there a bad input (exit 1, as for a local
+    one): one line naming the URL, and nothing written."""
+    client, _ = s3
+    upload(client, Path(dup_shards).parent, "shards")  # the same objects as another test's: no harm
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"uid": ["0" * 32]}), buffer)
+    client.put_object(Bucket="bucket", Key="keep/keep.parquet", Body=buffer.getvalue())
+    cases = [
+        (
+            f"s3://bucket/shards/{SPEC}",
+            "s3://bucket/keep/nope.parquet",
+            2,
+            "keep list not found: s3://bucket/keep/nope.parquet",
+        ),
+        (
+            "s3://bucket/shards/{00000..00003}.tar",
+            "s3://bucket/keep/keep.parquet",
+            1,
+            "s3://bucket/shards/00003.tar (1 of 4)",
+        ),
+    ]
+    for shards, keep, status, message in cases:
+        capsys.readouterr()
+        assert main(reshard_argv(shards, [keep], "s3://bucket/never")) == status
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("data-tools: error: ") and message in err[0], err
+    assert bucket_files(client, "never") == {}
+    with pytest.raises(ValueError, match="keep list not found: s3://bucket/keep/nope.parquet"):
+        reshard(f"s3://bucket/shards/{SPEC}", ["s3://bucket/keep/nope.parquet"], tmp_path / "out")
+
+
+def test_stats_of_s3_shards_and_embeddings_equals_local(
+    tmp_path: Path, s3, dup_shards: str, embedded: Path, capsys
+) -> None:
+    """``stats`` of shards and embeddings on s3 prints the local report; shards without parquets are read
+    from their tars, as locally; a missing shard is one line naming its URL."""
+    client, _ = s3
+    upload(client, Path(dup_shards).parent, "shards")
+    upload(client, Path(dup_shards).parent, "bare", leave_out=".parquet")
+    upload(client, embedded, "emb")
+    printed = []
+    for shards, emb in ((dup_shards, str(embedded)), (f"s3://bucket/shards/{SPEC}", "s3://bucket/emb/")):
+        assert main(["stats", "--shards", shards, "--embeddings", emb]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and "clip_score" in printed[0] and "samples 9" in printed[0]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in Path(dup_shards).parent.glob("*.tar"):
+        shutil.copy(tar, bare / tar.name)
+    assert gather(f"s3://bucket/bare/{SPEC}").to_dict() == gather(str(bare / SPEC)).to_dict()
+    assert main(["stats", "--shards", "s3://bucket/shards/{00002..00003}.tar"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["data-tools: error: shard not found: s3://bucket/shards/00003.tar"]
