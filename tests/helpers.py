@@ -200,3 +200,25 @@ def write_export(folder: Path) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     save_model(model, str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+class Started:
+    """A context manager for test clusters: ``_start()`` on entry, ``close()`` on exit, and ``close()``
+    also when starting fails part way, so no daemon outlives a failed start."""
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, Started
 
 HEAD_PORT = 6379  # the namespace is private: every port in it is free
 BIN = Path(sys.executable).parent
@@ -41,7 +41,7 @@ def missing_reason() -> str | None:
     return None
 
 
-class RayCluster:
+class RayCluster(Started):
     """Start with `with RayCluster() as cluster:`; `cluster.run([...])` runs a command inside its namespace."""
 
     def __init__(self) -> None:
@@ -65,17 +65,6 @@ class RayCluster:
         self._holder: subprocess.Popen | None = None
         self._nodes: list[subprocess.Popen] = []
         self._background: list[subprocess.Popen] = []
-
-    def __enter__(self) -> RayCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _start(self) -> None:
         # unshare -n execs sleep in the new namespace, so the holder's pid names it

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import free_port
+from helpers import Started, free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
@@ -64,7 +64,7 @@ def missing_reason() -> str | None:
     return None
 
 
-class SlurmCluster:
+class SlurmCluster(Started):
     """Start with `with SlurmCluster() as cluster:`; `env` holds SLURM_CONF for the client commands."""
 
     def __init__(self) -> None:
@@ -73,17 +73,6 @@ class SlurmCluster:
         self.nodes = ["node1", "node2"]
         self.env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm.conf")}
         self._procs: list[subprocess.Popen] = []
-
-    def __enter__(self) -> SlurmCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _start(self) -> None:
         d = self.dir
