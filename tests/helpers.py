@@ -238,8 +238,7 @@ def process_state_kept() -> Iterator[None]:
 def refused(argv: list[str], capsys, not_made: Path | None = None, code: int = 2) -> str:
     """Run `pretrain ARGV` (`pretrain.cli.main`) in this process, where only its refusal is under test:
     asserts exit status `code` (returned, or argparse's SystemExit), exactly one line on stderr, nothing on
-    stdout and that
-    `not_made` (the run or output folder) was not created; returns that line.
+    stdout, and that `not_made` (the run or output folder) was not created; returns that line.
 
     The same checks as a subprocess without ~5-10 s of importing torch and open_clip per call.
     """
