@@ -222,3 +222,58 @@ class Started:
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Put back what starting `pretrain train` in this process changes before it refuses: the preemption
+    signal handlers (`catch_early`) and the signals it caught, logging handlers and levels, RNG seeds, torch
+    threads. Later tests then run as in a fresh process."""
+    import logging
+    import random
+    import signal
+
+    import numpy as np
+    import torch
+
+    from pretrain import preemption
+
+    handlers = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    root, project = logging.getLogger(), logging.getLogger("pretrain")
+    logs = (list(root.handlers), root.level, project.level)
+    rngs = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(), torch.get_num_threads())
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        preemption._early.clear()
+        root.handlers[:] = logs[0]
+        root.setLevel(logs[1])
+        project.setLevel(logs[2])
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.random.set_rng_state(rngs[2])
+        torch.set_num_threads(rngs[3])
+
+
+def refused(argv: list[str], capsys, not_made: Path | None = None, code: int = 2) -> str:
+    """Run `pretrain ARGV` (`pretrain.cli.main`) in this process, where only its refusal is under test:
+    asserts exit status `code` (returned, or argparse's SystemExit), exactly one line on stderr, nothing on
+    stdout, and that `not_made` (the run or output folder) was not created; returns that line.
+
+    The same checks as a subprocess without ~5-10 s of importing torch and open_clip per call.
+    """
+    from pretrain.cli import main
+
+    capsys.readouterr()  # drop what the test printed before
+    with process_state_kept():
+        try:
+            status = main(argv)
+        except SystemExit as e:
+            status = e.code
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert status == code and len(lines) == 1 and out == "", (status, out, err)
+    assert not_made is None or not not_made.exists(), f"{not_made} was made"  # nothing half-written
+    return lines[0]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import ROOT, TINY, run_cmd
+from helpers import ROOT, TINY, refused, run_cmd
 
 from pretrain.config import ConfigError, load_config, save_config
 
@@ -63,37 +63,38 @@ def test_resolved_config_redacts_secrets(tmp_path):
     assert saved["train"]["steps"] == cfg.train.steps and saved["run"]["name"] == "my-token-run"
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--config", "missing.yaml"], "config file not found: missing.yaml"),
-        (["--config", str(TINY), "train.stpes=3"], "did you mean 'train.steps'"),
-        (["--config", str(TINY), "train.steps=-1"], "train.steps: must be > 0"),
-        (["--config", str(TINY), "--bogus"], "unrecognized arguments: --bogus"),
-    ],
-)
+CLI_ERRORS = [
+    (["--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["--config", str(TINY), "train.stpes=3"], "did you mean 'train.steps'"),
+    (["--config", str(TINY), "train.steps=-1"], "train.steps: must be > 0"),
+    (["--config", str(TINY), "--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize("args, needle", [CLI_ERRORS[1], CLI_ERRORS[3]])
 def test_cli_exits_2_with_one_line(args, needle, tmp_path):
+    """The real entry point as a process: a config error and an argparse error, each one line and exit 2."""
     proc = run_cmd([sys.executable, "-m", "pretrain.train", *args, f"run.dir={tmp_path}"], cwd=ROOT)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
 
 
-def one_line_exit_2(args: list[str], run_dir) -> str:
-    """Run `pretrain train` in a subprocess: exit code 2, exactly one stderr line, no run directory made."""
-    proc = run_cmd(
-        [sys.executable, "-m", "pretrain.train", "--config", str(TINY), *args, f"run.dir={run_dir}"]
-    )
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert not (run_dir / "tiny").exists()  # nothing half-written
-    return lines[0]
+@pytest.mark.parametrize("args, needle", CLI_ERRORS)
+def test_train_refuses_bad_input_with_one_line(args, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # missing.yaml is looked up where the command runs
+    assert needle in refused(["train", *args, f"run.dir={tmp_path}"], capsys, tmp_path / "tiny")
 
 
-def test_model_errors_are_one_line_before_anything_is_written(tmp_path):
+def one_line_exit_2(args: list[str], run_dir, capsys) -> str:
+    """`pretrain train` in this process: exit code 2, exactly one stderr line, no run directory made."""
+    return refused(["train", "--config", str(TINY), *args, f"run.dir={run_dir}"], capsys, run_dir / "tiny")
+
+
+def test_model_errors_are_one_line_before_anything_is_written(tmp_path, capsys):
     missing = tmp_path / "weights.safetensors"
     # The closest name first; other configs in configs/models/ (tiny-siglip, ...) may follow it.
-    line = one_line_exit_2(["model.name=tiny-clp"], tmp_path)
+    line = one_line_exit_2(["model.name=tiny-clp"], tmp_path, capsys)
     assert line.startswith("pretrain: error: model.name: unknown model 'tiny-clp' (did you mean 'tiny-clip'")
     cases = {
         "model.pretrained=laion2b": "model.pretrained: unknown tag 'laion2b' for tiny-clip; "
@@ -103,14 +104,14 @@ def test_model_errors_are_one_line_before_anything_is_written(tmp_path):
         "(epoch sampling reads every shard once and ignores weights)",
     }
     for override, line in cases.items():
-        assert one_line_exit_2([override], tmp_path) == f"pretrain: error: {line}"
+        assert one_line_exit_2([override], tmp_path, capsys) == f"pretrain: error: {line}"
 
 
-def test_unknown_tag_names_the_model_s_tags_from_open_clip(tmp_path):
+def test_unknown_tag_names_the_model_s_tags_from_open_clip(tmp_path, capsys):
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model("ViT-B-32")  # the reference: open_clip's own registry
-    line = one_line_exit_2(["model.name=ViT-B-32", "model.pretrained=no_such_tag"], tmp_path)
+    line = one_line_exit_2(["model.name=ViT-B-32", "model.pretrained=no_such_tag"], tmp_path, capsys)
     assert line.startswith("pretrain: error: model.pretrained: unknown tag 'no_such_tag' for ViT-B-32; ")
     assert (
         f"open_clip's tags for ViT-B-32: {', '.join(tags[:3])}, " in line and f"({len(tags)} in all)" in line

@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TINY, read_jsonl, run_cmd, torchrun, train_in_process
+from helpers import ROOT, TINY, read_jsonl, refused, run_cmd, torchrun, train_in_process
 from open_clip.loss import DistillClipLoss
 from safetensors.torch import load_file
 
@@ -225,33 +225,27 @@ def test_export_weights_ensemble_or_final(tmp_path):
     )
 
 
-def test_export_ensemble_of_a_run_without_one_is_one_line(tmp_path):
+def test_export_ensemble_of_a_run_without_one_is_one_line(tmp_path, capsys):
     run = train_in_process(tmp_path, ["train.steps=1"])
     out = tmp_path / "export"
-    proc = run_cmd([sys.executable, "-m", "pretrain.cli", "export", "--checkpoint", str(run), "--output", str(out),
-                    "--weights", "ensemble"])  # fmt: skip
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "train.weight_ensemble_every=0" in proc.stderr
-    assert not out.exists()
+    argv = ["export", "--checkpoint", str(run), "--output", str(out), "--weights", "ensemble"]
+    assert "train.weight_ensemble_every=0" in refused(argv, capsys, out)
 
 
-def bad_run(tmp_path: Path, overrides: list[str]) -> str:
-    proc = run_cmd(
-        [sys.executable, "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", *overrides]
+def bad_run(tmp_path: Path, overrides: list[str], capsys) -> str:
+    """`pretrain train` in this process: one line, exit 2, refused before anything is written."""
+    return refused(
+        ["train", "--config", str(TINY), f"run.dir={tmp_path}", *overrides], capsys, tmp_path / "tiny"
     )
-    assert proc.returncode == 2, proc.stderr
-    assert not (tmp_path / "tiny").exists()  # refused before anything is written
-    (line,) = proc.stderr.strip().splitlines()
-    return line
 
 
-def test_bad_reference_texts_and_teacher_are_one_line(tmp_path):
+def test_bad_reference_texts_and_teacher_are_one_line(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     zscl = ["distill.reference_data=synthetic"]
-    missing = bad_run(tmp_path, [*zscl, f"distill.reference_texts={tmp_path}/none.txt"])
+    missing = bad_run(tmp_path, [*zscl, f"distill.reference_texts={tmp_path}/none.txt"], capsys)
     assert missing == f"pretrain: error: distill.reference_texts: file not found: {tmp_path}/none.txt"
-    assert bad_run(tmp_path, [*zscl, f"distill.reference_texts={empty}"]) == (
+    assert bad_run(tmp_path, [*zscl, f"distill.reference_texts={empty}"], capsys) == (
         f"pretrain: error: distill.reference_texts: {empty} holds no phrases (one per line expected)"
     )
     wide = tmp_path / "tiny-clip-wide.json"
@@ -259,9 +253,9 @@ def test_bad_reference_texts_and_teacher_are_one_line(tmp_path):
     wide.write_text(json.dumps({**config, "embed_dim": 2 * config["embed_dim"]}))
     phrases = tmp_path / "phrases.txt"
     phrases.write_text("a phrase\n")
-    line = bad_run(tmp_path, [*zscl, f"distill.reference_texts={phrases}", f"distill.model={wide}"])
+    line = bad_run(tmp_path, [*zscl, f"distill.reference_texts={phrases}", f"distill.model={wide}"], capsys)
     assert line.startswith(f"pretrain: error: distill.model: {wide} has embed dim {2 * config['embed_dim']}")
-    assert bad_run(tmp_path, ["distill.model=no-such-model"]).startswith(
+    assert bad_run(tmp_path, ["distill.model=no-such-model"], capsys).startswith(
         "pretrain: error: distill.model: unknown model 'no-such-model'"
     )
 

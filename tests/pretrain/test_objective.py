@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TINY, read_jsonl, run_cmd, torchrun, train_in_process
+from helpers import ROOT, TINY, read_jsonl, refused, torchrun, train_in_process
 from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, load_config
@@ -66,16 +65,17 @@ def test_bad_loss_values_name_the_key(override, message):
     assert message in str(err.value)
 
 
-def test_loss_section_defaults_and_pretrain_config_lists_it():
+def test_loss_section_defaults_and_pretrain_config_lists_it(capsys):
+    from pretrain.cli import main
+
     cfg = load_config(TINY, [])
     assert (cfg.loss.name, cfg.loss.clip_weight, cfg.loss.caption_weight, cfg.loss.chunk_size) == (
         None, 1.0, 2.0, None,
     )  # fmt: skip
-    proc = run_cmd(
-        [sys.executable, "-m", "pretrain.cli", "config", "--config", str(TINY), "loss.chunk_size=4"]
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = {line.split(":")[0]: line for line in proc.stdout.splitlines()}
+    status = main(["config", "--config", str(TINY), "loss.chunk_size=4"])  # `pretrain config`, in-process
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    lines = {line.split(":")[0]: line for line in out.splitlines()}
     assert lines["loss.name"].startswith("loss.name: null  # clip (InfoNCE)")
     assert lines["loss.chunk_size"].startswith("loss.chunk_size: 4  # Block size of the contrastive loss")
     assert "loss.clip_weight: 1.0  #" in lines["loss.clip_weight"]
@@ -91,23 +91,13 @@ def test_loss_section_defaults_and_pretrain_config_lists_it():
                          "(init_logit_bias) whose loss is siglip; set loss.name=siglip or leave it null"),
     ],
 )  # fmt: skip
-def test_loss_model_mismatch_is_one_line_exit_2(tmp_path, model, loss, expected):
-    args = [
-        sys.executable,
-        "-m",
-        "pretrain.train",
-        "--config",
-        str(TINY),
-        f"run.dir={tmp_path}",
-        f"loss.name={loss}",
-    ]
+def test_loss_model_mismatch_is_one_line_exit_2(tmp_path, capsys, model, loss, expected):
+    args = ["train", "--config", str(TINY), f"run.dir={tmp_path}", f"loss.name={loss}"]
     path = model_file(tmp_path, "seam-tiny-bias", {**TINY_CLIP, "init_logit_bias": -10.0})
     if model:
         args.append(f"model.name={path}")
-    proc = run_cmd(args)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"pretrain: error: {expected.format(path=path)}"]
-    assert not (tmp_path / "tiny").exists()  # refused before anything is written
+    line = refused(args, capsys, tmp_path / "tiny")  # refused before anything is written
+    assert line == f"pretrain: error: {expected.format(path=path)}"
 
 
 def test_loss_is_chosen_from_the_model():

@@ -9,13 +9,12 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, run_cmd
+from helpers import TINY, one_torch_thread, refused, train_in_process
 
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint import UnsafeCheckpointError, resolve_checkpoint
@@ -23,7 +22,6 @@ from pretrain.config import ModelConfig
 from pretrain.model import build_model
 from pretrain.parallel import load_model_weights
 
-CLI = [sys.executable, "-m", "pretrain.cli"]
 OPEN = f"{open.__module__}.{open.__qualname__}"
 """How pickle names the payload's callable (io.open), which the error line must name."""
 
@@ -39,11 +37,10 @@ class Payload:
 
 
 def train_tiny(run_dir: Path, *extra: str) -> Path:
-    args = [*CLI, "train", "--config", str(TINY), f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-            "train.steps=1", "checkpoint.every=1", *extra]  # fmt: skip
-    proc = run_cmd(args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+    """One step of configs/tiny.yaml with a checkpoint, in this process (nothing here is about a process)."""
+    overrides = ["train.steps=1", "checkpoint.every=1", *extra]
+    with one_torch_thread():
+        return train_in_process(run_dir.parent, overrides, name=run_dir.name)
 
 
 @pytest.fixture(scope="module")
@@ -64,33 +61,32 @@ def poisoned_copy(run: Path, tmp: Path, member: str) -> tuple[Path, Path]:
     return copy, marker
 
 
-def assert_refused(proc, marker: Path, named: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "refusing to load" in lines[0] and named in lines[0]
+def assert_refused(argv: list[str], capsys, marker: Path, named: str, not_made: Path | None = None) -> None:
+    """`pretrain ARGV` in this process: one line (so no traceback) naming `named`, exit 2, no marker."""
+    line = refused(argv, capsys, not_made)
+    assert "refusing to load" in line and named in line
     assert not marker.exists()
 
 
 @pytest.mark.parametrize(
     "strategy, member", [("single", "trainer.pt"), ("fsdp", "trainer.pt"), ("fsdp", "dcp/.metadata")]
 )
-def test_export_and_eval_refuse_a_checkpoint_that_would_run_code(runs, tmp_path, demo_data, strategy, member):
+def test_export_and_eval_refuse_a_checkpoint_that_would_run_code(
+    runs, tmp_path, demo_data, capsys, strategy, member
+):
     run, marker = poisoned_copy(runs[strategy], tmp_path, member)
     out = tmp_path / "export"
-    proc = run_cmd([*CLI, "export", "--checkpoint", str(run), "--output", str(out)])
-    assert_refused(proc, marker, OPEN)
-    assert not out.exists() and not out.with_name("export.tmp").exists()
-    proc = run_cmd([*CLI, "eval", "--checkpoint", str(run), "--zeroshot", str(demo_data)])
-    assert_refused(proc, marker, OPEN)
+    assert_refused(["export", "--checkpoint", str(run), "--output", str(out)], capsys, marker, OPEN, out)
+    assert not out.with_name("export.tmp").exists()
+    assert_refused(["eval", "--checkpoint", str(run), "--zeroshot", str(demo_data)], capsys, marker, OPEN)
 
 
 @pytest.mark.parametrize("member", ["rank_00000.pt", "optimizer.pt", "trainer.pt"])
-def test_resume_refuses_a_poisoned_checkpoint(runs, tmp_path, member):
+def test_resume_refuses_a_poisoned_checkpoint(runs, tmp_path, capsys, member):
     run, marker = poisoned_copy(runs["single"], tmp_path, member)
-    args = [*CLI, "train", "--config", str(TINY), f"run.dir={run.parent}", f"run.name={run.name}",
+    args = ["train", "--config", str(TINY), f"run.dir={run.parent}", f"run.name={run.name}",
             "train.steps=2", "resume=latest"]  # fmt: skip
-    assert_refused(run_cmd(args), marker, member)
+    assert_refused(args, capsys, marker, member)
 
 
 def test_deepspeed_loads_are_weights_only(tmp_path):
