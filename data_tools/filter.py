@@ -250,25 +250,19 @@ def write_outputs(
     beside it (the same storage, local or remote)."""
     if fmt == "datacomp":
         kept = outputs.read_parquet(output, ["uid"])["uid"].to_pylist()
-        name = Path(outputs.name(output)).with_suffix(".npy").name
-        outputs.save_npy(outputs.with_name(output, name), datacomp_uids(kept))
+        outputs.save_npy(outputs.beside(output, ".npy"), datacomp_uids(kept))
     summary = tally.summary(cfg, threshold, output, fmt)
     outputs.write_json(summary_path(output), summary)
     plot_histogram(tally, threshold, histogram_path(output))
     return summary
 
 
-def keep_list_stem(output: Location) -> str:
-    """The keep list's name without its suffix: the files beside it are named after it."""
-    return Path(outputs.name(output)).stem
-
-
 def summary_path(output: Location) -> Location:
-    return outputs.with_name(output, f"{keep_list_stem(output)}_summary.json")
+    return outputs.beside(output, "_summary.json")
 
 
 def histogram_path(output: Location) -> Location:
-    return outputs.with_name(output, f"{keep_list_stem(output)}_scores.png")
+    return outputs.beside(output, "_scores.png")
 
 
 class Tally:

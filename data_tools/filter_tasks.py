@@ -32,7 +32,6 @@ from data_tools.filter import (
     filtered_tables,
     input_files,
     keep_list_location,
-    keep_list_stem,
     kept_uids,
     pick_threshold,
     quantile_bin,
@@ -57,7 +56,7 @@ def filter_job(
     """Write what ``filter_embeddings`` writes, with every pass as runner tasks; None on ranks other than 0."""
     files = input_files(embeddings, fmt)
     output = keep_list_location(output)
-    scratch = outputs.with_name(output, f"{keep_list_stem(output)}_work")
+    scratch = outputs.beside(output, "_work")
     work = outputs.join(scratch, settings_key({"inputs": input_fingerprint(files)}))
     threshold = _threshold(files, cfg, work, job)
     rules = settings_key({"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls})

@@ -108,15 +108,12 @@ def reshard(
 def _input_tars(spec: str) -> list[Location]:
     """The shards of ``spec`` (``Path``s, URLs as text); each must be complete (tar and ``_stats.json``)."""
     tars = [url if outputs.is_remote(url) else Path(url) for url in expand_urls(spec)]
-    missing = [t for t in tars if not (outputs.exists(t) and outputs.exists(_beside(t, "_stats.json")))]
+    missing = [
+        t for t in tars if not (outputs.exists(t) and outputs.exists(outputs.beside(t, "_stats.json")))
+    ]
     if missing:
         raise ValueError(redact_url(f"not a complete shard: {missing[0]} ({len(missing)} of {len(tars)})"))
     return tars
-
-
-def _beside(tar: Location, suffix: str) -> Location:
-    """The file beside a shard's tar with its stem and ``suffix`` (``00007.parquet`` for ``00007.tar``)."""
-    return outputs.with_name(tar, Path(outputs.name(tar)).stem + suffix)
 
 
 def _setting(location: Location) -> str:
@@ -175,7 +172,7 @@ def _select(tars: list[Location], keep: Counter[str], folder: Location) -> list[
 
 def _successful_samples(tar: Location) -> Iterator[tuple[str, str]]:
     """(key, uid) of the samples in a shard: from its parquet when there is one, else from the tar."""
-    parquet = _beside(tar, ".parquet")
+    parquet = outputs.beside(tar, ".parquet")
     if outputs.exists(parquet):
         table = outputs.read_parquet(parquet, columns=["key", "uid", "status"])
         for key, uid, status in zip(*(table.column(c).to_pylist() for c in ("key", "uid", "status"))):

@@ -101,7 +101,7 @@ def gather(spec: str, embeddings: Location | None = None) -> ShardStats:
 def _add_shard(stats: ShardStats, tar: Location) -> None:
     """Count a shard's rows by status and add its successful samples to the histograms."""
     stats.shards += 1
-    parquet = outputs.with_name(tar, Path(outputs.name(tar)).stem + ".parquet")
+    parquet = outputs.beside(tar, ".parquet")
     if outputs.exists(parquet):
         table = outputs.read_parquet(parquet, columns=["status", "caption", *SIZE_FIELDS]).to_pydict()
     else:  # no parquet (e.g. written by another tool): the tar's json holds the successes

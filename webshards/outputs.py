@@ -74,6 +74,12 @@ def with_name(location: Location, new: str) -> Location:
     return f"{str(location).rstrip('/').rsplit('/', 1)[0]}/{new}"
 
 
+def beside(location: Location, suffix: str) -> Location:
+    """The file next to ``location`` named by its stem and ``suffix`` (``00007.parquet`` beside
+    ``00007.tar``, ``keep.npy`` beside ``keep.parquet``), of the same kind."""
+    return with_name(location, Path(name(location)).stem + suffix)
+
+
 def exists(location: Location) -> bool:
     """Whether the file is there; remotely asked of the store each time (another node may have written
     it since this process last listed the folder)."""

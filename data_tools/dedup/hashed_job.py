@@ -39,7 +39,7 @@ from data_tools.dedup.features import (
 )
 from data_tools.dedup.groups import connected_components, group_ids
 from data_tools.dedup.perceptual import HASH_BITS, perceptual_edges
-from data_tools.dedup.shuffle import marker_path, mix64, read_partition, save_array, write_partitioned
+from data_tools.dedup.shuffle import marker_path, mix64, read_partition, write_partitioned
 from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
 from webshards import outputs
@@ -144,5 +144,5 @@ def edges_task(task: Task) -> int:
         local = local[local[:, 0] != local[:, 1]]
     else:
         local = perceptual_edges(records["hash"], bits)
-    save_array(task.output, index[local].reshape(-1, 2))
+    outputs.save_npy(task.output, index[local].reshape(-1, 2))
     return len(records)

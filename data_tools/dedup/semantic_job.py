@@ -40,7 +40,7 @@ from data_tools.dedup.semantic import (
     sample_rate,
     unit_rows,
 )
-from data_tools.dedup.shuffle import marker_path, read_partition, save_array, write_partitioned
+from data_tools.dedup.shuffle import marker_path, read_partition, write_partitioned
 from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import Task
 from webshards import outputs
@@ -113,7 +113,7 @@ def sample_task(task: Task) -> int:
     bits = np.random.PCG64(seed)
     bits.advance(offset)  # one 64-bit draw per row for Generator.random, as the in-process pass uses
     draws = np.random.Generator(bits).random(len(raw))
-    save_array(task.output, unit_rows(raw[draws < rate]))
+    outputs.save_npy(task.output, unit_rows(raw[draws < rate]))
     return len(raw)
 
 
@@ -122,7 +122,7 @@ def centroids_task(task: Task) -> int:
     files, k, cfg = task.payload
     _fork_safe_faiss()
     sample = np.concatenate([outputs.load_npy(f) for f in files])
-    save_array(task.output, kmeans_centroids(sample, k, cfg))
+    outputs.save_npy(task.output, kmeans_centroids(sample, k, cfg))
     return len(sample)
 
 
@@ -168,7 +168,7 @@ def pairs_task(task: Task) -> int:
     records = records[np.argsort(records["cluster"], kind="stable")]
     bounds = np.flatnonzero(np.diff(records["cluster"])) + 1
     edges = [bucket_edges(bucket, eps) for bucket in np.split(records, bounds) if len(bucket)]
-    save_array(task.output, np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64))
+    outputs.save_npy(task.output, np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64))
     return len(records)
 
 

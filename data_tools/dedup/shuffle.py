@@ -24,17 +24,12 @@ def _records_path(marker: Location) -> Location:
     return outputs.with_name(marker, outputs.name(marker).replace(".bounds.npy", ".records.npy"))
 
 
-def save_array(path: Location, array: np.ndarray) -> None:
-    """``np.save`` written whole: to a temp name renamed when complete, or uploaded in one PUT."""
-    outputs.save_npy(path, array)
-
-
 def write_partitioned(marker: Location, records: np.ndarray, partition: np.ndarray, partitions: int) -> None:
     """Write ``records`` grouped by ``partition`` (order kept inside a partition), then the bounds marker."""
     order = np.argsort(partition, kind="stable")
     bounds = np.searchsorted(partition[order], np.arange(partitions + 1)).astype(np.int64)
-    save_array(_records_path(marker), records[order])
-    save_array(marker, bounds)
+    outputs.save_npy(_records_path(marker), records[order])
+    outputs.save_npy(marker, bounds)
 
 
 def read_partition(markers: list[Location], partition: int) -> np.ndarray:
