@@ -8,6 +8,7 @@ import sys
 from types import ModuleType
 
 from data_tools.commands import build, dedup, demo_data, embed, eval_set, filter, reshard, stats
+from data_tools.phases import JobFailed
 from data_tools.runner import RunSummary
 from webshards.args import OneLineParser
 
@@ -65,7 +66,9 @@ def job_status(summary: RunSummary) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``data-tools``; returns the exit status (0 on success, 2 on bad arguments, 1 on errors)."""
+    """Run ``data-tools``; returns the exit status: 0 on success, 2 when what the command was given is wrong
+    (a flag, a value, an input that is missing or unreadable, an output holding another job's settings), 1 when
+    the work itself failed (tasks failed, other ranks never finished a phase). `pretrain` follows the same rule."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -74,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         summary = args.run(args)  # a runner job's RunSummary, else None
-    except ValueError as error:  # invalid inputs found while running: one line, no traceback
+    except ValueError as error:  # invalid inputs, found before or while running: one line, no traceback
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except JobFailed as error:  # the job ran and failed: which task, or which rank's work never arrived
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     return 0 if summary is None else job_status(summary)

@@ -73,12 +73,17 @@ class JobOptions:
         return resolve_rank_world(self.rank, self.world)[0] == 0
 
 
+class JobFailed(RuntimeError):
+    """The work itself failed (a task failed, other ranks' work never arrived): exit status 1, where a
+    ValueError (what the command was given is wrong) is 2."""
+
+
 def run_phase(
     tasks: list[Task], fn: Callable[[Task], int], job: JobOptions, desc: str, *, last: bool = False
 ) -> None:
     """Run this node's share of one phase, then wait until all its markers exist (rank 0 only if ``last``).
 
-    A failed task raises a ValueError naming it (a rerun retries only the failed tasks).
+    A failed task raises a JobFailed naming it (a rerun retries only the failed tasks).
     """
     start = time.perf_counter()
     summary = run_tasks(
@@ -86,7 +91,7 @@ def run_phase(
     )
     if not summary.ok():
         name, reason = summary.failed[0]
-        raise ValueError(
+        raise JobFailed(
             f"{desc}: {len(summary.failed)} task(s) failed, e.g. {name}: {reason}; rerun to retry"
         )
     if not last or job.is_merger:
@@ -101,7 +106,7 @@ def _extra(job: JobOptions) -> dict[str, Any]:
 
 
 def wait_for_markers(markers: list[Location], timeout: float, desc: str) -> None:
-    """Poll until every marker (a path or URL) exists; a ValueError names the phase and a missing file after
+    """Poll until every marker (a path or URL) exists; a JobFailed names the phase and a missing file after
     ``timeout`` s."""
     deadline = time.monotonic() + timeout
     missing = list(markers)
@@ -110,7 +115,7 @@ def wait_for_markers(markers: list[Location], timeout: float, desc: str) -> None
         if not missing:
             return
         if time.monotonic() >= deadline:
-            raise ValueError(
+            raise JobFailed(
                 f"{desc}: {len(missing)} task(s) of other ranks not complete after {timeout:g} s, "
                 f"e.g. {missing[0]} is missing (is every rank running, with the same settings?)"
             )

@@ -192,7 +192,7 @@ def test_rerun_skips_and_other_settings_are_refused(folder: Path, reference: Pat
     before = {p.name: p.stat().st_mtime_ns for p in reference.glob("*.tar")}
     assert main(["build", "--input", str(folder), "--output", str(reference), *BUILD]) == 0
     assert before == {p.name: p.stat().st_mtime_ns for p in reference.glob("*.tar")}
-    assert main(["build", "--input", str(folder), "--output", str(reference), "--image-size", "8"]) == 1
+    assert main(["build", "--input", str(folder), "--output", str(reference), "--image-size", "8"]) == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -206,7 +206,7 @@ def test_bad_arguments_are_one_line(extra: list[str], capsys) -> None:
 
 
 def test_missing_input_is_one_line(tmp_path: Path, capsys) -> None:
-    assert main(["build", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 1
+    assert main(["build", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 

@@ -291,7 +291,7 @@ def test_cli_help_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert main(["dedup", "--help"]) == 0 and "--keep-policy" in capsys.readouterr().out
     base = ["dedup", "--output", str(tmp_path)]
     assert main([*base, "--method", "fuzzy", "--shards", "x.tar"]) == 2
-    assert main([*base, "--method", "semantic"]) == 1  # needs --embeddings
-    assert main([*base, "--method", "exact", "--keep-policy", "score", "--shards", "x.tar"]) == 1
+    assert main([*base, "--method", "semantic"]) == 2  # needs --embeddings
+    assert main([*base, "--method", "exact", "--keep-policy", "score", "--shards", "x.tar"]) == 2
     err = capsys.readouterr().err
     assert err.count("data-tools: error:") == 3 and "Traceback" not in err

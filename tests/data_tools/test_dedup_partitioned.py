@@ -22,7 +22,7 @@ import pytest
 from data_tools.dedup import DedupConfig, find_duplicates
 from data_tools.dedup.features import FeatureJob, feature_files
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
-from data_tools.phases import JobOptions
+from data_tools.phases import JobFailed, JobOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARD_SIZES = (37, 0, 61, 1, 45)  # uneven, one empty and one single-item shard
@@ -216,7 +216,7 @@ def test_hashed_job_resumes_after_half_the_tasks(hashed_case, tmp_path: Path) ->
     out = fresh_output(seed_dir, tmp_path)
     cfg = DedupConfig(method, keep_policy="largest")
     half = JobOptions(rank=0, world=2, partitions=7, phase_timeout=0.5)
-    with pytest.raises(ValueError, match="not complete after 0.5 s"):
+    with pytest.raises(JobFailed, match="not complete after 0.5 s"):
         find_duplicates(out, cfg, URLS, job=half)
     done = list((out / "partitions").rglob("*.bounds.npy"))
     assert 0 < len(done) < len(SHARD_SIZES)
@@ -320,7 +320,7 @@ def test_semantic_job_on_two_ranks_and_resumed(semantic_case, tmp_path: Path) ->
     assert "removed" in rank0 and "rank 0 writes" in rank1
     assert_same_files(tmp_path / "ranks", reference)
     half = JobOptions(rank=1, world=2, partitions=7, phase_timeout=0.5)
-    with pytest.raises(ValueError, match="dedup semantic .* not complete"):
+    with pytest.raises(JobFailed, match="dedup semantic .* not complete"):
         find_duplicates(tmp_path / "resumed", SEMANTIC, embeddings=emb, job=half)
     find_duplicates(
         tmp_path / "resumed", SEMANTIC, embeddings=emb, job=JobOptions(rank=0, world=1, partitions=7)

@@ -121,8 +121,8 @@ def test_rerun_skips_finished_shards_and_errors_are_one_line(tmp_path, capsys):
     assert (out / "test" / "nshards.txt").read_text().strip() == "3"
 
     (tmp_path / "bad.csv").write_text("path,caption\nmissing.jpg,a ghost\n")
-    assert main(["eval-set", "--input", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "o")]) == 1
+    assert main(["eval-set", "--input", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "image not found" in err and "missing.jpg" in err
-    assert main(["eval-set", "--input", str(tree), "--output", str(out), "--samples-per-shard", "2"]) == 1
+    assert main(["eval-set", "--input", str(tree), "--output", str(out), "--samples-per-shard", "2"]) == 2
     assert "other settings (samples_per_shard 1 -> 2)" in capsys.readouterr().err

@@ -132,8 +132,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
     base = ["filter", "--embeddings", str(tmp_path), "--output", str(tmp_path / "k.parquet")]
     assert main([*base, "--min-score", "0.1", "--keep-fraction", "0.5"]) == 2
     assert main(base) == 2
-    assert main([*base, "--keep-fraction", "1.5"]) == 1
-    assert main([*base, "--keep-fraction", "0.5"]) == 1  # no metadata in the folder
+    assert main([*base, "--keep-fraction", "1.5"]) == 2
+    assert main([*base, "--keep-fraction", "0.5"]) == 2  # no metadata in the folder
     err = capsys.readouterr().err
     assert err.count("data-tools: error:") == 4 and "Traceback" not in err
 

@@ -22,7 +22,7 @@ import pytest
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
 from data_tools.filter import FilterConfig, filter_embeddings, histogram_path, summary_path
 from data_tools.filter_tasks import filter_job
-from data_tools.phases import JobOptions
+from data_tools.phases import JobFailed, JobOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = (300, 0, 457, 1, 242)
@@ -128,7 +128,7 @@ def test_two_ranks_and_a_resumed_run(embeddings, tmp_path: Path) -> None:
     assert outputs(keep) == expected
 
     resumed = tmp_path / "resumed" / "keep.parquet"
-    with pytest.raises(ValueError, match=r"filter \(score counts\): 2 task\(s\) of other ranks not complete"):
+    with pytest.raises(JobFailed, match=r"filter \(score counts\): 2 task\(s\) of other ranks not complete"):
         filter_job(folder, resumed, cfg, JobOptions(rank=0, world=2, phase_timeout=0.5))
     assert not resumed.exists() and len(list(resumed.parent.rglob("*.npy"))) == 3
     filter_job(folder, resumed, cfg, JobOptions(rank=0, world=1))

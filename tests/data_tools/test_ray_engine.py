@@ -36,7 +36,7 @@ def test_bad_ray_address_is_one_line(tmp_path: Path, address: str, capsys) -> No
 
 def test_ray_address_needs_the_ray_engine(tmp_path: Path, capsys) -> None:
     argv = ["build", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--ray-address", "auto"]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert capsys.readouterr().err.strip() == "data-tools: error: --ray-address needs --engine ray"
 
 
@@ -53,7 +53,7 @@ def test_unreachable_cluster_is_one_line_and_fast(tmp_path: Path, capsys) -> Non
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     argv = ["build", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
     start = time.monotonic()
-    assert main([*argv, "--engine", "ray", "--ray-address", address]) == 1
+    assert main([*argv, "--engine", "ray", "--ray-address", address]) == 2
     assert time.monotonic() - start < 30
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"data-tools: error: cannot reach the Ray cluster at {address}: ")

@@ -253,7 +253,7 @@ def test_unreachable_url_is_one_line(tmp_path: Path, capsys, dup_shards: str, ur
         ["dedup", "--method", "exact", "--shards", dup_shards, "--output", url],
     ):
         capsys.readouterr()
-        assert main(argv) == 1
+        assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert (
             len(err) == 1 and err[0].startswith(f"data-tools: error: cannot use {url}") and reason in err[0]
@@ -352,8 +352,8 @@ def test_reshard_from_s3_shards_and_keep_lists_equals_local(
 
 
 def test_missing_s3_keep_list_or_shard_is_one_line(tmp_path: Path, s3, dup_shards: str, capsys) -> None:
-    """A keep list not on s3 is a bad argument (exit 2), a shard not there a bad input (exit 1, as for a local
-    one): one line naming the URL, and nothing written."""
+    """A keep list or a shard not on s3 is a bad input (exit 2, as for a local one): one line naming the URL,
+    and nothing written."""
     client, _ = s3
     upload(client, Path(dup_shards).parent, "shards")  # the same objects as another test's: no harm
     buffer = io.BytesIO()
@@ -369,7 +369,7 @@ def test_missing_s3_keep_list_or_shard_is_one_line(tmp_path: Path, s3, dup_shard
         (
             "s3://bucket/shards/{00000..00003}.tar",
             "s3://bucket/keep/keep.parquet",
-            1,
+            2,
             "s3://bucket/shards/00003.tar (1 of 4)",
         ),
     ]
@@ -402,6 +402,6 @@ def test_stats_of_s3_shards_and_embeddings_equals_local(
     for tar in Path(dup_shards).parent.glob("*.tar"):
         shutil.copy(tar, bare / tar.name)
     assert gather(f"s3://bucket/bare/{SPEC}").to_dict() == gather(str(bare / SPEC)).to_dict()
-    assert main(["stats", "--shards", "s3://bucket/shards/{00002..00003}.tar"]) == 1
+    assert main(["stats", "--shards", "s3://bucket/shards/{00002..00003}.tar"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["data-tools: error: shard not found: s3://bucket/shards/00003.tar"]

@@ -124,9 +124,9 @@ def test_datacomp_npy_keep_list(shards: Path, originals: dict, tmp_path: Path) -
 def test_bad_inputs_are_one_line(shards: Path, tmp_path: Path, capsys) -> None:
     keep = write_keep(tmp_path / "keep.parquet", ["0" * 32])
     missing = ["reshard", "--shards", str(tmp_path / "{00000..00001}.tar"), "--keep", str(keep)]
-    assert main([*missing, "--output", str(tmp_path / "o")]) == 1
+    assert main([*missing, "--output", str(tmp_path / "o")]) == 2
     pq.write_table(pa.table({"id": ["x"]}), tmp_path / "nouid.parquet")
     no_uid = ["reshard", "--shards", str(shards / SPEC), "--keep", str(tmp_path / "nouid.parquet")]
-    assert main([*no_uid, "--output", str(tmp_path / "o")]) == 1
+    assert main([*no_uid, "--output", str(tmp_path / "o")]) == 2
     assert main(["reshard", "--shards", "x", "--keep", "y", "--output", "o", "--shuffle-buffer", "-1"]) == 2
     assert [len(line) > 0 for line in capsys.readouterr().err.strip().splitlines()] == [True] * 3

@@ -80,6 +80,6 @@ def test_cli_report_with_clip_scores(shards: Path, embeddings: Path, tmp_path: P
 
 
 def test_missing_shard_is_one_line(tmp_path: Path, capsys) -> None:
-    assert main(["stats", "--shards", str(tmp_path / "{00000..00001}.tar")]) == 1
+    assert main(["stats", "--shards", str(tmp_path / "{00000..00001}.tar")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main(["stats"]) == 2
