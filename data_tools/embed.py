@@ -92,10 +92,9 @@ def embed_shards(
     on_cuda = cfg.device.startswith("cuda")
     if on_cuda and workers > 1 and engine == "local":
         raise ValueError("embedding on cuda takes one worker per process (split nodes with rank/world)")
-    if workers == 1 and engine == "local":
-        load_embedder(cfg.model, cfg.pretrained, cfg.device)  # a bad model fails here, once
-    else:  # no torch work before the pool forks (OpenMP state does not survive a fork), none on a Ray driver
-        models.check_model(cfg.model, cfg.pretrained)
+    models.check_model(cfg.model, cfg.pretrained)  # a bad model fails here, once, before any torch work
+    if workers == 1 and engine == "local":  # (OpenMP state does not survive a fork; none on a Ray driver)
+        load_embedder(cfg.model, cfg.pretrained, cfg.device)  # a bad weights file fails here, once
     for sub in ("img_emb", "text_emb", "metadata"):
         outputs.make_folder(outputs.join(output, sub))
     threads, actors = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0, None

@@ -167,8 +167,16 @@ def clamp_logit_scale(model: torch.nn.Module, max_scale: float = 100.0) -> None:
         model.logit_scale.clamp_(0, math.log(max_scale))
 
 
+def looks_like_path(spec: str | Path) -> bool:
+    """Whether a model argument names a file or folder rather than an open_clip model: it has a path
+    separator (and no schema such as `hf-hub:`) or starts with `.` or `~`."""
+    text = str(spec)
+    return not text.startswith(SCHEMAS) and ("/" in text or "\\" in text or text.startswith((".", "~")))
+
+
 def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
-    """A model from an export folder, a checkpoint folder, a run directory, or an open_clip name."""
+    """A model from an export folder, a checkpoint folder, a run directory, or an open_clip name; a path that
+    is not there is a FileNotFoundError naming it (not an unknown model name)."""
     from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
     from pretrain.parallel import load_model_weights
 
@@ -183,6 +191,8 @@ def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelB
         )  # weights come from the checkpoint
         load_model_weights(folder, bundle.model)
         return bundle
+    if looks_like_path(spec):
+        raise FileNotFoundError(f"{spec}: no such checkpoint, run directory or export folder")
     return build_model(ModelConfig(name=str(spec)), device)
 
 

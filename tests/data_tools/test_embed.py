@@ -168,6 +168,17 @@ def test_cli_help_and_one_line_errors(demo_data: Path, tmp_path: Path, capsys: p
     assert main(["embed", "--help"]) == 0 and "--batch-size" in capsys.readouterr().out
     base = ["embed", "--shards", demo_urls(demo_data, 1)[0], "--output", str(tmp_path)]
     assert main([*base, "--model", "tiny-clip", "--batch-size", "0"]) == 2
-    assert main([*base, "--model", "no-such-model"]) == 1
+    assert main([*base, "--model", "no-such-model"]) == 2
+    assert main([*base, "--model", "runs/nope"]) == 2  # a missing path, not an unknown model name
     err = capsys.readouterr().err
-    assert err.count("data-tools: error:") == 2 and "Traceback" not in err
+    assert err.count("data-tools: error:") == 3 and "Traceback" not in err
+    assert "--model runs/nope: no such checkpoint, run directory or export folder" in err
+
+
+def test_a_model_without_weights_is_said_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    """An open_clip name without --pretrained embeds with random weights: a warning says so."""
+    from data_tools.models import check_model
+
+    with caplog.at_level("WARNING", logger="data_tools"):
+        check_model("tiny-clip", None)
+    assert "--model tiny-clip has no weights" in caplog.text and "random weights" in caplog.text

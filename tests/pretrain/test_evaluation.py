@@ -214,3 +214,7 @@ def test_pretrain_eval_bad_task_is_one_line(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path), "--task", "oops"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--task needs NAME=ROOT" in err
+    missing = tmp_path / "runs" / "nope"  # a path that is not there: said so, not "unknown model"
+    assert main(["eval", "--checkpoint", str(missing), "--task", f"zeroshot={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pretrain eval: error: {missing}: no such checkpoint, run directory or export folder\n"
