@@ -102,7 +102,7 @@ def _plot(args) -> int:
 
 
 def add_caption_args(parser) -> None:
-    from pretrain.generate import METHODS, DecodingConfig
+    from pretrain.decoding import METHODS, DecodingConfig
 
     d = DecodingConfig()
     parser.add_argument(
@@ -133,7 +133,7 @@ def add_caption_args(parser) -> None:
 
 def _caption(args) -> int:
     from pretrain.caption import write_captions
-    from pretrain.generate import DecodingConfig
+    from pretrain.decoding import DecodingConfig
 
     config = DecodingConfig(
         method=args.decoding, max_length=args.max_length, min_length=args.min_length,

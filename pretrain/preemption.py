@@ -13,9 +13,11 @@ import os
 import signal
 import subprocess
 import threading
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
 
 log = logging.getLogger("pretrain")
 
@@ -46,6 +48,9 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        # torch only here (the trainer has loaded it): `catch_early` runs before the slow imports of start-up
+        import torch.distributed as dist
+
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self._group = dist.new_group(backend="gloo") if distributed else None
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
@@ -58,6 +63,9 @@ class Preemption:
         """True once any rank was signalled; call it once per step on every rank."""
         if self._group is None:
             return self.requested
+        import torch
+        import torch.distributed as dist
+
         decided = self._collect()
         flag = torch.tensor([int(self.requested)], dtype=torch.int32)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)

@@ -27,12 +27,16 @@ def run(config: str | None, overrides: list[str]) -> int:
     from pretrain.preemption import catch_early, requeue_slurm_job
 
     catch_early()  # before the slow imports and start-up: SLURM or torchrun may signal at any time
+    try:  # a config error is one line in a second, before torch and open_clip are imported
+        cfg = load_config(config, overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
     from pretrain.data.stream import DataError
     from pretrain.remote import RemoteError
     from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
 
     try:
-        cfg = load_config(config, overrides)
         trainer = Trainer(cfg)
     except (ConfigError, RunDirError, FileNotFoundError, NotImplementedError, ValueError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
