@@ -18,6 +18,12 @@ from webshards.atomic import write_atomic
 
 log = logging.getLogger("pretrain")
 
+EVAL_NOT_METRICS = frozenset(
+    {"step", "eval", "task", "samples", "samples_seen", "epoch", "time", "seconds", "captions"}
+)
+"""Keys of an eval line that are not metrics: bookkeeping, counts and wall time. The model card's
+`model-index` and curves.png leave them out."""
+
 
 def setup_logging(is_main: bool) -> None:
     """One logger for the project; only rank 0 prints below WARNING. Progress goes to stdout, so stderr

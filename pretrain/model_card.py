@@ -14,8 +14,7 @@ import json
 
 import yaml
 
-# Keys of an eval line that are not metrics: bookkeeping and sample counts.
-NOT_METRICS = frozenset({"step", "eval", "task", "samples", "samples_seen", "epoch", "time"})
+from pretrain.metrics import EVAL_NOT_METRICS
 
 # Eval task kind -> (model-index task type, human name). The Hub has no pipeline tag for image-text
 # retrieval, so retrieval uses a descriptive type of its own.
@@ -26,11 +25,11 @@ TASKS = {
 
 
 def eval_metrics(line: dict) -> dict[str, float]:
-    """The metrics of one eval line: its numeric values, bookkeeping and counts left out."""
+    """The metrics of one eval line: its numeric values, bookkeeping, counts and wall time left out."""
     return {
         k: v
         for k, v in line.items()
-        if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k not in EVAL_NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
 

@@ -1,10 +1,12 @@
 """`pretrain plot RUN_DIR`: curves.png from metrics.jsonl, one panel per quantity against the step.
 
-Training panels: `loss` (with its parts `loss_*` when the objective has several), `lr`, `samples/s`,
-`data wait`. Eval panels: one per eval name and metric group, for every float an eval line carries (a group
-is the metrics that differ only by a trailing number: `top1`/`top5` -> `topk`, `text_retrieval_recall@1/5/10`
--> `text_retrieval_recall@k`), titled `eval NAME: GROUP`. Drawn on matplotlib's Agg canvas (no display, no
-pyplot state), so it works on headless nodes and inside a training process.
+Training panels: `loss` (with its parts `loss_*` when the objective has more than one: a single part equals
+the loss and would hide under it), `lr`, `samples/s`, `data wait`. Eval panels: one per eval name and metric
+group, for every float metric an eval line carries (wall time and counts are not curves; a group is the
+metrics that differ only by a trailing number: `top1`/`top5` -> `topk`, `text_retrieval_recall@1/5/10` ->
+`text_retrieval_recall@k`), titled `eval NAME: GROUP`. A series of one point is drawn as a large dot with its
+value written beside it. Drawn on matplotlib's Agg canvas (no display, no pyplot state), so it works on
+headless nodes and inside a training process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.metrics import EVAL_NOT_METRICS
 from webshards.atomic import atomic_path
 
 log = logging.getLogger("pretrain")
@@ -67,7 +70,8 @@ def metric_group(key: str) -> str:
 def build_panels(rows: list[dict]) -> list[Panel]:
     """The panels to draw, training first (in TRAIN_PANELS order), then evals in order of appearance."""
     train = [r for r in rows if "eval" not in r]
-    loss_keys = ["loss"] + sorted({k for r in train for k in r if k.startswith("loss_")})
+    parts = sorted({k for r in train for k in r if k.startswith("loss_")})
+    loss_keys = ["loss"] + (parts if len(parts) > 1 else [])
     panels = [Panel("loss")] + [Panel(title) for title, _ in TRAIN_PANELS]
     for row in train:
         for key in loss_keys:
@@ -81,13 +85,20 @@ def build_panels(rows: list[dict]) -> list[Panel]:
         if "eval" not in row:
             continue
         for key, value in row.items():
-            if isinstance(value, float) and math.isfinite(value):  # counts (`samples`) are ints: not plotted
+            if key not in EVAL_NOT_METRICS and isinstance(value, float) and math.isfinite(value):
                 title = f"eval {row['eval']}: {metric_group(key)}"
                 evals.setdefault(title, Panel(title)).add(key, row["step"], value)
     return [p for p in panels if p.series] + list(evals.values())
 
 
 def _draw(panels: list[Panel], output: Path) -> None:
+    figure = build_figure(panels)
+    with atomic_path(output) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
+def build_figure(panels: list[Panel]):
+    """The matplotlib Figure of `panels` (two columns), on an Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -96,9 +107,26 @@ def _draw(panels: list[Panel], output: Path) -> None:
     figure = Figure(figsize=(6.4 * columns, 3.4 * rows), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    steps_seen = [step for panel in panels for steps, _ in panel.series.values() for step in steps]
+    low, high = min(steps_seen), max(steps_seen)
+    pad = (
+        0.04 * (high - low) or 1.0
+    )  # every panel on the run's step range: an end-of-run eval sits at the end
     for ax, panel in zip(axes, panels):
+        ax.set_xlim(low - pad, high + pad)
+        ax.margins(y=0.15)
         for label, (steps, values) in panel.series.items():
-            ax.plot(steps, values, label=label, marker="o" if len(steps) <= 20 else None, markersize=3)
+            single = len(steps) == 1
+            marker = "o" if len(steps) <= 20 else None
+            ax.plot(steps, values, label=label, marker=marker, markersize=8 if single else 3)
+            if single:  # one eval at the end: a dot alone reads as an empty panel without its value
+                ax.annotate(
+                    f"{values[0]:.4g}",
+                    (steps[0], values[0]),
+                    xytext=(-8, 6),
+                    textcoords="offset points",
+                    ha="right",
+                )
         ax.set_title(panel.title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -106,8 +134,7 @@ def _draw(panels: list[Panel], output: Path) -> None:
             ax.legend(fontsize="small")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    with atomic_path(output) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+    return figure
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> tuple[Path, list[str]]:

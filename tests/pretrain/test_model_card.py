@@ -15,15 +15,17 @@ DATASETS = ["laion/laion400m", "mlfoundations/datacomp_small"]
 # Eval lines as the trainer writes them: the demo's older zero-shot line and clip_benchmark-named lines.
 EVALS = [
     {"step": 1, "eval": "zeroshot", "top1": 0.25, "top5": 0.5, "samples": 64},
-    {"step": 2, "eval": "zeroshot", "top1": 0.375, "top5": 0.75, "samples": 64},
+    {"step": 2, "eval": "zeroshot", "top1": 0.375, "top5": 0.75, "samples": 64, "seconds": 0.8},
     {"step": 2, "eval": "imagenet", "task": "zeroshot_classification", "top1": 0.125, "top5": 0.5,
      "mean_per_class_recall": 0.0625, "samples": 50},
     {"step": 2, "eval": "demo-retrieval", "task": "zeroshot_retrieval", "image_retrieval_recall@1": 0.5,
      "image_retrieval_recall@5": 0.75, "image_retrieval_recall@10": 1.0, "text_retrieval_recall@1": 0.25,
-     "text_retrieval_recall@5": 0.625, "text_retrieval_recall@10": 0.875},
+     "text_retrieval_recall@5": 0.625, "text_retrieval_recall@10": 0.875, "samples": 64, "captions": 64,
+     "seconds": 1.25},
     {"step": 3, "eval": "imagenet", "task": "zeroshot_classification", "top1": 0.9, "top5": 1.0},  # after the export
 ]  # fmt: skip
-# What the card must report: the newest line of each eval set at the exported step 2, metrics only.
+# What the card must report: the newest line of each eval set at the exported step 2, metrics only (no
+# `seconds` of wall time, no `samples`/`captions` counts).
 EXPECTED = {
     ("zeroshot", "zero-shot-image-classification"): {"top1": 0.375, "top5": 0.75},
     ("imagenet", "zero-shot-image-classification"): {
@@ -63,6 +65,7 @@ def test_export_card_front_matter_parses_and_matches_the_runs_evals(tmp_path):
     text = readme.read_text()
     assert "| imagenet | zeroshot_classification | mean_per_class_recall | 0.0625 | 2 |" in text
     assert "| demo-retrieval | zeroshot_retrieval | text_retrieval_recall@5 | 0.6250 | 2 |" in text
+    assert "| seconds |" not in text and "| captions |" not in text
     assert "samples seen: 32" in text  # 2 steps x 16 samples
     assert read_jsonl(run / "metrics.jsonl")[1]["samples_seen"] == 32
     config = json.loads(text.split("```json\n", 1)[1].split("```", 1)[0])

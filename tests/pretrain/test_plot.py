@@ -42,10 +42,11 @@ def test_every_metric_gets_its_panel(tmp_path):
     rows = [{"step": s, **train, **coca} for s in (10, 20, 30)]
     rows += [
         {"step": 30, "eval": "imagenet", "task": "zeroshot_classification", "top1": 0.5, "top5": 0.9,
-         "mean_per_class_recall": 0.48, "samples": 1000},
+         "mean_per_class_recall": 0.48, "samples": 1000, "seconds": 12.5},
         {"step": 30, "eval": "coco", "task": "zeroshot_retrieval", **{
-            f"{kind}_retrieval_recall@{k}": 0.1 * k for kind in ("image", "text") for k in (1, 5, 10)}},
-        {"step": 30, "eval": "val", "loss": 2.5},
+            f"{kind}_retrieval_recall@{k}": 0.1 * k for kind in ("image", "text") for k in (1, 5, 10)},
+         "samples": 100, "captions": 500, "seconds": 3.25},
+        {"step": 30, "eval": "val", "loss": 2.5, "seconds": 0.5},
     ]  # fmt: skip
     write_metrics(tmp_path / "run", rows)
     path, titles = plot.plot_run(tmp_path / "run")
@@ -61,13 +62,24 @@ def test_every_metric_gets_its_panel(tmp_path):
     panels = {p.title: p for p in plot.build_panels(rows)}
     assert sorted(panels["loss"].series) == ["loss", "loss_caption", "loss_contrastive"]
     assert panels["eval imagenet: topk"].series == {"top1": ([30], [0.5]), "top5": ([30], [0.9])}
+    # one eval point: a large dot with its value written beside it, not an empty-looking panel
+    figure = plot.build_figure(list(panels.values()))
+    texts = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in figure.axes if ax.get_visible()}
+    assert texts["eval imagenet: topk"] == ["0.5", "0.9"] and texts["eval val: loss"] == ["2.5"]
+    assert texts["loss"] == []  # three points: a curve
+
+
+def test_a_single_loss_part_is_not_drawn_over_the_loss():
+    """CLIP logs `loss_contrastive` equal to `loss`: one line, not two on top of each other."""
+    rows = [{"step": s, "loss": 3.0 / s, "loss_contrastive": 3.0 / s} for s in (1, 2)]
+    assert list(plot.build_panels(rows)[0].series) == ["loss"]
 
 
 def test_a_training_run_ends_with_its_curves(tmp_path):
     run_dir = train_in_process(tmp_path, ["train.steps=2"])
     assert png_size(run_dir / "curves.png")[0] > 0
     _, titles = plot.plot_run(run_dir, tmp_path / "again.png")
-    assert titles == ["loss", "lr", "samples/s", "data wait"]  # tiny-clip: loss and loss_contrastive
+    assert titles == ["loss", "lr", "samples/s", "data wait"]
 
 
 def test_a_failing_plot_never_fails_the_run(tmp_path, monkeypatch, caplog):
