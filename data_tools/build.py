@@ -34,7 +34,7 @@ from data_tools.images import (
     pixel_limit,
     process,
 )
-from data_tools.inputs import InputRow, InputSpec, iter_rows, resolve_input
+from data_tools.inputs import MISSING_CAPTION, InputRow, InputSpec, iter_rows, resolve_input
 from data_tools.runner import RunSummary, Task, check_settings, owns, resolve_rank_world, run_tasks
 from webshards import outputs
 from webshards.layout import ShardWriter, key_for, make_uid, shard_name, stats_name
@@ -76,6 +76,8 @@ class ShardJob:
     index_digits: int
     image: ImageConfig
     fetching: FetchConfig
+    keep_missing_caption: bool = False
+    """Store an image without a caption (empty caption) instead of recording it as `missing_caption`."""
 
 
 def build(
@@ -91,20 +93,25 @@ def build(
     world: int | None = None,
     engine: str = "local",
     ray_address: str | None = None,
+    missing_caption: str = "skip",
 ) -> RunSummary:
     """Build shards from ``input_path`` into ``output`` (a folder or an fsspec URL such as ``s3://…``);
-    returns the run summary of this node."""
+    returns the run summary of this node. An image without a caption is a `missing_caption` row (``skip``)
+    or stored with an empty caption (``keep``)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if missing_caption not in MISSING_CAPTION:
+        raise ValueError(f"missing_caption must be one of {MISSING_CAPTION}, got {missing_caption!r}")
     image, fetching = image or ImageConfig(), fetching or FetchConfig()
     spec = resolve_input(input_path, source_col, caption_col)
     output = outputs.resolve(output)
     outputs.make_folder(output)
-    _check_settings(output, _settings(spec, samples_per_shard, image))
+    _check_settings(output, {**_settings(spec, samples_per_shard, image), "missing_caption": missing_caption})
     rank, world = resolve_rank_world(rank, world)
     shards = _split_rows(spec, output, samples_per_shard, rank, world)
     digits = max(4, len(str(samples_per_shard - 1)))
-    tasks = [_task(output, i, spec.base, digits, image, fetching) for i in range(shards)]
+    keep = missing_caption == "keep"
+    tasks = [_task(output, i, spec.base, digits, image, fetching, keep) for i in range(shards)]
     summary = run_tasks(
         tasks,
         write_shard,
@@ -159,10 +166,17 @@ def _write_rows(path: Location, rows: list[InputRow]) -> None:
 
 
 def _task(
-    output: Location, shard_id: int, base: Path, digits: int, image: ImageConfig, fetching: FetchConfig
+    output: Location,
+    shard_id: int,
+    base: Path,
+    digits: int,
+    image: ImageConfig,
+    fetching: FetchConfig,
+    keep_missing_caption: bool,
 ) -> Task:
     name = shard_name(shard_id)
-    job = ShardJob(output, shard_id, _rows_file(output, shard_id), base, digits, image, fetching)
+    rows_file = _rows_file(output, shard_id)
+    job = ShardJob(output, shard_id, rows_file, base, digits, image, fetching, keep_missing_caption)
     return Task(name=name, output=join(output, stats_name(name)), payload=job)
 
 
@@ -206,6 +220,8 @@ def remove_stale_temps(folder: Location, name: str) -> None:
 
 def _load(row: InputRow, job: ShardJob) -> tuple[bytes, int, int] | tuple[str, str]:
     """The stored bytes and original size of a row's image, or its failure (status, message)."""
+    if not row.caption.strip() and not job.keep_missing_caption:  # checked first: nothing is downloaded
+        return "missing_caption", "no caption (--missing-caption keep stores the image with an empty one)"
     if not row.source:
         return "failed_to_download", "empty source"
     location = row.source if row.kind == "url" else str(job.base / row.source)

@@ -21,6 +21,8 @@ CAPTION_TABLES = ("captions.csv", "captions.tsv")
 # Auto-detected column names, in order of preference.
 SOURCE_COLUMNS = ("url", "path", "image", "filepath", "file", "image_path")
 CAPTION_COLUMNS = ("caption", "text", "title")
+MISSING_CAPTION = ("skip", "keep")
+"""What `build` does with an image that has no caption (no `.txt`, an empty table cell)."""
 _BATCH_ROWS = 4096
 
 

@@ -35,7 +35,9 @@ from webshards.atomic import temp_path, write_json_atomic
 log = logging.getLogger("webshards")
 
 SUCCESS = "success"
-FAILURE_STATUSES = ("failed_to_download", "failed_to_resize", "failed_to_decode")
+FAILURE_STATUSES = ("failed_to_download", "failed_to_resize", "failed_to_decode", "missing_caption")
+"""Why an input row produced no sample: img2dataset's three, and `missing_caption` (an image without a
+caption, skipped unless `data-tools build --missing-caption keep`)."""
 SOURCE_FIELDS = ("url", "path")
 SIZES_FILE = "sizes.json"
 

@@ -210,6 +210,18 @@ def describe_shards(output: Location) -> str:
     return f"{len(sizes)} complete shards, {sum(sizes.values())} samples in {str(output).rstrip('/')}/"
 
 
+def status_counts(output: Location) -> dict[str, int]:
+    """Input rows by status over the complete shards of ``output`` (their ``_stats.json``): ``success`` and
+    each of ``layout.FAILURE_STATUSES``."""
+    counts = dict.fromkeys((layout.SUCCESS, *layout.FAILURE_STATUSES), 0)
+    for marker in list_files(output, "[0-9][0-9][0-9][0-9][0-9]_stats.json"):
+        stats = json.loads(read_bytes(marker))
+        counts[layout.SUCCESS] += int(stats.get("successes", 0))
+        for status in layout.FAILURE_STATUSES:
+            counts[status] += int(stats.get(status, 0))
+    return counts
+
+
 @contextlib.contextmanager
 def staged(location: Location) -> Iterator[Path]:
     """A local temp path to write ``location``'s file to (a drop-in for ``atomic.atomic_path``): when the

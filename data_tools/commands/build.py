@@ -14,6 +14,7 @@ from data_tools.commands.options import (
     runner_options,
 )
 from data_tools.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RESIZE_MODES, ImageConfig
+from data_tools.inputs import MISSING_CAPTION
 from data_tools.runner import RunSummary
 
 HELP = "build WebDataset shards from an image folder or a table of paths/URLs with captions"
@@ -42,13 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop a download past N bytes (32 MiB): failed_to_download")  # fmt: skip
     add("--max-image-pixels", type=int_at_least(1), default=MAX_IMAGE_PIXELS, metavar="N",
         help="refuse an image declaring more pixels (PIL's limit): failed_to_decode")  # fmt: skip
+    add("--missing-caption", choices=MISSING_CAPTION, default="skip",
+        help="an image without a caption: skip it (status missing_caption) or keep it with an empty caption")  # fmt: skip
     add_runner_args(parser)
 
 
 def run(args: argparse.Namespace) -> RunSummary:
-    """Build shards and print where they are."""
+    """Build shards and print where they are, with the input rows counted by status."""
     from data_tools.build import FetchConfig, build
-    from webshards.outputs import describe_shards
+    from webshards.outputs import describe_shards, status_counts
 
     image = ImageConfig(args.image_size, args.resize_mode, args.jpeg_quality, args.max_aspect_ratio)
     fetching = FetchConfig(
@@ -63,6 +66,10 @@ def run(args: argparse.Namespace) -> RunSummary:
         args.url_col,
         args.caption_col,
         **runner_options(args),
+        missing_caption=args.missing_caption,
     )
     print(f"build: {describe_shards(args.output)}")
+    counts = status_counts(args.output)
+    shown = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    print(f"build: {sum(counts.values())} input rows: {shown or 'none'}")
     return summary

@@ -228,3 +228,22 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+@pytest.mark.parametrize("policy", ["skip", "keep"])
+def test_missing_captions_and_failures_are_counted_on_screen(tmp_path: Path, capsys, policy: str) -> None:
+    """An image without a caption is its own status (skipped by default, or kept with an empty caption) and
+    the console counts the input rows by status, failures included."""
+    write_image_folder(tmp_path / "in", 3)  # + broken.jpg
+    (tmp_path / "in/img001.txt").unlink()
+    argv = ["build", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *BUILD]
+    assert main([*argv, "--missing-caption", policy]) == 0
+    out = capsys.readouterr().out.splitlines()
+    stored = 2 if policy == "skip" else 3
+    counts = f"{stored} success, 1 failed_to_decode" + (", 1 missing_caption" if policy == "skip" else "")
+    assert out[-1] == f"build: 4 input rows: {counts}"
+    rows = {row["path"]: row for row in pq.read_table(tmp_path / "out/00000.parquet").to_pylist()}
+    expected = ("missing_caption", "") if policy == "skip" else ("success", "")
+    assert (rows["img001.png"]["status"], rows["img001.png"]["caption"]) == expected
+    stats = json.loads((tmp_path / "out/00000_stats.json").read_text())
+    assert (stats["successes"], stats["missing_caption"]) == (stored, 1 if policy == "skip" else 0)
