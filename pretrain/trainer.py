@@ -352,8 +352,17 @@ class Trainer:
         return path
 
     def load(self, folder: Path) -> None:
-        self.strategy.load(folder, self.module, self.optimizer)
         trainer_state = ckpt.load_trainer_state(folder)
+        self._check_same_model(folder, trainer_state)
+        try:
+            self.strategy.load(folder, self.module, self.optimizer)
+        except RuntimeError as e:  # same name, other shapes (an edited model config): one line, not 80
+            reason = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), None)
+            if reason is None:
+                raise
+            raise RunDirError(
+                f"{folder} does not fit this run's model {self.cfg.model.name!r}: {reason}"
+            ) from None
         self.state = TrainState(step=trainer_state["step"], samples_seen=trainer_state["samples_seen"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         if self.ensemble is not None:
@@ -365,6 +374,16 @@ class Trainer:
         self.objective.load_state_dict(rank_state.get("objective", {}))
         ckpt.set_rng_state(rank_state["rng"])
         log.info("resumed from %s at step %d", folder, self.state.step)
+
+    def _check_same_model(self, folder: Path, trainer_state: dict) -> None:
+        """Refuse to resume a checkpoint another model wrote (a smoke test's tiny model in the run directory
+        the real run resumes), naming both, before any weights are read."""
+        saved = trainer_state.get("config", {}).get("model", {}).get("name")
+        if saved is not None and Path(saved).stem != Path(self.cfg.model.name).stem:
+            raise RunDirError(
+                f"{folder} was written by model {saved!r}, not this run's model.name {self.cfg.model.name!r}: "
+                "resume it with that model, or start this run under another run.name"
+            )
 
     def close(self) -> None:
         if self.remote is not None:  # completed checkpoints still go after a crash

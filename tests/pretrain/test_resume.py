@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, read_jsonl, run_cmd, train_in_process
+from helpers import TINY, read_jsonl, refused, run_cmd, train_in_process
 from safetensors.torch import load_file
 
 from pretrain.config import load_config
@@ -71,6 +71,18 @@ def test_existing_run_is_never_overwritten(tmp_path):
     train_in_process(tmp_path, name="taken", overrides=["train.steps=2"])
     with pytest.raises(RunDirError, match="resume=latest"):
         train_in_process(tmp_path, name="taken", overrides=["train.steps=2"])
+
+
+def test_resuming_another_models_checkpoint_is_one_line(tmp_path, capsys):
+    """A run directory another model wrote (a smoke test's tiny model, then the real config with
+    resume=latest): one line naming both models, exit 2, not a state_dict size-mismatch traceback."""
+    run_dir = train_in_process(tmp_path, name="smoke", overrides=["train.steps=1"])
+    args = ["--config", str(TINY), f"run.dir={tmp_path}", "run.name=smoke", "resume=latest"]
+    line = refused(["train", *args, "model.name=tiny-siglip"], capsys)
+    assert line == (
+        f"pretrain: error: {run_dir}/checkpoints/step_00000001 was written by model 'tiny-clip', not this "
+        "run's model.name 'tiny-siglip': resume it with that model, or start this run under another run.name"
+    )
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
