@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +38,27 @@ def torchrun(nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
         ],
         **kw,
     )
+
+
+def train_runs(steps: list[dict], nproc: int = 2, timeout: int = 1200) -> None:
+    """Do `steps` (training runs of configs/tiny.yaml and `cut_back` copies, see tests/pretrain/runs_worker.py)
+    in order under one torchrun of `nproc` ranks: one start-up (~15 s) for all of them. Asserts that every
+    step succeeded, with the end of stderr otherwise."""
+    worker = ROOT / "tests" / "pretrain" / "runs_worker.py"
+    # the checkout's packages and tests/ (helpers) before anything installed: a script's own folder comes first
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    proc = torchrun(nproc, [str(worker), json.dumps(steps)], timeout=timeout, env={"PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stderr[-6000:]  # torchrun's own report of a failure takes ~2000
+
+
+def cut_back(src: Path, dst: Path, step: int) -> Path:
+    """A copy of the finished run `src` at `dst` as if it had died right after the checkpoint of `step`."""
+    shutil.copytree(src, dst)
+    for folder in (dst / "checkpoints").glob("step_*"):
+        if int(folder.name.split("_")[1]) > step:
+            shutil.rmtree(folder)
+    (dst / "checkpoints/latest").write_text(f"step_{step:08d}")
+    return dst
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -257,13 +279,9 @@ def process_state_kept() -> Iterator[None]:
         torch.set_num_threads(rngs[3])
 
 
-def refused(argv: list[str], capsys, not_made: Path | None = None, code: int = 2) -> str:
-    """Run `pretrain ARGV` (`pretrain.cli.main`) in this process, where only its refusal is under test:
-    asserts exit status `code` (returned, or argparse's SystemExit), exactly one line on stderr, nothing on
-    stdout, and that `not_made` (the run or output folder) was not created; returns that line.
-
-    The same checks as a subprocess without ~5-10 s of importing torch and open_clip per call.
-    """
+def _cli_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`pretrain ARGV` (`pretrain.cli.main`) in this process, its state put back after: (exit status, stdout,
+    stderr). The same as a subprocess without ~5-10 s of importing torch and open_clip per call."""
     from pretrain.cli import main
 
     capsys.readouterr()  # drop what the test printed before
@@ -273,7 +291,30 @@ def refused(argv: list[str], capsys, not_made: Path | None = None, code: int = 2
         except SystemExit as e:
             status = e.code
     out, err = capsys.readouterr()
+    return status, out, err
+
+
+def cli_output(argv: list[str], capsys) -> str:
+    """`pretrain ARGV` in this process; asserts exit 0 (with the end of stderr otherwise), returns stdout."""
+    status, out, err = _cli_in_process(argv, capsys)
+    assert status == 0, err[-3000:]
+    return out
+
+
+def refused(argv: list[str], capsys, not_made: Path | None = None, code: int = 2) -> str:
+    """`pretrain ARGV` in this process, where only its refusal is under test: asserts exit status `code`
+    (returned, or argparse's SystemExit), exactly one line on stderr, nothing on stdout, and that `not_made`
+    (the run or output folder) was not created; returns that line."""
+    status, out, err = _cli_in_process(argv, capsys)
     lines = err.strip().splitlines()
     assert status == code and len(lines) == 1 and out == "", (status, out, err)
     assert not_made is None or not not_made.exists(), f"{not_made} was made"  # nothing half-written
     return lines[0]
+
+
+def selected(request, marker: str) -> bool:
+    """Whether this session runs a test of the requesting module marked `marker`: a module-scoped fixture
+    computes what only `slow` tests read just when one of them runs (`make test-fast` deselects them)."""
+    return any(
+        item.path == request.path and item.get_closest_marker(marker) for item in request.session.items
+    )

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TINY, read_jsonl, refused, run_cmd, torchrun, train_in_process
+from helpers import ROOT, TINY, cli_output, read_jsonl, refused, train_in_process, train_runs
 from open_clip.loss import DistillClipLoss
 from safetensors.torch import load_file
 
@@ -126,37 +124,48 @@ def test_accumulation_equals_one_batch(one_rank, tmp_path, phrases, teacher_weig
     assert_close_runs(run, one_rank)
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, phrases, teacher_weights) -> dict[str, Path]:
+    """The 2-rank runs, in one torchrun: `ddp` and `fsdp` of 2 ranks x batch 8 (x 4 reference images), and an
+    FSDP run of STEPS + 1 with checkpoints every 2 steps (`straight`) cut back after step 2 and resumed
+    (`resumed`)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    common = [
+        f"run.dir={root}",
+        "train.batch_size=8",
+        "log.every=1",
+        *distill_args(phrases, teacher_weights, 4),
+    ]
+    short = [*common, f"train.steps={STEPS}"]
+    resumable = [
+        *common,
+        f"train.steps={STEPS + 1}",
+        "dist.strategy=fsdp",
+        "checkpoint.every=2",
+        "checkpoint.keep=5",
+    ]
+    train_runs([
+        {"train": [*short, "run.name=ddp", "dist.strategy=ddp"]},
+        {"train": [*short, "run.name=fsdp", "dist.strategy=fsdp"]},
+        {"train": [*resumable, "run.name=straight"]},
+        {"cut_back": [str(root / "straight"), str(root / "resumed"), 2]},
+        {"train": [*resumable, "run.name=resumed", "resume=latest"]},
+    ])  # fmt: skip
+    return {name: root / name for name in ("ddp", "fsdp", "straight", "resumed")}
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_rank(one_rank, tmp_path, phrases, teacher_weights, strategy):
+def test_two_ranks_equal_one_rank(one_rank, two_ranks, strategy):
     """2 gloo ranks x batch 8 (x 4 reference images): the same global batches as 1 rank x 16 (x 8)."""
-    args = [
-        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=two",
-        f"train.steps={STEPS}", "train.batch_size=8", "log.every=1", f"dist.strategy={strategy}",
-        *distill_args(phrases, teacher_weights, 4),
-    ]  # fmt: skip
-    proc = torchrun(2, args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_close_runs(tmp_path / "two", one_rank, rtol=1e-3)
+    assert_close_runs(two_ranks[strategy], one_rank, rtol=1e-3)
 
 
-def test_fsdp_resume_is_exact_with_ensemble(tmp_path, phrases, teacher_weights):
+def test_fsdp_resume_is_exact_with_ensemble(two_ranks):
     """2 FSDP ranks: the sharded ensemble is saved whole and re-sharded on resume; resumed == straight."""
-    args = [
-        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", f"train.steps={STEPS + 1}",
-        "train.batch_size=8", "log.every=1", "dist.strategy=fsdp", "checkpoint.every=2", "checkpoint.keep=5",
-        *distill_args(phrases, teacher_weights, 4),
-    ]  # fmt: skip
-    straight = torchrun(2, [*args, "run.name=straight"])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / f"resumed/checkpoints/step_{STEPS + 1:08d}")
-    (tmp_path / "resumed/checkpoints/latest").write_text("step_00000002")
-    resumed = torchrun(2, [*args, "run.name=resumed", "resume=latest"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     last = f"checkpoints/step_{STEPS + 1:08d}/ensemble.safetensors"
-    a, b = load_file(tmp_path / "straight" / last), load_file(tmp_path / "resumed" / last)
+    a, b = load_file(two_ranks["straight"] / last), load_file(two_ranks["resumed"] / last)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert parts(tmp_path / "straight")[-1] == parts(tmp_path / "resumed")[-1]
+    assert parts(two_ranks["straight"])[-1] == parts(two_ranks["resumed"])[-1]
 
 
 def test_zscl_without_a_teacher_starts_at_zero(tmp_path, phrases):
@@ -209,14 +218,12 @@ def test_resume_is_exact_with_ensemble_and_reference_stream(tmp_path, demo_data,
         assert all(torch.equal(a[k], b[k]) for k in a), file
 
 
-def test_export_weights_ensemble_or_final(tmp_path):
+def test_export_weights_ensemble_or_final(tmp_path, capsys):
     run = train_in_process(tmp_path, ["train.steps=2", "train.weight_ensemble_every=1"])
     folder = run / "checkpoints/step_00000002"
     for weights, expected_file in (("ensemble", "ensemble.safetensors"), ("final", "model.safetensors")):
         out = tmp_path / f"export-{weights}"
-        proc = run_cmd([sys.executable, "-m", "pretrain.cli", "export", "--checkpoint", str(run), "--output",
-                        str(out), "--weights", weights])  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
+        cli_output(["export", "--checkpoint", str(run), "--output", str(out), "--weights", weights], capsys)
         exported, expected = load_file(out / "open_clip_model.safetensors"), load_file(folder / expected_file)
         assert all(torch.equal(exported[k], expected[k]) for k in expected)
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export-ensemble'}")

@@ -3,34 +3,23 @@ step, same parameters at the end. This is what gathering negatives with gradient
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY, read_jsonl, run_cmd, torchrun
+from helpers import read_jsonl, train_in_process, train_runs
 from safetensors.torch import load_file
 
 STEPS = 5
 
 
-def train(
-    tmp: Path,
-    name: str,
-    nproc: int,
-    batch: int,
-    accum: int = 1,
-    model: str = "tiny-clip",
-    steps: int = STEPS,
-    extra: tuple[str, ...] = (),
-) -> Path:
-    args = [
-        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp}", f"run.name={name}",
-        f"train.steps={steps}", f"train.batch_size={batch}", f"train.accum_steps={accum}",
-        "log.every=1", "data.train=synthetic", "train.precision=fp32", f"model.name={model}", *extra,
+def train_args(
+    batch: int, accum: int = 1, model: str = "tiny-clip", steps: int = STEPS, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """The overrides of configs/tiny.yaml for a run of `model` on synthetic data, in fp32."""
+    return [
+        f"train.steps={steps}", f"train.batch_size={batch}", f"train.accum_steps={accum}", "log.every=1",
+        "data.train=synthetic", "train.precision=fp32", f"model.name={model}", *extra,
     ]  # fmt: skip
-    proc = torchrun(nproc, args) if nproc > 1 else run_cmd([sys.executable, *args])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / name
 
 
 def compare(a: Path, b: Path, keys: tuple[str, ...] = ("loss",), steps: int = STEPS) -> None:
@@ -47,23 +36,6 @@ def compare(a: Path, b: Path, keys: tuple[str, ...] = ("loss",), steps: int = ST
         assert worst < 1e-5, f"max difference of {k}: {worst}"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("ref"), "one-rank-b16", nproc=1, batch=16)
-
-
-@pytest.fixture(scope="module")
-def siglip_reference(tmp_path_factory) -> Path:
-    return train(tmp_path_factory.mktemp("siglip-ref"), "siglip-b16", nproc=1, batch=16, model="tiny-siglip")
-
-
-def test_siglip_two_ranks_with_accumulation_equal_one_rank(siglip_reference, tmp_path):
-    """The sigmoid loss with texts passed around the ring, and accumulation, trains like the full batch."""
-    run = train(tmp_path, "siglip-two-ranks-b4-accum2", nproc=2, batch=4, accum=2, model="tiny-siglip")
-    compare(run, siglip_reference)
-    assert all("loss_contrastive" in r for r in read_jsonl(run / "metrics.jsonl"))
-
-
 COCA_PARTS = ("loss", "loss_contrastive", "loss_caption")
 COCA_STEPS = 3
 # AdamW moves a weight whose gradient g is far below train.eps by about lr * g / eps, a gain of 1e3 at the
@@ -73,29 +45,70 @@ COCA_STEPS = 3
 # agree to 1e-14 in every tensor: no real discrepancy. eps 1e-5 (gain 100) changes the update only of entries
 # with |g| below ~1e-5 (about 14 of the 6400 per step); all tensors then agree within 1e-6.
 COCA_ARGS = ("train.eps=1e-5",)
+TWO_RANKS = {
+    "two-ranks-b8": train_args(8),
+    "two-ranks-b4-accum2": train_args(4, 2),
+    "siglip-two-ranks-b4-accum2": train_args(4, 2, "tiny-siglip"),
+    "coca-2x4-a1": train_args(4, 1, "tiny-coca", COCA_STEPS, COCA_ARGS),
+}
+"""The 2-rank runs by name."""
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, Path]:
+    """Every 2-rank run of TWO_RANKS, in one torchrun."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    train_runs(
+        [{"train": [f"run.dir={root}", f"run.name={name}", *args]} for name, args in TWO_RANKS.items()]
+    )
+    return {name: root / name for name in TWO_RANKS}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return train_in_process(tmp_path_factory.mktemp("ref"), train_args(16), "one-rank-b16")
+
+
+@pytest.fixture(scope="module")
+def siglip_reference(tmp_path_factory) -> Path:
+    return train_in_process(
+        tmp_path_factory.mktemp("siglip-ref"), train_args(16, model="tiny-siglip"), "siglip-b16"
+    )
+
+
+def test_siglip_two_ranks_with_accumulation_equal_one_rank(siglip_reference, two_ranks):
+    """The sigmoid loss with texts passed around the ring, and accumulation, trains like the full batch."""
+    run = two_ranks["siglip-two-ranks-b4-accum2"]
+    compare(run, siglip_reference)
+    assert all("loss_contrastive" in r for r in read_jsonl(run / "metrics.jsonl"))
 
 
 @pytest.fixture(scope="module")
 def coca_reference(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("coca-ref")
-    return train(root, "coca-b8", 1, 8, model="tiny-coca", steps=COCA_STEPS, extra=COCA_ARGS)
+    return train_in_process(root, train_args(8, 1, "tiny-coca", COCA_STEPS, COCA_ARGS), "coca-b8")
 
 
 @pytest.mark.parametrize("nproc, batch, accum", [(2, 4, 1), (1, 4, 2)])
-def test_coca_split_batches_train_like_the_full_batch(coca_reference, tmp_path, nproc, batch, accum):
+def test_coca_split_batches_train_like_the_full_batch(
+    coca_reference, two_ranks, tmp_path, nproc, batch, accum
+):
     """Both CoCa parts and the weights: the caption loss over the step's global token count."""
     name = f"coca-{nproc}x{batch}-a{accum}"
-    run = train(tmp_path, name, nproc, batch, accum, "tiny-coca", COCA_STEPS, COCA_ARGS)
+    if nproc == 2:
+        run = two_ranks[name]
+    else:
+        run = train_in_process(tmp_path, train_args(batch, accum, "tiny-coca", COCA_STEPS, COCA_ARGS), name)
     compare(run, coca_reference, COCA_PARTS, COCA_STEPS)
 
 
-def test_two_ranks_equal_one_rank_double_batch(reference, tmp_path):
-    compare(train(tmp_path, "two-ranks-b8", nproc=2, batch=8), reference)
+def test_two_ranks_equal_one_rank_double_batch(reference, two_ranks):
+    compare(two_ranks["two-ranks-b8"], reference)
 
 
-def test_two_ranks_with_accumulation_equal_one_rank(reference, tmp_path):
-    compare(train(tmp_path, "two-ranks-b4-accum2", nproc=2, batch=4, accum=2), reference)
+def test_two_ranks_with_accumulation_equal_one_rank(reference, two_ranks):
+    compare(two_ranks["two-ranks-b4-accum2"], reference)
 
 
 def test_accumulation_equals_larger_batch(reference, tmp_path):
-    compare(train(tmp_path, "one-rank-b8-accum2", nproc=1, batch=8, accum=2), reference)
+    compare(train_in_process(tmp_path, train_args(8, 2), "one-rank-b8-accum2"), reference)

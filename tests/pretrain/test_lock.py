@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, refused
+from helpers import TINY, refused, train_runs
 
 from pretrain.config import ConfigError, ModelConfig, load_config
 from pretrain.model import build_model, load_trained
@@ -28,7 +28,7 @@ def _strategy_helpers():
 
 
 _helpers = _strategy_helpers()
-train, deepspeed_works = _helpers.train, _helpers.deepspeed_works
+train_args, available, deepspeed_works = _helpers.train_args, _helpers.available, _helpers.deepspeed_works
 assert_close_losses, assert_close_weights = _helpers.assert_close_losses, _helpers.assert_close_weights
 STEPS = 5
 IMAGE_STEM = ("visual.conv1.", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.")
@@ -86,17 +86,17 @@ def test_locked_parameters_stay_and_get_no_optimizer_state(tmp_path, case):
 
 
 @pytest.fixture(scope="module")
-def locked_runs(tmp_path_factory):
-    """2-rank runs of a LiT image tower + a text tower locked but for its last 2 groups, once per strategy."""
-    root, done = tmp_path_factory.mktemp("locked"), {}
-
-    def get(strategy: str) -> Path:
-        if strategy not in done:
-            extra = (*OVERRIDES["both"],)
-            done[strategy] = train(root / strategy, strategy, batch=4, extra=extra, steps=STEPS)
-        return done[strategy]
-
-    return get
+def locked_runs(tmp_path_factory) -> dict[str, Path]:
+    """2-rank runs of a LiT image tower + a text tower locked but for its last 2 groups, one per strategy,
+    in one torchrun."""
+    root = tmp_path_factory.mktemp("locked")
+    done = {strategy: root / strategy for strategy in available(["ddp", "fsdp", "deepspeed2"])}
+    plan = [
+        {"train": train_args(run, s, batch=4, extra=OVERRIDES["both"], steps=STEPS)}
+        for s, run in done.items()
+    ]
+    train_runs(plan)
+    return done
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed2"])
@@ -105,11 +105,11 @@ def test_strategies_keep_locked_towers_and_agree(locked_runs, strategy):
     trainable parameters, and ZeRO-2 partitioning only the trainable ones, train like DDP."""
     if strategy.startswith("deepspeed") and not deepspeed_works():
         pytest.skip("deepspeed is not installed (pip install '.[deepspeed]')")
-    run = locked_runs(strategy)
+    run = locked_runs[strategy]
     assert_locked_exactly(load_trained(run).model.state_dict(), initial_weights(), "both")
     if strategy != "ddp":
-        assert_close_losses(run, locked_runs("ddp"), steps=STEPS)
-        assert_close_weights(run, locked_runs("ddp"))
+        assert_close_losses(run, locked_runs["ddp"], steps=STEPS)
+        assert_close_weights(run, locked_runs["ddp"])
 
 
 def test_frozen_bn_stats_keep_a_locked_tower_in_eval_mode(tmp_path):

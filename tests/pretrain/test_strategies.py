@@ -4,14 +4,12 @@ and an FSDP checkpoint saved at world size 2 resumes at world size 1."""
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from helpers import TINY, read_jsonl, run_cmd, torchrun
+from helpers import cli_output, cut_back, read_jsonl, selected, train_in_process, train_runs
 
 from pretrain.model import load_trained
 
@@ -19,7 +17,6 @@ STEPS = 5
 CUT = 2  # the interrupted runs lose everything after this step's checkpoint
 RTOL = 1e-3
 DEEPSPEED = [f"deepspeed{stage}" for stage in (1, 2, 3)]
-CLI = [sys.executable, "-m", "pretrain.cli"]
 STRATEGY_ARGS = {
     "ddp": ["dist.strategy=ddp"],
     "fsdp": ["dist.strategy=fsdp"],
@@ -35,17 +32,20 @@ def deepspeed_works() -> bool:
     return True
 
 
-def train(
-    run_dir: Path, strategy: str, nproc: int = 2, batch: int = 8, extra: tuple = (), steps: int = STEPS
-) -> Path:
-    args = [
-        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-        f"train.steps={steps}", f"train.batch_size={batch}", "log.every=1", "train.precision=fp32",
-        "checkpoint.every=2", "checkpoint.keep=5", *STRATEGY_ARGS[strategy], *extra,
+def available(strategies: list[str]) -> list[str]:
+    """`strategies` less DeepSpeed's where it is not installed (their tests skip)."""
+    return [s for s in strategies if deepspeed_works() or not s.startswith("deepspeed")]
+
+
+def train_args(
+    run_dir: Path, strategy: str, batch: int = 8, extra: tuple = (), steps: int = STEPS
+) -> list[str]:
+    """The overrides of configs/tiny.yaml for a run of `strategy` into `run_dir` (metrics every step)."""
+    return [
+        f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", f"train.steps={steps}", f"train.batch_size={batch}",
+        "log.every=1", "train.precision=fp32", "checkpoint.every=2", "checkpoint.keep=5", *STRATEGY_ARGS[strategy],
+        *extra,
     ]  # fmt: skip
-    proc = torchrun(nproc, args) if nproc > 1 else run_cmd([sys.executable, *args])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
 
 
 def losses(run_dir: Path, key: str = "loss") -> list[float]:
@@ -68,32 +68,37 @@ def assert_close_weights(a: Path, b: Path, tol: float = 1e-4) -> None:
     assert worst < tol, f"max parameter difference {worst}"
 
 
-def cut_back(src: Path, dst: Path) -> Path:
-    """A copy of a finished run as if it had died right after the checkpoint of step CUT."""
-    shutil.copytree(src, dst)
-    for folder in (dst / "checkpoints").glob("step_*"):
-        if int(folder.name.split("_")[1]) > CUT:
-            shutil.rmtree(folder)
-    (dst / "checkpoints/latest").write_text(f"step_{CUT:08d}")
-    return dst
-
-
 def eval_tasks(demo_data: Path) -> str:
     """The demo's classification and retrieval eval sets as an `eval.tasks` override."""
     return f"eval.tasks=[{{name: zeroshot, root: {demo_data}}}, {{name: demo-retrieval, root: {demo_data}/retrieval}}]"
 
 
+COCA_STEPS = 3
+COCA_PARTS = ("loss", "loss_contrastive", "loss_caption")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, demo_data):
-    """Finished 2-rank runs (with a zero-shot eval at the end), trained once per strategy on demand."""
-    root, done = tmp_path_factory.mktemp("strategies"), {}
-
-    def get(strategy: str) -> Path:
-        if strategy not in done:
-            done[strategy] = train(root / strategy, strategy, extra=(eval_tasks(demo_data),))
-        return done[strategy]
-
-    return get
+def runs(tmp_path_factory, demo_data, request) -> dict[str, Path]:
+    """Every 2-rank run of this module, in one torchrun: per strategy a finished run with a zero-shot eval
+    at the end (`ddp`, `fsdp`, ...) and the same cut back after step CUT and resumed (`ddp-resumed`, ...);
+    2 ranks x batch 4 tiny-coca runs of COCA_STEPS (loss.name=coca follows from the model): `coca-fsdp`, and
+    when the slow comparison runs its one DDP reference `coca-ddp` and `coca-deepspeed3`."""
+    root, plan, done = tmp_path_factory.mktemp("strategies"), [], {}
+    for strategy in available(list(STRATEGY_ARGS)):
+        straight, resumed = root / strategy, root / f"{strategy}-resumed"
+        plan += [
+            {"train": train_args(straight, strategy, extra=(eval_tasks(demo_data),))},
+            {"cut_back": [str(straight), str(resumed), CUT]},
+            {"train": train_args(resumed, strategy, extra=("resume=latest",))},
+        ]
+        done[strategy], done[f"{strategy}-resumed"] = straight, resumed
+    coca = ["ddp", "fsdp", "deepspeed3"] if selected(request, "slow") else ["fsdp"]
+    for strategy in available(coca):
+        done[f"coca-{strategy}"] = root / f"coca-{strategy}"
+        extra = ("model.name=tiny-coca",)
+        plan.append({"train": train_args(root / f"coca-{strategy}", strategy, 4, extra, COCA_STEPS)})
+    train_runs(plan)
+    return done
 
 
 def evals(run_dir: Path) -> list[dict]:
@@ -109,17 +114,16 @@ def require(strategy: str) -> None:
 @pytest.mark.parametrize("strategy", ["fsdp", *DEEPSPEED])
 def test_strategy_matches_ddp(runs, strategy):
     require(strategy)
-    assert_close_losses(runs(strategy), runs("ddp"))
-    assert_close_weights(runs(strategy), runs("ddp"))
-    (ours,), (ref,) = evals(runs(strategy)), evals(runs("ddp"))
+    assert_close_losses(runs[strategy], runs["ddp"])
+    assert_close_weights(runs[strategy], runs["ddp"])
+    (ours,), (ref,) = evals(runs[strategy]), evals(runs["ddp"])
     assert ours["top1"] == pytest.approx(ref["top1"], abs=1 / 64)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", *DEEPSPEED])
-def test_resume_equals_uninterrupted(runs, strategy, tmp_path):
+def test_resume_equals_uninterrupted(runs, strategy):
     require(strategy)
-    straight = runs(strategy)
-    resumed = train(cut_back(straight, tmp_path / strategy), strategy, extra=("resume=latest",))
+    straight, resumed = runs[strategy], runs[f"{strategy}-resumed"]
     rows = read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
     assert_close_losses(resumed, straight)
@@ -127,17 +131,17 @@ def test_resume_equals_uninterrupted(runs, strategy, tmp_path):
 
 
 def test_fsdp_checkpoint_resumes_at_another_world_size(runs, tmp_path):
-    """Saved by 2 ranks x batch 8, resumed by 1 rank x batch 16: the same global batches (DCP reshards)."""
-    straight = runs("fsdp")
-    resumed = train(
-        cut_back(straight, tmp_path / "fsdp-w1"), "fsdp", nproc=1, batch=16, extra=("resume=latest",)
-    )
+    """Saved by 2 ranks x batch 8, resumed by 1 rank x batch 16 (in this process): the same global batches
+    (DCP reshards)."""
+    straight = runs["fsdp"]
+    resumed = cut_back(straight, tmp_path / "fsdp-w1", CUT)
+    train_in_process(tmp_path, train_args(resumed, "fsdp", batch=16, extra=("resume=latest",)), resumed.name)
     assert_close_losses(resumed, straight)
     assert_close_weights(resumed, straight)
 
 
 def test_fsdp_checkpoint_is_sharded_dcp(runs):
-    folder = runs("fsdp") / f"checkpoints/step_{STEPS:08d}"
+    folder = runs["fsdp"] / f"checkpoints/step_{STEPS:08d}"
     assert (folder / "dcp/.metadata").is_file()
     assert len(list((folder / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
     assert not (folder / "model.safetensors").exists()
@@ -145,10 +149,10 @@ def test_fsdp_checkpoint_is_sharded_dcp(runs):
     assert weights["logit_scale"].shape == torch.Size([])  # back to open_clip's scalar
 
 
-def assert_export_matches(run_dir: Path, out: Path) -> None:
-    """`pretrain export` of a run directory writes exactly the weights `load_trained` reads from the run."""
-    proc = run_cmd([*CLI, "export", "--checkpoint", str(run_dir), "--output", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def assert_export_matches(run_dir: Path, out: Path, capsys) -> None:
+    """`pretrain export` of a run directory (in this process; tests/pretrain/test_export.py runs the command)
+    writes exactly the weights `load_trained` reads from the run."""
+    cli_output(["export", "--checkpoint", str(run_dir), "--output", str(out)], capsys)
     exported = load_trained(out).model.state_dict()
     trained = load_trained(run_dir).model.state_dict()
     assert exported.keys() == trained.keys()
@@ -156,58 +160,36 @@ def assert_export_matches(run_dir: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed3"])
-def test_export_and_eval_read_sharded_checkpoints(runs, strategy, tmp_path, demo_data):
+def test_export_and_eval_read_sharded_checkpoints(runs, strategy, tmp_path, demo_data, capsys):
     """`pretrain export` / `pretrain eval` on a run directory whose checkpoints are DCP or DeepSpeed folders; the
     evaluation of the sharded model during training equals `pretrain eval` in one process, metric for metric."""
     require(strategy)
-    assert_export_matches(runs(strategy), tmp_path / "export")
+    assert_export_matches(runs[strategy], tmp_path / "export", capsys)
     tasks = ["--task", f"zeroshot={demo_data}", "--task", f"demo-retrieval={demo_data}/retrieval"]
-    proc = run_cmd([*CLI, "eval", "--checkpoint", str(runs(strategy)), *tasks])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [
-        line for line in proc.stdout.splitlines() if line.startswith("{")
-    ]  # DeepSpeed prints to stdout too
+    out = cli_output(["eval", "--checkpoint", str(runs[strategy]), *tasks], capsys)
+    lines = [line for line in out.splitlines() if line.startswith("{")]  # DeepSpeed prints to stdout too
     printed = {r["eval"]: r for r in map(json.loads, lines)}
     # the sharded model's own eval at the end of training (2 ranks) gives exactly what one process gives
-    in_loop = {r["eval"]: r for r in read_jsonl(runs(strategy) / "metrics.jsonl") if "eval" in r}
+    in_loop = {r["eval"]: r for r in read_jsonl(runs[strategy] / "metrics.jsonl") if "eval" in r}
     assert printed.keys() == in_loop.keys() == {"zeroshot", "demo-retrieval"}
     for name, result in printed.items():
         metrics = {k: v for k, v in result.items() if k not in ("seconds", "step")}
         assert metrics == {k: in_loop[name][k] for k in metrics}, name
 
 
-COCA_STEPS = 3
-COCA_PARTS = ("loss", "loss_contrastive", "loss_caption")
-
-
-@pytest.fixture(scope="module")
-def coca_runs(tmp_path_factory):
-    """Finished 2-rank x batch 4 tiny-coca runs of COCA_STEPS (loss.name=coca follows from the model),
-    trained once per strategy on demand: one DDP reference serves every comparison."""
-    root, done = tmp_path_factory.mktemp("coca-strategies"), {}
-
-    def get(strategy: str) -> Path:
-        if strategy not in done:
-            extra = ("model.name=tiny-coca",)
-            done[strategy] = train(root / strategy, strategy, batch=4, extra=extra, steps=COCA_STEPS)
-        return done[strategy]
-
-    return get
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed3"])
-def test_coca_strategy_matches_ddp(coca_runs, strategy):
+def test_coca_strategy_matches_ddp(runs, strategy):
     """Sharded CoCa (text tower, cross-attention decoder blocks, the caption loss over the global token
     count) trains like DDP: both loss parts at every step, and the weights that export and eval read."""
     require(strategy)
-    assert_close_losses(coca_runs(strategy), coca_runs("ddp"), COCA_PARTS, COCA_STEPS)
-    assert_close_weights(coca_runs(strategy), coca_runs("ddp"))
+    assert_close_losses(runs[f"coca-{strategy}"], runs["coca-ddp"], COCA_PARTS, COCA_STEPS)
+    assert_close_weights(runs[f"coca-{strategy}"], runs["coca-ddp"])
 
 
-def test_export_reads_a_coca_fsdp_run(coca_runs, tmp_path):
+def test_export_reads_a_coca_fsdp_run(runs, tmp_path, capsys):
     """A CoCa run's DCP checkpoint exports to open_clip's layout as a CoCa (decoder included)."""
-    assert_export_matches(coca_runs("fsdp"), tmp_path / "export")
+    assert_export_matches(runs["coca-fsdp"], tmp_path / "export", capsys)
     assert isinstance(load_trained(tmp_path / "export").model, open_clip.CoCa)
 
 
