@@ -1,11 +1,16 @@
-"""Run by test_tiled_loss.py in a fresh process: peak extra memory and time of ClipLoss forward+backward.
+"""Run by test_tiled_loss.py in a fresh process: peak extra memory and time of ClipLoss forward+backward at
+each of several global batches, one after another.
 
 torch's CPU tensors come from its own allocator (posix_memalign/mmap), which tracemalloc, hooked into
 Python's allocator, never sees. So the peak is the kernel's resident-set high-water mark (VmHWM): reset to
 the current RSS just before the loss (`/proc/self/clear_refs` 5), read after backward, minus the RSS at the
 reset. It includes the feature gradients (alive at the end) and every block the loss touched. glibc is
 told to map every block of 64 KiB or more on its own (M_MMAP_THRESHOLD), so that a freed block leaves the
-RSS at once instead of staying in the heap, where reuse and fragmentation would blur the figure. Prints JSON.
+RSS at once instead of staying in the heap, where reuse and fragmentation would blur the figure; that is
+also what lets one process measure several sizes: each size's tensors are freed before the next reset.
+Prints one JSON line per size.
+
+    python tests/pretrain/loss_memory_worker.py DIM CHUNK BATCH [BATCH ...]
 """
 
 from __future__ import annotations
@@ -36,12 +41,9 @@ def _features(batch: int, dim: int) -> tuple[torch.Tensor, ...]:
     return img, txt, torch.tensor(100.0, requires_grad=True)
 
 
-def main(batch: str, dim: str, chunk: str) -> None:
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # -3: M_MMAP_THRESHOLD
-    loss_fn = ClipLoss(chunk_size=int(chunk))
-    warm = _features(2 * int(chunk), int(dim))  # threads, kernels and allocator pools exist before the reset
-    loss_fn(*warm).backward()
-    img, txt, scale = _features(int(batch), int(dim))
+def measure(loss_fn: ClipLoss, batch: int, dim: int) -> dict:
+    """One forward + backward; every tensor it made is freed on return."""
+    img, txt, scale = _features(batch, dim)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     start = time.perf_counter()
@@ -50,8 +52,23 @@ def main(batch: str, dim: str, chunk: str) -> None:
     seconds = time.perf_counter() - start
     extra = (_status_kib("VmHWM") - before) * 1024
     grads = 4 * (img.grad.numel() + txt.grad.numel())
-    print(json.dumps({"extra_bytes": extra, "grad_bytes": grads, "seconds": seconds, "loss": loss.item()}))
+    return {
+        "batch": batch,
+        "extra_bytes": extra,
+        "grad_bytes": grads,
+        "seconds": seconds,
+        "loss": loss.item(),
+    }
+
+
+def main(dim: str, chunk: str, *batches: str) -> None:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # -3: M_MMAP_THRESHOLD
+    loss_fn = ClipLoss(chunk_size=int(chunk))
+    warm = _features(2 * int(chunk), int(dim))  # threads, kernels and allocator pools exist before the reset
+    loss_fn(*warm).backward()
+    for batch in batches:
+        print(json.dumps(measure(loss_fn, int(batch), int(dim))), flush=True)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

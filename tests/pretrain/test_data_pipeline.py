@@ -5,15 +5,13 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, read_jsonl, refused, run_cmd, torchrun, train_in_process
+from helpers import TINY, process_state_kept, read_jsonl, refused, torchrun, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,11 +32,20 @@ def same_params(a: Path, b: Path, step: int) -> bool:
 
 @pytest.mark.parametrize("nproc, workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
 def test_trains_on_shards_with_ranks_and_workers(tmp_path, demo_data, nproc, workers):
-    args = ["-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "train.steps=3",
-            "train.batch_size=8", f"data.train={demo_data}/{SPEC}", f"data.workers={workers}", "log.every=1"]  # fmt: skip
-    proc = torchrun(nproc, args) if nproc > 1 else run_cmd([sys.executable, *args])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_jsonl(tmp_path / "tiny/metrics.jsonl")
+    overrides = [
+        "train.steps=3",
+        "train.batch_size=8",
+        f"data.train={demo_data}/{SPEC}",
+        f"data.workers={workers}",
+    ]
+    if nproc == 1:  # in this process; two ranks need torchrun
+        run_dir = train_in_process(tmp_path, overrides)
+    else:
+        args = ["-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "log.every=1"]
+        proc = torchrun(nproc, [*args, *overrides])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_dir = tmp_path / "tiny"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["data_skipped"] == 0 for r in rows)
     assert rows[-1]["samples_seen"] == 3 * 8 * nproc
 
@@ -182,47 +189,50 @@ def test_epoch_plan_deals_every_shard_once_per_epoch():
 
 
 def test_three_epochs_whose_length_is_a_multiple_of_the_buffer_finish(tmp_path, demo_data):
-    """The issue's repro, small: 512 samples, a 128-sample buffer, batch 64: 8 steps an epoch, 3 epochs."""
-    overrides = [f"data.train={demo_data}/{SPEC}", "data.sampling=epoch", "data.shuffle_buffer=128",
-                 "train.batch_size=64", "train.steps=24", "checkpoint.every=100"]  # fmt: skip
+    """The issue's repro (512 samples, a 128-sample buffer, batch 64), halved: 256 samples in 2 shards, a
+    64-sample buffer, batch 32: 4 blocks and 8 steps an epoch, the last block ending on the epoch's last
+    sample, 3 epochs."""
+    overrides = [f"data.train={demo_data}/train/{{00000..00001}}.tar", "data.sampling=epoch", "data.shuffle_buffer=64",
+                 "train.batch_size=32", "train.steps=24", "checkpoint.every=100"]  # fmt: skip
     rows = read_jsonl(train_in_process(tmp_path, overrides=overrides) / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 25)) and rows[-1]["samples_seen"] == 3 * 512
+    assert [r["step"] for r in rows] == list(range(1, 25)) and rows[-1]["samples_seen"] == 3 * 256
 
 
-def train_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_cmd(
-        [sys.executable, "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", *overrides]
-    )
+def train_cli(tmp_path: Path, capfd, *overrides: str) -> tuple[int, str]:
+    """`pretrain train` in this process (`pretrain.cli.main`, which turns errors into one line and an exit
+    status): returns the status and everything written to stderr, loader worker processes included."""
+    from pretrain.cli import main
+
+    capfd.readouterr()
+    with process_state_kept():
+        status = main(["train", "--config", str(TINY), f"run.dir={tmp_path}", *overrides])
+    return status, capfd.readouterr().err
 
 
-def test_mostly_bad_data_from_workers_is_one_line_and_exit_1(tmp_path, bad_shards):
+def test_mostly_bad_data_from_workers_is_one_line_and_exit_1(tmp_path, bad_shards, capfd):
     for shard in range(3):
         write_tar(
             bad_shards / f"{shard:05d}.tar",
             [{"key": f"{shard:05d}{i:04d}", "jpg": b"x", "txt": b"x"} for i in range(16)],
         )
-    proc = train_cli(tmp_path, f"data.train={bad_shards}/{{00000..00002}}.tar", "train.batch_size=4",
-                     "train.steps=5", "data.bad_window=20", "data.workers=2")  # fmt: skip
-    assert proc.returncode == 1
-    [line] = proc.stderr.strip().splitlines()[-1:]
+    status, err = train_cli(tmp_path, capfd, f"data.train={bad_shards}/{{00000..00002}}.tar", "train.batch_size=4",
+                            "train.steps=5", "data.bad_window=20", "data.workers=2")  # fmt: skip
+    assert status == 1
+    [line] = err.strip().splitlines()[-1:]
     assert re.fullmatch(
         r"pretrain: error: 100% of the last 20 samples were bad \(data.max_bad_fraction=0.5\); shards: .*0000[0-2].tar.*"
         r" \(loader slot \d of 2, block from its shard #\d sample \d+\); rank 0 after 0 batches \(at the start\)",
         line,
     ), line
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
 
 
-def test_shards_without_any_sample_are_one_line_and_exit_1(tmp_path):
+def test_shards_without_any_sample_are_one_line_and_exit_1(tmp_path, capfd):
     for shard in range(2):
         write_tar(tmp_path / f"{shard:05d}.tar", [])  # no sizes.json: the count is unknown until read
-    proc = train_cli(tmp_path, f"data.train={tmp_path}/{{00000..00001}}.tar", "train.steps=2")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert (
-        proc.stderr.strip()
-        .splitlines()[-1]
-        .startswith("pretrain: error: none of the 2 shards holds a sample")
-    )
+    status, err = train_cli(tmp_path, capfd, f"data.train={tmp_path}/{{00000..00001}}.tar", "train.steps=2")
+    assert status == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pretrain: error: none of the 2 shards holds a sample")
 
 
 def test_reading_in_the_training_process_leaves_its_random_state_alone(demo_data):

@@ -1,43 +1,57 @@
-"""`make demo`'s program end to end: fresh data, train tiny-clip on CPU, zero-shot >= 0.90, export, timings.
+"""`make demo`'s program end to end, short: fresh data, train tiny-clip on CPU, zero-shot well above chance,
+export, timings, curves.
 
-This is the README's first command (minus venv set-up), so it runs in `make test`: about 4 minutes on
-2 cores.
+The full `make demo` (800 steps, zero-shot top-1 >= 0.90 in ~4 minutes on 2 cores) is a command users run and
+a benchmark (docs/PERFORMANCE.md), not a test: here the same program and recipe run SHORT_STEPS steps on a
+smaller draw of the same data, which shows the recipe learns in about a minute.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
-from helpers import ROOT, run_cmd
+from helpers import ROOT, one_torch_thread
+
+# Measured (docs/PERFORMANCE.md, "make demo, short"): SHORT_TOP1 is well above chance (1/32) and well below
+# what every measured seed reached.
+SHORT_STEPS, SHORT_SAMPLES, SHORT_EVAL_SAMPLES = 100, 4096, 640
+SHORT_TOP1 = 0.15
+
+
+def small_demo_data(monkeypatch, samples: int, eval_samples: int) -> None:
+    """Make the demo draw `samples` train and `eval_samples` eval images instead of its 64,000 and 1,600."""
+    import pretrain.demo as demo
+    from data_tools.demo import write_demo_data
+
+    def write(folder):
+        return write_demo_data(folder, samples=samples, eval_samples=eval_samples, workers=1)
+
+    monkeypatch.setattr(demo, "write_demo_data", write)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the subprocess's own limit below; pytest's default (600 s) would cut it first
-def test_demo_reaches_target_and_prints_its_time(tmp_path):
-    proc = run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "pretrain.demo",
-            "--data",
-            str(tmp_path / "data"),
-            f"run.dir={tmp_path / 'runs'}",
-        ],
-        timeout=1800,  # ~4 minutes alone on 2 cores; generous for a loaded machine
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    top1 = float(re.search(r"zero-shot top-1\s+([0-9.]+)", proc.stdout).group(1))
-    assert top1 >= 0.90
-    assert re.search(r"time: total\s+[0-9.]+ s", proc.stdout)
-    assert (tmp_path / "runs/demo/export/open_clip_model.safetensors").is_file()
-    curves = tmp_path / "runs/demo/curves.png"
-    assert re.search(rf"curves\s+{re.escape(str(curves))}\n", proc.stdout)
-    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_short_demo_learns_and_prints_its_time(tmp_path, monkeypatch, capsys):
+    import pretrain.demo as demo
     from pretrain.plot import plot_run
 
-    _, titles = plot_run(tmp_path / "runs/demo", tmp_path / "again.png")
+    small_demo_data(monkeypatch, SHORT_SAMPLES, SHORT_EVAL_SAMPLES)
+    runs = tmp_path / "runs"
+    overrides = [f"train.steps={SHORT_STEPS}", "train.warmup_steps=20", f"run.dir={runs}"]
+    with one_torch_thread():
+        status = demo.main(
+            ["--data", str(tmp_path / "data"), "--config", str(ROOT / "configs/demo.yaml"), *overrides]
+        )
+    out = capsys.readouterr().out
+    top1 = float(re.search(r"zero-shot top-1\s+([0-9.]+)", out).group(1))
+    assert top1 >= SHORT_TOP1, out
+    assert status == (0 if top1 >= demo.TARGET_TOP1 else 1)  # the exit status is the full demo's verdict
+    assert re.search(r"time: total\s+[0-9.]+ s", out)
+    assert (runs / "demo/export/open_clip_model.safetensors").is_file()
+    curves = runs / "demo/curves.png"
+    assert re.search(rf"curves\s+{re.escape(str(curves))}\n", out)
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, titles = plot_run(runs / "demo", tmp_path / "again.png")
     assert titles[:4] == ["loss", "lr", "samples/s", "data wait"]
     assert "eval zeroshot: topk" in titles  # top1 and top5 of the demo's zero-shot eval
 
@@ -100,12 +114,8 @@ def test_coca_demo_reports_zero_shot_and_caption_score(tmp_path, monkeypatch, ca
     """The CoCa path end to end on a few images and 1 step: both result rows, and the caption score is the
     share of the printed example captions (all 3 eval images) that name their class."""
     import pretrain.demo as demo
-    from data_tools.demo import write_demo_data
 
-    def small_data(folder):
-        return write_demo_data(folder, samples=32, eval_samples=3, samples_per_shard=32, workers=1)
-
-    monkeypatch.setattr(demo, "write_demo_data", small_data)
+    small_demo_data(monkeypatch, samples=32, eval_samples=3)
     overrides = ["train.steps=1", "train.batch_size=4", "log.every=1", f"run.dir={tmp_path / 'runs'}"]
     demo.main(
         ["--data", str(tmp_path / "data"), "--config", str(ROOT / "configs/coca-demo.yaml"), *overrides]
