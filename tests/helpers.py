@@ -263,6 +263,19 @@ def process_state_kept() -> Iterator[None]:
         torch.set_num_threads(rngs[3])
 
 
+def pretrain_in_process(argv: list[str], capsys) -> str:
+    """Run `pretrain ARGV` (`pretrain.cli.main`) in this process, state kept as by `refused`; asserts exit
+    status 0 and returns what it printed on stdout. A subprocess's checks without its ~10 s of start-up."""
+    from pretrain.cli import main
+
+    capsys.readouterr()  # drop what the test printed before
+    with process_state_kept():
+        status = main(argv)
+    out, err = capsys.readouterr()
+    assert status == 0, err[-3000:]
+    return out
+
+
 def refused(argv: list[str], capsys, not_made: Path | None = None, code: int = 2) -> str:
     """Run `pretrain ARGV` (`pretrain.cli.main`) in this process, where only its refusal is under test:
     asserts exit status `code` (returned, or argparse's SystemExit), exactly one line on stderr, nothing on
