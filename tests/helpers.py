@@ -172,13 +172,19 @@ def one_torch_thread() -> Iterator[None]:
 @contextlib.contextmanager
 def moto_s3(monkeypatch, bucket: str = "bucket") -> Iterator:
     """A moto S3 server on loopback holding an empty `bucket`; the project finds it through AWS_ENDPOINT_URL
-    (set with the test credentials by `monkeypatch`). Yields a boto3 client of it."""
+    (set with the test credentials by `monkeypatch`). Yields a boto3 client of it.
+
+    moto keeps its buckets in module globals, which every server of a process shares: an earlier test's
+    objects (in this pytest process or xdist worker) would still be there, so the server starts reset."""
+    import urllib.request
+
     import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = "http://{}:{}".format(*server.get_host_and_port())
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
     for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_ENDPOINT_URL": endpoint}.items():  # fmt: skip
         monkeypatch.setenv(key, value)

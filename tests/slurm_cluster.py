@@ -31,7 +31,7 @@ SlurmctldPort={ctl_port}
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s)
-AuthInfo=socket={dir}/munge.sock,cred_expire=10
+AuthInfo=socket={dir}/munge.sock,cred_expire=5
 SchedulerParameters=sched_interval=2
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool/%n

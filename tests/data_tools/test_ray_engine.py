@@ -17,7 +17,7 @@ from data_tools.engine_ray import ActorSpec, Progress, _actor_count
 from data_tools.runner import Task, run_tasks
 
 
-@pytest.mark.parametrize("command", ["build", "embed", "reshard"])
+@pytest.mark.parametrize("command", ["build", "embed", "reshard", "filter", "dedup"])
 def test_every_runner_job_takes_engine_options(command: str, capsys) -> None:
     assert main([command, "--help"]) == 0
     text = capsys.readouterr().out

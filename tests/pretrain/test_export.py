@@ -3,39 +3,24 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import open_clip
 import torch
-from helpers import TINY, run_cmd
+from helpers import cli_output, refused, train_in_process
 
 from pretrain.model import load_trained
 
 
-def export(checkpoint: Path, output: Path) -> subprocess.CompletedProcess:
-    return run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "pretrain.cli",
-            "export",
-            "--checkpoint",
-            str(checkpoint),
-            "--output",
-            str(output),
-        ]
-    )
-
-
-def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data):
-    train = [sys.executable, "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=r",
-             "train.steps=3", f"data.train={demo_data}/train/{{00000..00003}}.tar", f"eval.zeroshot={demo_data}"]  # fmt: skip
-    assert run_cmd(train).returncode == 0
+def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data, capsys):
+    """Train, export and eval in this process (the entry point's exit statuses are test_config's)."""
+    train = [
+        "train.steps=3",
+        f"data.train={demo_data}/train/{{00000..00003}}.tar",
+        f"eval.zeroshot={demo_data}",
+    ]
+    train_in_process(tmp_path, train, name="r")
     out = tmp_path / "export"
-    proc = export(tmp_path / "r", out)
-    assert proc.returncode == 0, proc.stderr
+    cli_output(["export", "--checkpoint", str(tmp_path / "r"), "--output", str(out)], capsys)
     assert {p.name for p in out.iterdir()} >= {
         "open_clip_config.json",
         "open_clip_model.safetensors",
@@ -61,11 +46,8 @@ def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data):
         )
         torch.testing.assert_close(model.encode_text(texts), ours.model.encode_text(texts), rtol=0, atol=1e-6)
 
-    proc = run_cmd(
-        [sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(out), "--zeroshot", str(demo_data)]
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    printed = cli_output(["eval", "--checkpoint", str(out), "--zeroshot", str(demo_data)], capsys)
+    result = json.loads(printed.strip().splitlines()[-1])
     assert (
         result["eval"] == "zeroshot"
         and result["samples"] == 64
@@ -73,8 +55,6 @@ def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data):
     )
 
 
-def test_export_of_missing_checkpoint_is_one_line(tmp_path):
-    proc = export(tmp_path / "nope", tmp_path / "o")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "no checkpoint at" in proc.stderr
-    assert not (tmp_path / "o").exists()
+def test_export_of_missing_checkpoint_is_one_line(tmp_path, capsys):
+    argv = ["export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
+    assert "no checkpoint at" in refused(argv, capsys, not_made=tmp_path / "o")

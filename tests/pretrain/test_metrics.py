@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from pathlib import Path
 
-from helpers import TINY, read_jsonl, run_cmd, torchrun, train_in_process
+from helpers import TINY, cli_output, read_jsonl, torchrun, train_in_process
 
 TELEMETRY = ("samples_per_s", "data_wait", "step_time", "grad_norm", "peak_memory_gib", "eta_s")
 
@@ -76,15 +75,16 @@ def test_wandb_offline_and_tensorboard_get_the_jsonl_keys(tmp_path, monkeypatch)
     assert offline_runs and wandb_history_keys(next(offline_runs[0].glob("*.wandb"))) == numeric
 
 
-def test_eval_split_across_ranks_equals_single_process_eval(tmp_path, demo_data):
+def test_eval_split_across_ranks_equals_single_process_eval(tmp_path, demo_data, capsys):
     """With DDP each rank evaluates its share of the eval shards; the summed result is the whole set's."""
     args = ["-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "train.steps=2", "train.batch_size=8",
             f"data.train={demo_data}/train/{{00000..00003}}.tar", f"eval.zeroshot={demo_data}", "eval.batch_size=10"]  # fmt: skip
     proc = torchrun(2, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     distributed = [r for r in read_jsonl(tmp_path / "tiny/metrics.jsonl") if "eval" in r][-1]
-    proc = run_cmd([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(tmp_path / "tiny"),
-                    "--zeroshot", str(demo_data)])  # fmt: skip
-    single = json.loads(proc.stdout.strip().splitlines()[-1])
+    printed = cli_output(
+        ["eval", "--checkpoint", str(tmp_path / "tiny"), "--zeroshot", str(demo_data)], capsys
+    )
+    single = json.loads(printed.strip().splitlines()[-1])
     assert distributed["samples"] == single["samples"] == 64
     assert (distributed["top1"], distributed["top5"]) == (single["top1"], single["top5"])

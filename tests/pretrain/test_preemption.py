@@ -1,5 +1,8 @@
 """SIGUSR1 / SIGTERM mid-run: the current step is checkpointed, the process exits 0, SLURM jobs are
-requeued, and `resume=latest` continues exactly where the signal stopped the run."""
+requeued, and `resume=latest` continues exactly where the signal stopped the run.
+
+The exit status under a signal is checked on the real entry point (torchrun and launch/torchrun.sh); the
+single-process SLURM requeue runs in this process, without ~10 s of start-up."""
 
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import ROOT, TINY, read_jsonl, run_cmd
+from helpers import ROOT, TINY, one_torch_thread, process_state_kept, read_jsonl, run_cmd
 
-STEPS = 30
+STEPS = 15
+"""Enough that a run signalled after step 3 is still training when the stop lands (one step later on every
+rank); every step more is only time, in the resumed run above all."""
 ARGS = [
     "-m", "pretrain.train", "--config", str(TINY), f"train.steps={STEPS}", "train.batch_size=8",
     "log.every=1", "checkpoint.every=1000", "checkpoint.keep=5",
@@ -52,8 +57,8 @@ def interrupt(proc: subprocess.Popen, run_dir: Path, target: int, sig: signal.Si
     return out
 
 
-def assert_stopped_with_checkpoint(proc: subprocess.Popen, out: str, run_dir: Path) -> int:
-    assert proc.returncode == 0, out[-3000:]
+def assert_stopped_with_checkpoint(status: int, out: str, run_dir: Path) -> int:
+    assert status == 0, out[-3000:]
     stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
     assert 3 <= stopped < STEPS
     assert logged_steps(run_dir)[-1] <= stopped
@@ -67,7 +72,7 @@ def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint_and_resume_contin
     while len(children(proc.pid)) < 2:  # torchrun's workers: signal only one of them
         time.sleep(0.1)
     out = interrupt(proc, run_dir, children(proc.pid)[-1], signal.SIGUSR1)
-    stopped = assert_stopped_with_checkpoint(proc, out, run_dir)
+    stopped = assert_stopped_with_checkpoint(proc.returncode, out, run_dir)
 
     cmd = [*ARGS, f"run.dir={tmp_path}", "run.name=preempted", "resume=latest"]
     done = run_cmd(
@@ -79,16 +84,35 @@ def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint_and_resume_contin
     assert (run_dir / f"checkpoints/step_{stopped:08d}").is_dir()
 
 
-def test_sigterm_single_process_checkpoints_and_requeues_under_slurm(tmp_path):
+def test_sigterm_single_process_checkpoints_and_requeues_under_slurm(tmp_path, monkeypatch, capsys):
+    """`pretrain.train` in this process, SIGTERM raised right after step 3: the stop lands on that step
+    (one process needs no agreement), with its checkpoint, status 0 and `scontrol requeue JOB`."""
+    from pretrain import train
+    from pretrain.trainer import Trainer
+
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     calls = tmp_path / "scontrol.calls"
     (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (fake_bin / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    step = Trainer.train_step
+
+    def signalled_after_step_3(self: Trainer):
+        loss = step(self)
+        if self.state.step == 3:
+            # the trainer's handler must be there: the default action would end pytest itself
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+            signal.raise_signal(signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_after_step_3)
     run_dir = tmp_path / "requeued"
-    proc = start(run_dir, nproc=1, env={"PATH": str(fake_bin), "SLURM_JOB_ID": "4242"})
-    out = interrupt(proc, run_dir, proc.pid, signal.SIGTERM)
-    assert_stopped_with_checkpoint(proc, out, run_dir)
+    with process_state_kept(), one_torch_thread():
+        status = train.main([*ARGS[2:], f"run.dir={tmp_path}", "run.name=requeued"])
+    assert assert_stopped_with_checkpoint(status, capsys.readouterr().err, run_dir) == 3
+    assert logged_steps(run_dir) == [1, 2, 3]
     assert calls.read_text().split() == ["requeue", "4242"]
 
 

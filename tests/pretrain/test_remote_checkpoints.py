@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from pretrain import remote
 from pretrain.config import load_config, save_config
 
-RUN = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=2"]
+RUN = ["train.steps=3", "checkpoint.every=1", "checkpoint.keep=2"]
+"""Three checkpoints: the first run stops after step 2, and the remote prunes to `keep` as the local one does."""
 
 
 @pytest.fixture(autouse=True)
@@ -44,34 +45,34 @@ def test_resume_from_s3_on_a_fresh_node_equals_uninterrupted(tmp_path, s3, caplo
     caplog.set_level(logging.INFO, logger="pretrain")
     straight = train_in_process(tmp_path, RUN, name="straight")
     moved = [*RUN, "checkpoint.remote=s3://bucket/ckpts"]
-    first = train_in_process(tmp_path, moved, name="moved", until=4)  # stops after step 4's checkpoint
+    first = train_in_process(tmp_path, moved, name="moved", until=2)  # stops after step 2's checkpoint
     first_rows = read_jsonl(first / "metrics.jsonl")
     stored = bucket_files(s3, "ckpts/moved/")
-    local = {p.relative_to(first).as_posix(): p.read_bytes() for p in (first / "checkpoints/step_00000004").rglob("*") if p.is_file()}  # fmt: skip
-    assert {k: v for k, v in stored.items() if k.startswith("checkpoints/step_00000004/") and not k.endswith("_COMPLETE")} == local  # fmt: skip
-    assert stored["checkpoints/latest"] == b"step_00000004"
+    local = {p.relative_to(first).as_posix(): p.read_bytes() for p in (first / "checkpoints/step_00000002").rglob("*") if p.is_file()}  # fmt: skip
+    assert {k: v for k, v in stored.items() if k.startswith("checkpoints/step_00000002/") and not k.endswith("_COMPLETE")} == local  # fmt: skip
+    assert stored["checkpoints/latest"] == b"step_00000002"
 
     shutil.rmtree(first)  # a fresh node: the local run directory is gone
     resumed = train_in_process(tmp_path, [*moved, "resume=latest"], name="moved")
 
-    assert "resumed from" in caplog.text and "at step 4" in caplog.text
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
     rows = read_jsonl(resumed / "metrics.jsonl")
-    assert rows[:4] == first_rows[:4]  # the first run's lines (timings too): copied back, not re-trained
+    assert rows[:2] == first_rows[:2]  # the first run's lines (timings too): copied back, not re-trained
     compared = ("step", "samples_seen", "loss", "lr", "logit_scale")
     assert [{k: r[k] for k in compared} for r in rows] == [
         {k: r[k] for k in compared} for r in read_jsonl(straight / "metrics.jsonl")
     ]
-    final = "checkpoints/step_00000006/model.safetensors"
+    final = "checkpoints/step_00000003/model.safetensors"
     a, b = load_file(straight / final), load_file(resumed / final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     stored = bucket_files(s3, "ckpts/moved/")
     folders = sorted({k.split("/")[1] for k in stored if k.startswith("checkpoints/step_")})
-    assert folders == ["step_00000004", "step_00000006"]  # checkpoint.keep=2 there too
-    assert stored["checkpoints/latest"] == b"step_00000006"
-    marker = json.loads(stored["checkpoints/step_00000006/_COMPLETE"])
-    files = {p.relative_to(resumed / "checkpoints/step_00000006").as_posix(): p.stat().st_size for p in (resumed / "checkpoints/step_00000006").rglob("*") if p.is_file()}  # fmt: skip
-    assert marker == {"step": 6, "files": files}
+    assert folders == ["step_00000002", "step_00000003"]  # checkpoint.keep=2 there too
+    assert stored["checkpoints/latest"] == b"step_00000003"
+    marker = json.loads(stored["checkpoints/step_00000003/_COMPLETE"])
+    files = {p.relative_to(resumed / "checkpoints/step_00000003").as_posix(): p.stat().st_size for p in (resumed / "checkpoints/step_00000003").rglob("*") if p.is_file()}  # fmt: skip
+    assert marker == {"step": 3, "files": files}
 
 
 def test_a_run_without_resume_refuses_remote_checkpoints_it_would_overwrite(tmp_path):
@@ -128,11 +129,11 @@ def test_credentials_never_reach_config_yaml_or_logs(tmp_path, monkeypatch, capl
 
 @pytest.mark.slow
 def test_fsdp_shards_of_every_rank_resume_from_the_remote(tmp_path):
-    """2 FSDP ranks: rank 0 copies both ranks' DCP shards; after losing the run directory (and the copies
-    of steps 4 and 5), resume=latest downloads step 2 and ends where the uninterrupted run did."""
+    """2 FSDP ranks: rank 0 copies both ranks' DCP shards; after losing the run directory (and the copy
+    of step 3), resume=latest downloads step 2 and ends where the uninterrupted run did."""
     store = tmp_path / "store"
     args = [
-        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=fsdp", "train.steps=5",
+        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=fsdp", "train.steps=3",
         "train.batch_size=8", "log.every=1", "checkpoint.every=2", "checkpoint.keep=5", "dist.strategy=fsdp",
         f"checkpoint.remote={store}",
     ]  # fmt: skip
@@ -142,8 +143,7 @@ def test_fsdp_shards_of_every_rank_resume_from_the_remote(tmp_path):
     shutil.move(tmp_path / "fsdp", straight)
     copied = store / "fsdp/checkpoints/step_00000002"
     assert sorted(p.name for p in (copied / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    for name in ("step_00000004", "step_00000005"):
-        shutil.rmtree(store / "fsdp/checkpoints" / name)
+    shutil.rmtree(store / "fsdp/checkpoints/step_00000003")
     proc = torchrun(2, [*args, "resume=latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "downloading step_00000002" in proc.stdout
