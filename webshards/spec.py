@@ -30,11 +30,23 @@ class Source:
 
 
 def expand_sources(spec: str) -> list[list[str]]:
-    """One list of shard URLs per `::`-joined source, braces expanded, order kept."""
+    """One list of shard URLs per `::`-joined source, braces expanded, order kept; a local folder stands for
+    its `.tar` files in name order (img2dataset's 00000.tar, 00001.tar, ...)."""
     sources = [s.strip() for s in spec.split("::") if s.strip()]
     if not sources:
         raise ValueError(f"empty shard spec {spec!r}")
-    return [list(braceexpand(s)) for s in sources]
+    return [_folder_shards(s) or list(braceexpand(s)) for s in sources]
+
+
+def _folder_shards(source: str) -> list[str]:
+    """The `.tar` files of a local folder named as a source ([] for anything else)."""
+    path = local_path(source)
+    if path is None or not os.path.isdir(path):
+        return []
+    tars = sorted(name for name in os.listdir(path) if name.endswith(".tar"))
+    if not tars:
+        raise ValueError(f"{source} is a folder without .tar shards")
+    return [posixpath.join(source, name) for name in tars]
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -88,7 +100,8 @@ def parse_spec(spec: str, weights: list[float] | None = None, need_counts: bool 
         missing = [u for u in urls if local_path(u) is not None and not os.path.isfile(local_path(u))]
         if missing:
             raise FileNotFoundError(
-                f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} in source {part!r})"
+                f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} in source {part!r}; a source is "
+                "a folder of .tar shards, a file, or a brace pattern such as DIR/{00000..00015}.tar)"
             )
         check_readable(urls[0])
         samples = count_samples(urls)

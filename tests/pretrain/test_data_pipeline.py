@@ -167,7 +167,8 @@ def test_missing_source_is_a_clear_startup_error(tmp_path, demo_data, capsys):
     source = f"{tmp_path}/nope/{{00000..00001}}.tar"
     args = ["train", "--config", str(TINY), f"run.dir={tmp_path}", f"data.train={demo_data}/{SPEC}::{source}"]
     assert refused(args, capsys, tmp_path / "tiny") == (
-        f"pretrain: error: shard not found: {tmp_path}/nope/00000.tar (2 of 2 in source '{source}')"
+        f"pretrain: error: shard not found: {tmp_path}/nope/00000.tar (2 of 2 in source '{source}'; a source is "
+        "a folder of .tar shards, a file, or a brace pattern such as DIR/{00000..00015}.tar)"
     )
 
 
