@@ -33,14 +33,19 @@ demo-coca: setup
 	$(PY) -m pretrain.demo --data $(DEMO_DIR) --config configs/coca-demo.yaml
 
 # `make test` is the whole suite (what CI runs); test-fast and test-slow split it at the `slow` marker.
+# TEST_WORKERS pytest-xdist processes share the tests file by file (a module's shared runs stay in one worker);
+# TEST_WORKERS=0 runs them in this one process. docs/PERFORMANCE.md has the suite's time both ways.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: setup slurm-deps
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q $(XDIST) --durations=25 tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 test-slow: setup slurm-deps
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q $(XDIST) -m slow tests
 
 lint: setup
 	$(PY) -m ruff check .

@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+# One OpenMP thread per process unless the caller chose: the suite runs two pytest workers (xdist) and 2-rank
+# torchrun jobs on 2 cores, where each process's default of one thread per core oversubscribes the cores and
+# OpenMP's spinning threads wait on each other (a tiny step 0.1 s idle, 7 s contended). Set before any test
+# module imports torch; subprocesses inherit it. Nothing under test depends on the thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Property tests: a modest number of examples; CI runs a fixed, derandomised set and keeps no database.
 settings.register_profile("default", max_examples=25, deadline=None)
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None)
