@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
@@ -36,6 +38,7 @@ def test_train_step_small(tmp_path):
     assert "host_syncs" not in result["ours"]  # CUDA only
 
 
+@pytest.mark.slow
 def test_e2e_small(tmp_path):
     out = tmp_path / "e2e.json"
     run_bench("e2e.py", "--small", "--json", str(out))
@@ -44,6 +47,7 @@ def test_e2e_small(tmp_path):
         assert result[name]["samples_per_s"] > 0 and 0 <= result[name]["data_wait"] <= 1, result
 
 
+@pytest.mark.slow
 def test_data_loader_small():
     stdout = run_bench("data_loader.py", "--small")
     rows = [line.split("|") for line in stdout.splitlines() if line.split("|")[0].strip().isdigit()]

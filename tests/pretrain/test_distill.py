@@ -154,12 +154,14 @@ def two_ranks(tmp_path_factory, phrases, teacher_weights) -> dict[str, Path]:
     return {name: root / name for name in ("ddp", "fsdp", "straight", "resumed")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_rank(one_rank, two_ranks, strategy):
     """2 gloo ranks x batch 8 (x 4 reference images): the same global batches as 1 rank x 16 (x 8)."""
     assert_close_runs(two_ranks[strategy], one_rank, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_fsdp_resume_is_exact_with_ensemble(two_ranks):
     """2 FSDP ranks: the sharded ensemble is saved whole and re-sharded on resume; resumed == straight."""
     last = f"checkpoints/step_{STEPS + 1:08d}/ensemble.safetensors"

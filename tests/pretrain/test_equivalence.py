@@ -76,6 +76,7 @@ def siglip_reference(tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_siglip_two_ranks_with_accumulation_equal_one_rank(siglip_reference, two_ranks):
     """The sigmoid loss with texts passed around the ring, and accumulation, trains like the full batch."""
     run = two_ranks["siglip-two-ranks-b4-accum2"]
@@ -89,6 +90,7 @@ def coca_reference(tmp_path_factory) -> Path:
     return train_in_process(root, train_args(8, 1, "tiny-coca", COCA_STEPS, COCA_ARGS), "coca-b8")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, batch, accum", [(2, 4, 1), (1, 4, 2)])
 def test_coca_split_batches_train_like_the_full_batch(
     coca_reference, two_ranks, tmp_path, nproc, batch, accum
@@ -102,10 +104,12 @@ def test_coca_split_batches_train_like_the_full_batch(
     compare(run, coca_reference, COCA_PARTS, COCA_STEPS)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_double_batch(reference, two_ranks):
     compare(two_ranks["two-ranks-b8"], reference)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_accumulation_equal_one_rank(reference, two_ranks):
     compare(two_ranks["two-ranks-b4-accum2"], reference)
 

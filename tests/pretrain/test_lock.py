@@ -99,6 +99,7 @@ def locked_runs(tmp_path_factory) -> dict[str, Path]:
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed2"])
 def test_strategies_keep_locked_towers_and_agree(locked_runs, strategy):
     """FSDP2 with fully frozen units (the image blocks, text block 0) and a root of mixed frozen and

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, TINY, one_torch_thread, process_state_kept, read_jsonl, run_cmd
 
 STEPS = 15
@@ -65,6 +66,7 @@ def assert_stopped_with_checkpoint(status: int, out: str, run_dir: Path) -> int:
     return stopped
 
 
+@pytest.mark.slow
 def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint_and_resume_continues(tmp_path):
     run_dir = tmp_path / "preempted"
     proc = start(run_dir, nproc=2, env={})

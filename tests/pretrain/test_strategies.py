@@ -120,6 +120,7 @@ def test_strategy_matches_ddp(runs, strategy):
     assert ours["top1"] == pytest.approx(ref["top1"], abs=1 / 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", *DEEPSPEED])
 def test_resume_equals_uninterrupted(runs, strategy):
     require(strategy)
@@ -130,6 +131,7 @@ def test_resume_equals_uninterrupted(runs, strategy):
     assert_close_weights(resumed, straight, tol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_at_another_world_size(runs, tmp_path):
     """Saved by 2 ranks x batch 8, resumed by 1 rank x batch 16 (in this process): the same global batches
     (DCP reshards)."""
@@ -140,6 +142,7 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(runs, tmp_path):
     assert_close_weights(resumed, straight)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_is_sharded_dcp(runs):
     folder = runs["fsdp"] / f"checkpoints/step_{STEPS:08d}"
     assert (folder / "dcp/.metadata").is_file()
@@ -159,6 +162,7 @@ def assert_export_matches(run_dir: Path, out: Path, capsys) -> None:
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed3"])
 def test_export_and_eval_read_sharded_checkpoints(runs, strategy, tmp_path, demo_data, capsys):
     """`pretrain export` / `pretrain eval` on a run directory whose checkpoints are DCP or DeepSpeed folders; the
@@ -187,6 +191,7 @@ def test_coca_strategy_matches_ddp(runs, strategy):
     assert_close_weights(runs[f"coca-{strategy}"], runs["coca-ddp"])
 
 
+@pytest.mark.slow
 def test_export_reads_a_coca_fsdp_run(runs, tmp_path, capsys):
     """A CoCa run's DCP checkpoint exports to open_clip's layout as a CoCa (decoder included)."""
     assert_export_matches(runs["coca-fsdp"], tmp_path / "export", capsys)
