@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -28,8 +27,8 @@ ACTOR_RESTARTS = 3
 """Times Ray restarts an actor whose process or node died; its unfinished calls are retried as often."""
 IN_FLIGHT = 2000
 """Ray tasks submitted and not yet finished, at most (the rest wait in the driver)."""
-PROGRESS_EVERY = 10.0
-"""Seconds between progress lines on Ray (no tqdm bar: many nodes, one driver log)."""
+WAKE_EVERY = 5.0
+"""Seconds the driver waits for a finished task before it checks whether a progress line is due."""
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the head's GCS port to answer before giving up on ``--ray-address``."""
 INSTALL_HINT = "--engine ray needs `pip install clip-pretrain[ray]`"
@@ -109,16 +108,16 @@ def run_on_ray(
     pending: list[Any],
     guarded: Callable[[Any], Outcome],
     record: Callable[[Outcome], None],
-    desc: str,
+    tick: Callable[[], None],
     address: str | None,
     actors: ActorSpec | None = None,
 ) -> None:
     """Run ``guarded(task)`` for every pending task on the cluster, handing each outcome to ``record``
-    as it arrives; a task Ray gives up on (its node kept dying) is recorded as failed, the rest go on."""
+    as it arrives and calling ``tick`` (a progress line may be due) at least every ``WAKE_EVERY`` s; a task
+    Ray gives up on (its node kept dying) is recorded as failed, the rest go on."""
     if not pending:
         return
     ray = connect(address)
-    progress = Progress(desc, len(pending))
     if actors is None:
         outcomes = _task_outcomes(ray, pending, guarded)
     else:
@@ -126,35 +125,7 @@ def run_on_ray(
     for outcome in outcomes:  # None: nothing finished for a while, a chance to report progress
         if outcome is not None:
             record(outcome)
-            progress.done(outcome[1])
-        progress.tick()
-
-
-class Progress:
-    """A progress line every ``PROGRESS_EVERY`` seconds: tasks done/total, samples/s, ETA."""
-
-    def __init__(self, desc: str, total: int) -> None:
-        self.desc, self.total = desc or "tasks", total
-        self.tasks = self.samples = 0
-        self.start = self.last = time.monotonic()
-
-    def done(self, samples: int) -> None:
-        """One more task finished, having processed ``samples``."""
-        self.tasks += 1
-        self.samples += samples
-
-    def tick(self) -> None:
-        """Log the line when ``PROGRESS_EVERY`` seconds have passed since the last one."""
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY and self.tasks < self.total:
-            self.last = now
-            log.info("%s", self.line(now - self.start))
-
-    def line(self, elapsed: float) -> str:
-        """E.g. ``build: 3/10 tasks, 300 samples, 45.2 samples/s, ETA 15 s``."""
-        rate = self.samples / elapsed if elapsed > 0 else 0.0
-        eta = f"{elapsed / self.tasks * (self.total - self.tasks):.0f} s" if self.tasks else "unknown"
-        return f"{self.desc}: {self.tasks}/{self.total} tasks, {self.samples} samples, {rate:.1f} samples/s, ETA {eta}"
+        tick()
 
 
 def _task_outcomes(ray: Any, pending: list[Any], guarded: Callable) -> Iterator[Outcome | None]:
@@ -173,10 +144,10 @@ def _task_outcomes(ray: Any, pending: list[Any], guarded: Callable) -> Iterator[
 
 
 def _finished(ray: Any, names: dict[Any, str]) -> Iterator[Outcome | None]:
-    """The outcomes of every task of ``names`` finished now, waiting up to ``PROGRESS_EVERY`` s for the
+    """The outcomes of every task of ``names`` finished now, waiting up to ``WAKE_EVERY`` s for the
     first (None when none finished); finished refs leave ``names``."""
     refs = list(names)
-    done, _ = ray.wait(refs, num_returns=1, timeout=PROGRESS_EVERY)
+    done, _ = ray.wait(refs, num_returns=1, timeout=WAKE_EVERY)
     if not done:
         yield None
         return
@@ -219,7 +190,7 @@ def _actor_outcomes(
         submit(actor)
     try:
         while running:
-            done, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_EVERY)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=WAKE_EVERY)
             if not done:
                 yield None
                 continue

@@ -87,8 +87,9 @@ def run_phase(
     """
     start = time.perf_counter()
     summary = run_tasks(
-        tasks, fn, workers=job.workers, rank=job.rank, world=job.world, desc=desc, **_extra(job)
-    )
+        tasks, fn, workers=job.workers, rank=job.rank, world=job.world, desc=desc, task_unit="tasks",
+        **_extra(job),
+    )  # fmt: skip
     if not summary.ok():
         name, reason = summary.failed[0]
         raise JobFailed(

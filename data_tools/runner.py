@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,9 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from data_tools.engine_ray import ActorSpec, run_on_ray
+from data_tools.engine_ray import ActorSpec, Outcome, run_on_ray
 from webshards import outputs
+from webshards.progress import Progress
 from webshards.ranks import ranks_from_env
 
 log = logging.getLogger("data_tools")
@@ -101,6 +101,7 @@ def run_tasks(
     world: int | None = None,
     desc: str = "",
     unit: str = "samples",
+    task_unit: str = "shards",
     engine: str = "local",
     ray_address: str | None = None,
     actors: ActorSpec | None = None,
@@ -111,6 +112,8 @@ def run_tasks(
     when ``workers > 1``, with one worker it runs in this process, which makes debugging easy.
     ``engine="ray"``: one Ray task per task on the cluster at ``ray_address`` (``workers`` is unused), or
     calls on long-lived ``actors`` (e.g. holding a model).
+    Progress (``webshards.progress``): tasks done of this node's pending ones, counted in ``task_unit``, and
+    the ``unit`` (samples) they processed; a bar on a terminal, else a line every ``progress.every`` s.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -126,10 +129,15 @@ def run_tasks(
             summary.skipped.append(task.name)
         else:
             pending.append(task)
-    if engine == "ray":
-        run_on_ray(pending, partial(_call_guarded, fn), partial(_record, summary), desc, ray_address, actors)
-    else:
-        _run_pending(pending, fn, workers, summary, desc, unit)
+    guarded = partial(_call_guarded, fn)
+    # Ray: many nodes report to one driver log, so lines only, no bar
+    bar = False if engine == "ray" else None
+    with Progress(desc, len(pending), task_unit, unit, logger=log, bar=bar) as progress:
+        record = partial(_record, summary, progress)
+        if engine == "ray":
+            run_on_ray(pending, guarded, record, progress.tick, ray_address, actors)
+        else:
+            _run_pending(pending, guarded, workers, record, progress)
     summary.seconds = time.perf_counter() - start
     _log_summary(summary, desc, rank, world)
     return summary
@@ -142,23 +150,35 @@ def _check_unique(names: list[str]) -> None:
 
 
 def _run_pending(
-    pending: list[Task], fn: Callable[[Task], int], workers: int, summary: RunSummary, desc: str, unit: str
+    pending: list[Task],
+    guarded: Callable[[Task], Outcome],
+    workers: int,
+    record: Callable[[Outcome], None],
+    progress: Progress,
 ) -> None:
-    """Run tasks in a pool (or in-process for one worker), recording each outcome as it arrives."""
-    progress = tqdm(total=None, desc=desc or None, unit=f" {unit}", disable=None, dynamic_ncols=True)
-    guarded = partial(_call_guarded, fn)
-    try:
-        if workers == 1 or len(pending) <= 1:
-            outcomes = map(guarded, pending)
-            _collect(outcomes, summary, progress, len(pending))
-        else:
-            with Pool(min(workers, len(pending))) as pool:
-                _collect(pool.imap_unordered(guarded, pending), summary, progress, len(pending))
-    finally:
-        progress.close()
+    """Run tasks in a pool (or in-process for one worker), recording each outcome as it arrives; progress
+    lines keep coming while a long task runs."""
+    if workers == 1 or len(pending) <= 1:
+        with progress.ticking():  # this process is busy in the task: a thread ticks
+            for task in pending:
+                record(guarded(task))
+        return
+    with Pool(min(workers, len(pending))) as pool:
+        outcomes = pool.imap_unordered(guarded, pending)
+        for _ in pending:
+            record(_next_outcome(outcomes, progress))
 
 
-def _call_guarded(fn: Callable[[Task], int], task: Task) -> tuple[str, int, str | None]:
+def _next_outcome(outcomes: Any, progress: Progress) -> Outcome:
+    """The pool's next outcome, ticking the progress while none arrives."""
+    while True:
+        try:
+            return outcomes.next(timeout=progress.tick_every)
+        except multiprocessing.TimeoutError:  # nothing finished in a while: a line may be due
+            progress.tick()
+
+
+def _call_guarded(fn: Callable[[Task], int], task: Task) -> Outcome:
     """Run one task; an exception becomes its failure reason instead of ending the job."""
     try:
         return task.name, int(fn(task) or 0), None
@@ -166,16 +186,8 @@ def _call_guarded(fn: Callable[[Task], int], task: Task) -> tuple[str, int, str 
         return task.name, 0, f"{type(error).__name__}: {error}"
 
 
-def _collect(outcomes: Any, summary: RunSummary, progress: tqdm, total_tasks: int) -> None:
-    for outcome in outcomes:
-        _record(summary, outcome)
-        progress.update(outcome[1])
-        finished = len(summary.done) + len(summary.failed)
-        progress.set_postfix_str(f"tasks {finished}/{total_tasks}", refresh=False)
-
-
-def _record(summary: RunSummary, outcome: tuple[str, int, str | None]) -> None:
-    """Add one task's outcome (name, samples, failure reason or None) to the summary."""
+def _record(summary: RunSummary, progress: Progress, outcome: Outcome) -> None:
+    """Add one task's outcome (name, samples, failure reason or None) to the summary and the progress."""
     name, samples, error = outcome
     if error is None:
         summary.done.append(name)
@@ -183,6 +195,7 @@ def _record(summary: RunSummary, outcome: tuple[str, int, str | None]) -> None:
     else:
         summary.failed.append((name, error))
         log.warning("task %s failed: %s", name, error)
+    progress.update(1, samples)
 
 
 def _log_summary(summary: RunSummary, desc: str, rank: int, world: int) -> None:

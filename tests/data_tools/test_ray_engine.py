@@ -1,5 +1,5 @@
-"""The Ray engine's parts that need no cluster: the CLI options, the one-line error without Ray, the
-progress line, and how many model actors a cluster holds."""
+"""The Ray engine's parts that need no cluster: the CLI options, the one-line error without Ray, and how
+many model actors a cluster holds (its progress lines are webshards.progress's, tests/webshards)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import free_port, write_image_folder
 
 from data_tools import engine_ray
 from data_tools.cli import main
-from data_tools.engine_ray import ActorSpec, Progress, _actor_count
+from data_tools.engine_ray import ActorSpec, _actor_count
 from data_tools.runner import Task, run_tasks
 
 
@@ -72,15 +72,6 @@ def test_usage_stats_are_off_unless_the_user_chose(monkeypatch) -> None:
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
     engine_ray.import_ray()
     assert engine_ray.os.environ["RAY_USAGE_STATS_ENABLED"] == "1"
-
-
-def test_progress_line() -> None:
-    progress = Progress("build", total=10)
-    for _ in range(4):
-        progress.done(25)
-    # 100 samples in 20 s: 5/s; 4 tasks took 20 s, the 6 left take 30 s more
-    assert progress.line(20.0) == "build: 4/10 tasks, 100 samples, 5.0 samples/s, ETA 30 s"
-    assert Progress("embed", 3).line(1.0) == "embed: 0/3 tasks, 0 samples, 0.0 samples/s, ETA unknown"
 
 
 class FakeRay:

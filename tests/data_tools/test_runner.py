@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 from pathlib import Path
 
 import pytest
 
 from data_tools.cli import job_status
 from data_tools.runner import RunSummary, Task, node_split, resolve_rank_world, run_tasks
+from webshards import progress
 
 
 def write_output(task: Task) -> int:
@@ -17,6 +20,12 @@ def write_output(task: Task) -> int:
         raise ValueError(f"bad payload {task.payload}")
     task.output.write_text(str(task.payload))
     return task.payload
+
+
+def slow_task(task: Task) -> int:
+    time.sleep(task.payload)
+    task.output.write_text("done")
+    return 1
 
 
 def make_tasks(folder: Path, payloads: list[int]) -> list[Task]:
@@ -49,7 +58,8 @@ def test_resolve_rank_world(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_failure_is_reported_and_others_complete(tmp_path: Path, workers: int, caplog) -> None:
+def test_failure_is_reported_and_others_complete(tmp_path: Path, workers: int, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)  # a progress line at every task
     tasks = make_tasks(tmp_path, [3, -1, 5, 7])
     with caplog.at_level(logging.INFO, logger="data_tools"):
         summary = run_tasks(tasks, write_output, workers=workers, rank=0, world=1, desc="job")
@@ -57,6 +67,24 @@ def test_failure_is_reported_and_others_complete(tmp_path: Path, workers: int, c
     assert summary.failed == [("t1", "ValueError: bad payload -1")] and not summary.ok()
     assert all(tasks[i].output.exists() for i in (0, 2, 3)) and not tasks[1].output.exists()
     assert "job: 3 done, 0 skipped, 1 failed" in caplog.text and "ValueError: bad payload -1" in caplog.text
+    lines = "\n".join(caplog.messages)  # a line per task (the interval lowered to 0), then a last one
+    assert re.search(
+        r"^job: 2/4 shards \(50%\), \d+ samples, [\d.,]+ samples/s, elapsed \d+s, ETA \d+s$", lines, re.M
+    )
+    assert re.search(
+        r"^job: 4/4 shards \(100%\), 15 samples, [\d.,]+ samples/s, elapsed \d+s, finished$", lines, re.M
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_lines_while_a_long_task_runs(tmp_path: Path, workers: int, caplog, monkeypatch) -> None:
+    """Nothing finishes for a while (a long first shard): lines still come, with the total, in a pool or here."""
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.05)
+    monkeypatch.setattr(progress, "TICK_SECONDS", 0.02)
+    with caplog.at_level(logging.INFO, logger="data_tools"):
+        run_tasks(make_tasks(tmp_path, [0.4, 0.4]), slow_task, workers=workers, rank=0, world=1, desc="embed")
+    waiting = [line for line in caplog.messages if line.startswith("embed: 0/2 shards (0%)")]
+    assert waiting and waiting[0].endswith("ETA unknown"), caplog.text
 
 
 def test_complete_tasks_are_skipped(tmp_path: Path) -> None:
