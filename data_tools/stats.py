@@ -7,23 +7,26 @@ folder may be local or at fsspec URLs (``s3://…``); the report (``--output``) 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from webshards import outputs
 from webshards.atomic import write_json_atomic
 from webshards.layout import FAILURE_STATUSES, SUCCESS, iter_shard
 from webshards.outputs import Location
+from webshards.progress import Progress
 from webshards.spec import expand_urls
 from webshards.urls import open_url, redact_url
 
 SIZE_FIELDS = ("width", "height", "original_width", "original_height")
 PERCENTILES = (5, 50, 95)
+
+log = logging.getLogger("data_tools")
 
 
 @dataclass
@@ -87,19 +90,20 @@ class ShardStats:
 
 def gather(spec: str, embeddings: Location | None = None) -> ShardStats:
     """Statistics of the shards of ``spec`` (and clip scores from an embeddings folder), local or URLs."""
-    stats = ShardStats()
-    for url in tqdm(expand_urls(spec), desc="stats", unit=" shards", disable=None):
-        tar = url if outputs.is_remote(url) else Path(url)
-        if not outputs.exists(tar):
-            raise ValueError(redact_url(f"shard not found: {tar}"))
-        _add_shard(stats, tar)
+    stats, urls = ShardStats(), expand_urls(spec)
+    with Progress("stats", len(urls), "shards", "rows", logger=log) as progress, progress.ticking():
+        for url in urls:
+            tar = url if outputs.is_remote(url) else Path(url)
+            if not outputs.exists(tar):
+                raise ValueError(redact_url(f"shard not found: {tar}"))
+            progress.update(1, _add_shard(stats, tar))
     if embeddings is not None:
         stats.histograms["clip_score"] = _clip_scores(embeddings)
     return stats
 
 
-def _add_shard(stats: ShardStats, tar: Location) -> None:
-    """Count a shard's rows by status and add its successful samples to the histograms."""
+def _add_shard(stats: ShardStats, tar: Location) -> int:
+    """Count a shard's rows by status and add its successful samples to the histograms; returns its rows."""
     stats.shards += 1
     parquet = outputs.beside(tar, ".parquet")
     if outputs.exists(parquet):
@@ -114,6 +118,7 @@ def _add_shard(stats: ShardStats, tar: Location) -> None:
     for name in SIZE_FIELDS:
         stats.histograms[name].add([table[name][i] for i in ok if table[name][i] is not None])
     stats.histograms["caption_words"].add([len((table["caption"][i] or "").split()) for i in ok])
+    return len(table["status"])
 
 
 def _clip_scores(folder: Location) -> Histogram:

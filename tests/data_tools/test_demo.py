@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +121,26 @@ def test_cli_writes_demo_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert read_sizes(tmp_path / "train") == {"00000.tar": 40}
     assert not (tmp_path / "eval").exists()
     assert "40 samples" in capsys.readouterr().out
+
+
+def test_progress_lines_in_a_redirected_log(tmp_path: Path) -> None:
+    """`data-tools demo-data 2> log`: no terminal, so plain lines with the total, rate and ETA, then a last one
+    (``PROGRESS_EVERY=0``: a line per shard instead of every 30 s)."""
+    argv = [sys.executable, "-m", "data_tools.cli", "demo-data", "--output", str(tmp_path / "data"), "--samples",
+            "40", "--eval-samples", "0", "--image-size", "16", "--samples-per-shard", "20", "--workers", "1"]  # fmt: skip
+    with (tmp_path / "log").open("w") as log:
+        env = {**os.environ, "PROGRESS_EVERY": "0"}
+        result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=120)
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert result.returncode == 0, lines
+    rest = r"[\d.,]+ img/s, elapsed \d+s"
+    assert any(
+        re.fullmatch(rf"demo-data: 1/2 shards \(50%\), 20 img, {rest}, ETA \d+s", line) for line in lines
+    )
+    assert any(
+        re.fullmatch(rf"demo-data: 2/2 shards \(100%\), 40 img, {rest}, finished", line) for line in lines
+    )
+    assert "demo-data: 2 done, 0 skipped, 0 failed; 40 img in" in lines[-1]
 
 
 def test_new_domain_draws_other_classes(demo: Path, tmp_path: Path) -> None:

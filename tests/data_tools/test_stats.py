@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,15 @@ def test_histogram_percentiles() -> None:
     assert Histogram(0, 1, 4).summary() == {"count": 0}
 
 
-def test_cli_report_with_clip_scores(shards: Path, embeddings: Path, tmp_path: Path, capsys) -> None:
+def test_cli_report_with_clip_scores(shards: Path, embeddings: Path, tmp_path: Path, capsys, caplog) -> None:
     args = ["stats", "--shards", str(shards / "{00000..00001}.tar"), "--embeddings", str(embeddings)]
     assert main([*args, "--output", str(tmp_path / "report")]) == 0
+    # the last progress line (a run this short logs no periodic one)
+    assert re.search(
+        r"^stats: 2/2 shards \(100%\), 6 rows, [\d.,]+ rows/s, elapsed \d+s, finished$",
+        "\n".join(caplog.messages),
+        re.M,
+    )
     printed = capsys.readouterr().out
     assert "samples 5" in printed and "failed_to_decode" in printed and "clip_score" in printed
     report = json.loads((tmp_path / "report" / "stats.json").read_text())
