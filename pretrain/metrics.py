@@ -12,9 +12,11 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from pretrain.config import Config, redacted
 from webshards.atomic import write_atomic
+from webshards.progress import duration
 
 log = logging.getLogger("pretrain")
 
@@ -25,10 +27,11 @@ EVAL_NOT_METRICS = frozenset(
 `model-index` and curves.png leave them out."""
 
 
-def setup_logging(is_main: bool) -> None:
+def setup_logging(is_main: bool, stream: TextIO = sys.stdout) -> None:
     """One logger for the project; only rank 0 prints below WARNING. Progress goes to stdout, so stderr
-    holds only what went wrong (a bad input is one line there)."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    holds only what went wrong (a bad input is one line there); a command whose stdout is its output (e.g.
+    `pretrain caption`) logs to stderr instead. The first call of a process sets the stream."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=stream)
     logging.getLogger("pretrain").setLevel(logging.INFO if is_main else logging.WARNING)
 
 
@@ -44,19 +47,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-def _duration(seconds: float) -> str:
-    """1h02m, 3m07s or 12s: an ETA a person reads at a glance."""
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+def _step_text(step: int, total_steps: int | None) -> str:
+    return f"step {step}" + (f"/{total_steps} ({step / total_steps:.0%})" if total_steps else "")
 
 
 def _train_console_line(row: dict, total_steps: int | None) -> str:
     """`step 40/100 (40%) | loss … | lr … | grad … | N samples/s | step …s | data …% | mem … | mfu …% | eta …`"""
-    step = f"step {row['step']}" + (
-        f"/{total_steps} ({row['step'] / total_steps:.0%})" if total_steps else ""
-    )
-    parts = [step, f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    parts = [_step_text(row["step"], total_steps), f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
     formats = {
         "grad_norm": "grad {:.3f}",
         "samples_per_s": "{:.0f} samples/s",
@@ -67,7 +64,7 @@ def _train_console_line(row: dict, total_steps: int | None) -> str:
         "logit_scale": "scale {:.1f}",
     }
     parts += [fmt.format(row[k]) for k, fmt in formats.items() if row.get(k) is not None]
-    parts += [f"eta {_duration(row['eta_s'])}"] if row.get("eta_s") is not None else []
+    parts += [f"eta {duration(row['eta_s'])}"] if row.get("eta_s") is not None else []
     return " | ".join(parts)
 
 
@@ -112,6 +109,16 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(prefix + k, v, row["step"])
+
+    def first_step(self, step: int, loss: float, seconds: float, startup: float) -> None:
+        """Print a line after a process's first step, long before its first `log.every` line (metrics.jsonl
+        keeps that cadence): e.g. `step 1/800 (0%) | loss 4.1589 | first step 2.31s | start-up 8.1s | eta 30m48s`.
+        The ETA at the first step's pace (warm-up included) is an upper bound; later lines refine it."""
+        if not self.is_main:
+            return
+        eta = (self.total_steps - step) * seconds
+        parts = [_step_text(step, self.total_steps), f"loss {loss:.4f}", f"first step {seconds:.2f}s"]
+        log.info(" | ".join([*parts, f"start-up {startup:.1f}s", f"eta {duration(eta)}"]))
 
     def close(self) -> None:
         if not self.is_main:

@@ -60,6 +60,7 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
+        self.created = time.perf_counter()  # start-up, reported with the first step, is counted from here
         self.cfg = cfg
         self.info = detect()
         setup_logging(self.info.is_main)
@@ -137,11 +138,14 @@ class Trainer:
             "training %s for %d steps, global batch %d", self.bundle.name, cfg.train.steps, self.global_batch
         )
         self.meter.restart(self.state.step)
+        first, startup = self.state.step + 1, time.perf_counter() - self.created
         while self.state.step < cfg.train.steps:
             loss = self.train_step()
             step, final = self.state.step, self.state.step == cfg.train.steps
             if step % cfg.log.every == 0 or final:
                 self.log_train(loss)
+            elif step == first:  # a first sign of life and an ETA, not only after `log.every` steps
+                self._log_first_step(loss, startup)
             if cfg.eval.enabled and ((cfg.eval.every and step % cfg.eval.every == 0) or final):
                 self.evaluate()
             stop = self.preemption.should_stop()  # a SIGUSR1/SIGTERM on any rank: checkpoint and leave
@@ -271,6 +275,13 @@ class Trainer:
                 self._last_skipped = row["data_skipped"]
         self.metrics.write(row)
         self.meter.restart(self.state.step)
+
+    def _log_first_step(self, loss: torch.Tensor, startup: float) -> None:
+        """The console line after this process's first step: how long start-up and the step took."""
+        if self.info.is_main:
+            value = float(loss)  # this rank's loss; reading it waits for the step's device work
+            seconds = self.meter.summary(self.state.step)["elapsed"]
+            self.metrics.first_step(self.state.step, value, seconds, startup)
 
     def _telemetry(self) -> dict:
         """Throughput, data wait, step time, grad norm, peak memory, MFU and ETA of the interval now ending."""

@@ -4,6 +4,7 @@ the gradient norm against an independent backward pass, and no host sync outside
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -32,6 +33,9 @@ def test_cli_run_logs_telemetry_keys(tmp_path):
         assert r["memory_kind"] == "cpu_max_rss" and r["mfu"] is None
         assert r["peak_memory_gib"] > 7.19e6 * 4 / 2**30  # at least tiny-clip's fp32 weights
     assert "step 2/6 (33%)" in proc.stdout and "samples/s" in proc.stdout and "eta " in proc.stdout
+    # a console line after the first step too, long before `log.every` steps (metrics.jsonl keeps its cadence)
+    first = r"step 1/6 \(17%\) \| loss [\d.]+ \| first step [\d.]+s \| start-up [\d.]+s \| eta \d+s"
+    assert re.search(first, proc.stdout), proc.stdout
 
 
 def reference_grad_norm(run_dir: Path) -> float:
