@@ -16,11 +16,11 @@ from typing import TextIO
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from pretrain.generate import DecodingConfig, caption_text, check_captioner, generate, special_tokens
 from webshards.atomic import atomic_path
 from webshards.layout import iter_shard
+from webshards.progress import Progress
 from webshards.samples import BadSample
 from webshards.spec import expand_urls
 from webshards.urls import open_url
@@ -37,11 +37,14 @@ def _image_files(paths: list[str]) -> Iterator[tuple[dict, Image.Image]]:
             raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def _shard_images(spec: str, min_size: int, skipped: dict[str, int]) -> Iterator[tuple[dict, Image.Image]]:
-    """Samples of the shards in order; one with a bad image is counted in `skipped` and left out."""
+def _shard_images(
+    urls: list[str], min_size: int, skipped: dict[str, int], progress: Progress
+) -> Iterator[tuple[dict, Image.Image]]:
+    """Samples of the shards in order; one with a bad image is counted in `skipped` and left out. A shard
+    counts as done in `progress` once read (its last batch is captioned next)."""
     from pretrain.data.decode import open_image
 
-    for url in expand_urls(spec):
+    for url in urls:
         with open_url(url) as stream:
             for raw in iter_shard(stream, decode=False, skipped=skipped):
                 try:
@@ -49,6 +52,7 @@ def _shard_images(spec: str, min_size: int, skipped: dict[str, int]) -> Iterator
                 except BadSample as e:
                     skipped[e.reason] = skipped.get(e.reason, 0) + 1
                     log.warning("%s: sample %s skipped (%s)", url, raw["__key__"], e.reason)
+        progress.update(1)
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -86,18 +90,24 @@ def write_captions(
     tokens = special_tokens(model, bundle.tokenizer)
     torch.manual_seed(seed)  # sampling draws from torch's generator, as `generate` does
     skipped: dict[str, int] = {}
-    items = _image_files(images) if images else _shard_images(shards, image_size(model), skipped)
+    if images:  # progress in images; of shards, in shards (their sizes unknown) with the images counted
+        progress = Progress("caption", len(images), "img", logger=log)
+        items = _image_files(images)
+    else:
+        urls = expand_urls(shards)
+        progress = Progress("caption", len(urls), "shards", "img", logger=log)
+        items = _shard_images(urls, image_size(model), skipped, progress)
     count = 0
-    progress = tqdm(
-        total=len(images) if images else None, desc="caption", unit="img", file=sys.stderr, disable=None
-    )
-    with _open_output(output) as out, progress:
+    with _open_output(output) as out, progress, progress.ticking():
         for batch in _batches(items, batch_size):
             pixels = torch.stack([bundle.preprocess_val(image) for _, image in batch]).to(device)
             for (name, _), ids in zip(batch, generate(model, pixels, config, tokens), strict=True):
                 out.write(json.dumps({**name, "caption": caption_text(ids, bundle.tokenizer, tokens)}) + "\n")
                 count += 1
-            progress.update(len(batch))
+            if images:
+                progress.update(len(batch))
+            else:  # its shard counted once read
+                progress.update(0, samples=len(batch))
     if skipped:
         log.warning("skipped %s", ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
     return count

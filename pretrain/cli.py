@@ -134,6 +134,9 @@ def add_caption_args(parser) -> None:
 def _caption(args) -> int:
     from pretrain.caption import write_captions
     from pretrain.decoding import DecodingConfig
+    from pretrain.metrics import setup_logging
+
+    setup_logging(is_main=True, stream=sys.stderr)  # progress lines; stdout may be the captions
 
     config = DecodingConfig(
         method=args.decoding, max_length=args.max_length, min_length=args.min_length,

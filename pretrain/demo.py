@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -18,7 +19,7 @@ from data_tools.demo import write_demo_data
 from pretrain.config import load_config
 from pretrain.evaluation.caption import CaptionResult, run_caption_eval
 from pretrain.hub import export
-from pretrain.metrics import read_metrics
+from pretrain.metrics import read_metrics, setup_logging
 from pretrain.trainer import Trainer
 
 TARGET_TOP1 = 0.90
@@ -54,7 +55,8 @@ def caption_demo(trainer: Trainer, data: Path) -> CaptionResult | None:
     model = trainer.bundle.model
     if not hasattr(model, "text_decoder"):
         return None
-    return run_caption_eval(model, trainer.bundle, data, trainer.device)
+    images = json.loads((data / "demo.json").read_text())["eval_samples"]
+    return run_caption_eval(model, trainer.bundle, data, trainer.device, total=images)
 
 
 def verdict(value: float, target: float) -> str:
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
+    setup_logging(is_main=True)  # before the data, whose progress lines are data_tools'
+    logging.getLogger("data_tools").setLevel(logging.INFO)
     times = {}
     start = time.perf_counter()
     write_data(args.data)

@@ -9,6 +9,7 @@ the model's evaluation transform, as zero-shot reads them.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ import torch
 from pretrain.evaluation.batches import eval_batches
 from pretrain.generate import DecodingConfig, caption_text, generate, special_tokens
 from webshards.evalset import read_eval_set
+from webshards.progress import Progress
+
+log = logging.getLogger("pretrain")
 
 
 @dataclass(frozen=True)
@@ -51,20 +55,23 @@ def run_caption_eval(
     batch_size: int = 64,
     decoding: DecodingConfig | None = None,
     examples: int = 3,
+    total: int | None = None,
 ) -> CaptionResult:
     """Caption every labelled image of the classification eval set at `root` (in batches) and score the
-    captions; `decoding` None is open_clip `generate`'s default (beam search)."""
+    captions; `decoding` None is open_clip `generate`'s default (beam search). `total`: the set's images when
+    known, for the progress's ETA."""
     eval_set = read_eval_set(str(root), "zeroshot_classification")
     tokens = special_tokens(model, bundle.tokenizer)
     was_training = model.training
     model.eval()
     captions, labels = [], []
-    for images, batch_labels in eval_batches(
-        eval_set.spec, bundle, device, "labels", batch_size, split=False
-    ):
-        ids = generate(model, images.to(device), decoding or DecodingConfig(), tokens)
-        captions += [caption_text(row, bundle.tokenizer, tokens) for row in ids]
-        labels += batch_labels.tolist()
+    batches = eval_batches(eval_set.spec, bundle, device, "labels", batch_size, split=False)
+    with Progress("captions", total, "img", logger=log) as progress, progress.ticking():
+        for images, batch_labels in batches:
+            ids = generate(model, images.to(device), decoding or DecodingConfig(), tokens)
+            captions += [caption_text(row, bundle.tokenizer, tokens) for row in ids]
+            labels += batch_labels.tolist()
+            progress.update(len(ids))
     model.train(was_training)
     classnames = list(eval_set.classnames)
     shown = [(classnames[y], c) for c, y in zip(captions[:examples], labels[:examples], strict=True)]

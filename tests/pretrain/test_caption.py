@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -25,6 +26,7 @@ from pretrain.cli import main
 from pretrain.generate import DecodingConfig, generate, special_tokens
 from pretrain.hub import export
 from pretrain.model import load_trained
+from webshards import progress
 from webshards.layout import iter_shard
 
 REQUIREMENTS = ROOT / "tests" / "requirements-open-clip-generate.txt"
@@ -151,8 +153,12 @@ def first_samples(shard: Path, count: int, output: Path) -> Path:
     return output
 
 
-def test_shards_give_one_line_per_sample_in_order_with_its_key(coca, demo_data, tmp_path, capsys):
-    """12 eval samples in batches of 8: a full batch and a partial one."""
+def test_shards_give_one_line_per_sample_in_order_with_its_key(
+    coca, demo_data, tmp_path, caplog, monkeypatch
+):
+    """12 eval samples in batches of 8: a full batch and a partial one; progress lines of the shards and
+    images (``PROGRESS_EVERY`` 0: a line per batch)."""
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)
     run, _ = coca
     shard = first_samples(next((demo_data / "eval").glob("*.tar")), 12, tmp_path / "00000.tar")
     keys = [sample["__key__"] for sample in iter_shard(shard)]
@@ -170,6 +176,12 @@ def test_shards_give_one_line_per_sample_in_order_with_its_key(coca, demo_data, 
         "8",
     ]
     assert main([*args, "--output", str(out)]) == 0
+    assert (
+        "caption: 0/1 shards (0%), 8 img, " in caplog.text
+    )  # the first batch, the shard not read to its end
+    assert re.search(
+        r"caption: 1/1 shards \(100%\), 12 img, [\d.,]+ img/s, elapsed \d+s, finished", caplog.text
+    )
     lines = read_jsonl(out)
     assert [line["key"] for line in lines] == keys
     assert all(line["caption"] and "<" not in line["caption"] for line in lines)

@@ -110,12 +110,15 @@ def test_caption_score_is_the_share_of_captions_naming_their_image_class():
         caption_score(captions, [0, 1], classnames)
 
 
-def test_coca_demo_reports_zero_shot_and_caption_score(tmp_path, monkeypatch, capsys):
+def test_coca_demo_reports_zero_shot_and_caption_score(tmp_path, monkeypatch, capsys, caplog):
     """The CoCa path end to end on a few images and 1 step: both result rows, and the caption score is the
-    share of the printed example captions (all 3 eval images) that name their class."""
+    share of the printed example captions (all 3 eval images) that name their class. The data and the
+    captioning show their progress (``PROGRESS_EVERY`` 0: a line per shard or batch, and a last one)."""
     import pretrain.demo as demo
+    from webshards import progress
 
     small_demo_data(monkeypatch, samples=32, eval_samples=3)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)
     overrides = ["train.steps=1", "train.batch_size=4", "log.every=1", f"run.dir={tmp_path / 'runs'}"]
     demo.main(
         ["--data", str(tmp_path / "data"), "--config", str(ROOT / "configs/coca-demo.yaml"), *overrides]
@@ -129,3 +132,7 @@ def test_coca_demo_reports_zero_shot_and_caption_score(tmp_path, monkeypatch, ca
     words = [re.findall(r"[a-z]+", text.lower()) for _, _, text in examples]
     named = [colour in w and shape in w for (colour, shape, _), w in zip(examples, words, strict=True)]
     assert float(score.group(1)) == pytest.approx(sum(named) / 3, abs=1e-3)
+    lines = "\n".join(caplog.messages)
+    rest = r"[\d.,]+ img/s, elapsed \d+s, finished$"
+    assert re.search(rf"^demo-data: 2/2 shards \(100%\), 35 img, {rest}", lines, re.M), lines
+    assert re.search(rf"^captions: 3/3 img \(100%\), {rest}", lines, re.M), lines
