@@ -132,14 +132,15 @@ def run_tasks(
     guarded = partial(_call_guarded, fn)
     # Ray: many nodes report to one driver log, so lines only, no bar
     bar = False if engine == "ray" else None
-    with Progress(desc, len(pending), task_unit, unit, logger=log, bar=bar) as progress:
+    node = f"{desc} rank {rank}/{world}" if world > 1 else desc
+    with Progress(node, len(pending), task_unit, unit, logger=log, bar=bar) as progress:
         record = partial(_record, summary, progress)
         if engine == "ray":
             run_on_ray(pending, guarded, record, progress.tick, ray_address, actors)
         else:
             _run_pending(pending, guarded, workers, record, progress)
     summary.seconds = time.perf_counter() - start
-    _log_summary(summary, desc, rank, world)
+    (log.error if summary.failed else log.info)("%s", summary.line(node))
     return summary
 
 
@@ -196,11 +197,6 @@ def _record(summary: RunSummary, progress: Progress, outcome: Outcome) -> None:
         summary.failed.append((name, error))
         log.warning("task %s failed: %s", name, error)
     progress.update(1, samples)
-
-
-def _log_summary(summary: RunSummary, desc: str, rank: int, world: int) -> None:
-    node = f"{desc} rank {rank}/{world}" if world > 1 else desc
-    (log.error if summary.failed else log.info)("%s", summary.line(node))
 
 
 def check_settings(path: Path | str, settings: dict[str, Any], what: str) -> bool:
