@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,13 +127,25 @@ def run_tasks(
             summary.skipped.append(task.name)
         else:
             pending.append(task)
-    if engine == "ray":
-        run_on_ray(pending, partial(_call_guarded, fn), partial(_record, summary), desc, ray_address, actors)
-    else:
-        _run_pending(pending, fn, workers, summary, desc, unit)
+    try:
+        if engine == "ray":
+            run_on_ray(
+                pending, partial(_call_guarded, fn), partial(_record, summary), desc, ray_address, actors
+            )
+        else:
+            _run_pending(pending, fn, workers, summary, desc, unit)
+    except KeyboardInterrupt:
+        finished = len(summary.done) + len(summary.failed)
+        raise Interrupted(
+            f"{finished} of {len(pending)} tasks finished; the same command again skips the complete ones"
+        ) from None
     summary.seconds = time.perf_counter() - start
     _log_summary(summary, desc, rank, world)
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job, saying how far it got: its complete tasks are kept, so a rerun resumes."""
 
 
 def _check_unique(names: list[str]) -> None:
@@ -152,10 +165,16 @@ def _run_pending(
             outcomes = map(guarded, pending)
             _collect(outcomes, summary, progress, len(pending))
         else:
-            with Pool(min(workers, len(pending))) as pool:
+            # the workers leave Ctrl-C to this process (one line, not a traceback per worker); leaving the
+            # `with` terminates them
+            with Pool(min(workers, len(pending)), initializer=_ignore_ctrl_c) as pool:
                 _collect(pool.imap_unordered(guarded, pending), summary, progress, len(pending))
     finally:
         progress.close()
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _call_guarded(fn: Callable[[Task], int], task: Task) -> tuple[str, int, str | None]:
