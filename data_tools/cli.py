@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as error:  # the job ran and failed: which task, or which rank's work never arrived
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as error:  # Ctrl-C: one line (a runner job says how far it got), no traceback
+        print(f"{PROG}: interrupted{f': {error}' if str(error) else ''}", file=sys.stderr)
+        return 130
     return 0 if summary is None else job_status(summary)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,15 +134,25 @@ def run_tasks(
     # Ray: many nodes report to one driver log, so lines only, no bar
     bar = False if engine == "ray" else None
     node = f"{desc} rank {rank}/{world}" if world > 1 else desc
-    with Progress(node, len(pending), task_unit, unit, logger=log, bar=bar) as progress:
-        record = partial(_record, summary, progress)
-        if engine == "ray":
-            run_on_ray(pending, guarded, record, progress.tick, ray_address, actors)
-        else:
-            _run_pending(pending, guarded, workers, record, progress)
+    try:
+        with Progress(node, len(pending), task_unit, unit, logger=log, bar=bar) as progress:
+            record = partial(_record, summary, progress)
+            if engine == "ray":
+                run_on_ray(pending, guarded, record, progress.tick, ray_address, actors)
+            else:
+                _run_pending(pending, guarded, workers, record, progress)
+    except KeyboardInterrupt:
+        finished = len(summary.done) + len(summary.failed)
+        raise Interrupted(
+            f"{finished} of {len(pending)} tasks finished; the same command again skips the complete ones"
+        ) from None
     summary.seconds = time.perf_counter() - start
     (log.error if summary.failed else log.info)("%s", summary.line(node))
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job, saying how far it got: its complete tasks are kept, so a rerun resumes."""
 
 
 def _check_unique(names: list[str]) -> None:
@@ -164,10 +175,16 @@ def _run_pending(
             for task in pending:
                 record(guarded(task))
         return
-    with Pool(min(workers, len(pending))) as pool:
+    # the workers leave Ctrl-C to this process (one line, not a traceback per worker); leaving the `with`
+    # terminates them
+    with Pool(min(workers, len(pending)), initializer=_ignore_ctrl_c) as pool:
         outcomes = pool.imap_unordered(guarded, pending)
         for _ in pending:
             record(_next_outcome(outcomes, progress))
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _next_outcome(outcomes: Any, progress: Progress) -> Outcome:

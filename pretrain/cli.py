@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from pretrain.train import add_train_args, run
+from pretrain.train import add_train_args, interrupted, run
 from webshards.args import OneLineParser
 
 
@@ -217,6 +217,13 @@ def _export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except KeyboardInterrupt:
+        return interrupted()
+
+
+def _command(args) -> int:
     if args.command == "train":
         return run(args.config, args.overrides)
     try:

@@ -44,7 +44,7 @@ def train_demo(config: str, data: Path, overrides: list[str]) -> tuple[dict | No
         trainer.train()
     finally:
         trainer.close()
-    if trainer.preempted:
+    if trainer.preempted or trainer.interrupted:
         return None, cfg.run_dir, trainer
     evals = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "eval" in r]
     return {r["eval"]: r for r in evals if r["step"] == evals[-1]["step"]}, cfg.run_dir, trainer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pretrain.config import ConfigError, load_config
@@ -48,16 +49,27 @@ def run(config: str | None, overrides: list[str]) -> int:
         return 1
     finally:
         trainer.close()
-    if trainer.preempted and trainer.info.is_main:
+    if trainer.preempted and trainer.info.is_main:  # not after a Ctrl-C: a person stopped the run
         requeue_slurm_job()  # a no-op outside SLURM; the requeued job resumes with resume=latest
     return 0
+
+
+def interrupted(prog: str = "pretrain") -> int:
+    """Ctrl-C outside the training loop (start-up, eval, export): one line, from one rank, and status 130
+    (128 + SIGINT, as a shell reports a process Ctrl-C ended), instead of a traceback per rank."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="pretrain train", description="Train a CLIP model.")
     add_train_args(parser)
     args = parser.parse_args(argv)
-    return run(args.config, args.overrides)
+    try:
+        return run(args.config, args.overrides)
+    except KeyboardInterrupt:
+        return interrupted()
 
 
 if __name__ == "__main__":

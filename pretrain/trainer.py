@@ -30,7 +30,7 @@ from pretrain.objective import Features, build_objective, features
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy
 from pretrain.plot import write_curves
-from pretrain.preemption import Preemption
+from pretrain.preemption import INTERRUPTED, PREEMPTED, Preemption
 from pretrain.telemetry import IntervalMeter, peak_memory_gib
 
 log = logging.getLogger("pretrain")
@@ -102,7 +102,8 @@ class Trainer:
         self.remote = remote.build_uploader(cfg, self.info.is_main)
         self.metrics = MetricsWriter(cfg, self.info.is_main, resume_step=self.state.step)
         self.meter = IntervalMeter(self.state.step)
-        self.preemption, self.preempted = Preemption(), False  # last: nothing after it can fail
+        self.preemption = Preemption()  # last: nothing after it can fail
+        self.preempted = self.interrupted = False  # stopped early by SIGUSR1/SIGTERM (requeue), by Ctrl-C
 
     # ---- set-up -------------------------------------------------------------------------------------
     @property
@@ -148,11 +149,13 @@ class Trainer:
                 self._log_first_step(loss, startup)
             if cfg.eval.enabled and ((cfg.eval.every and step % cfg.eval.every == 0) or final):
                 self.evaluate()
-            stop = self.preemption.should_stop()  # a SIGUSR1/SIGTERM on any rank: checkpoint and leave
+            stop = self.preemption.should_stop()  # a SIGUSR1/SIGTERM/Ctrl-C on any rank: checkpoint, leave
             if step % cfg.checkpoint.every == 0 or final or step == until or stop:
                 self.save()
             if step == until or stop:
-                self.preempted = stop and not final  # a finished run needs no requeue
+                # a finished run needs no requeue, nor does one a person stopped
+                self.preempted = self.preemption.stop == PREEMPTED and not final
+                self.interrupted = self.preemption.stop == INTERRUPTED and not final
                 break
         self._finish()
         return self.state

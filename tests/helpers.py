@@ -266,7 +266,7 @@ def process_state_kept() -> Iterator[None]:
 
     from pretrain import preemption
 
-    handlers = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    handlers = {sig: signal.getsignal(sig) for sig in (*preemption.SIGNALS, signal.SIGINT)}
     root, project = logging.getLogger(), logging.getLogger("pretrain")
     logs = (list(root.handlers), root.level, project.level)
     rngs = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(), torch.get_num_threads())

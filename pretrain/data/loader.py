@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import signal
 from collections import Counter
 from dataclasses import asdict
 
@@ -52,6 +53,15 @@ TARGETS = {"labels": _labels, "captions": _captions}
 def _normalize_on(normalize, device: torch.device, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """The `cpu` path's finish: the workers already cropped (the seeds are not needed), normalise here."""
     return normalize(images.to(device, non_blocking=True))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A data worker leaves Ctrl-C, SIGTERM and SIGUSR1 to the trainer, which stops after the step with a
+    checkpoint: a terminal's Ctrl-C and a group-wide kill reach the workers too, and would otherwise run the
+    trainer's handler they inherited (a second log line) or kill them (the next batch fails). Workers end
+    when the loader shuts them down, or when the trainer is gone (torch's worker watchdog)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class DeviceFinish:
@@ -110,6 +120,7 @@ class StreamLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
             # its workers' base seed from a generator of its own: the trainer's random stream stays as it
             # was (each sample is seeded from its position anyway)
             generator=torch.Generator().manual_seed(self.stream_cfg.seed),

@@ -115,3 +115,27 @@ def test_cli_exit_status_of_a_job(capsys) -> None:
     assert job_status(RunSummary(done=["a"])) == 0
     assert job_status(RunSummary(done=["a"], failed=[("b", "OSError: disk full")])) == 1
     assert "1 task(s) failed" in capsys.readouterr().err
+
+
+def interrupted_at_t1(task: Task) -> int:
+    """Ctrl-C (KeyboardInterrupt) in the middle of the second task."""
+    if task.name == "t1":
+        raise KeyboardInterrupt
+    return write_output(task)
+
+
+def test_ctrl_c_says_how_far_the_job_got_and_a_rerun_resumes(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C is one line and status 130 from `data-tools`, saying how many tasks finished; the same job
+    again runs only the rest."""
+    from data_tools import cli
+    from data_tools.commands import stats
+
+    tasks = make_tasks(tmp_path, [1, 2, 3])
+    monkeypatch.setattr(stats, "run", lambda args: run_tasks(tasks, interrupted_at_t1))
+    assert cli.main(["stats", "--shards", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "data-tools: interrupted: 1 of 3 tasks finished; the same command again skips the complete ones"
+    ]
+    summary = run_tasks(tasks, write_output)
+    assert (summary.skipped, summary.done) == (["t0"], ["t1", "t2"])

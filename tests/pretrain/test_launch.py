@@ -69,7 +69,7 @@ def test_recipe_commands_for_32_nodes_x_8_gpus(tmp_path):
     assert proc.returncode == 0, proc.stderr
     commands = [(tmp_path / f"node{i}.out").read_text().strip() for i in range(32)]
     for i, cmd in enumerate(commands):
-        assert "-m torch.distributed.run --nnodes 32 " in cmd
+        assert "-m pretrain.torchrun --nnodes 32 " in cmd
         assert f"--node-rank {i} --master-addr gpu001 --master-port 29500 --nproc-per-node 8" in cmd
         assert "SIGUSR1" in cmd
         assert cmd.endswith(f"-m pretrain.train --config {RECIPE} resume=latest")

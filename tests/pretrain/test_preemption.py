@@ -35,20 +35,29 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def start(run_dir: Path, nproc: int, env: dict) -> subprocess.Popen:
+def start(run_dir: Path, nproc: int, env: dict, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`pretrain.train` (under torchrun for `nproc` > 1) in a session of its own: a process group a test
+    signals as a terminal does."""
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     )
-    cmd = [sys.executable, *launcher, *ARGS, f"run.dir={run_dir.parent}", f"run.name={run_dir.name}"]
+    cmd = [sys.executable, *launcher, *ARGS, *extra, f"run.dir={run_dir.parent}", f"run.name={run_dir.name}"]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
     full_env["PATH"] = f"{env.get('PATH', '')}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
 def interrupt(proc: subprocess.Popen, run_dir: Path, target: int, sig: signal.Signals) -> str:
-    """Signal `target` (a pid) once step 3 is logged; returns the output after the process ended."""
+    """Signal `target` (a pid; minus a process group's id: every process in it) once step 3 is logged;
+    returns the output after the process ended."""
     deadline = time.time() + 120
     while not logged_steps(run_dir) or logged_steps(run_dir)[-1] < 3:
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be signalled"
@@ -126,7 +135,7 @@ def test_sigusr1_to_torchrun_launcher_is_forwarded_to_the_workers(tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    out = interrupt(proc, run_dir, proc.pid, signal.SIGUSR1)  # torchrun.sh execs torchrun: same pid
+    out = interrupt(proc, run_dir, proc.pid, signal.SIGUSR1)  # torchrun.sh execs its torchrun: same pid
     stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
     assert 3 <= stopped < STEPS, out[-3000:]
 
@@ -146,3 +155,84 @@ def test_a_signal_during_start_up_is_kept_for_the_trainer():
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def assert_one_ctrl_c_line(out: str) -> None:
+    """What a person sees: one line about the Ctrl-C (not one per rank or data worker), no traceback."""
+    lines = [line for line in out.splitlines() if "Ctrl-C" in line]
+    assert len(lines) == 1 and "stopping after this step with a checkpoint" in lines[0], out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(demo_data, tmp_path):
+    """Ctrl-C as a terminal sends it, to the whole process group: the trainer and its two data workers. The
+    step ends, a checkpoint of it is written, the process exits 0 with one line about it, and the workers
+    (which leave the signal to the trainer) neither print it again nor break the batches still to come."""
+    run_dir = tmp_path / "ctrl-c"
+    shards = f"data.train={demo_data}/train/{{00000..00003}}.tar"
+    proc = start(run_dir, nproc=1, env={}, extra=(shards, "data.workers=2"))
+    out = interrupt(proc, run_dir, -proc.pid, signal.SIGINT)
+    assert_stopped_with_checkpoint(proc.returncode, out, run_dir)
+    assert_one_ctrl_c_line(out)
+
+
+def test_second_ctrl_c_stops_now_without_a_checkpoint(monkeypatch, capsys):
+    """The second Ctrl-C ends the process at once with status 130 and one line. In this process, with
+    `os._exit` caught: with real signals the second one would have to land before the step under way ends,
+    which no step length makes certain on a busy machine."""
+    from pretrain import preemption
+
+    exits = []
+
+    def exit_(status: int):
+        exits.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(preemption.os, "_exit", exit_)
+    before = signal.getsignal(signal.SIGINT)
+    stops = preemption.Preemption()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert stops.should_stop() and stops.stop == preemption.INTERRUPTED and not exits
+        with pytest.raises(SystemExit):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        stops.close()
+    assert exits == [130]
+    assert capsys.readouterr().err.splitlines()[-1] == preemption.SECOND_CTRL_C
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_is_not_caught_where_it_was_ignored():
+    """A shell starts background jobs with SIGINT ignored, so that Ctrl-C does not reach them: it stays so."""
+    from pretrain.preemption import Preemption
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stops = Preemption()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stops.close()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_torchrun_launcher_stops_every_rank_with_a_checkpoint_and_exit_0(tmp_path):
+    """launch/torchrun.sh given a terminal's Ctrl-C (its process group: the script's torchrun alone, as each
+    rank has a session of its own): pretrain.torchrun relays it to the ranks, which checkpoint the step and
+    exit 0, and so does the launcher, with one line about it and no traceback."""
+    run_dir = tmp_path / "launched"
+    cmd = ["bash", str(ROOT / "launch/torchrun.sh"), *ARGS[2:], f"run.dir={tmp_path}", "run.name=launched"]
+    env = {**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    out = interrupt(proc, run_dir, -proc.pid, signal.SIGINT)
+    assert_stopped_with_checkpoint(proc.returncode, out, run_dir)
+    assert_one_ctrl_c_line(out)
