@@ -104,7 +104,14 @@ def build_figure(panels: list[Panel]):
 
     columns = 1 if len(panels) == 1 else 2
     rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(6.4 * columns, 3.4 * rows), layout="constrained")
+    height = 3.4 * rows
+    figure = Figure(figsize=(6.4 * columns, height))
+    # fixed margins in inches (title above, tick labels and "step" below each panel): constrained layout
+    # gave the same picture and took 60% of the drawing time (~0.8 s at the end of every run)
+    figure.subplots_adjust(
+        left=0.07 if columns == 2 else 0.12, right=0.98, top=1 - 0.32 / height, bottom=0.5 / height,
+        hspace=0.32, wspace=0.18,
+    )  # fmt: skip
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     steps_seen = [step for panel in panels for steps, _ in panel.series.values() for step in steps]
