@@ -22,9 +22,11 @@ log = logging.getLogger("pretrain")
 
 EVAL_NOT_METRICS = frozenset(
     {"step", "eval", "task", "samples", "samples_seen", "epoch", "time", "seconds", "captions"}
+    | {"val_loss_chance"}
 )
-"""Keys of an eval line that are not metrics: bookkeeping, counts and wall time. The model card's
-`model-index` and curves.png leave them out."""
+"""Keys of an eval line that are not metrics: bookkeeping, counts, wall time and the chance level of the
+whole-set validation loss (log of the set's size). The model card's `model-index` and curves.png leave them
+out."""
 
 
 def setup_logging(is_main: bool, stream: TextIO = sys.stdout) -> None:

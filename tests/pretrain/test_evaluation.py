@@ -5,6 +5,7 @@ open_clip's own helpers, the webdataset package and clip_benchmark's definitions
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -204,8 +205,10 @@ def test_pretrain_eval_matches_open_clip_and_clip_benchmark_on_1_and_2_ranks(run
     assert (ours["samples"], ours["captions"]) == (expected["samples"], expected["captions"]) == (64, 192)
     assert hit_counts(ours) == hit_counts(expected)  # exactly (clip_benchmark's means are float32)
     loss = reference_val_loss(model, preprocess, tokenizer, demo_data / "eval" / "00000.tar")
-    assert val_one["val_loss"] == pytest.approx(loss, rel=1e-5)
-    assert val_two["val_loss"] == pytest.approx(val_one["val_loss"], rel=1e-6) and val_two["samples"] == 64
+    assert val_one["val_loss_whole_set"] == pytest.approx(loss, rel=1e-5)
+    assert val_one["val_loss_chance"] == pytest.approx(math.log(64))  # a model knowing nothing: log N
+    assert val_two["val_loss_whole_set"] == pytest.approx(val_one["val_loss_whole_set"], rel=1e-6)
+    assert val_two["samples"] == 64
 
 
 def test_pretrain_eval_bad_task_is_one_line(tmp_path, capsys):

@@ -45,7 +45,8 @@ def test_every_metric_gets_its_panel(tmp_path):
         {"step": 30, "eval": "coco", "task": "zeroshot_retrieval", **{
             f"{kind}_retrieval_recall@{k}": 0.1 * k for kind in ("image", "text") for k in (1, 5, 10)},
          "samples": 100, "captions": 500, "seconds": 3.25},
-        {"step": 30, "eval": "val", "loss": 2.5, "seconds": 0.5},
+        {"step": 30, "eval": "val", "task": "contrastive_loss", "val_loss_whole_set": 2.5, "val_loss_chance": 6.9,
+         "samples": 1000, "seconds": 0.5},
     ]  # fmt: skip
     write_metrics(tmp_path / "run", rows)
     path, titles = plot.plot_run(tmp_path / "run")
@@ -53,7 +54,7 @@ def test_every_metric_gets_its_panel(tmp_path):
         "loss", "lr", "samples/s", "data wait",
         "eval imagenet: topk", "eval imagenet: mean_per_class_recall",
         "eval coco: image_retrieval_recall@k", "eval coco: text_retrieval_recall@k",
-        "eval val: loss",
+        "eval val: val_loss_whole_set",
     ]  # fmt: skip
     assert path == tmp_path / "run/curves.png"
     width, height = png_size(path)
@@ -64,7 +65,7 @@ def test_every_metric_gets_its_panel(tmp_path):
     # one eval point: a large dot with its value written beside it, not an empty-looking panel
     figure = plot.build_figure(list(panels.values()))
     texts = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in figure.axes if ax.get_visible()}
-    assert texts["eval imagenet: topk"] == ["0.5", "0.9"] and texts["eval val: loss"] == ["2.5"]
+    assert texts["eval imagenet: topk"] == ["0.5", "0.9"] and texts["eval val: val_loss_whole_set"] == ["2.5"]
     assert texts["loss"] == []  # three points: a curve
 
 
