@@ -20,6 +20,34 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+LONG_MODULES = (
+    "pretrain/test_strategies.py",
+    "data_tools/test_ray.py",
+    "test_bench_smoke.py",
+    "pretrain/test_preemption.py",
+    "pretrain/test_remote_checkpoints.py",
+    "pretrain/test_make_demo.py",
+    "pretrain/test_slurm.py",
+    "pretrain/test_data_pipeline.py",
+    "pretrain/test_caption.py",
+    "pretrain/test_distill.py",
+    "pretrain/test_equivalence.py",
+)
+"""The modules of a minute or more (docs/PERFORMANCE.md, "The test suite"), longest first. They run first:
+xdist hands out whole files in collection order, and one of them handed out last keeps one worker busy for
+minutes while the other has nothing left to do."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    first = {name: rank for rank, name in enumerate(LONG_MODULES)}
+    tests = Path(__file__).parent
+
+    def rank(item: pytest.Item) -> int:
+        return first.get(item.path.relative_to(tests).as_posix(), len(first))
+
+    items.sort(key=rank)  # stable: every module keeps its tests' order, the rest keep theirs
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A small procedural demo set: 512 train samples in 4 shards, 64 labelled eval samples."""
