@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import pretrain
 from pretrain import checkpoint as ckpt
 from pretrain import remote
 from pretrain.config import Config, redacted, save_config
@@ -60,7 +61,6 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
-        self.created = time.perf_counter()  # start-up, reported with the first step, is counted from here
         self.cfg = cfg
         self.info = detect()
         setup_logging(self.info.is_main)
@@ -139,7 +139,7 @@ class Trainer:
             "training %s for %d steps, global batch %d", self.bundle.name, cfg.train.steps, self.global_batch
         )
         self.meter.restart(self.state.step)
-        first, startup = self.state.step + 1, time.perf_counter() - self.created
+        first, startup = self.state.step + 1, time.perf_counter() - pretrain.IMPORTED
         while self.state.step < cfg.train.steps:
             loss = self.train_step()
             step, final = self.state.step, self.state.step == cfg.train.steps

@@ -44,10 +44,16 @@ def start(run_dir: Path, nproc: int, env: dict, extra: tuple[str, ...] = ()) -> 
     cmd = [sys.executable, *launcher, *ARGS, *extra, f"run.dir={run_dir.parent}", f"run.name={run_dir.name}"]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
     full_env["PATH"] = f"{env.get('PATH', '')}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return spawn(cmd, full_env)
+
+
+def spawn(cmd: list[str], env: dict) -> subprocess.Popen:
+    """`cmd` from the checkout in a session of its own (a process group a test signals as a terminal does),
+    its output read as one text stream."""
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=full_env,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -132,9 +138,7 @@ def test_sigusr1_to_torchrun_launcher_is_forwarded_to_the_workers(tmp_path):
     run_dir = tmp_path / "launched"
     cmd = ["bash", str(ROOT / "launch/torchrun.sh"), *ARGS[2:], f"run.dir={tmp_path}", "run.name=launched"]
     env = {**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = spawn(cmd, env)
     out = interrupt(proc, run_dir, proc.pid, signal.SIGUSR1)  # torchrun.sh execs its torchrun: same pid
     stopped = int((run_dir / "checkpoints/latest").read_text().split("_")[1])
     assert 3 <= stopped < STEPS, out[-3000:]
@@ -224,15 +228,7 @@ def test_ctrl_c_to_torchrun_launcher_stops_every_rank_with_a_checkpoint_and_exit
     run_dir = tmp_path / "launched"
     cmd = ["bash", str(ROOT / "launch/torchrun.sh"), *ARGS[2:], f"run.dir={tmp_path}", "run.name=launched"]
     env = {**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = spawn(cmd, env)
     out = interrupt(proc, run_dir, -proc.pid, signal.SIGINT)
     assert_stopped_with_checkpoint(proc.returncode, out, run_dir)
     assert_one_ctrl_c_line(out)

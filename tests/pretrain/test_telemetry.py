@@ -78,7 +78,8 @@ SYNC_CALLS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool_
 
 def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch):
     """Count device-to-host reads (`.item()`, `float(t)`, `.cpu()`, …) made by the project's code
-    (pretrain/) in each loop iteration: none on steps without a log line, some on log steps."""
+    (pretrain/) in each loop iteration: none on steps without a log line, some on log steps, one (its loss)
+    on the first step's console line."""
     from pretrain.trainer import Trainer
 
     package = str(ROOT / "pretrain")
@@ -105,5 +106,5 @@ def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     train_in_process(tmp_path, ["train.steps=6", "log.every=3", "checkpoint.every=100", "train.batch_size=4"])
-    assert [calls[s] for s in (1, 2, 4, 5)] == [0, 0, 0, 0], calls
+    assert [calls[s] for s in (2, 4, 5)] == [0, 0, 0] and calls[1] == 1, calls
     assert calls[3] > 0 and calls[6] > 0  # the counter sees the reads that log steps do make
