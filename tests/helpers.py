@@ -40,15 +40,16 @@ def torchrun(nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
     )
 
 
-def train_runs(steps: list[dict], nproc: int = 2, timeout: int = 1200) -> None:
-    """Do `steps` (training runs of configs/tiny.yaml and `cut_back` copies, see tests/pretrain/runs_worker.py)
-    in order under one torchrun of `nproc` ranks: one start-up (~15 s) for all of them. Asserts that every
-    step succeeded, with the end of stderr otherwise."""
+def train_runs(steps: list[dict], nproc: int = 2, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Do `steps` (training runs of configs/tiny.yaml and file steps between them, see
+    tests/pretrain/runs_worker.py) in order under one torchrun of `nproc` ranks: one start-up (~15 s) for all
+    of them. Asserts that every step succeeded, with the end of stderr otherwise; returns the torchrun."""
     worker = ROOT / "tests" / "pretrain" / "runs_worker.py"
     # the checkout's packages and tests/ (helpers) before anything installed: a script's own folder comes first
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     proc = torchrun(nproc, [str(worker), json.dumps(steps)], timeout=timeout, env={"PYTHONPATH": path})
     assert proc.returncode == 0, proc.stderr[-6000:]  # torchrun's own report of a failure takes ~2000
+    return proc
 
 
 def cut_back(src: Path, dst: Path, step: int) -> Path:

@@ -6,12 +6,15 @@ argv[1] is a JSON list of steps, done in order:
   {"train": [overrides]}            `pretrain.train.run(configs/tiny.yaml, overrides)` on every rank
   {"cut_back": [src, dst, step]}    rank 0 copies run `src` to `dst` as if it had died after `step`'s
                                     checkpoint (`helpers.cut_back`); the other ranks wait for it
+  {"move": [src, dst]}              rank 0 moves a folder away (a run directory lost with its node)
+  {"remove": [path]}                rank 0 deletes a folder (e.g. a remote copy that never arrived)
 A run that fails stops the worker with a non-zero exit and the error on stderr.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,10 +38,13 @@ def main(steps: list[dict]) -> None:
             status = run(str(TINY), step["train"])
             if status != 0:
                 raise SystemExit(f"runs_worker: step {number} {step} exited {status}")
-        else:
+        elif info.is_main and "cut_back" in step:
             src, dst, cut = step["cut_back"]
-            if info.is_main:
-                cut_back(Path(src), Path(dst), cut)
+            cut_back(Path(src), Path(dst), cut)
+        elif info.is_main and "move" in step:
+            shutil.move(*step["move"])
+        elif info.is_main and "remove" in step:
+            shutil.rmtree(*step["remove"])
         barrier()  # the next step starts on every rank with the files of this one in place
     shutdown()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, process_state_kept, read_jsonl, refused, torchrun, train_in_process
+from helpers import TINY, process_state_kept, read_jsonl, refused, train_in_process, train_runs
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -30,21 +30,43 @@ def same_params(a: Path, b: Path, step: int) -> bool:
     return all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-@pytest.mark.parametrize("nproc, workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
-def test_trains_on_shards_with_ranks_and_workers(tmp_path, demo_data, nproc, workers):
-    overrides = [
+def shard_overrides(demo_data: Path, workers: int) -> list[str]:
+    return [
         "train.steps=3",
         "train.batch_size=8",
         f"data.train={demo_data}/{SPEC}",
         f"data.workers={workers}",
     ]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, demo_data) -> dict[int, Path]:
+    """The 2-rank runs of `test_trains_on_shards_with_ranks_and_workers`, with 0 and 2 data workers, in one
+    torchrun (helpers.train_runs: one start-up for both)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    runs = {workers: root / f"workers{workers}" for workers in (0, 2)}
+    train_runs(
+        [
+            {
+                "train": [
+                    f"run.dir={root}",
+                    f"run.name={run.name}",
+                    "log.every=1",
+                    *shard_overrides(demo_data, w),
+                ]
+            }
+            for w, run in runs.items()
+        ]
+    )
+    return runs
+
+
+@pytest.mark.parametrize("nproc, workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
+def test_trains_on_shards_with_ranks_and_workers(tmp_path, demo_data, request, nproc, workers):
     if nproc == 1:  # in this process; two ranks need torchrun
-        run_dir = train_in_process(tmp_path, overrides)
+        run_dir = train_in_process(tmp_path, shard_overrides(demo_data, workers))
     else:
-        args = ["-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "log.every=1"]
-        proc = torchrun(nproc, [*args, *overrides])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        run_dir = tmp_path / "tiny"
+        run_dir = request.getfixturevalue("two_rank_runs")[workers]
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["data_skipped"] == 0 for r in rows)
     assert rows[-1]["samples_seen"] == 3 * 8 * nproc

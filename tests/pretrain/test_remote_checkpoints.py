@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import TINY, moto_s3, one_torch_thread, read_jsonl, torchrun, train_in_process
+from helpers import TINY, moto_s3, one_torch_thread, read_jsonl, train_in_process, train_runs
 from safetensors.torch import load_file
 
 from pretrain import remote
@@ -133,19 +133,19 @@ def test_fsdp_shards_of_every_rank_resume_from_the_remote(tmp_path):
     of step 3), resume=latest downloads step 2 and ends where the uninterrupted run did."""
     store = tmp_path / "store"
     args = [
-        "-m", "pretrain.train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=fsdp", "train.steps=3",
-        "train.batch_size=8", "log.every=1", "checkpoint.every=2", "checkpoint.keep=5", "dist.strategy=fsdp",
-        f"checkpoint.remote={store}",
+        f"run.dir={tmp_path}", "run.name=fsdp", "train.steps=3", "train.batch_size=8", "log.every=1",
+        "checkpoint.every=2", "checkpoint.keep=5", "dist.strategy=fsdp", f"checkpoint.remote={store}",
     ]  # fmt: skip
-    proc = torchrun(2, args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    straight = tmp_path / "straight"
-    shutil.move(tmp_path / "fsdp", straight)
-    copied = store / "fsdp/checkpoints/step_00000002"
+    straight, copied = tmp_path / "straight", store / "fsdp/checkpoints/step_00000002"
+    proc = train_runs(  # in one torchrun: the run, the loss of its folder and of the last copy, the resume
+        [
+            {"train": args},
+            {"move": [str(tmp_path / "fsdp"), str(straight)]},
+            {"remove": [str(store / "fsdp/checkpoints/step_00000003")]},
+            {"train": [*args, "resume=latest"]},
+        ]
+    )
     assert sorted(p.name for p in (copied / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    shutil.rmtree(store / "fsdp/checkpoints/step_00000003")
-    proc = torchrun(2, [*args, "resume=latest"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "downloading step_00000002" in proc.stdout
     from pretrain.model import load_trained
 
