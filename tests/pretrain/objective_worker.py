@@ -6,7 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `helpers`, which test_objective imports
+# `helpers` (which test_objective imports) from tests/, after the checkout itself: tests/ first would make
+# `pretrain` a namespace package of tests/pretrain and pretrain/, whose __init__.py never runs
+TESTS = Path(__file__).resolve().parent.parent
+sys.path[0:0] = [str(TESTS.parent), str(TESTS)]
 
 from test_objective import caption_objective  # noqa: E402  (this folder is sys.path[0] for a script)
 
