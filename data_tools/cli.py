@@ -77,12 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         summary = args.run(args)  # a runner job's RunSummary, else None
-    except ValueError as error:  # invalid inputs, found before or while running: one line, no traceback
+    except (ValueError, JobFailed) as error:  # one line, no traceback
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except JobFailed as error:  # the job ran and failed: which task, or which rank's work never arrived
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+        # a ValueError: invalid inputs, found before or while running; JobFailed: the job ran and failed
+        # (which task, or which rank's work never arrived)
+        return 1 if isinstance(error, JobFailed) else 2
     except KeyboardInterrupt as error:  # Ctrl-C: one line (a runner job says how far it got), no traceback
         print(f"{PROG}: interrupted{f': {error}' if str(error) else ''}", file=sys.stderr)
         return 130
