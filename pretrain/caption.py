@@ -17,7 +17,8 @@ from typing import TextIO
 import torch
 from PIL import Image
 
-from pretrain.generate import DecodingConfig, caption_text, check_captioner, generate, special_tokens
+from pretrain.decoding import DecodingConfig
+from pretrain.generate import caption_text, check_captioner, generate, special_tokens
 from webshards.atomic import atomic_path
 from webshards.layout import iter_shard
 from webshards.progress import Progress

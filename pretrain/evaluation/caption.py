@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from pretrain.decoding import DecodingConfig
 from pretrain.evaluation.batches import eval_batches
-from pretrain.generate import DecodingConfig, caption_text, generate, special_tokens
+from pretrain.generate import caption_text, generate, special_tokens
 from webshards.evalset import read_eval_set
 from webshards.progress import Progress
 

@@ -23,7 +23,8 @@ from helpers import ROOT, read_jsonl, trained_tiny_model
 from PIL import Image
 
 from pretrain.cli import main
-from pretrain.generate import DecodingConfig, generate, special_tokens
+from pretrain.decoding import DecodingConfig
+from pretrain.generate import generate, special_tokens
 from pretrain.hub import export
 from pretrain.model import load_trained
 from webshards import progress
