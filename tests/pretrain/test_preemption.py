@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, TINY, one_torch_thread, process_state_kept, read_jsonl, run_cmd
 
+from pretrain.torchrun import children
+
 STEPS = 15
 """Enough that a run signalled after step 3 is still training when the stop lands (one step later on every
 rank); every step more is only time, in the resumed run above all."""
@@ -28,11 +30,6 @@ ARGS = [
 def logged_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     return [r["step"] for r in read_jsonl(path) if "loss" in r] if path.is_file() else []
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def start(run_dir: Path, nproc: int, env: dict, extra: tuple[str, ...] = ()) -> subprocess.Popen:
