@@ -46,7 +46,8 @@ def start(run_dir: Path, nproc: int, env: dict, extra: tuple[str, ...] = ()) -> 
 
 def spawn(cmd: list[str], env: dict) -> subprocess.Popen:
     """`cmd` from the checkout in a session of its own (a process group a test signals as a terminal does),
-    its output read as one text stream."""
+    its output read as one text stream. SIGINT as a terminal's foreground job has it, even where the suite runs
+    as a background job (`make test &`), which starts with SIGINT ignored and hands that to every child."""
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -55,6 +56,7 @@ def spawn(cmd: list[str], env: dict) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -190,6 +192,8 @@ def test_second_ctrl_c_stops_now_without_a_checkpoint(monkeypatch, capsys):
         raise SystemExit(status)
 
     monkeypatch.setattr(preemption.os, "_exit", exit_)
+    # as in a foreground process, even where the suite runs as a background job (SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGINT)
     stops = preemption.Preemption()
     try:
@@ -199,9 +203,10 @@ def test_second_ctrl_c_stops_now_without_a_checkpoint(monkeypatch, capsys):
             signal.raise_signal(signal.SIGINT)
     finally:
         stops.close()
+        restored = signal.signal(signal.SIGINT, previous)
     assert exits == [130]
     assert capsys.readouterr().err.splitlines()[-1] == preemption.SECOND_CTRL_C
-    assert signal.getsignal(signal.SIGINT) is before
+    assert restored is before
 
 
 def test_ctrl_c_is_not_caught_where_it_was_ignored():
