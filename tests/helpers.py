@@ -25,29 +25,27 @@ def run_cmd(
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def torchrun(nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
-    return run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            *args,
-        ],
-        **kw,
-    )
+def torchrun(
+    nproc: int, args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`args` (a script and its arguments, or `-m module ...`) on `nproc` ranks of one machine, as `torchrun
+    --standalone --nproc_per_node nproc args` runs them, each rank forked from a process that has imported torch
+    and pretrain once per test worker (tests/forked_ranks.py: ~15 s less per job). The real launcher is tested
+    where it is what is under test (test_launch, test_preemption, test_slurm)."""
+    import forked_ranks
+
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return forked_ranks.run(nproc, args, cwd, full_env, timeout)
 
 
-def train_runs(steps: list[dict], nproc: int = 2, timeout: int = 1200) -> subprocess.CompletedProcess:
+def train_runs(
+    steps: list[dict], nproc: int = 2, timeout: int = 1200, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Do `steps` (training runs of configs/tiny.yaml and file steps between them, see
     tests/pretrain/runs_worker.py) in order under one torchrun of `nproc` ranks: one start-up (~15 s) for all
     of them. Asserts that every step succeeded, with the end of stderr otherwise; returns the torchrun."""
     worker = ROOT / "tests" / "pretrain" / "runs_worker.py"
-    # the checkout's packages and tests/ (helpers) before anything installed: a script's own folder comes first
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    proc = torchrun(nproc, [str(worker), json.dumps(steps)], timeout=timeout, env={"PYTHONPATH": path})
+    proc = torchrun(nproc, [str(worker), json.dumps(steps)], timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]  # torchrun's own report of a failure takes ~2000
     return proc
 

@@ -27,6 +27,26 @@ TAG = "state"
 """DeepSpeed checkpoint tag (the step folder already names the step)."""
 
 
+def skip_cpu_shm_build(device: torch.device) -> bool:
+    """On the CPU, keep DeepSpeed from building its shared-memory all-reduce; True when it was kept from it.
+
+    DeepSpeed's CPU communication backend compiles a C++ extension (`deepspeed_shm_comm`) when it starts: 1-2 min
+    of g++ on 2 cores the first time on a machine, and again for every other path of the venv (it is cached by
+    name, keyed by its build flags). Only DeepSpeed's inference all-reduce uses it; training goes through
+    torch.distributed (gloo), which it falls back to without the extension. GPUs never build it.
+    """
+    if device.type != "cpu":
+        return False
+    import importlib
+
+    # by its module name: `deepspeed.comm.torch` as an attribute is the torch package that deepspeed.comm imports
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if not callable(getattr(ds_torch, "build_shm_op", None)):  # a DeepSpeed without it: nothing to skip
+        return False
+    ds_torch.build_shm_op = lambda: None
+    return True
+
+
 def build_deepspeed_config(cfg: DistConfig, train: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed config from `dist.*` / `train.*`, or the user's JSON file; batch keys always follow train.*."""
     if cfg.deepspeed_config:
@@ -94,6 +114,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         config = build_deepspeed_config(self.cfg, self.train_cfg, world()[1])
+        skip_cpu_shm_build(next(module.parameters()).device)
         self.stage = config.get("zero_optimization", {}).get("stage", 0)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config, dist_init_required=False

@@ -64,3 +64,22 @@ def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
         torch.testing.assert_close(gi / world, i.grad[rank * n : (rank + 1) * n])
         torch.testing.assert_close(gt / world, t.grad[rank * n : (rank + 1) * n])
         torch.testing.assert_close(gs, s.grad)
+
+
+def test_forked_ranks_get_torchruns_variables_and_a_failed_rank_ends_the_job(tmp_path):
+    """The launcher of the 2-rank tests (tests/forked_ranks.py) against what torchrun does: every rank sees
+    RANK / WORLD_SIZE / MASTER_* and its arguments; one rank's failure ends the other at once and fails the job
+    with that rank's stderr."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "rank = int(os.environ['RANK'])\n"
+        "print(rank, os.environ['WORLD_SIZE'], os.environ['LOCAL_RANK'], os.environ['MASTER_ADDR'], sys.argv[1:])\n"
+        "if sys.argv[1] == 'fail':\n"
+        "    time.sleep(600) if rank == 0 else sys.exit('rank 1 gives up')\n"
+    )
+    proc = torchrun(2, [str(script), "ok"])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == [f"{r} 2 {r} 127.0.0.1 ['ok']" for r in (0, 1)]
+    proc = torchrun(2, [str(script), "fail"], timeout=60)
+    assert proc.returncode == 1 and "rank 1 gives up" in proc.stderr

@@ -97,8 +97,19 @@ def runs(tmp_path_factory, demo_data, request) -> dict[str, Path]:
         done[f"coca-{strategy}"] = root / f"coca-{strategy}"
         extra = ("model.name=tiny-coca",)
         plan.append({"train": train_args(root / f"coca-{strategy}", strategy, 4, extra, COCA_STEPS)})
-    train_runs(plan)
+    # an empty folder for torch's C++ extensions: DeepSpeed on the CPU must build none
+    train_runs(plan, env={"TORCH_EXTENSIONS_DIR": str(root / "torch_extensions")})
     return done
+
+
+@pytest.mark.slow
+def test_deepspeed_on_the_cpu_builds_no_extension(runs):
+    """DeepSpeed's shared-memory all-reduce (a C++ build of 1-2 min, only for its inference kernels) is not built
+    for training on the CPU: the runs' extension folder stays empty."""
+    require("deepspeed1")
+    assert runs["deepspeed3"].exists()
+    built = runs["ddp"].parent / "torch_extensions"
+    assert not built.exists() or not any(built.iterdir()), sorted(built.iterdir())
 
 
 def evals(run_dir: Path) -> list[dict]:
