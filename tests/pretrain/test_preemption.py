@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, one_torch_thread, process_state_kept, read_jsonl, run_cmd
+from helpers import ROOT, TINY, one_torch_thread, process_state_kept, read_jsonl, torchrun
 
 from pretrain.torchrun import children
 
@@ -90,10 +90,8 @@ def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint_and_resume_contin
     out = interrupt(proc, run_dir, children(proc.pid)[-1], signal.SIGUSR1)
     stopped = assert_stopped_with_checkpoint(proc.returncode, out, run_dir)
 
-    cmd = [*ARGS, f"run.dir={tmp_path}", "run.name=preempted", "resume=latest"]
-    done = run_cmd(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd]
-    )
+    # the resume's ranks need no signals from a launcher: forked ranks, without torchrun's start-up
+    done = torchrun(2, [*ARGS, f"run.dir={tmp_path}", "run.name=preempted", "resume=latest"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert (run_dir / "checkpoints/latest").read_text() == f"step_{STEPS:08d}"
