@@ -174,12 +174,14 @@ def _eval(args) -> int:
 
     from pretrain.distributed import detect, init_distributed, shutdown
     from pretrain.evaluation.tasks import parse_task, run_all
+    from pretrain.metrics import setup_logging
     from pretrain.model import load_trained
 
     tasks = [parse_task(t) for t in ([f"zeroshot={args.zeroshot}"] if args.zeroshot else []) + args.task]
     if not tasks and not args.val_data:
         raise ValueError("nothing to evaluate: give --task NAME=ROOT (repeatable) and/or --val-data SPEC")
     info = detect()
+    setup_logging(info.is_main, stream=sys.stderr)  # progress lines; stdout is the results
     device = torch.device(f"cuda:{info.local_rank}" if args.device == "cuda" else "cpu")
     init_distributed(info, device)
     try:

@@ -54,7 +54,9 @@ class Progress:
     ``bar``: None draws a bar when ``stream`` (stderr by default) is a terminal, False never (Ray's driver:
         lines only). Lines go to ``logger`` at INFO (the ``webshards`` logger by default), one every ``every``
     seconds (``progress_every()``); ``tick_every``: how often a waiting consumer ticks. Thread-safe, so
-    ``ticking()``'s thread and the job may call it together. A job of no units shows nothing.
+    ``ticking()``'s thread and the job may call it together. A job of no units shows nothing. ``brief``: a job
+    that ends before its first line logs no last line either (an eval, whose result line follows at once:
+    a quick one adds nothing to the log, a long one ends its lines with the last).
     """
 
     def __init__(
@@ -67,9 +69,11 @@ class Progress:
         logger: logging.Logger | None = None,
         bar: bool | None = None,
         stream: TextIO | None = None,
+        brief: bool = False,
     ) -> None:
         self.desc, self.total, self.unit, self.samples_unit = desc or unit, total, unit, samples_unit
-        self.done = self.samples = 0
+        self.done = self.samples = self.lines = 0
+        self.brief = brief
         self.every, self.tick_every = progress_every(), TICK_SECONDS
         self.start = self.last = time.monotonic()
         self._log = logger or logging.getLogger("webshards")
@@ -100,6 +104,7 @@ class Progress:
                 self._bar.refresh()
             elif now - self.last >= self.every:
                 self.last = now
+                self.lines += 1
                 self._log.info("%s", self.line(now - self.start))
 
     def close(self, finished: bool = True) -> None:
@@ -110,7 +115,7 @@ class Progress:
             self._closed = True
             if self._bar is not None:
                 self._bar.close()
-            elif finished and (self.done or self.samples):
+            elif finished and (self.done or self.samples) and (self.lines or not self.brief):
                 self._log.info("%s", self.line(time.monotonic() - self.start, final=True))
 
     def line(self, elapsed: float, final: bool = False) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pretrain.data import decode as dec
+from pretrain.data.plan import ShardPlan
 from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig
 from pretrain.data.transform import TensorTransform, split_transform
 from webshards.spec import parse_spec
@@ -101,6 +102,7 @@ class StreamLoader:
         self.pin_memory, self.prefetch = pin_memory, prefetch
         self.positions: dict[int, Position] = {}
         self.micro_batches = 0
+        self._shard_of: dict[int, int] = {}  # per worker role: the shard number its latest batch ended in
         self._iter = None
 
     def _start(self) -> None:
@@ -141,8 +143,26 @@ class StreamLoader:
             log.debug("data loader error", exc_info=True)
             raise DataError(f"{_original_message(e)}; {self._where()}") from None
         self.positions[info["role"]] = info["position"]
+        self._shard_of[info["role"]] = info["shard"]
         self.micro_batches += 1
         return images, texts, info
+
+    @property
+    def shards_finished(self) -> int:
+        """Shards this rank's workers have read to the end, as far as the consumed batches show: each
+        worker's shards before the one its latest batch ended in (an eval pass's progress; when the pass has
+        ended, all of `eval_shards`)."""
+        return sum(self._shard_of.values())
+
+    @property
+    def eval_shards(self) -> int:
+        """The shards of this rank's share of an eval pass: what its loader slots are dealt round-robin."""
+        c, slots = self.stream_cfg, max(1, self.workers)
+        plans = (
+            ShardPlan(c.sources, c.weights, "eval", c.seed, c.rank * slots + role, c.world * slots)
+            for role in range(slots)
+        )
+        return sum(plan.per_epoch for plan in plans)
 
     def _where(self) -> str:
         at = ", ".join(

@@ -85,14 +85,14 @@ class ShardReader:
         except OSError as e:
             self._count(counts, "unreachable_shard", url, e)
             return None
-        return self._samples(stream, url, offset, counts)
+        return self._samples(stream, url, n, offset, counts)
 
-    def _samples(self, stream, url: str, offset: int, counts: Counter | None) -> Iterator[dict]:
+    def _samples(self, stream, url: str, n: int, offset: int, counts: Counter | None) -> Iterator[dict]:
         with stream as f:
             try:
                 for i, raw in enumerate(iter_shard(f, decode=False, mark_unsafe=True)):
                     if i >= offset:
-                        raw["__url__"] = url
+                        raw["__url__"], raw["__shard__"] = url, n
                         yield raw
             except (tarfile.TarError, EOFError, OSError) as e:
                 self._count(counts, "truncated_tar", url, e)
@@ -145,7 +145,9 @@ class ShardReader:
 
 
 class ShardStream(IterableDataset):
-    """Batches `(inputs, texts, info)` for one rank; `info` has the worker role, keys and its `Position`."""
+    """Batches `(inputs, texts, info)` for one rank; `info` has the worker role, keys and its `Position`,
+    and `shard`: the worker's shard number (`ShardPlan.shard`) its last sample came from, so the consumer
+    can count the shards read to the end (an eval pass's progress)."""
 
     def __init__(
         self,
@@ -179,13 +181,14 @@ class ShardStream(IterableDataset):
             yield self._batch(items, role)
 
     def _batch(self, items: list, role: int) -> tuple:
-        images, captions, keys, seeds, positions = zip(*items)
+        images, captions, keys, seeds, positions, shards = zip(*items)
         info = {
             "role": role,
             "keys": list(keys),
             "seeds": list(seeds),  # each sample's augmentation seed: device-side augmentation replays it
             "position": positions[-1],
             "epochs": [p.epoch for p in positions],
+            "shard": shards[-1],
         }
         return self.collate(list(images)), self.tokenize(list(captions)), info
 
@@ -218,7 +221,7 @@ class ShardStream(IterableDataset):
                     continue
                 self._watch(window, False, raw["__url__"], plan, pos)
                 position = replace(pos, skipped=dict(pos.skipped), epoch=end.epoch)
-                yield image, caption, raw["__key__"], seed, position
+                yield image, caption, raw["__key__"], seed, position, raw["__shard__"]
             pos = replace(end, block=pos.block + 1, emitted=0, skipped=pos.skipped)
 
     def _decode_seeded(self, raw: dict, seed: int, keep_rng: bool) -> tuple:

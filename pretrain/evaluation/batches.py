@@ -2,11 +2,14 @@
 every embedding (retrieval, the validation loss).
 
 Eval shards go through the training pipeline in `eval` mode: in order, shards dealt round-robin to the
-ranks (and their loader workers), so each sample is read exactly once across all ranks.
+ranks (and their loader workers), so each sample is read exactly once across all ranks. Rank 0 shows the
+progress of its share in shards (the unit an eval set's size is known in) and samples, through the
+project's one progress mechanism: a bar on a terminal, else a line every `PROGRESS_EVERY` seconds.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -14,12 +17,18 @@ import torch.distributed as dist
 
 from pretrain.config import DataConfig
 from pretrain.distributed import world
+from webshards.progress import Progress
+
+log = logging.getLogger("pretrain")
 
 
 def eval_batches(
-    spec: str, bundle, device: torch.device, targets: str, batch_size: int, split: bool, workers: int = 0
-) -> Iterator[tuple[torch.Tensor, object]]:
-    """`(images, targets)` batches of the shards in `spec`: this rank's share with `split`, else all of them."""
+    spec: str, bundle, device: torch.device, targets: str, batch_size: int, split: bool, workers: int = 0,
+    name: str | None = None,
+) -> Iterator[tuple[torch.Tensor, object]]:  # fmt: skip
+    """`(images, targets)` batches of the shards in `spec`: this rank's share with `split`, else all of them.
+    `name`: the eval's, for rank 0's progress (`eval NAME: 3/10 shards (30%), 2,400 samples, …`); None shows
+    none (a caller that counts its own)."""
     from pretrain.data.loader import WebDatasetSource
 
     rank, size = world() if split else (0, 1)
@@ -27,13 +36,32 @@ def eval_batches(
         spec, DataConfig(workers=workers), "eval", 0, batch_size, rank, size, bundle, device, targets=targets
     )
     try:
-        while True:
-            try:
-                yield source.next_batch()
-            except StopIteration:
-                return
+        if name is None or world()[0] != 0:
+            yield from _batches(source)
+        else:
+            yield from _counted(source, f"eval {name}" + (f" (rank 0 of {size})" if size > 1 else ""))
     finally:
         source.close()
+
+
+def _batches(source) -> Iterator[tuple[torch.Tensor, object]]:
+    while True:
+        try:
+            yield source.next_batch()
+        except StopIteration:
+            return
+
+
+def _counted(source, desc: str) -> Iterator[tuple[torch.Tensor, object]]:
+    """The source's batches, counted in a `Progress` of this rank's shards: those read to the end, by each
+    batch's last sample, then all of them when the pass is over. `brief`: an eval quicker than one
+    `PROGRESS_EVERY` interval adds no line (its result line follows at once). No `ticking()` thread: batches
+    arrive often enough to tick, and the loader's workers must not fork while a thread writes."""
+    with Progress(desc, source.eval_shards, "shards", "samples", logger=log, brief=True) as progress:
+        for images, targets in _batches(source):
+            progress.update(source.shards_finished - progress.done, samples=len(images))
+            yield images, targets
+        progress.update(source.eval_shards - progress.done)
 
 
 def gather_rows(tensor: torch.Tensor, split: bool) -> torch.Tensor:

@@ -72,10 +72,11 @@ def _as_metrics(hits: tuple[torch.Tensor, torch.Tensor], images: int, texts: int
 @torch.no_grad()
 def run_retrieval(
     model, bundle, eval_set: EvalSet, device: torch.device, batch_size: int = 256, split: bool = False,
-    workers: int = 0,
+    workers: int = 0, name: str | None = None,
 ) -> dict:  # fmt: skip
-    """Recall@1/5/10 both ways on `eval_set`, plus `samples` (images) and `captions`."""
-    images, texts, owner = _embed(model, bundle, eval_set, device, batch_size, split, workers)
+    """Recall@1/5/10 both ways on `eval_set`, plus `samples` (images) and `captions`. `name`: the eval's, for
+    its progress (`eval_batches`)."""
+    images, texts, owner = _embed(model, bundle, eval_set, device, batch_size, split, workers, name)
     first_image, first_text = rank_offset(len(images), split), rank_offset(len(texts), split)
     text_image = gather_rows(owner + first_image, split)
     all_images, all_texts = gather_rows(images, split), gather_rows(texts, split)
@@ -89,12 +90,11 @@ def run_retrieval(
             "captions": len(all_texts)}  # fmt: skip
 
 
-def _embed(model, bundle, eval_set, device, batch_size, split, workers):
+def _embed(model, bundle, eval_set, device, batch_size, split, workers, name):
     """This rank's image and caption embeddings, and each caption's image (a row of this rank's images)."""
     image_parts, text_parts, owners, seen = [], [], [], 0
-    for batch, captions in eval_batches(
-        eval_set.spec, bundle, device, "captions", batch_size, split, workers
-    ):
+    batches = eval_batches(eval_set.spec, bundle, device, "captions", batch_size, split, workers, name)
+    for batch, captions in batches:
         image_parts.append(model.encode_image(batch.to(device), normalize=True).float())
         flat = [c for per_image in captions for c in per_image]
         owners += [seen + i for i, per_image in enumerate(captions) for _ in per_image]

@@ -36,7 +36,7 @@ def run_task(
     started = time.perf_counter()
     eval_set = read_eval_set(task.root, task.task)
     run = run_classification if eval_set.task == CLASSIFICATION else run_retrieval
-    metrics = run(model, bundle, eval_set, device, batch_size, split, workers)
+    metrics = run(model, bundle, eval_set, device, batch_size, split, workers, task.name)
     return {"eval": task.name, "task": eval_set.task, **metrics, "seconds": time.perf_counter() - started}
 
 
@@ -52,7 +52,7 @@ def run_all(
         results = [run_task(model, bundle, t, device, batch_size, split, workers) for t in tasks]
         if val_data:
             started = time.perf_counter()
-            loss = run_val_loss(model, bundle, val_data, device, batch_size, split, workers)
+            loss = run_val_loss(model, bundle, val_data, device, batch_size, split, workers, VAL_NAME)
             results.append({"eval": VAL_NAME, **loss, "seconds": time.perf_counter() - started})
     finally:
         model.train(was_training)

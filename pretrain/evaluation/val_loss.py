@@ -31,11 +31,12 @@ def run_val_loss(
     batch_size: int = 256,
     split: bool = False,
     workers: int = 0,
+    name: str | None = None,
 ) -> dict:
     """`{"task": "contrastive_loss", "val_loss_whole_set", "val_loss_chance", "samples"}` over the shards of
-    `spec`."""
+    `spec`. `name`: the eval's, for its progress (`eval_batches`)."""
     images, texts = [], []
-    for batch, tokens in eval_batches(spec, bundle, device, "tokens", batch_size, split, workers):
+    for batch, tokens in eval_batches(spec, bundle, device, "tokens", batch_size, split, workers, name):
         images.append(model.encode_image(batch.to(device), normalize=True).float())
         texts.append(model.encode_text(tokens.to(device), normalize=True).float())
     local = sum(len(x) for x in images)

@@ -20,10 +20,11 @@ from webshards.evalset import EvalSet, fill_template
 @torch.no_grad()
 def run_classification(
     model, bundle, eval_set: EvalSet, device: torch.device, batch_size: int = 256, split: bool = False,
-    workers: int = 0,
+    workers: int = 0, name: str | None = None,
 ) -> dict:  # fmt: skip
     """`top1`, `top5` (top-k of min(5, classes)), `mean_per_class_recall` (sklearn's balanced accuracy, as
-    clip_benchmark reports it: the mean top-1 recall over classes that have images) and `samples`."""
+    clip_benchmark reports it: the mean top-1 recall over classes that have images) and `samples`. `name`:
+    the eval's, for its progress (`eval_batches`)."""
     classes = len(eval_set.classnames)
     templates = [functools.partial(fill_template, t) for t in eval_set.templates]
     classifier = build_zero_shot_classifier(
@@ -33,7 +34,8 @@ def run_classification(
     counts = torch.zeros(
         3, classes, dtype=torch.long, device=device
     )  # per class: top-1 hits, top-k hits, images
-    for images, labels in eval_batches(eval_set.spec, bundle, device, "labels", batch_size, split, workers):
+    batches = eval_batches(eval_set.spec, bundle, device, "labels", batch_size, split, workers, name)
+    for images, labels in batches:
         labels = labels.to(device)
         if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
             raise ValueError(

@@ -105,25 +105,35 @@ def test_epoch_mode_two_ranks_two_workers_reads_every_sample_once(demo_data):
     assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
 
 
-def eval_keys(demo_data: Path, rank: int, world: int, workers: int) -> list[str]:
+def eval_keys(demo_data: Path, rank: int, world: int, workers: int) -> tuple[list[str], list[int], int]:
+    """The keys of a rank's eval pass, the shards it counted finished after each batch, and its share."""
     bundle = build_model(load_config(TINY).model)
     cfg = load_config(TINY, [f"data.workers={workers}"]).data
     source = WebDatasetSource(
         f"{demo_data}/{SPEC}", cfg, "eval", 0, 10, rank, world, bundle, torch.device("cpu")
     )
-    keys = []
+    keys, finished = [], []
     try:
         while True:
             keys += source.next_batch_with_info()[2]["keys"]
+            finished.append(source.shards_finished)
     except StopIteration:
-        return keys
+        return keys, finished, source.eval_shards
 
 
 def test_eval_mode_reads_each_sample_once_across_ranks(demo_data):
-    keys = eval_keys(demo_data, 0, 2, 2) + eval_keys(demo_data, 1, 2, 2)
-    assert sorted(keys) == sorted(
+    """Each rank also counts the shards of its share read to the end (an eval's progress): 128 samples a
+    shard, batches of 10, so a worker's first shard is done once a batch ends in its second."""
+    (keys0, finished0, share0), (keys1, finished1, share1) = (eval_keys(demo_data, r, 2, 2) for r in (0, 1))
+    assert sorted(keys0 + keys1) == sorted(
         s["__key__"] for i in range(4) for s in iter_shard(demo_data / f"train/{i:05d}.tar")
     )
+    assert share0 == share1 == 2  # 4 shards dealt to 2 ranks x 2 workers: one shard per worker
+    assert finished0 == finished1 == [0] * len(finished0)  # each worker has one shard: done when it ends
+    _, finished, share = eval_keys(demo_data, 0, 1, 0)  # one process, its shards in order
+    assert share == 4 and finished == sorted(finished) and finished[-1] == 3
+    # shard 0 is done once a batch ends in shard 1: the 13th (samples 120-129); shards 1, 2 likewise
+    assert [finished.index(n) for n in (1, 2, 3)] == [12, 25, 38]
 
 
 def jpeg(colour: tuple[int, int, int]) -> bytes:

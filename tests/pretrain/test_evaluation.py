@@ -5,7 +5,9 @@ open_clip's own helpers, the webdataset package and clip_benchmark's definitions
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from helpers import serve_files, torchrun, train_in_process
+from helpers import cli_output, serve_files, torchrun, train_in_process, write_export
 
 from pretrain.evaluation.retrieval import retrieval_recalls
 from webshards.evalset import read_eval_set
@@ -184,9 +186,15 @@ def test_pretrain_eval_matches_open_clip_and_clip_benchmark_on_1_and_2_ranks(run
     args = ["-m", "pretrain.cli", "eval", "--checkpoint", str(run / "export"), "--batch-size", "10",
             "--task", f"zs={demo_data}", "--task", f"ret={demo_data / 'retrieval'}",
             "--val-data", f"{demo_data}/eval/{{00000..00000}}.tar"]  # fmt: skip
-    proc = torchrun(2, args, timeout=600)
+    proc = torchrun(2, args, timeout=600, env={"PROGRESS_EVERY": "0"})  # a progress line at every batch
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stdout holds the results alone, stderr rank 0's progress of its share
     two_ranks = without_timings([json.loads(line) for line in proc.stdout.splitlines()])
+    finished = [line for line in proc.stderr.splitlines() if line.endswith(", finished")]
+    assert [line.split(" INFO ")[1].split(", ")[0] for line in finished] == [
+        "eval zs (rank 0 of 2): 2/2 shards (100%)", "eval ret (rank 0 of 2): 1/1 shards (100%)",
+        "eval val (rank 0 of 2): 1/1 shards (100%)",
+    ]  # fmt: skip
     one_rank = without_timings(in_loop)
     val_one, val_two = one_rank.pop("val"), two_ranks.pop("val")
     assert two_ranks == one_rank  # exactly: counts, and recalls from the same hits
@@ -209,6 +217,31 @@ def test_pretrain_eval_matches_open_clip_and_clip_benchmark_on_1_and_2_ranks(run
     assert val_one["val_loss_chance"] == pytest.approx(math.log(64))  # a model knowing nothing: log N
     assert val_two["val_loss_whole_set"] == pytest.approx(val_one["val_loss_whole_set"], rel=1e-6)
     assert val_two["samples"] == 64
+
+
+def test_pretrain_eval_progress_counts_shards_and_samples(tmp_path, demo_data, capsys, caplog, monkeypatch):
+    """Each eval set's progress is named after it and counted in shards (the set's size is known in shards,
+    so there is an ETA) and samples: with `PROGRESS_EVERY=0` a line at every batch, up to the whole set, and a
+    last one; at the default interval an eval this quick adds no line. stdout holds the results alone."""
+    argv = ["eval", "--checkpoint", str(write_export(tmp_path / "export")), "--batch-size", "10",
+            "--task", f"zs={demo_data}", "--task", f"ret={demo_data / 'retrieval'}"]  # fmt: skip
+    monkeypatch.setenv("PROGRESS_EVERY", "0")
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        out = cli_output(argv, capsys)
+    assert [json.loads(line)["eval"] for line in out.splitlines()] == ["zs", "ret"]
+    for name, shards in (("zs", 4), ("ret", 2)):
+        lines = [m for m in caplog.messages if m.startswith(f"eval {name}: ")]
+        counts = [re.match(rf"eval {name}: (\d+)/{shards} shards \(\d+%\), (\d+) samples", m) for m in lines]
+        done, samples = ([int(c.group(i)) for c in counts] for i in (1, 2))
+        assert done == sorted(done) and sorted(set(samples)) == [10, 20, 30, 40, 50, 60, 64], lines
+        assert lines[0].startswith(f"eval {name}: 0/{shards} shards (0%), 10 samples, ") and "ETA" in lines[0]
+        assert lines[-1].startswith(f"eval {name}: {shards}/{shards} shards (100%), 64 samples, ")
+        assert lines[-1].endswith(", finished")
+    monkeypatch.delenv("PROGRESS_EVERY")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        cli_output(argv, capsys)
+    assert not [m for m in caplog.messages if m.startswith("eval ")]
 
 
 def test_pretrain_eval_bad_task_is_one_line(tmp_path, capsys):

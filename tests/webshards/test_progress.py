@@ -80,6 +80,24 @@ def test_a_job_cut_short_or_empty_has_no_last_line(caplog) -> None:
     assert lines(caplog) == []
 
 
+def test_a_brief_job_has_a_last_line_only_after_lines(caplog, monkeypatch) -> None:
+    """``brief`` (an eval, whose result line follows): a quick job adds no line, a long one ends its lines."""
+    monkeypatch.setattr(progress_module, "PROGRESS_EVERY", 3600.0)
+    caplog.set_level(logging.INFO, logger="webshards")
+    with Progress("eval zs", 2, "shards", "samples", stream=io.StringIO(), brief=True) as progress:
+        progress.update(2, samples=20)
+    assert lines(caplog) == []
+    with Progress("eval zs", 2, "shards", "samples", stream=io.StringIO(), brief=True) as progress:
+        progress.start -= 3600.0  # an hour later
+        progress.last -= 3600.0
+        progress.update(1, samples=10)
+        progress.update(1, samples=10)
+    assert lines(caplog) == [
+        "eval zs: 1/2 shards (50%), 10 samples, 0.0 samples/s, elapsed 1h00m, ETA 1h00m",
+        "eval zs: 2/2 shards (100%), 20 samples, 0.0 samples/s, elapsed 1h00m, finished",
+    ]
+
+
 def test_a_bar_on_a_terminal_and_no_lines(caplog, monkeypatch) -> None:
     monkeypatch.setattr(progress_module, "PROGRESS_EVERY", 0.0)
     terminal = FakeTerminal()
