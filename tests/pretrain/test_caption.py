@@ -66,7 +66,8 @@ def generate_packages() -> Path:
     tmp = cache / f".{target.name}.{os.getpid()}.tmp"
     # --no-compile: pip compiles all of transformers one file at a time (15 s instead of 3); the
     # reference imports a few of its modules
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--no-deps", "--target", str(tmp)]
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    cmd = [*pip, "--no-compile", "--no-deps", "--target", str(tmp)]
     proc = subprocess.run([*cmd, "-r", str(REQUIREMENTS)], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         reason = f"cannot install {REQUIREMENTS.name}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
