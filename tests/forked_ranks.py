@@ -53,6 +53,9 @@ def _rank(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # multiprocessing made this process's start method its own (forkserver); a rank that torchrun starts has
+    # the interpreter's default, which its data loader's workers use
+    multiprocessing.set_start_method(None, force=True)
     try:
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]

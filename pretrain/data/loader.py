@@ -9,10 +9,12 @@ batch comes from the same worker, at the same position, as it would have without
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import re
 import signal
+import weakref
 from collections import Counter
 from dataclasses import asdict
 
@@ -63,6 +65,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
     when the loader shuts them down, or when the trainer is gone (torch's worker watchdog)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+_RUNNING: weakref.WeakSet = weakref.WeakSet()
+"""Loaders whose workers are running: closed at the interpreter's exit if nobody closed them."""
+
+
+@atexit.register
+def _close_running_loaders() -> None:
+    """Shut down the workers of every loader still running when the interpreter exits (a loader left open by an
+    error, or by a script that ends without closing it). The workers ignore SIGTERM, which is how
+    multiprocessing's own exit ends daemon processes before it waits for them: without this the exit waits
+    forever. Registered after multiprocessing's exit handler (torch imports it first), so it runs before it."""
+    for loader in list(_RUNNING):
+        loader.close()
 
 
 class DeviceFinish:
@@ -128,6 +144,7 @@ class StreamLoader:
             generator=torch.Generator().manual_seed(self.stream_cfg.seed),
         )
         self._iter = iter(loader)
+        _RUNNING.add(self)
 
     def next_raw_batch(self) -> tuple:
         """The next `(inputs, texts, info)` as the workers made it."""
@@ -203,7 +220,12 @@ class StreamLoader:
         self.close()
 
     def close(self) -> None:
-        self._iter = None  # the DataLoader iterator shuts its workers down when collected
+        """Shut the workers down now (collecting the DataLoader iterator does the same, but later or never)."""
+        running, self._iter = self._iter, None
+        _RUNNING.discard(self)
+        shutdown = getattr(running, "_shutdown_workers", None)  # torch's iterator with worker processes
+        if shutdown is not None:
+            shutdown()
 
 
 def _original_message(error: Exception) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, process_state_kept, read_jsonl, refused, train_in_process, train_runs
+from helpers import TINY, process_state_kept, read_jsonl, refused, torchrun, train_in_process, train_runs
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -277,3 +277,32 @@ def test_reading_in_the_training_process_leaves_its_random_state_alone(demo_data
     torch.manual_seed(123)
     source.next_batch()
     assert torch.equal(torch.rand(4), expected)
+
+
+LEFT_OPEN = """
+import sys, torch
+from pretrain.config import DataConfig
+from pretrain.config_sections import ModelConfig
+from pretrain.data.loader import WebDatasetSource
+from pretrain.model import build_model
+
+bundle = build_model(ModelConfig(name="tiny-clip"))
+source = WebDatasetSource(sys.argv[1], DataConfig(workers=2), sys.argv[2], 0, 8, 0, 1, bundle, torch.device("cpu"))
+sys.modules["left_open"] = sys.modules["__main__"]  # its globals live until the exit, as a script's do
+source.next_batch()  # with sampling 'train': a DataError, the loader's workers running
+print("left open")
+"""
+
+
+@pytest.mark.parametrize("sampling", ["epoch", "train"])
+def test_a_loader_left_open_does_not_hold_up_the_exit(demo_data, tmp_path, sampling):
+    """Workers ignore SIGTERM (the trainer stops the run), which multiprocessing's exit uses to end daemon
+    processes before it waits for them: a loader nobody closed, or one an error left behind, once made the
+    interpreter's exit wait forever. The exit handlers run as at a real exit (tests/forked_ranks.py)."""
+    script = tmp_path / "left_open.py"
+    script.write_text(LEFT_OPEN)
+    proc = torchrun(1, [str(script), f"{demo_data}/train/{{00000..00003}}.tar", sampling], timeout=60)
+    if sampling == "epoch":
+        assert proc.returncode == 0 and proc.stdout == "left open\n", proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 1 and "data.sampling must be one of" in proc.stderr
