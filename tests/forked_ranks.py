@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 PRELOAD = ["torch", "torch.distributed", "open_clip", "pretrain.train", "pretrain.cli", "pretrain.evaluation"]
 """What every rank would import first (the forkserver ignores a module that fails to import)."""
 
@@ -70,20 +72,12 @@ def _rank(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
         sys.stderr.flush()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(nproc: int, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """`argv` (a script and its arguments, or `-m module ...`) on `nproc` forked ranks; returns the job as a
     CompletedProcess (stdout, stderr: every rank's, as torchrun passes them on). Raises TimeoutExpired after
     `timeout` seconds, the ranks killed."""
     ctx = context()
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="ranks-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         out.touch()

@@ -20,9 +20,16 @@ def run_cmd(
     args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run a command with the venv's Python first on PATH; returns the completed process."""
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=command_env(env)
+    )
+
+
+def command_env(env: dict | None = None) -> dict:
+    """A test command's environment: this one with `env` on top, Python warnings off, the venv first on PATH."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return full_env
 
 
 def torchrun(
@@ -34,16 +41,15 @@ def torchrun(
     where it is what is under test (test_launch, test_preemption, test_slurm)."""
     import forked_ranks
 
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return forked_ranks.run(nproc, args, cwd, full_env, timeout)
+    return forked_ranks.run(nproc, args, cwd, command_env(env), timeout)
 
 
 def train_runs(
     steps: list[dict], nproc: int = 2, timeout: int = 1200, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Do `steps` (training runs of configs/tiny.yaml and file steps between them, see
-    tests/pretrain/runs_worker.py) in order under one torchrun of `nproc` ranks: one start-up (~15 s) for all
-    of them. Asserts that every step succeeded, with the end of stderr otherwise; returns the torchrun."""
+    tests/pretrain/runs_worker.py) in order in one job of `nproc` ranks (`torchrun`): one start-up for all of
+    them. Asserts that every step succeeded, with the end of stderr otherwise; returns the job."""
     worker = ROOT / "tests" / "pretrain" / "runs_worker.py"
     proc = torchrun(nproc, [str(worker), json.dumps(steps)], timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]  # torchrun's own report of a failure takes ~2000
