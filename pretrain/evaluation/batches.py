@@ -57,11 +57,12 @@ def _counted(source, desc: str) -> Iterator[tuple[torch.Tensor, object]]:
     batch's last sample, then all of them when the pass is over. `brief`: an eval quicker than one
     `PROGRESS_EVERY` interval adds no line (its result line follows at once). No `ticking()` thread: batches
     arrive often enough to tick, and the loader's workers must not fork while a thread writes."""
-    with Progress(desc, source.eval_shards, "shards", "samples", logger=log, brief=True) as progress:
+    total = source.eval_shards
+    with Progress(desc, total, "shards", "samples", logger=log, brief=True) as progress:
         for images, targets in _batches(source):
             progress.update(source.shards_finished - progress.done, samples=len(images))
             yield images, targets
-        progress.update(source.eval_shards - progress.done)
+        progress.update(total - progress.done)
 
 
 def gather_rows(tensor: torch.Tensor, split: bool) -> torch.Tensor:

@@ -27,8 +27,8 @@ TAG = "state"
 """DeepSpeed checkpoint tag (the step folder already names the step)."""
 
 
-def skip_cpu_shm_build(device: torch.device) -> bool:
-    """On the CPU, keep DeepSpeed from building its shared-memory all-reduce; True when it was kept from it.
+def skip_cpu_shm_build(device: torch.device) -> None:
+    """On the CPU, keep DeepSpeed from building its shared-memory all-reduce.
 
     DeepSpeed's CPU communication backend compiles a C++ extension (`deepspeed_shm_comm`) when it starts: 1-2 min
     of g++ on 2 cores the first time on a machine, and again for every other path of the venv (it is cached by
@@ -36,15 +36,13 @@ def skip_cpu_shm_build(device: torch.device) -> bool:
     torch.distributed (gloo), which it falls back to without the extension. GPUs never build it.
     """
     if device.type != "cpu":
-        return False
+        return
     import importlib
 
     # by its module name: `deepspeed.comm.torch` as an attribute is the torch package that deepspeed.comm imports
     ds_torch = importlib.import_module("deepspeed.comm.torch")
-    if not callable(getattr(ds_torch, "build_shm_op", None)):  # a DeepSpeed without it: nothing to skip
-        return False
-    ds_torch.build_shm_op = lambda: None
-    return True
+    if callable(getattr(ds_torch, "build_shm_op", None)):  # a DeepSpeed without it has nothing to skip
+        ds_torch.build_shm_op = lambda: None
 
 
 def build_deepspeed_config(cfg: DistConfig, train: TrainConfig, world_size: int) -> dict:
