@@ -78,7 +78,7 @@ def ours(spec: str, model: str, workers: int, decode: str, batch_size: int, coun
 
     from pretrain.config import load_config
     from pretrain.data.loader import WebDatasetSource
-    from pretrain.model import build_model
+    from pretrain.models.build import build_model
 
     cfg = load_config(None, [f"model.name={model}", f"data.workers={workers}", f"data.decode={decode}"])
     bundle = build_model(cfg.model)

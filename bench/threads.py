@@ -29,7 +29,7 @@ CHILD = """
 import torch  # first: OpenMP starts with this process's environment, before pretrain sets its default
 import json, sys, time
 from pretrain.config import load_config
-from pretrain.trainer import Trainer
+from pretrain.training.trainer import Trainer
 steps, batch, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cfg = load_config("configs/tiny.yaml", [f"run.dir={folder}", "data.train=synthetic", f"train.batch_size={batch}",
                                         f"train.steps={steps + 3}", "checkpoint.every=100000", "log.every=100000"])

@@ -2,9 +2,9 @@
 
 Both train the same open_clip model on the same fixed batch already on the device (no data loading):
 forward under autocast, the CLIP InfoNCE loss, backward, AdamW step and the logit-scale clamp. Ours is
-`pretrain.trainer.Trainer.train_step` (single process); open_clip's is the body of
+`pretrain.training.trainer.Trainer.train_step` (single process); open_clip's is the body of
 `open_clip_train.train.train_one_epoch` without accumulation (open_clip.ClipLoss, model output as a dict).
-Prints samples/s of each, achieved model TFLOP/s and MFU (pretrain/flops.py's count: ~3x the forward
+Prints samples/s of each, achieved model TFLOP/s and MFU (pretrain/training/flops.py's count: ~3x the forward
 matmuls; MFU needs a known GPU or --peak-tflops), and the ratio. `--compile` times both compiled, the way
 each is compiled in training: ours per transformer block and the loss (`train.compile=true`), open_clip's
 whole model (`open_clip_train --torchcompile`). The data loader is measured separately by bench/data_loader.py.
@@ -101,7 +101,7 @@ class FixedSource:
 
 def ours(args: argparse.Namespace, batch) -> tuple[float, list]:
     from pretrain.config import load_config
-    from pretrain.trainer import Trainer
+    from pretrain.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU on an unlisted device")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    from pretrain.model import register_model_configs
+    from pretrain.models.build import register_model_configs
 
     register_model_configs()  # configs/models/ (tiny-clip) for open_clip's side too
     batch = fixed_batch(args.model, args.batch_size, torch.device(args.device))
@@ -182,7 +182,7 @@ def main() -> None:
 def report(args: argparse.Namespace, rates: dict[str, float], syncs: dict[str, list] | None) -> None:
     """The table: samples/s, model TFLOP/s and MFU of each, and the ratio; the host syncs of the timed
     steps on CUDA (also as JSON with --json)."""
-    from pretrain.flops import model_config, peak_flops, train_flops_per_sample
+    from pretrain.training.flops import model_config, peak_flops, train_flops_per_sample
 
     per_sample = train_flops_per_sample(model_config(args.model))
     peak = peak_flops(torch.device(args.device), args.precision, args.peak_tflops)

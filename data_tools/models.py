@@ -15,7 +15,7 @@ from pathlib import Path
 from pretrain.config import ModelConfig
 from pretrain.data.decode import decode_cpu
 from pretrain.data.transform import split_transform
-from pretrain.model import (
+from pretrain.models.build import (
     ModelBundle,
     build_model,
     image_size,

@@ -34,7 +34,7 @@ else
 fi
 
 # torchrun forwards SIGUSR1 (SLURM's pre-timeout warning) and SIGTERM to every worker; the workers finish
-# the step, checkpoint and exit 0 within SHUTDOWN_TIMEOUT (see pretrain/preemption.py). SIGINT is not in the
+# the step, checkpoint and exit 0 within SHUTDOWN_TIMEOUT (see pretrain/training/preemption.py). SIGINT is not in the
 # list: pretrain.torchrun, which runs torchrun, relays Ctrl-C to the workers itself (they checkpoint, exit 0,
 # and so does torchrun; Ctrl-C again stops them now), where torchrun would end in a traceback and status 1.
 cmd=("$PYTHON" -m pretrain.torchrun "${rdzv[@]}" --nproc-per-node "$NPROC_PER_NODE"

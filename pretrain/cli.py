@@ -94,7 +94,7 @@ def add_plot_args(parser) -> None:
 
 
 def _plot(args) -> int:
-    from pretrain.plot import plot_run
+    from pretrain.training.plot import plot_run
 
     path, titles = plot_run(args.run_dir, args.output)
     print(f"wrote {path} ({len(titles)} panels: {', '.join(titles)})")
@@ -102,7 +102,7 @@ def _plot(args) -> int:
 
 
 def add_caption_args(parser) -> None:
-    from pretrain.decoding import METHODS, DecodingConfig
+    from pretrain.generate.decoding import METHODS, DecodingConfig
 
     d = DecodingConfig()
     parser.add_argument(
@@ -132,9 +132,9 @@ def add_caption_args(parser) -> None:
 
 
 def _caption(args) -> int:
-    from pretrain.caption import write_captions
-    from pretrain.decoding import DecodingConfig
-    from pretrain.metrics import setup_logging
+    from pretrain.generate.caption import write_captions
+    from pretrain.generate.decoding import DecodingConfig
+    from pretrain.training.metrics import setup_logging
 
     setup_logging(is_main=True, stream=sys.stderr)  # progress lines; stdout may be the captions
 
@@ -160,7 +160,7 @@ def _caption(args) -> int:
 
 def _config(args) -> int:
     from pretrain.config import describe_config, load_config
-    from pretrain.model import check_pretrained, resolve_model_name
+    from pretrain.models.build import check_pretrained, resolve_model_name
 
     cfg = load_config(args.config, args.overrides)
     check_pretrained(resolve_model_name(cfg.model.name), cfg.model.pretrained)  # what train would refuse
@@ -172,10 +172,10 @@ def _eval(args) -> int:
     """Evaluate; under torchrun every rank takes its share of each eval set and rank 0 prints."""
     import torch
 
-    from pretrain.distributed import detect, init_distributed, shutdown
     from pretrain.evaluation.tasks import parse_task, run_all
-    from pretrain.metrics import setup_logging
-    from pretrain.model import load_trained
+    from pretrain.models.build import load_trained
+    from pretrain.parallel.distributed import detect, init_distributed, shutdown
+    from pretrain.training.metrics import setup_logging
 
     tasks = [parse_task(t) for t in ([f"zeroshot={args.zeroshot}"] if args.zeroshot else []) + args.task]
     if not tasks and not args.val_data:
@@ -198,7 +198,7 @@ def _eval(args) -> int:
 
 
 def _push(args) -> int:
-    from pretrain.push import push_to_hub, push_to_url
+    from pretrain.publish.push import push_to_hub, push_to_url
 
     if args.to and (args.revision or args.private):
         raise ValueError("--revision and --private apply to --repo-id only, not --to")
@@ -211,7 +211,7 @@ def _push(args) -> int:
 
 
 def _export(args) -> int:
-    from pretrain.hub import export
+    from pretrain.publish.export import export
 
     print(f"exported to {export(args.checkpoint, args.output, args.weights)}")
     return 0

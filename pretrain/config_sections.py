@@ -365,7 +365,7 @@ class LogConfig:
     tensorboard: bool = False
     """Write TensorBoard events to `{run_dir}/tensorboard`."""
     peak_tflops: float | None = None
-    """Peak dense TFLOP/s of one device for MFU (null: look the GPU up in pretrain/flops.py; CPU: no MFU)."""
+    """Peak dense TFLOP/s of one device for MFU (null: look the GPU up in pretrain/training/flops.py; CPU: no MFU)."""
 
     def __post_init__(self) -> None:
         _check(self.every > 0, "log.every", f"must be > 0, got {self.every}")

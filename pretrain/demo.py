@@ -18,9 +18,9 @@ from pathlib import Path
 from data_tools.demo import write_demo_data
 from pretrain.config import load_config
 from pretrain.evaluation.caption import CaptionResult, run_caption_eval
-from pretrain.hub import export
-from pretrain.metrics import read_metrics, setup_logging
-from pretrain.trainer import Trainer
+from pretrain.publish.export import export
+from pretrain.training.metrics import read_metrics, setup_logging
+from pretrain.training.trainer import Trainer
 
 TARGET_TOP1 = 0.90
 # A CoCa (`make demo-coca`) spends part of its capacity and time on captioning: issue 10's aim is 0.80 on both.

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.preemption import SECOND_CTRL_C
+from pretrain.training.preemption import SECOND_CTRL_C
 
 
 def children(parent: int) -> list[int]:

@@ -25,7 +25,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def run(config: str | None, overrides: list[str]) -> int:
     """Load the config, train, close; errors a user can fix become one line and a non-zero exit."""
-    from pretrain.preemption import catch_early, requeue_slurm_job
+    from pretrain.training.preemption import catch_early, requeue_slurm_job
 
     catch_early()  # before the slow imports and start-up: SLURM or torchrun may signal at any time
     try:  # a config error is one line in a second, before torch and open_clip are imported
@@ -34,8 +34,8 @@ def run(config: str | None, overrides: list[str]) -> int:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
     from pretrain.data.stream import DataError
-    from pretrain.remote import RemoteError
-    from pretrain.trainer import NonFiniteLossError, RunDirError, Trainer
+    from pretrain.training.remote import RemoteError
+    from pretrain.training.trainer import NonFiniteLossError, RunDirError, Trainer
 
     try:
         trainer = Trainer(cfg)

@@ -142,7 +142,7 @@ def train_in_process(tmp: Path, overrides: list[str], name: str = "tiny", until:
     `until` stops after that step with a checkpoint, as an interruption would.
     """
     from pretrain.config import load_config
-    from pretrain.trainer import Trainer
+    from pretrain.training.trainer import Trainer
 
     cfg = load_config(TINY, [f"run.dir={tmp}", f"run.name={name}", "log.every=1", *overrides])
     trainer = Trainer(cfg)
@@ -269,7 +269,7 @@ def process_state_kept() -> Iterator[None]:
     import numpy as np
     import torch
 
-    from pretrain import preemption
+    from pretrain.training import preemption
 
     handlers = {sig: signal.getsignal(sig) for sig in (*preemption.SIGNALS, signal.SIGINT)}
     root, project = logging.getLogger(), logging.getLogger("pretrain")

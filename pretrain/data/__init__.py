@@ -10,7 +10,7 @@ from __future__ import annotations
 
 def build_source(cfg, bundle, info, device):
     """The micro-batch source for this rank: synthetic data or the sharded WebDataset pipeline."""
-    from pretrain.model import context_length, image_size
+    from pretrain.models.build import context_length, image_size
 
     if cfg.data.train == "synthetic":
         from pretrain.data.synthetic import SyntheticSource

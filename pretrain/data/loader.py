@@ -275,7 +275,7 @@ class WebDatasetSource(StreamLoader):
                  len(sources), total or "unknown", mode)  # fmt: skip
 
     def _decoders(self, bundle):
-        from pretrain.model import image_size
+        from pretrain.models.build import image_size
 
         size = image_size(bundle.model)
         benchmark = self.targets != "tokens"

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import DataConfig
-from pretrain.distributed import world
+from pretrain.parallel.distributed import world
 from webshards.progress import Progress
 
 log = logging.getLogger("pretrain")

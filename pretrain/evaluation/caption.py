@@ -2,7 +2,7 @@
 
 For labelled eval sets whose class names are short phrases (the demo's "<colour> <shape>"): a caption counts
 as right when it contains every word of its image's class name as a whole word ("a photo of a red circle"
-names "red circle"; "a red circles" or "a blue circle" do not). Captions come from `pretrain.generate` with
+names "red circle"; "a red circles" or "a blue circle" do not). Captions come from `pretrain.generate.search` with
 the given decoding (by default open_clip `generate`'s beam search), the images from the eval shards through
 the model's evaluation transform, as zero-shot reads them.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.decoding import DecodingConfig
 from pretrain.evaluation.batches import eval_batches
-from pretrain.generate import caption_text, generate, special_tokens
+from pretrain.generate.decoding import DecodingConfig
+from pretrain.generate.search import caption_text, generate, special_tokens
 from webshards.evalset import read_eval_set
 from webshards.progress import Progress
 

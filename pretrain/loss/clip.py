@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.distributed import all_gather_with_grad, world
 from pretrain.loss.tiled_clip import tiled_loss_sum
 from pretrain.loss.tiling import ChunkedLoss
+from pretrain.parallel.distributed import all_gather_with_grad, world
 
 
 def _directional_ce(

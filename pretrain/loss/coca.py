@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.distributed import world
 from pretrain.loss.clip import ClipLoss
+from pretrain.parallel.distributed import world
 
 PAD_ID = 0  # open_clip's SimpleTokenizer pads with 0; CoCa's `pad_id` defaults to it
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.distributed import world
 from pretrain.loss.blocks import accumulation_dtype, spans
 from pretrain.loss.ring import exchange, ring_peers
 from pretrain.loss.tiling import ChunkedLoss
+from pretrain.parallel.distributed import world
 
 
 class _Hop:

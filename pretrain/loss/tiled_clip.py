@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.distributed import all_gather_with_grad, world
 from pretrain.loss.blocks import accumulation_dtype, block_lse, block_lse_grads
 from pretrain.loss.ring import pass_right
+from pretrain.parallel.distributed import all_gather_with_grad, world
 
 
 class _Blocks:

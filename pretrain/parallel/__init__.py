@@ -7,8 +7,8 @@ from pathlib import Path
 from torch import nn
 
 from pretrain.config import Config
-from pretrain.distributed import DistInfo
 from pretrain.parallel.base import Strategy
+from pretrain.parallel.distributed import DistInfo
 
 
 def build_strategy(cfg: Config, info: DistInfo) -> Strategy:

@@ -9,8 +9,8 @@ import torch
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch import nn
 
-from pretrain.checkpoint import safe_load
 from pretrain.config import DistConfig
+from pretrain.training.checkpoint import safe_load
 
 BLOCK_TYPES = (ResidualAttentionBlock, CustomResidualAttentionBlock)
 """open_clip's transformer blocks (self- and cross-attention), wherever they sit in a model."""

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pretrain.checkpoint import weights_only_loads
 from pretrain.config import ConfigError, DistConfig, TrainConfig
-from pretrain.distributed import world
 from pretrain.parallel.base import Strategy, apply_vector_scalars, vector_scalar_views
+from pretrain.parallel.distributed import world
+from pretrain.training.checkpoint import weights_only_loads
 
 DS_DIR = "deepspeed"
 """Sub-folder of a step folder holding DeepSpeed's checkpoint."""

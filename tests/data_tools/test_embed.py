@@ -146,7 +146,7 @@ def test_undecodable_samples_are_left_out_aligned(tmp_path: Path) -> None:
 
 def test_model_from_a_run_directory(demo_data: Path, tmp_path: Path) -> None:
     from pretrain.config import load_config
-    from pretrain.trainer import Trainer
+    from pretrain.training.trainer import Trainer
 
     cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=r", "train.steps=2", "checkpoint.every=2"])
     trainer = Trainer(cfg)

@@ -19,7 +19,7 @@ from PIL import Image
 from data_tools.reshard import reshard
 from pretrain.config import load_config
 from pretrain.data.loader import WebDatasetSource
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 from webshards.layout import UNSAFE_MEMBER, iter_shard, list_shards
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from pretrain.config import ModelConfig
 from pretrain.loss import CoCaLoss, count_target_tokens
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 
 
 def build_tiny_coca() -> torch.nn.Module:

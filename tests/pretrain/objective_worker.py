@@ -13,10 +13,10 @@ sys.path[0:0] = [str(TESTS.parent), str(TESTS)]
 
 from test_objective import caption_objective  # noqa: E402  (this folder is sys.path[0] for a script)
 
-import pretrain.trainer  # noqa: E402
+import pretrain.training.trainer  # noqa: E402
 from pretrain.train import main  # noqa: E402
 
-pretrain.trainer.build_objective = caption_objective
+pretrain.training.trainer.build_objective = caption_objective
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

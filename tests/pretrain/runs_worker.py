@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from helpers import TINY, cut_back
 
-import pretrain.trainer
-from pretrain.distributed import barrier, detect, init_distributed, shutdown
+import pretrain.training.trainer
+from pretrain.parallel.distributed import barrier, detect, init_distributed, shutdown
 from pretrain.train import run
 
 # One process group for the worker's life: each Trainer joins it (init_distributed keeps an existing group),
 # and its close() must not destroy it before the next run.
-pretrain.trainer.shutdown = lambda: None
+pretrain.training.trainer.shutdown = lambda: None
 
 
 def main(steps: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""`pretrain caption` and pretrain.generate against open_clip's own `CoCa.generate`, token for token.
+"""`pretrain caption` and pretrain.generate.search against open_clip's own `CoCa.generate`, token for token.
 
 open_clip's `generate` needs transformers 4.56 (with huggingface_hub < 1), which the project does not install:
 the reference runs in a subprocess with those packages put first on PYTHONPATH (tests/requirements-open-clip-
@@ -23,10 +23,10 @@ from helpers import ROOT, read_jsonl, trained_tiny_model
 from PIL import Image
 
 from pretrain.cli import main
-from pretrain.decoding import DecodingConfig
-from pretrain.generate import generate, special_tokens
-from pretrain.hub import export
-from pretrain.model import load_trained
+from pretrain.generate.decoding import DecodingConfig
+from pretrain.generate.search import generate, special_tokens
+from pretrain.models.build import load_trained
+from pretrain.publish.export import export
 from webshards import progress
 from webshards.layout import iter_shard
 

@@ -15,7 +15,7 @@ from open_clip.loss import CoCaLoss as OpenClipCoCaLoss
 
 from pretrain.config import ModelConfig
 from pretrain.loss import CoCaLoss, caption_loss, count_target_tokens
-from pretrain.model import build_model, context_length
+from pretrain.models.build import build_model, context_length
 
 # Short captions first, long ones last: halves (micro-batches, ranks) have very different token counts.
 CAPTIONS = [
@@ -88,7 +88,7 @@ import sys
 sys.modules["transformers"] = None  # any `import transformers` now fails
 import torch
 from pretrain.config import ModelConfig
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 bundle = build_model(ModelConfig(name="tiny-coca"))
 out = bundle.model(torch.randn(2, 3, 64, 64), bundle.tokenizer(["a red circle", "two cats"]))
 print(sorted(out))

@@ -122,7 +122,7 @@ def test_unknown_tag_names_the_model_s_tags_from_open_clip(tmp_path, capsys):
 def test_model_name_typo_suggests_close_names_only():
     import open_clip
 
-    from pretrain.model import resolve_model_name
+    from pretrain.models.build import resolve_model_name
 
     with pytest.raises(ConfigError) as err:
         resolve_model_name("vit-b-23")
@@ -135,7 +135,7 @@ def test_model_name_typo_suggests_close_names_only():
 
 
 def test_existing_weights_file_passes_the_check(tmp_path):
-    from pretrain.model import check_pretrained
+    from pretrain.models.build import check_pretrained
 
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")

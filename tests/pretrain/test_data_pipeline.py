@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pretrain.config import load_config
 from pretrain.data.loader import WebDatasetSource
 from pretrain.data.plan import ShardPlan
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 from webshards.layout import iter_shard
 
 SPEC = "train/{00000..00003}.tar"
@@ -284,7 +284,7 @@ import sys, torch
 from pretrain.config import DataConfig
 from pretrain.config_sections import ModelConfig
 from pretrain.data.loader import WebDatasetSource
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 
 bundle = build_model(ModelConfig(name="tiny-clip"))
 source = WebDatasetSource(sys.argv[1], DataConfig(workers=2), sys.argv[2], 0, 8, 0, 1, bundle, torch.device("cpu"))

@@ -14,7 +14,7 @@ from PIL import Image
 from pretrain.config import load_config
 from pretrain.data.decode import decode_cpu, open_image
 from pretrain.data.loader import WebDatasetSource
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 from webshards.layout import ShardWriter, key_for, write_sizes
 from webshards.samples import BadSample
 

@@ -17,9 +17,9 @@ from open_clip.loss import DistillClipLoss
 from safetensors.torch import load_file
 
 from pretrain.config import ModelConfig, load_config
-from pretrain.distill import teacher_distill_term, zscl_term
-from pretrain.model import build_model
-from pretrain.trainer import seed_everything
+from pretrain.models.build import build_model
+from pretrain.objectives.distill import teacher_distill_term, zscl_term
+from pretrain.training.trainer import seed_everything
 
 PHRASES = ["a red circle", "a blue square", "a green triangle", "a yellow star", "noise"]
 STEPS = 3
@@ -279,7 +279,7 @@ def test_distill_keys_are_checked():
     with pytest.raises(
         ValueError, match="train.weight_ensemble_every: 2 is not supported with dist.strategy=deep"
     ):
-        from pretrain.ensemble import build_weight_ensemble
+        from pretrain.training.ensemble import build_weight_ensemble
 
         build_weight_ensemble(
             load_config(TINY, ["train.weight_ensemble_every=2", "dist.strategy=deepspeed"]), None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pretrain.distributed import DistInfo, detect
+from pretrain.parallel.distributed import DistInfo, detect
 
 
 def test_single_process_by_default():

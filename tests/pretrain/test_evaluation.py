@@ -90,7 +90,7 @@ def run(tmp_path_factory, demo_data) -> Path:
             "eval.batch_size=24",
         ],  # fmt: skip
     )
-    from pretrain.hub import export
+    from pretrain.publish.export import export
 
     export(run_dir, run_dir / "export")
     return run_dir

@@ -8,7 +8,7 @@ import open_clip
 import torch
 from helpers import cli_output, refused, train_in_process
 
-from pretrain.model import load_trained
+from pretrain.models.build import load_trained
 
 
 def test_export_loads_in_open_clip_with_same_embeddings(tmp_path, demo_data, capsys):

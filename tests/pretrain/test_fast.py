@@ -13,13 +13,13 @@ import torch
 from helpers import TINY, read_jsonl, train_in_process
 from safetensors.torch import load_file
 
-import pretrain.trainer
+import pretrain.training.trainer
 from pretrain.config import ConfigError, ModelConfig, TrainConfig, load_config
 from pretrain.data.prefetch import DevicePrefetcher
 from pretrain.data.synthetic import SyntheticSource
-from pretrain.fast import adamw_kind, build_adamw
-from pretrain.model import build_model, register_model_configs, use_dict_outputs
-from pretrain.trainer import Trainer
+from pretrain.models.build import build_model, register_model_configs, use_dict_outputs
+from pretrain.training.fast import adamw_kind, build_adamw
+from pretrain.training.trainer import Trainer
 
 COMPARED = ("step", "samples_seen", "loss", "lr", "logit_scale", "data_skipped")
 
@@ -153,7 +153,7 @@ def test_patch_dropout_drops_tokens_in_training_only():
 
 
 def test_exported_model_has_no_patch_dropout(tmp_path):
-    from pretrain.hub import export
+    from pretrain.publish.export import export
 
     run = train_in_process(tmp_path, ["train.steps=1", "model.patch_dropout=0.5"])
     folder = export(run, tmp_path / "export")
@@ -208,7 +208,7 @@ class _AheadPrefetcher(DevicePrefetcher):
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["synthetic", "shards"])
 def test_resume_with_the_prefetcher_ahead_equals_uninterrupted(tmp_path, demo_data, data, monkeypatch):
-    monkeypatch.setattr(pretrain.trainer, "DevicePrefetcher", _AheadPrefetcher)
+    monkeypatch.setattr(pretrain.training.trainer, "DevicePrefetcher", _AheadPrefetcher)
     train = f"{demo_data}/train/{{00000..00003}}.tar" if data == "shards" else "synthetic"
     overrides = [f"data.train={train}", "train.steps=4", "checkpoint.every=2", "train.batch_size=8"]
     straight = train_in_process(tmp_path, name="straight", overrides=overrides)

@@ -1,4 +1,4 @@
-"""The FLOPs-per-sample formula (pretrain/flops.py) against torch's own FLOP counter on real open_clip
+"""The FLOPs-per-sample formula (pretrain/training/flops.py) against torch's own FLOP counter on real open_clip
 models, and the peak-FLOP/s lookup behind MFU."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.flops import (
+from pretrain.models.build import register_model_configs
+from pretrain.training.flops import (
     clip_forward_flops,
     mfu,
     model_config,
@@ -18,7 +19,6 @@ from pretrain.flops import (
     train_flops_per_sample,
     vision_forward_flops,
 )
-from pretrain.model import register_model_configs
 
 
 def counted_flops(name: str, backward: bool = False) -> tuple[int, dict]:

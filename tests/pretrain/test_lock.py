@@ -13,8 +13,8 @@ import torch
 from helpers import TINY, refused, train_runs
 
 from pretrain.config import ConfigError, ModelConfig, load_config
-from pretrain.model import build_model, load_trained
-from pretrain.trainer import Trainer, seed_everything
+from pretrain.models.build import build_model, load_trained
+from pretrain.training.trainer import Trainer, seed_everything
 
 
 def _strategy_helpers():

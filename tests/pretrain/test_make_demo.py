@@ -34,7 +34,7 @@ def small_demo_data(monkeypatch, samples: int, eval_samples: int) -> None:
 @pytest.mark.slow
 def test_short_demo_learns_and_prints_its_time(tmp_path, demo_data, monkeypatch, capsys):
     import pretrain.demo as demo
-    from pretrain.plot import plot_run
+    from pretrain.training.plot import plot_run
 
     monkeypatch.setattr(demo, "write_demo_data", lambda folder: None)  # the suite's demo_data is there
     runs = tmp_path / "runs"

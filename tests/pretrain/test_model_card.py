@@ -8,8 +8,8 @@ import yaml
 from helpers import ROOT, read_jsonl, train_in_process
 from huggingface_hub import ModelCard, metadata_load
 
-from pretrain.hub import export
-from pretrain.model_card import model_card
+from pretrain.publish.export import export
+from pretrain.publish.model_card import model_card
 
 DATASETS = ["laion/laion400m", "mlfoundations/datacomp_small"]
 # Eval lines as the trainer writes them: the demo's older zero-shot line and clip_benchmark-named lines.

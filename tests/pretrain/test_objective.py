@@ -16,9 +16,9 @@ from helpers import ROOT, TINY, read_jsonl, refused, torchrun, train_in_process
 from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, load_config
-from pretrain.distributed import world
 from pretrain.loss import ClipLoss
-from pretrain.objective import ClipObjective, Objective, build_objective, resolve_loss_name
+from pretrain.objectives.objective import ClipObjective, Objective, build_objective, resolve_loss_name
+from pretrain.parallel.distributed import world
 
 TINY_CLIP = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
 TINY_COCA = {  # open_clip's coca_ViT-B-32.json, shrunk like tiny-clip
@@ -142,7 +142,7 @@ def test_chunk_size_from_config_equals_unchunked(tmp_path):
 
 def test_trainer_calls_the_model_for_a_dict(tmp_path, monkeypatch):
     """The trainer asks for dict outputs and reads them by name."""
-    from pretrain.trainer import Trainer
+    from pretrain.training.trainer import Trainer
 
     seen = []
     forward = open_clip.CLIP.forward
@@ -217,7 +217,7 @@ def coca_run(tmp: Path, name: str, batch: int, accum: int = 1, nproc: int = 1) -
 def reference_coca_step(run_dir: Path) -> dict[str, float]:
     """Step 1 recomputed with open_clip's own CoCaLoss on the seeded model and the full synthetic batch."""
     from pretrain.data.synthetic import SyntheticSource
-    from pretrain.model import build_model, context_length, image_size
+    from pretrain.models.build import build_model, context_length, image_size
 
     cfg = load_config(run_dir / "config.yaml", [])
     torch.manual_seed(cfg.train.seed)
@@ -235,7 +235,7 @@ def test_a_captioning_objective_plugs_in_and_accumulates_exactly(tmp_path, monke
     """An objective with a per-micro-batch part normalised by the step's token count (CoCa's shape) on an
     open_clip CoCa model: both parts are logged and equal open_clip's CoCaLoss at step 1, and 1 rank x 4
     accum 2 and 2 ranks x 4 equal 1 rank x 8 (parts at every step, weights at the end)."""
-    monkeypatch.setattr("pretrain.trainer.build_objective", caption_objective)
+    monkeypatch.setattr("pretrain.training.trainer.build_objective", caption_objective)
     full = coca_run(tmp_path, "full", 8)
     split = [coca_run(tmp_path, "accum", 4, accum=2), coca_run(tmp_path, "two-ranks", 4, nproc=2)]
     rows = [[r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (full, *split)]
@@ -295,7 +295,7 @@ def test_coca_without_weights_starts_from_the_seed(tmp_path):
     """open_clip leaves CoCa's decoder projection as uninitialised memory; build_model initialises it from
     the seeded generator, so two builds with one seed are equal and its scale is the text tower's."""
     from pretrain.config import ModelConfig
-    from pretrain.model import build_model
+    from pretrain.models.build import build_model
 
     name = str(model_file(tmp_path, "seam-tiny-coca", TINY_COCA))
     projections = []

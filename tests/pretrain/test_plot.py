@@ -10,8 +10,8 @@ import pytest
 from helpers import one_torch_thread, refused, train_in_process
 from PIL import Image
 
-from pretrain import plot
 from pretrain.cli import main
+from pretrain.training import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -102,7 +102,7 @@ def test_sigterm_single_process_checkpoints_and_requeues_under_slurm(tmp_path, m
     """`pretrain.train` in this process, SIGTERM raised right after step 3: the stop lands on that step
     (one process needs no agreement), with its checkpoint, status 0 and `scontrol requeue JOB`."""
     from pretrain import train
-    from pretrain.trainer import Trainer
+    from pretrain.training.trainer import Trainer
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -143,7 +143,7 @@ def test_sigusr1_to_torchrun_launcher_is_forwarded_to_the_workers(tmp_path):
 
 def test_a_signal_during_start_up_is_kept_for_the_trainer():
     """pretrain.train catches the signals before its slow imports; the Preemption made later sees them."""
-    from pretrain.preemption import SIGNALS, Preemption, catch_early
+    from pretrain.training.preemption import SIGNALS, Preemption, catch_early
 
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
     try:
@@ -181,7 +181,7 @@ def test_second_ctrl_c_stops_now_without_a_checkpoint(monkeypatch, capsys):
     """The second Ctrl-C ends the process at once with status 130 and one line. In this process, with
     `os._exit` caught: with real signals the second one would have to land before the step under way ends,
     which no step length makes certain on a busy machine."""
-    from pretrain import preemption
+    from pretrain.training import preemption
 
     exits = []
 
@@ -209,7 +209,7 @@ def test_second_ctrl_c_stops_now_without_a_checkpoint(monkeypatch, capsys):
 
 def test_ctrl_c_is_not_caught_where_it_was_ignored():
     """A shell starts background jobs with SIGINT ignored, so that Ctrl-C does not reach them: it stays so."""
-    from pretrain.preemption import Preemption
+    from pretrain.training.preemption import Preemption
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -12,8 +12,8 @@ import torch
 from helpers import TINY, moto_s3, one_torch_thread, read_jsonl, train_in_process, train_runs
 from safetensors.torch import load_file
 
-from pretrain import remote
 from pretrain.config import load_config, save_config
+from pretrain.training import remote
 
 RUN = ["train.steps=3", "checkpoint.every=1", "checkpoint.keep=2"]
 """Three checkpoints: the first run stops after step 2, and the remote prunes to `keep` as the local one does."""
@@ -79,7 +79,7 @@ def test_a_run_without_resume_refuses_remote_checkpoints_it_would_overwrite(tmp_
     overrides = ["train.steps=2", "checkpoint.every=2", f"checkpoint.remote={tmp_path / 'store'}"]
     train_in_process(tmp_path, overrides, name="taken")
     shutil.rmtree(tmp_path / "taken")
-    from pretrain.trainer import RunDirError
+    from pretrain.training.trainer import RunDirError
 
     with pytest.raises(RunDirError, match=r"already has checkpoints \(step_00000002\); pass resume=latest"):
         train_in_process(tmp_path, overrides, name="taken")
@@ -147,7 +147,7 @@ def test_fsdp_shards_of_every_rank_resume_from_the_remote(tmp_path):
     )
     assert sorted(p.name for p in (copied / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert "downloading step_00000002" in proc.stdout
-    from pretrain.model import load_trained
+    from pretrain.models.build import load_trained
 
     a = load_trained(straight).model.state_dict()
     b = load_trained(tmp_path / "fsdp").model.state_dict()

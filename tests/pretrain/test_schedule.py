@@ -10,7 +10,7 @@ import torch
 from helpers import TINY
 
 from pretrain.config import ConfigError, TrainConfig, load_config
-from pretrain.optim import build_scheduler
+from pretrain.training.optim import build_scheduler
 
 STEPS, WARMUP, LR = 40, 5, 1e-3
 

@@ -16,7 +16,7 @@ from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
 
 from pretrain.config import ModelConfig
 from pretrain.loss import SigLipLoss
-from pretrain.model import build_model
+from pretrain.models.build import build_model
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 

@@ -13,9 +13,9 @@ from helpers import TINY, read_jsonl, refused, train_in_process
 from safetensors.torch import save_file
 
 from pretrain.config import ConfigError, ModelConfig, load_config
-from pretrain.hub import export
-from pretrain.model import build_model, load_trained
-from pretrain.trainer import Trainer
+from pretrain.models.build import build_model, load_trained
+from pretrain.publish.export import export
+from pretrain.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import cli_output, cut_back, read_jsonl, selected, train_in_process, train_runs
 
-from pretrain.model import load_trained
+from pretrain.models.build import load_trained
 
 STEPS = 5
 CUT = 2  # the interrupted runs lose everything after this step's checkpoint
@@ -231,7 +231,7 @@ def test_deepspeed_config_from_keys_or_a_file(tmp_path):
 def test_activation_checkpointing_keeps_the_gradients():
     """Transforms run before sharding in every strategy; recomputing blocks must not change gradients."""
     from pretrain.config import DistConfig, ModelConfig
-    from pretrain.model import build_model
+    from pretrain.models.build import build_model
     from pretrain.parallel.base import Strategy
 
     grads = []

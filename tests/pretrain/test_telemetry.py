@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import ROOT, TINY, read_jsonl, run_cmd, train_in_process
 
-from pretrain.flops import model_config, train_flops_per_sample
+from pretrain.training.flops import model_config, train_flops_per_sample
 
 TELEMETRY = ("samples_per_s", "data_wait", "step_time", "grad_norm", "peak_memory_gib", "eta_s")
 
@@ -44,7 +44,7 @@ def reference_grad_norm(run_dir: Path) -> float:
     from pretrain.config import load_config
     from pretrain.data.synthetic import SyntheticSource
     from pretrain.loss import ClipLoss
-    from pretrain.model import build_model, context_length, image_size
+    from pretrain.models.build import build_model, context_length, image_size
 
     cfg = load_config(run_dir / "config.yaml", [])
     torch.manual_seed(cfg.train.seed)
@@ -80,7 +80,7 @@ def test_no_host_sync_outside_log_steps(tmp_path, monkeypatch):
     """Count device-to-host reads (`.item()`, `float(t)`, `.cpu()`, …) made by the project's code
     (pretrain/) in each loop iteration: none on steps without a log line, some on log steps, one (its loss)
     on the first step's console line."""
-    from pretrain.trainer import Trainer
+    from pretrain.training.trainer import Trainer
 
     package = str(ROOT / "pretrain")
     calls: Counter = Counter()

@@ -10,11 +10,11 @@ from pathlib import Path
 import open_clip
 from safetensors.torch import save_file
 
-from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
-from pretrain.ensemble import apply_ensemble
-from pretrain.metrics import read_metrics
-from pretrain.model import load_trained, resolve_model_name
-from pretrain.model_card import model_card
+from pretrain.models.build import load_trained, resolve_model_name
+from pretrain.publish.model_card import model_card
+from pretrain.training.checkpoint import load_trainer_state, resolve_checkpoint
+from pretrain.training.ensemble import apply_ensemble
+from pretrain.training.metrics import read_metrics
 
 
 def preprocess_cfg(model) -> dict:

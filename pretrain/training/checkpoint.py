@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.distributed import barrier
+from pretrain.parallel.distributed import barrier
 from webshards.atomic import write_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")

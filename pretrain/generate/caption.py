@@ -1,6 +1,6 @@
 """`pretrain caption`: captions for image files or shards from a CoCa checkpoint, one JSON line per image.
 
-Decoding is `pretrain.generate` (open_clip `generate`'s, natively). Images go through the model's evaluation
+Decoding is `pretrain.generate.search` (open_clip `generate`'s, natively). Images go through the model's evaluation
 transform, as open_clip's `preprocess` does for `generate`. The output file appears only when complete.
 """
 
@@ -17,8 +17,8 @@ from typing import TextIO
 import torch
 from PIL import Image
 
-from pretrain.decoding import DecodingConfig
-from pretrain.generate import caption_text, check_captioner, generate, special_tokens
+from pretrain.generate.decoding import DecodingConfig
+from pretrain.generate.search import caption_text, check_captioner, generate, special_tokens
 from webshards.atomic import atomic_path
 from webshards.layout import iter_shard
 from webshards.progress import Progress
@@ -78,7 +78,7 @@ def write_captions(
     seed: int = 0,
 ) -> int:
     """Caption every image; returns how many lines were written (to `output`, or stdout when None)."""
-    from pretrain.model import image_size, load_trained
+    from pretrain.models.build import image_size, load_trained
 
     missing = [path for path in images or [] if not Path(path).is_file()]
     if missing:

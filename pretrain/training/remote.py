@@ -33,9 +33,9 @@ from pathlib import Path, PurePosixPath
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import STEP_DIR, complete_checkpoints
 from pretrain.config import Config
-from pretrain.distributed import world
+from pretrain.parallel.distributed import world
+from pretrain.training.checkpoint import STEP_DIR, complete_checkpoints
 from webshards.atomic import write_atomic
 from webshards.urls import fs_options, redact_url
 

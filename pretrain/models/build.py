@@ -16,11 +16,11 @@ import torch
 from safetensors import SafetensorError
 
 from pretrain.config import ConfigError, ModelConfig, close_matches
-from pretrain.lock import apply_locks
+from pretrain.models.lock import apply_locks
 
 log = logging.getLogger("pretrain")
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 SCHEMAS = ("hf-hub:", "local-dir:")  # names that carry their own config and weights
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 MAX_TAGS_SHOWN = 6
@@ -177,8 +177,8 @@ def looks_like_path(spec: str | Path) -> bool:
 def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
     """A model from an export folder, a checkpoint folder, a run directory, or an open_clip name; a path that
     is not there is a FileNotFoundError naming it (not an unknown model name)."""
-    from pretrain.checkpoint import load_trainer_state, resolve_checkpoint
     from pretrain.parallel import load_model_weights
+    from pretrain.training.checkpoint import load_trainer_state, resolve_checkpoint
 
     path = Path(spec)
     if (path / "open_clip_config.json").is_file():
@@ -259,7 +259,7 @@ def _folder_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
     like `model`'s (a scalar logit scale saved as shape [1] by FSDP / DeepSpeed reads back as a scalar)."""
     from safetensors.torch import load_file
 
-    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.training.checkpoint import resolve_checkpoint
 
     if (path / EXPORT_WEIGHTS).is_file():
         state = load_file(str(path / EXPORT_WEIGHTS))

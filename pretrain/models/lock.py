@@ -3,7 +3,7 @@ groups left trainable), with open_clip's meaning, by open_clip's own `lock_image
 CoCa has neither method; its towers' own `lock` is what those methods call for models with a separate text
 tower, so CoCa is locked through them (its text decoder is never locked).
 
-A locked parameter has `requires_grad=False`, so it gets no gradient, no optimizer state (pretrain/optim.py
+A locked parameter has `requires_grad=False`, so it gets no gradient, no optimizer state (pretrain/training/optim.py
 leaves it out of the parameter groups) and no gradient communication: DDP builds its buckets from
 parameters that require grad, FSDP2 reduce-scatters only gradients that exist, and DeepSpeed's ZeRO
 partitions only the optimizer's parameters. Locking happens on the plain model, after the starting weights

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.decoding import DecodingConfig
+from pretrain.generate.decoding import DecodingConfig
 
 NOT_FINISHED = -1e9  # the score every beam of a group but its first starts with, as in `generate`
 

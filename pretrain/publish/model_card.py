@@ -14,7 +14,7 @@ import json
 
 import yaml
 
-from pretrain.metrics import EVAL_NOT_METRICS
+from pretrain.training.metrics import EVAL_NOT_METRICS
 
 # Eval task kind -> (model-index task type, human name). The Hub has no pipeline tag for image-text
 # retrieval, so retrieval uses a descriptive type of its own.

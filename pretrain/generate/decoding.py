@@ -1,5 +1,5 @@
 """How captions are decoded (`DecodingConfig`): plain settings without torch, so that `pretrain caption
---help` and a bad flag answer at once; `pretrain.generate` decodes with them."""
+--help` and a bad flag answer at once; `pretrain.generate.search` decodes with them."""
 
 from __future__ import annotations
 

@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import Config, ConfigError, DistillConfig, ModelConfig
-from pretrain.distributed import DistInfo, all_gather_with_grad
-from pretrain.model import (
+from pretrain.models.build import (
     ModelBundle,
     build_model,
     context_length,
@@ -44,8 +43,9 @@ from pretrain.model import (
     load_trained,
     use_dict_outputs,
 )
-from pretrain.objective import Objective
+from pretrain.objectives.objective import Objective
 from pretrain.parallel.base import Strategy
+from pretrain.parallel.distributed import DistInfo, all_gather_with_grad
 
 TEXT_CHUNK = 256
 """Reference phrases encoded per teacher forward pass."""

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.metrics import EVAL_NOT_METRICS
+from pretrain.training.metrics import EVAL_NOT_METRICS
 from webshards.atomic import atomic_path
 
 log = logging.getLogger("pretrain")

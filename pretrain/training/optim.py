@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pretrain.config import TrainConfig
-from pretrain.fast import build_adamw
+from pretrain.training.fast import build_adamw
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

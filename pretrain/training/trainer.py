@@ -15,24 +15,31 @@ import torch
 import torch.distributed as dist
 
 import pretrain
-from pretrain import checkpoint as ckpt
-from pretrain import remote
 from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
 from pretrain.data.prefetch import DevicePrefetcher
-from pretrain.distill import build_teacher, with_distillation
-from pretrain.distributed import all_reduce_mean, detect, init_distributed, select_device, shutdown, world
-from pretrain.ensemble import build_weight_ensemble
-from pretrain.fast import apply_compile_loss
-from pretrain.flops import mfu, model_config, peak_flops, train_flops_per_sample
-from pretrain.metrics import MetricsWriter, setup_logging
-from pretrain.model import build_model, clamp_logit_scale, use_dict_outputs
-from pretrain.objective import Features, build_objective, features
-from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.models.build import build_model, clamp_logit_scale, use_dict_outputs
+from pretrain.objectives.distill import build_teacher, with_distillation
+from pretrain.objectives.objective import Features, build_objective, features
 from pretrain.parallel import build_strategy
-from pretrain.plot import write_curves
-from pretrain.preemption import INTERRUPTED, PREEMPTED, Preemption
-from pretrain.telemetry import IntervalMeter, peak_memory_gib
+from pretrain.parallel.distributed import (
+    all_reduce_mean,
+    detect,
+    init_distributed,
+    select_device,
+    shutdown,
+    world,
+)
+from pretrain.training import checkpoint as ckpt
+from pretrain.training import remote
+from pretrain.training.ensemble import build_weight_ensemble
+from pretrain.training.fast import apply_compile_loss
+from pretrain.training.flops import mfu, model_config, peak_flops, train_flops_per_sample
+from pretrain.training.metrics import MetricsWriter, setup_logging
+from pretrain.training.optim import build_optimizer, build_scheduler
+from pretrain.training.plot import write_curves
+from pretrain.training.preemption import INTERRUPTED, PREEMPTED, Preemption
+from pretrain.training.telemetry import IntervalMeter, peak_memory_gib
 
 log = logging.getLogger("pretrain")
 

@@ -16,7 +16,7 @@ gradient accumulation exact:
 3. `total(parts)` is the weighted sum that is back-propagated and logged as `loss`; every part is also
    logged, as `loss_<part>`.
 
-Terms added on top of a loss (`pretrain.distill`: a teacher's distillation term, ZSCL's reference-set
+Terms added on top of a loss (`pretrain.objectives.distill`: a teacher's distillation term, ZSCL's reference-set
 term) use three more hooks: `begin_step(micro)` sees the step's micro-batches once before the micro-steps
 (a teacher encodes them there, without grad); `pairwise(...)` returns `contrastive` and every other term
 over the accumulated features (`pairwise_parts`: like `contrastive`, their last micro-step's value is the
@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from pretrain.config import Config, ConfigError, LossConfig
-from pretrain.distributed import world
 from pretrain.loss import ClipLoss, SigLipLoss
 from pretrain.loss.coca import PAD_ID, caption_loss, count_target_tokens
+from pretrain.parallel.distributed import world
 
 MODEL_KINDS = {
     "coca": "an open_clip CoCa model (contrastive + captioning)",

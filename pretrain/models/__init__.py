@@ -1,0 +1,1 @@
+"""Building models from open_clip names, configs and checkpoints; locking towers."""

@@ -1,0 +1,1 @@
+"""Export, model card, push to a hub or URL."""
