@@ -10,7 +10,7 @@ from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentio
 from torch import nn
 
 from pretrain.config import DistConfig
-from pretrain.training.checkpoint import safe_load
+from pretrain.parallel.safe_load import safe_load
 
 BLOCK_TYPES = (ResidualAttentionBlock, CustomResidualAttentionBlock)
 """open_clip's transformer blocks (self- and cross-attention), wherever they sit in a model."""

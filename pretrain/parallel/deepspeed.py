@@ -19,7 +19,7 @@ from torch import nn
 from pretrain.config import ConfigError, DistConfig, TrainConfig
 from pretrain.parallel.base import Strategy, apply_vector_scalars, vector_scalar_views
 from pretrain.parallel.distributed import world
-from pretrain.training.checkpoint import weights_only_loads
+from pretrain.parallel.safe_load import weights_only_loads
 
 DS_DIR = "deepspeed"
 """Sub-folder of a step folder holding DeepSpeed's checkpoint."""

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from pretrain.parallel.base import Strategy, apply_vector_scalars, transformer_blocks, vector_scalar_views
-from pretrain.parallel.safe_dcp import safe_dcp_load
+from pretrain.parallel.safe_load import safe_dcp_load
 
 DCP_DIR = "dcp"
 """Sub-folder of a step folder holding the DCP checkpoint (model and optimizer)."""

@@ -10,20 +10,17 @@ only then does `latest` move, so a crash at any point leaves the previous checkp
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pretrain.parallel.distributed import barrier
+from pretrain.parallel.safe_load import safe_load
 from webshards.atomic import write_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -31,40 +28,6 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds pickled objects other than tensors and plain containers."""
-
-
-_TORCH_LOAD = torch.load
-"""torch.load as imported (`weights_only_loads` replaces `torch.load` for a while)."""
-
-
-def safe_load(path: Any, map_location: Any = "cpu", **kwargs: Any) -> Any:
-    """`torch.load(weights_only=True)`: a file that would need any other class to unpickle is refused."""
-    kwargs.pop("weights_only", None)
-    try:
-        return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"would call {found.group(1)}" if found else "holds more than tensors and plain containers"
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to load it: unpickling it {what} (only tensors and plain containers are "
-            "allowed; a checkpoint from an older version or an unknown source cannot be opened safely)"
-        ) from None
-
-
-@contextlib.contextmanager
-def weights_only_loads(allowed: list) -> Iterator[None]:
-    """Every `torch.load` becomes `safe_load` (with the classes `allowed` as well) for the duration: for
-    libraries that call `torch.load(weights_only=False)` themselves (DeepSpeed)."""
-    with torch.serialization.safe_globals(allowed):
-        torch.load = safe_load
-        try:
-            yield
-        finally:
-            torch.load = _TORCH_LOAD
 
 
 def _numpy_state() -> dict:

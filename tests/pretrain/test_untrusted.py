@@ -19,8 +19,9 @@ from helpers import TINY, one_torch_thread, refused, train_in_process
 from pretrain.config import ModelConfig
 from pretrain.models.build import build_model
 from pretrain.parallel import load_model_weights
+from pretrain.parallel.safe_load import UnsafeCheckpointError
 from pretrain.training import checkpoint as ckpt
-from pretrain.training.checkpoint import UnsafeCheckpointError, resolve_checkpoint
+from pretrain.training.checkpoint import resolve_checkpoint
 
 OPEN = f"{open.__module__}.{open.__qualname__}"
 """How pickle names the payload's callable (io.open), which the error line must name."""

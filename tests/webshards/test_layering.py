@@ -62,3 +62,25 @@ def test_pretrain_reaches_data_tools_only_from_the_demo():
 
 def test_data_tools_reaches_pretrain_only_through_models():
     assert importers("data_tools", "pretrain") == ["data_tools/models.py"]
+
+
+def test_every_module_imports_on_its_own():
+    """No import cycle: each module of pretrain and data_tools can be the first one a process imports (torch and
+    the other outside packages stay loaded between them, so this is one interpreter, not one per module)."""
+    modules = [
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for package in ("pretrain", "data_tools")
+        for p in sorted((ROOT / package).rglob("*.py"))
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    for loaded in [m for m in sys.modules if m.split('.')[0] in ('pretrain', 'data_tools')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError as e:\n"
+        "        print(f'{name}: {e}')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout == ""

@@ -1,4 +1,5 @@
-"""Read torch.distributed.checkpoint (DCP) folders without running code from them.
+"""Read checkpoint files without running code from them: `safe_load` (torch.load with weights only) and
+DCP folders (`safe_dcp_load`).
 
 DCP's own reader unpickles `.metadata` with plain `pickle.load` and non-tensor values with
 `torch.load(weights_only=False)`: a downloaded FSDP checkpoint could run anything when `pretrain eval` or
@@ -8,7 +9,10 @@ metadata records (and the torch types they name), and the values with `weights_o
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import re
+from collections.abc import Iterator
 from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
 from typing import Any
 
@@ -20,7 +24,40 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 
-from pretrain.training.checkpoint import UnsafeCheckpointError
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects other than tensors and plain containers."""
+
+
+_TORCH_LOAD = torch.load
+"""torch.load as imported (`weights_only_loads` replaces `torch.load` for a while)."""
+
+
+def safe_load(path: Any, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """`torch.load(weights_only=True)`: a file that would need any other class to unpickle is refused."""
+    kwargs.pop("weights_only", None)
+    try:
+        return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"would call {found.group(1)}" if found else "holds more than tensors and plain containers"
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load it: unpickling it {what} (only tensors and plain containers are "
+            "allowed; a checkpoint from an older version or an unknown source cannot be opened safely)"
+        ) from None
+
+
+@contextlib.contextmanager
+def weights_only_loads(allowed: list) -> Iterator[None]:
+    """Every `torch.load` becomes `safe_load` (with the classes `allowed` as well) for the duration: for
+    libraries that call `torch.load(weights_only=False)` themselves (DeepSpeed)."""
+    with torch.serialization.safe_globals(allowed):
+        torch.load = safe_load
+        try:
+            yield
+        finally:
+            torch.load = _TORCH_LOAD
+
 
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
