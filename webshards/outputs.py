@@ -4,7 +4,7 @@ operations the shard writers need, and a ``ShardWriter`` for either.
 Locally every file is written under a temp name and renamed (``atomic``). On an object store one PUT makes
 an object appear whole or not at all, so objects need no temp names; what a reader must not see is a shard
 without its marker, so a remote shard is staged in a local temp folder and uploaded tar and parquet
-first, ``_stats.json`` (the marker) last.
+first, ``_stats.json`` (the marker) last (``put_files``, as ``publish`` puts a folder's files).
 
 Beyond shards, the multi-phase jobs (embed, filter, dedup) need a few more operations on either kind of
 location: ``staged`` (a local temp file that becomes the output whole), listing (``list_files``), removal of a
@@ -49,8 +49,11 @@ def resolve(location: Location) -> Location:
 
 
 def join(location: Location, name: str) -> Location:
-    """``name`` (may hold ``/``) inside ``location``, of the same kind."""
-    return f"{str(location).rstrip('/')}/{name}" if is_remote(location) else Path(location) / name
+    """``name`` (may hold ``/``) inside ``location``, of the same kind (in a URL's path, before any ``?query``)."""
+    if not is_remote(location):
+        return Path(local_path(str(location))) / name
+    path, mark, query = str(location).partition("?")
+    return f"{path.rstrip('/')}/{name}{mark}{query}"
 
 
 def _fs(location: Location) -> tuple:
@@ -171,13 +174,16 @@ def shard_writer(output: Location, shard_id: int) -> Iterator[ShardWriter]:
         with ShardWriter(staging, shard_id) as writer:
             yield writer
         name = shard_name(shard_id)
-        fs, base = _fs(output)
-        fs.makedirs(base, exist_ok=True)
-        marker = f"{base}/{stats_name(name)}"
-        if fs.exists(marker):  # a shard being rewritten must not look complete while its files change
-            fs.rm_file(marker)
-        for suffix in (".tar", ".parquet", "_stats.json"):
-            fs.put_file(str(Path(staging) / f"{name}{suffix}"), f"{base}/{name}{suffix}")
+        remove(join(output, stats_name(name)))  # a shard being rewritten must not look complete meanwhile
+        put_files(output, Path(staging), [f"{name}.tar", f"{name}.parquet", stats_name(name)])
+
+
+def put_files(location: Location, folder: Path, names: list[str]) -> None:
+    """Upload each of ``names`` (paths relative to ``folder``) to the same path under ``location``, in order."""
+    fs, base = _fs(location)
+    for rel in names:
+        fs.makedirs(f"{base}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(folder / rel), f"{base}/{rel}")
 
 
 def write_sizes_when_complete(output: Location, markers: list[Location]) -> bool:

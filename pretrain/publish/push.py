@@ -4,25 +4,20 @@ Hub (`--repo-id`): `create_repo` (exist_ok) and one `upload_folder` commit with 
 endpoint comes from `HF_ENDPOINT`, the token from `HF_TOKEN` or the saved login, and is only ever handed to
 the client (never printed, logged or written).
 
-Store (`--to URL`): every file is put under the URL, then the marker `_COMPLETE` is written last, a JSON
-manifest of each file's size and sha256. A reader takes the export as complete only when the marker is
-there (and may check the files against it). A re-push removes the old marker first, so from then until its
-own marker lands the prefix reads as incomplete; files the old marker listed that the new export lacks are
-deleted, nothing else under the URL is touched.
+Store (`--to URL`): `webshards.publish` puts every file under the URL, then the marker `_COMPLETE` last (a
+manifest of sizes and sha256); a re-push deletes only the files the old marker listed that the export lacks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from webshards.urls import url_to_fs
+from webshards.publish import MARKER, publish
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip reads either
-MARKER = "_COMPLETE"
 
 
 def export_files(folder: str | Path) -> dict[str, int]:
@@ -60,42 +55,6 @@ def file_listing(files: dict[str, int]) -> list[str]:
     return [*lines, f"{sum(files.values()):>14}  total bytes in {len(files)} files"]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def manifest(folder: Path, files: dict[str, int]) -> bytes:
-    """The marker's content: `{"files": {path: {"size", "sha256"}}}`, so a reader can check what it read."""
-    entries = {rel: {"size": size, "sha256": _sha256(folder / rel)} for rel, size in files.items()}
-    return (json.dumps({"files": entries}, indent=1) + "\n").encode()
-
-
-def _replace_files(fs, base: str, root: Path, files: dict[str, int]) -> None:
-    """Put the export's files under `base` of `fs`: the marker is removed first and written last.
-
-    Files the previous marker listed that this export lacks are deleted; nothing else under `base` is
-    touched (the prefix may hold more than this export)."""
-    marker = f"{base}/{MARKER}"
-    previous: dict = {}
-    if fs.exists(marker):
-        previous = json.loads(fs.cat_file(marker)).get("files", {})
-        fs.rm_file(marker)  # the old export stops reading as complete before any of its files change
-    for rel in files:
-        target = f"{base}/{rel}"
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(root / rel), target)
-    stale = [f"{base}/{rel}" for rel in previous if rel not in files]
-    fs.invalidate_cache(base)
-    for path in stale:
-        if fs.exists(path):
-            fs.rm_file(path)
-    fs.pipe_file(marker, manifest(root, files))
-
-
 def push_to_url(folder: str | Path, url: str, dry_run: bool = False) -> list[str]:
     """Upload the export under `url` (any fsspec URL), the `_COMPLETE` marker last; returns report lines."""
     root, files = Path(folder), export_files(folder)
@@ -106,10 +65,8 @@ def push_to_url(folder: str | Path, url: str, dry_run: bool = False) -> list[str
             *file_listing(files),
             f"then write {url}/{MARKER} (size and sha256 of each file)",
         ]
-    fs, base = url_to_fs(url)
-    base = base.rstrip("/")
     try:
-        _replace_files(fs, base, root, files)
+        publish(root, url, files)
     except OSError as e:  # a store or network failure: one line; the marker is not there
         raise RuntimeError(f"push to {url} failed: {e}") from None
     return [f"pushed {len(files)} files ({sum(files.values())} bytes) to {url}, then {MARKER}"]

@@ -3,7 +3,7 @@
 Remote layout, under `{checkpoint.remote}/{run.name}/` (it mirrors the run directory):
 
     checkpoints/step_{N:08d}/...          the files of the local checkpoint folder, same relative paths
-    checkpoints/step_{N:08d}/_COMPLETE    written last: {"step": N, "files": {relative path: bytes}}
+    checkpoints/step_{N:08d}/_COMPLETE    written last: {"step": N, "files": {path: {"size", "sha256"}}}
     checkpoints/latest                    name of the newest complete folder, written after its marker
     metrics.jsonl                         the run's metrics as of the newest copy
 
@@ -20,13 +20,11 @@ bandwidth keeps up with the checkpoint cadence.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -37,11 +35,12 @@ from pretrain.config import Config
 from pretrain.parallel.distributed import world
 from pretrain.training.checkpoint import STEP_DIR, complete_checkpoints
 from webshards.atomic import write_atomic
-from webshards.urls import fs_options, redact_url
+from webshards.outputs import join
+from webshards.publish import MARKER, listed_sizes, publish
+from webshards.urls import redact_url, url_to_fs
 
 log = logging.getLogger("pretrain")
 
-MARKER = "_COMPLETE"
 ATTEMPTS = 4
 """Tries per copy (the first and three retries)."""
 BACKOFF_S = 5.0
@@ -52,24 +51,14 @@ class RemoteError(ValueError):
     """A copy to or from `checkpoint.remote` failed; the message holds no credentials."""
 
 
-def child_url(url: str, name: str) -> str:
-    """`url` + `/name` in its path (before any `?query`)."""
-    if "://" not in url:
-        return f"{url.rstrip('/')}/{name}"
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
-
-
 class RemoteStore:
     """One run's folder at `checkpoint.remote`: upload, list, download and prune checkpoint folders."""
 
     def __init__(self, url: str, run_name: str) -> None:
-        import fsspec
-
-        full = child_url(url, run_name)
-        self.shown = redact_url(full)
+        self.url = str(join(url, run_name))
+        self.shown = redact_url(self.url)
         """The URL as it may be logged."""
-        self.fs, self.root = fsspec.core.url_to_fs(full, **fs_options(full))
+        self.fs, self.root = url_to_fs(self.url)
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -79,9 +68,7 @@ class RemoteStore:
         self.fs.invalidate_cache()  # another node (or this one) may have written since the last listing
         if not self.fs.exists(self._path("checkpoints")):
             return []
-        names = [
-            p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path("checkpoints"), detail=False)
-        ]
+        names = (PurePosixPath(p).name for p in self.fs.ls(self._path("checkpoints"), detail=False))
         return sorted(n for n in names if STEP_DIR.match(n))
 
     def is_complete(self, name: str) -> bool:
@@ -91,18 +78,8 @@ class RemoteStore:
         return next((n for n in reversed(self.step_folders()) if self.is_complete(n)), None)
 
     def upload(self, folder: Path, name: str) -> None:
-        """Copy `folder` to `checkpoints/{name}/`, then its marker, then `latest`."""
-        marker = self._path("checkpoints", name, MARKER)
-        if self.fs.exists(marker):  # a copy made again counts as incomplete until its new marker
-            self.fs.rm(marker)
-        files = {}
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            relative = path.relative_to(folder).as_posix()
-            target = self._path("checkpoints", name, relative)
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(path), target)
-            files[relative] = path.stat().st_size
-        self.fs.pipe_file(marker, json.dumps({"step": int(name[5:]), "files": files}).encode())
+        """Publish `folder` as `checkpoints/{name}/` (its marker last), then `latest`."""
+        publish(folder, str(join(self.url, f"checkpoints/{name}")), step=int(name[5:]))
         self.fs.pipe_file(self._path("checkpoints", "latest"), name.encode())
 
     def prune(self, keep: int) -> None:
@@ -117,14 +94,12 @@ class RemoteStore:
     def download(self, name: str, ckpt_root: Path) -> Path:
         """The files listed in the folder's marker into `ckpt_root/name` (renamed into place when all are
         there, sizes checked), then the local `latest`."""
-        manifest = json.loads(self.fs.cat_file(self._path("checkpoints", name, MARKER)))
+        marker = self.fs.cat_file(self._path("checkpoints", name, MARKER))
+        files = listed_sizes(marker, f"{self.shown}/checkpoints/{name}/{MARKER}")  # none outside the folder
         final, tmp = ckpt_root / name, ckpt_root / f"{name}.download"
         shutil.rmtree(tmp, ignore_errors=True)
-        for relative, size in manifest["files"].items():
-            parts = PurePosixPath(relative).parts
-            if PurePosixPath(relative).is_absolute() or ".." in parts:  # never write outside the folder
-                raise RemoteError(f"{self.shown}/checkpoints/{name}/{MARKER}: bad file name {relative!r}")
-            local = tmp.joinpath(*parts)
+        for relative, size in files.items():
+            local = tmp.joinpath(*PurePosixPath(relative).parts)
             local.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(self._path("checkpoints", name, relative), str(local))
             if local.stat().st_size != size:
@@ -219,9 +194,7 @@ class Uploader:
                 log.info("copied checkpoint %s to %s", job.name, self.store.shown)
                 shutil.rmtree(job.snapshot, ignore_errors=True)
                 return True
-            except (
-                Exception
-            ) as e:  # any failure of any fsspec backend: report it, retry, never lose it silently
+            except Exception as e:  # any failure of any fsspec backend: report it, retry, never lose it
                 wait = BACKOFF_S * 2 ** (attempt - 1)
                 again = f"; retrying in {wait:.0f}s" if attempt < ATTEMPTS else "; giving up"
                 log.error(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from hashlib import sha256
 
 import pytest
 import torch
@@ -71,8 +72,30 @@ def test_resume_from_s3_on_a_fresh_node_equals_uninterrupted(tmp_path, s3, caplo
     assert folders == ["step_00000002", "step_00000003"]  # checkpoint.keep=2 there too
     assert stored["checkpoints/latest"] == b"step_00000003"
     marker = json.loads(stored["checkpoints/step_00000003/_COMPLETE"])
-    files = {p.relative_to(resumed / "checkpoints/step_00000003").as_posix(): p.stat().st_size for p in (resumed / "checkpoints/step_00000003").rglob("*") if p.is_file()}  # fmt: skip
-    assert marker == {"step": 3, "files": files}
+    folder = resumed / "checkpoints/step_00000003"
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert marker == {"step": 3, "files": {rel: {"size": len(d), "sha256": sha256(d).hexdigest()} for rel, d in files.items()}}  # fmt: skip
+
+
+def test_a_remote_checkpoint_with_an_older_marker_of_plain_sizes_is_complete(tmp_path):
+    """Markers written before webshards.publish listed `{path: bytes}`: still complete, downloaded with sizes
+    checked, and a copy made again over one removes only the files it listed."""
+    folder = tmp_path / "store/run/checkpoints/step_00000002"
+    old = {"model.safetensors": b"m" * 10, "dcp/__0_0.distcp": b"d" * 3}
+    for rel, data in old.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    (folder / "notes.txt").write_text("not listed")
+    (folder / "_COMPLETE").write_text(json.dumps({"step": 2, "files": {k: len(v) for k, v in old.items()}}))
+    store = remote.RemoteStore(str(tmp_path / "store"), "run")
+    assert store.newest_complete() == "step_00000002"
+    got = store.download("step_00000002", tmp_path / "local")
+    assert {p.relative_to(got).as_posix(): p.read_bytes() for p in got.rglob("*") if p.is_file()} == old
+    (got / "dcp/__0_0.distcp").unlink()
+    store.upload(got, "step_00000002")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "_COMPLETE", "model.safetensors", "notes.txt",
+    ]  # fmt: skip
 
 
 def test_a_run_without_resume_refuses_remote_checkpoints_it_would_overwrite(tmp_path):
