@@ -22,7 +22,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.config_sections import (
-    LOSSES,
     PRECISIONS,
     SCHEDULES,
     SECRET_WORDS,
@@ -46,7 +45,6 @@ from webshards.atomic import write_atomic
 from webshards.urls import redact_url
 
 __all__ = [
-    "LOSSES",
     "PRECISIONS",
     "SCHEDULES",
     "STRATEGIES",

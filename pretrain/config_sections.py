@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from pretrain.objectives.specs import objective_names
 from webshards.evalset import TASKS as EVAL_TASKS
 
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
-LOSSES = ("clip", "siglip", "coca")
 SECRET_WORDS = ("key", "token", "secret", "password")
 SCHEDULES = ("cosine", "const", "const_cooldown")
 
@@ -261,8 +261,8 @@ class TrainConfig:
 @dataclass
 class LossConfig:
     name: str | None = None
-    """clip (InfoNCE), siglip (pairwise sigmoid) or coca (contrastive + captioning); null: chosen from the
-    model (open_clip CoCa models: coca, models with `init_logit_bias`: siglip, others: clip)."""
+    """clip (InfoNCE), siglip (pairwise sigmoid), coca (contrastive + captioning) or another module of
+    pretrain/objectives/specs/; null: chosen from the model (open_clip CoCa models: coca, models with `init_logit_bias`: siglip, others: clip)."""
     clip_weight: float = 1.0
     """Weight of the contrastive part: loss = clip_weight x contrastive (+ caption_weight x caption)."""
     caption_weight: float = 2.0
@@ -276,10 +276,11 @@ class LossConfig:
     all-gathering them (one other rank's block held at a time); needs chunk_size. siglip always does."""
 
     def __post_init__(self) -> None:
+        names = objective_names()
         _check(
-            self.name is None or self.name in LOSSES,
+            self.name is None or self.name in names,
             "loss.name",
-            f"must be one of {LOSSES} or null (chosen from the model), got {self.name!r}",
+            f"must be one of {names} or null (chosen from the model), got {self.name!r}",
         )
         for name in ("clip_weight", "caption_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(self, name)}")
@@ -292,11 +293,6 @@ class LossConfig:
             not self.ring or self.chunk_size is not None,
             "loss.ring",
             "needs loss.chunk_size (the ring is part of the tiled loss), got loss.chunk_size=null",
-        )
-        _check(
-            not (self.ring and self.name == "siglip"),
-            "loss.ring",
-            "is for clip and coca; siglip always passes texts around the ring",
         )
 
 

@@ -1,8 +1,9 @@
-"""Training objectives' losses, one module each: `clip` (InfoNCE with gathered negatives), and the
-SigLIP and CoCa losses as they land. `pretrain.loss.ClipLoss` is the contract's import path."""
+"""The objectives' loss functions, one module each: `clip` (InfoNCE with gathered negatives), `siglip`
+(pairwise sigmoid) and `coca` (the caption cross-entropy). `pretrain.loss.ClipLoss` is the contract's
+import path."""
 
 from pretrain.loss.clip import ClipLoss
-from pretrain.loss.coca import CoCaLoss, caption_loss, count_target_tokens
+from pretrain.loss.coca import caption_loss, count_target_tokens
 from pretrain.loss.siglip import SigLipLoss
 
-__all__ = ["ClipLoss", "CoCaLoss", "SigLipLoss", "caption_loss", "count_target_tokens"]
+__all__ = ["ClipLoss", "SigLipLoss", "caption_loss", "count_target_tokens"]

@@ -1,4 +1,4 @@
-"""CoCa's loss: contrastive (CLIP, negatives gathered from every rank) + caption cross-entropy.
+"""CoCa's caption cross-entropy (`pretrain/objectives/specs/coca.py` adds it to the contrastive `ClipLoss`).
 
 open_clip's CoCa forward teacher-forces the text decoder: `labels = text[:, 1:]` and `logits[:, i]` predicts
 `labels[:, i]`; padding (`pad_id`, 0 for open_clip's tokenizer) is ignored, as in open_clip's `CoCaLoss`
@@ -15,9 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-from pretrain.loss.clip import ClipLoss
 from pretrain.parallel.distributed import world
 
 PAD_ID = 0  # open_clip's SimpleTokenizer pads with 0; CoCa's `pad_id` defaults to it
@@ -48,7 +46,7 @@ def caption_loss(
 
     With one process and `token_count` the batch's own count, this is open_clip's caption loss. Summed
     over micro-batches it is the caption loss of the step's whole batch on this rank's share. Under DDP,
-    which AVERAGES gradients over W ranks, the per-rank loss must be multiplied by W (as `CoCaLoss` does)
+    which AVERAGES gradients over W ranks, the per-rank loss must be multiplied by W (as the `coca` objective does)
     for W ranks x B to train exactly like 1 rank x W*B; the mean over ranks of the W-scaled values is then
     the global caption loss, the same convention as `ClipLoss`.
     """
@@ -57,46 +55,3 @@ def caption_loss(
     )
     count = torch.as_tensor(token_count, device=total.device)
     return total / count.clamp_min(1).to(total.dtype)  # all-pad batches: 0, not NaN
-
-
-class CoCaLoss(nn.Module):
-    """`clip_weight` x contrastive + `caption_weight` x caption loss; returns (total, parts), the parts
-    unweighted and detached (for logging).
-
-    Each value is this rank's share scaled so that DDP's gradient average over ranks gives the full-batch
-    gradient (the contrastive part through `ClipLoss`'s gathered negatives, the caption part through the
-    factor W = world size); the mean over ranks of each part is the full batch's value. Under gradient
-    accumulation, the caption parts of the micro-steps add up to the step's caption loss (call this once
-    per micro-batch with the step's `token_count` and sum), while the contrastive part of each micro-step
-    is already the loss of the whole accumulated batch. Defaults follow open_clip's training defaults
-    (`--coca-contrastive-loss-weight 1`, `--coca-caption-loss-weight 2`).
-    """
-
-    def __init__(
-        self,
-        clip_weight: float = 1.0,
-        caption_weight: float = 2.0,
-        pad_id: int = PAD_ID,
-        chunk_size: int | None = None,
-        ring: bool = False,
-    ) -> None:
-        super().__init__()
-        self.clip_weight, self.caption_weight, self.pad_id = clip_weight, caption_weight, pad_id
-        self.clip_loss = ClipLoss(chunk_size=chunk_size, ring=ring)
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        token_count: torch.Tensor | int,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.clip_weight:
-            contrastive = self.clip_loss(image_features, text_features, logit_scale)
-        else:  # as open_clip: no contrastive graph at all (the logit scale gets no gradient)
-            contrastive = logits.new_zeros(())
-        caption = world()[1] * caption_loss(logits, labels, self.pad_id, token_count)
-        total = self.clip_weight * contrastive + self.caption_weight * caption
-        return total, {"contrastive": contrastive.detach(), "caption": caption.detach()}

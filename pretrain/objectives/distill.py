@@ -1,4 +1,4 @@
-"""Continued pretraining without forgetting: distillation terms added to the objective (the `distill` section).
+"""Continued pretraining without forgetting: the `distill` section's terms, composed into the objective.
 
 Two terms, each a logged part weighted by `distill.weight`:
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from pretrain.models.build import (
     load_trained,
     use_dict_outputs,
 )
-from pretrain.objectives.objective import Objective
+from pretrain.objectives.objective import MicroStep, Term
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.distributed import DistInfo, all_gather_with_grad
 
@@ -69,10 +68,7 @@ def teacher_distill_term(
     student's gathered with gradient, the teacher's without)."""
     all_image, all_text = all_gather_with_grad(image), all_gather_with_grad(text)
     with torch.no_grad():
-        teacher_all_image, teacher_all_text = (
-            all_gather_with_grad(teacher_image),
-            all_gather_with_grad(teacher_text),
-        )
+        teacher_all_image, teacher_all_text = (all_gather_with_grad(t) for t in (teacher_image, teacher_text))
     per_image = distill_cross_entropy(
         teacher_scale * teacher_image @ teacher_all_text.T, scale * image @ all_text.T
     )
@@ -164,22 +160,6 @@ def _check_fits(cfg: DistillConfig, teacher: torch.nn.Module, student: torch.nn.
             )
 
 
-def build_teacher(cfg: Config, student: ModelBundle, device: torch.device) -> ModelBundle | None:
-    """The plain (unwrapped) teacher, before the student is wrapped: `distill.model`, or for ZSCL without one
-    a copy of the student's starting weights (what ZSCL calls the initial model); None without distillation.
-    The reference texts are checked first, so a bad file fails before any model is loaded."""
-    dcfg = cfg.distill
-    if dcfg.zscl:
-        read_reference_texts(dcfg.reference_texts)
-    if dcfg.model is None:
-        return dataclasses.replace(student, model=copy.deepcopy(student.model)) if dcfg.zscl else None
-    teacher = _load_teacher(dcfg)
-    teacher.model.to(device)
-    use_dict_outputs(teacher.model)
-    _check_fits(dcfg, teacher.model, student.model, device)
-    return teacher
-
-
 class Teacher:
     """A frozen model run forward only: no grad, eval mode, autocast like the student."""
 
@@ -218,80 +198,73 @@ def build_reference_source(cfg: Config, bundle: ModelBundle, info: DistInfo, dev
     )
 
 
-class DistilledObjective(Objective):
-    """A loss objective with the `distill` and/or `zscl` parts added (see the module docstring)."""
+class Distill(Term):
+    """open_clip's `DistillClipLoss` term against the teacher's features of the same micro-batches."""
 
-    def __init__(self, base: Objective, cfg: DistillConfig, teacher: Teacher, reference=None) -> None:
-        extra = (("distill",) if cfg.model is not None else ()) + (("zscl",) if reference is not None else ())
-        super().__init__({**base.weights, **dict.fromkeys(extra, cfg.weight)})
-        self.base, self.cfg, self.teacher, self.reference = base, cfg, teacher, reference
-        self.name, self.needs_token_count = base.name, base.needs_token_count
-        self.parts = (*base.parts, *extra)
-        self.pairwise_parts = (*base.pairwise_parts, *(p for p in extra if p == "distill"))
-        self._teacher_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if reference is not None:
-            self.reference_text, self.reference_scale = teacher.encode_texts(
-                read_reference_texts(cfg.reference_texts)
-            )
+    name = "distill"
 
-    def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-        return self.base.contrastive(image_features, text_features, logit_scale, logit_bias)
-
-    def per_micro(self, output: dict, texts: torch.Tensor, token_count: torch.Tensor | None) -> dict:
-        return self.base.per_micro(output, texts, token_count)
-
-    def token_count(self, texts: list[torch.Tensor]) -> torch.Tensor:
-        return self.base.token_count(texts)
+    def __init__(self, weight: float, teacher: Teacher) -> None:
+        super().__init__(weight)
+        self.teacher = teacher
 
     def begin_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The teacher's features of the step's micro-batches, in step order (as the accumulated features)."""
-        self.base.begin_step(micro)
-        if "distill" in self.parts:
-            outs = [self.teacher(images, texts) for images, texts in micro]
-            image = torch.cat([o["image_features"].float() for o in outs])
-            text = torch.cat([o["text_features"].float() for o in outs])
-            self._teacher_features = (image, text, outs[0]["logit_scale"].float())
+        outs = [self.teacher(images, texts) for images, texts in micro]
+        image = torch.cat([o["image_features"].float() for o in outs])
+        text = torch.cat([o["text_features"].float() for o in outs])
+        self._teacher_features = (image, text, outs[0]["logit_scale"].float())
 
-    def pairwise(self, image_features, text_features, logit_scale, logit_bias) -> dict[str, torch.Tensor]:
-        parts = self.base.pairwise(image_features, text_features, logit_scale, logit_bias)
-        if "distill" in self.parts:
-            parts["distill"] = teacher_distill_term(
-                image_features, text_features, logit_scale, *self._teacher_features
-            )
-        return parts
+    def __call__(self, step: MicroStep) -> torch.Tensor:
+        image, text, scale, _ = step.features
+        return teacher_distill_term(image, text, scale, *self._teacher_features)
 
-    def per_step(self, encode_images: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        parts = self.base.per_step(encode_images)
-        if self.reference is not None:
-            images = self.reference.next_batch()[0].to(self.teacher.device, non_blocking=True)
-            initial = self.teacher(images, None)["image_features"].float()
-            parts["zscl"] = zscl_term(
-                encode_images(images),
-                initial,
-                self.reference_text,
-                self.reference_scale,
-                self.cfg.temperature,
-            )
-        return parts
+
+class Zscl(Term):
+    """ZSCL's reference-set term: each step, a batch of reference images through the student and the initial
+    model, scored against the initial model's features of the reference phrases (encoded once)."""
+
+    name, when = "zscl", "step"
+
+    def __init__(self, cfg: DistillConfig, teacher: Teacher, reference) -> None:
+        super().__init__(cfg.weight)
+        self.teacher, self.reference, self.temperature = teacher, reference, cfg.temperature
+        self.texts, self.scale = teacher.encode_texts(read_reference_texts(cfg.reference_texts))
+
+    def __call__(self, step: MicroStep) -> torch.Tensor:
+        images = self.reference.next_batch()[0].to(self.teacher.device, non_blocking=True)
+        initial = self.teacher(images, None)["image_features"].float()
+        return zscl_term(step.encode_images(images), initial, self.texts, self.scale, self.temperature)
 
     def state_dict(self) -> dict:
-        return {"reference": self.reference.state_dict()} if self.reference is not None else {}
+        return {"reference": self.reference.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.reference is not None:
-            self.reference.load_state_dict(state["reference"])
+        self.reference.load_state_dict(state["reference"])
 
     def close(self) -> None:
-        if self.reference is not None:
-            self.reference.close()
+        self.reference.close()
 
 
-def with_distillation(
-    base: Objective, cfg: Config, teacher: ModelBundle | None, strategy: Strategy, info: DistInfo, device
-) -> Objective:
-    """`base`, or `base` with the distillation parts of `cfg.distill` (the teacher from `build_teacher`)."""
-    if teacher is None:
-        return base
-    frozen = Teacher(teacher, strategy, device, cfg.train.precision == "bf16")
-    reference = build_reference_source(cfg, teacher, info, device) if cfg.distill.zscl else None
-    return DistilledObjective(base, cfg.distill, frozen, reference)
+def build_terms(
+    cfg: Config, student: ModelBundle, strategy: Strategy, info: DistInfo, device: torch.device
+) -> list[Term]:
+    """The terms of `cfg.distill`, built before the student is wrapped: their frozen model is `distill.model`,
+    or for ZSCL without one a copy of the student's starting weights (what ZSCL calls the initial model). The
+    reference texts are checked first, so a bad file fails before any model is loaded."""
+    dcfg = cfg.distill
+    if not dcfg.enabled:
+        return []
+    if dcfg.zscl:
+        read_reference_texts(dcfg.reference_texts)
+    if dcfg.model is None:
+        bundle = dataclasses.replace(student, model=copy.deepcopy(student.model))
+    else:
+        bundle = _load_teacher(dcfg)
+        bundle.model.to(device)
+        use_dict_outputs(bundle.model)
+        _check_fits(dcfg, bundle.model, student.model, device)
+    teacher = Teacher(bundle, strategy, device, cfg.train.precision == "bf16")
+    terms: list[Term] = [Distill(dcfg.weight, teacher)] if dcfg.model is not None else []
+    if dcfg.zscl:
+        terms.append(Zscl(dcfg, teacher, build_reference_source(cfg, bundle, info, device)))
+    return terms

@@ -1,50 +1,36 @@
-"""The training objective: which loss a model trains with, split into the named parts the trainer logs.
+"""The training objective: a contrastive loss plus extra terms, split into the named parts the trainer logs.
 
-The trainer names no concrete loss. `build_objective(cfg, model)` picks one from `loss.name` (or, when it
-is null, from the model) and returns an `Objective`, which the trainer uses in one fixed way that keeps
-gradient accumulation exact:
+The trainer names no concrete loss: `pretrain.objectives.registry.build_objective` builds the objective of
+`loss.name` (or of the model) with the extra terms of the config, and the trainer uses it in one fixed way that
+keeps gradient accumulation exact:
 
-1. `contrastive(...)` is the pairwise term. It sees the features of *all* micro-batches of the step
-   (the fresh micro-batch between the no-grad cached rest), so every accumulated sample is a negative;
-   the trainer calls it once per micro-step, with gradients flowing only through that micro-batch's
-   features, and the logit scale and bias get theirs only in the last micro-step. Its value is the
-   term over the whole accumulated batch of this rank (the last micro-step's value is logged).
-2. `per_micro(...)` returns the terms computed on one micro-batch alone (CoCa's caption cross-entropy;
-   none for clip and siglip). The trainer sums them over the micro-steps. A rank's sum, averaged over
-   ranks (strategies average gradients over ranks), must be the term over the global batch; a term
-   normalised by a global count asks for it with `needs_token_count` (see there).
+1. `begin_step(micro)` sees the step's micro-batches once, before the micro-steps (a term counts the step's
+   target tokens over all ranks there, or a teacher encodes the batches without grad).
+2. Each micro-step, `compute(step, last)` returns the parts. `contrastive` is the pairwise term: it sees the
+   features of *all* micro-batches of the step (the fresh micro-batch between the no-grad cached rest), so
+   every accumulated sample is a negative; gradients flow only through that micro-batch's features, and the
+   logit scale and bias get theirs only in the last micro-step. Its value is the term over the whole
+   accumulated batch of this rank (the last micro-step's value is the step's). A `Term` says by its `when`
+   what it sees: "pairwise" terms are computed the same way (the last value counts); "micro" terms on one
+   micro-batch alone, summed over the micro-steps (a rank's sum, averaged over ranks as the strategies
+   average gradients, must be the term over the global batch: CoCa's caption cross-entropy is normalised by
+   the step's global token count so that it does not change when a batch is split, whatever the caption
+   lengths); "step" terms once per step in the last micro-step, on their own inputs.
 3. `total(parts)` is the weighted sum that is back-propagated and logged as `loss`; every part is also
-   logged, as `loss_<part>`.
-
-Terms added on top of a loss (`pretrain.objectives.distill`: a teacher's distillation term, ZSCL's reference-set
-term) use three more hooks: `begin_step(micro)` sees the step's micro-batches once before the micro-steps
-(a teacher encodes them there, without grad); `pairwise(...)` returns `contrastive` and every other term
-over the accumulated features (`pairwise_parts`: like `contrastive`, their last micro-step's value is the
-step's); `per_step(encode_images)` returns terms computed once per step in the last micro-step, on their
-own inputs (`encode_images` runs the trained model's image tower with grad). `state_dict()` is the
-objective's own resume state (a reference-data position), saved per rank.
+   logged, as `loss_<part>`. `state_dict()` is the objective's own resume state (ZSCL's reference-data
+   position), saved per rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import open_clip
 import torch
 from torch import nn
 
-from pretrain.config import Config, ConfigError, LossConfig
-from pretrain.loss import ClipLoss, SigLipLoss
-from pretrain.loss.coca import PAD_ID, caption_loss, count_target_tokens
-from pretrain.parallel.distributed import world
-
-MODEL_KINDS = {
-    "coca": "an open_clip CoCa model (contrastive + captioning)",
-    "siglip": "a model with a logit bias (init_logit_bias)",
-    "clip": "a CLIP model without a logit bias or a text decoder",
-}
-"""What makes a model belong to each loss, for the mismatch error."""
+from pretrain.config import LossConfig
 
 
 class Features(NamedTuple):
@@ -73,181 +59,110 @@ def features(output: dict) -> Features:
     )
 
 
-class Objective:
-    """A loss in named parts: a contrastive part on all accumulated features and per-micro-batch parts.
+class MicroStep(NamedTuple):
+    """What a micro-step offers the terms: this rank's accumulated `features` (the micro-batches in step order,
+    this one's with grad), the model's dict `output` on this micro-batch (bf16 under autocast), its input
+    `texts`, and `encode_images`: the trained model's fp32 image features of other images, with grad."""
 
-    Subclasses set `name`, `parts` and the weight of each part, and implement `contrastive` (and, when
-    they have per-micro-batch parts, `per_micro`).
-    """
+    features: Features
+    output: dict
+    texts: torch.Tensor
+    encode_images: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Term:
+    """One named, weighted part beside the contrastive one (a caption loss, a distillation term)."""
 
     name: str = ""
-    """The `loss.name` this objective implements."""
-    parts: tuple[str, ...] = ("contrastive",)
-    """Names of the logged parts (`loss_<part>` in metrics.jsonl); "contrastive" first, always present."""
-    pairwise_parts: tuple[str, ...] = ("contrastive",)
-    """The parts `pairwise` returns: terms over all accumulated features, not summed over micro-steps."""
-    needs_token_count: bool = False
-    """True when `per_micro` needs `token_count`: the number of target tokens of the whole optimizer step
-    (all micro-batches, all ranks), which the trainer asks `token_count` for before the micro-steps. A
-    loss normalised by this global count (CoCa's caption cross-entropy) does not change when a batch is
-    split across ranks or micro-steps, whatever the caption lengths."""
+    """The logged part: `loss_<name>` in metrics.jsonl."""
+    when: str = "pairwise"
+    """pairwise, micro or step (see the module docstring)."""
 
-    def __init__(self, weights: dict[str, float]) -> None:
-        self.weights = weights
-
-    def contrastive(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The pairwise term over this rank's accumulated features (negatives from all ranks)."""
-        raise NotImplementedError
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
 
     def begin_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Called once per optimizer step with its (images, texts) micro-batches, before the micro-steps."""
 
-    def pairwise(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
-        """The `pairwise_parts` over this rank's accumulated features (the micro-batches in step order)."""
-        return {"contrastive": self.contrastive(image_features, text_features, logit_scale, logit_bias)}
-
-    def per_step(self, encode_images: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Terms computed once per step (in its last micro-step) on their own inputs; `encode_images` gives
-        the trained model's (fp32, normalised) image features with grad."""
-        return {}
+    def __call__(self, step: MicroStep) -> torch.Tensor:
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """This rank's resume state of the objective (saved in its rank file)."""
+        """This rank's resume state of the term, merged into the objective's."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`."""
+        """Restore `state_dict()` from the objective's merged state."""
 
     def close(self) -> None:
-        """Release what the objective holds open (a reference-data stream)."""
+        """Release what the term holds open (a reference-data stream)."""
 
-    def per_micro(self, output: dict, texts: torch.Tensor, token_count: torch.Tensor | None) -> dict:
-        """Terms of one micro-batch alone, from the model's dict `output` (bf16 under autocast) and its
-        input tokens; `token_count` is the step's global target-token count when `needs_token_count`."""
-        return {}
 
-    def token_count(self, texts: list[torch.Tensor]) -> torch.Tensor:
-        """The target tokens of the step's micro-batches `texts`, summed over all ranks (a device tensor;
-        only when `needs_token_count`)."""
-        raise NotImplementedError(f"loss.name={self.name} counts no target tokens")
+class Objective:
+    """`weight` x the contrastive `loss` over the accumulated features, plus `terms`."""
+
+    def __init__(self, loss: nn.Module, weight: float, terms: Sequence[Term] = (), takes_bias: bool = False):
+        self.loss, self.weight, self.terms, self.takes_bias = loss, weight, list(terms), takes_bias
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Names of the logged parts; "contrastive" first, always present."""
+        return ("contrastive", *(term.name for term in self.terms))
+
+    def contrastive(self, *features: torch.Tensor | None) -> torch.Tensor:
+        """The pairwise term over this rank's accumulated `Features` (negatives from all ranks); the logit
+        bias goes only to a loss that `takes_bias` (siglip)."""
+        return self.loss(*(features if self.takes_bias else features[:3]))
+
+    def begin_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for term in self.terms:
+            term.begin_step(micro)
+
+    def compute(self, step: MicroStep, last: bool) -> dict[str, torch.Tensor]:
+        """The parts of one micro-step ("step" terms only in the `last`)."""
+        parts = {"contrastive": self.contrastive(*step.features)}
+        return parts | {term.name: term(step) for term in self.terms if last or term.when != "step"}
+
+    def accumulate(self, totals: dict, parts: dict) -> dict:
+        """The step's parts so far with one micro-step's: "micro" terms summed, the others its value."""
+        summed = {term.name for term in self.terms if term.when == "micro"} & totals.keys()
+        return totals | {name: totals[name] + v if name in summed else v for name, v in parts.items()}
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of the parts: what is back-propagated and logged as `loss` (a micro-step sums
-        the parts it has: per-step terms come only in the last)."""
-        return sum(self.weights[name] * parts[name] for name in self.parts if name in parts)
+        the parts it has: "step" terms come only in the last)."""
+        weights = {"contrastive": self.weight, **{term.name: term.weight for term in self.terms}}
+        return sum(weights[name] * parts[name] for name in self.parts if name in parts)
+
+    def state_dict(self) -> dict:
+        """This rank's resume state of the objective (saved in its rank file)."""
+        return {key: value for term in self.terms for key, value in term.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for term in self.terms:
+            term.load_state_dict(state)
+
+    def close(self) -> None:
+        for term in self.terms:
+            term.close()
 
 
-class _OnlyContrastive(Objective):
-    """An objective whose one part is a contrastive loss module built from `loss.chunk_size` (and `loss.ring`)."""
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective as the registry knows it: the module `pretrain/objectives/specs/<name>.py` holds it as
+    `SPEC`."""
 
-    def __init__(self, cfg: LossConfig) -> None:
-        if cfg.clip_weight <= 0:
-            raise ConfigError(f"loss.clip_weight: must be > 0 for loss.name={self.name} (its only part)")
-        super().__init__({"contrastive": cfg.clip_weight})
-        self.loss = self.build_loss(cfg)
-
-    def build_loss(self, cfg: LossConfig) -> nn.Module:
-        """The loss module, from `loss.chunk_size` (and `loss.ring` where it applies)."""
-        raise NotImplementedError
-
-
-class ClipObjective(_OnlyContrastive):
-    """CLIP InfoNCE with negatives from all ranks (`pretrain.loss.ClipLoss`), in O(B) memory with
-    `loss.chunk_size`, the other ranks' features passed around the ring with `loss.ring`."""
-
-    name = "clip"
-
-    def build_loss(self, cfg: LossConfig) -> nn.Module:
-        return ClipLoss(cfg.chunk_size, ring=cfg.ring)
-
-    def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-        return self.loss(image_features, text_features, logit_scale)
-
-
-class SigLipObjective(_OnlyContrastive):
-    """The pairwise sigmoid loss with a learnable bias, texts passed around the ring of ranks
-    (`pretrain.loss.SigLipLoss`), tiled by `loss.chunk_size`."""
-
-    name = "siglip"
-
-    def build_loss(self, cfg: LossConfig) -> nn.Module:
-        if cfg.ring:  # loss.name was null: the model chose siglip
-            raise ConfigError("loss.ring: is for clip and coca; siglip always passes texts around the ring")
-        return SigLipLoss(cfg.chunk_size)
-
-    def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-        return self.loss(image_features, text_features, logit_scale, logit_bias)
-
-
-class CoCaObjective(Objective):
-    """CoCa: `loss.clip_weight` x InfoNCE with gathered negatives (as `clip`) + `loss.caption_weight` x the
-    caption cross-entropy (teacher forcing, padding ignored) over the step's global target-token count,
-    times the world size for DDP's gradient mean (`pretrain.loss.coca`)."""
-
-    name = "coca"
-    parts = ("contrastive", "caption")
-    needs_token_count = True
-
-    def __init__(self, cfg: LossConfig) -> None:
-        super().__init__({"contrastive": cfg.clip_weight, "caption": cfg.caption_weight})
-        self.loss = ClipLoss(cfg.chunk_size, ring=cfg.ring)
-
-    def contrastive(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-        return self.loss(image_features, text_features, logit_scale)
-
-    def per_micro(self, output: dict, texts: torch.Tensor, token_count: torch.Tensor | None) -> dict:
-        logits = output["logits"].float()
-        return {"caption": world()[1] * caption_loss(logits, output["labels"], PAD_ID, token_count)}
-
-    def token_count(self, texts: list[torch.Tensor]) -> torch.Tensor:
-        return count_target_tokens(texts, PAD_ID)
-
-
-BUILDERS: dict[str, Callable[[LossConfig], Objective]] = {
-    "clip": ClipObjective,
-    "siglip": SigLipObjective,
-    "coca": CoCaObjective,
-}
-"""The objective of each `loss.name` that is built."""
-
-
-def model_objective(model: nn.Module) -> str:
-    """The loss a model is built for: coca for open_clip CoCa models, siglip for models with a logit
-    bias (`init_logit_bias` in their config), clip for the rest."""
-    if isinstance(model, open_clip.CoCa):
-        return "coca"
-    if getattr(model, "logit_bias", None) is not None:
-        return "siglip"
-    return "clip"
-
-
-def resolve_loss_name(cfg: Config, model: nn.Module) -> str:
-    """`loss.name`, or the model's loss when it is null; a loss the model does not fit is a ConfigError."""
-    fits = model_objective(model)
-    name = cfg.loss.name or fits
-    if name != fits:
-        raise ConfigError(
-            f"loss.name: {name} does not fit model {cfg.model.name!r}, {MODEL_KINDS[fits]} whose loss is "
-            f"{fits}; set loss.name={fits} or leave it null"
-        )
-    return name
-
-
-def build_objective(cfg: Config, model: nn.Module) -> Objective:
-    """The objective for `cfg.loss` and the (unwrapped) `model`; a mismatch is a one-line ConfigError."""
-    name = resolve_loss_name(cfg, model)
-    if name not in BUILDERS:
-        raise NotImplementedError(f"loss.name={name} is not built yet")
-    return BUILDERS[name](cfg.loss)
+    name: str
+    """The `loss.name` that chooses it (its module's name)."""
+    models: str
+    """The models it fits, in words (a mismatch error names those of the model's default)."""
+    fits: Callable[[nn.Module], bool]
+    """Whether a model can train with it."""
+    fields: tuple[str, ...]
+    """The `loss.*` keys it reads; a switch it does not read, turned on, is refused."""
+    build: Callable[[LossConfig], Objective]
+    """Its objective (without extra terms) from the `loss` section."""
+    default: bool = False
+    """The objective of every model it fits when `loss.name` is null (one per model)."""
+    unread: dict[str, str] = field(default_factory=dict)
+    """Why it does not read a `loss.*` switch, for that refusal (else: "does not read it")."""

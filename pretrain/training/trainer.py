@@ -19,8 +19,8 @@ from pretrain.config import Config, redacted, save_config
 from pretrain.data import build_source
 from pretrain.data.prefetch import DevicePrefetcher
 from pretrain.models.build import build_model, clamp_logit_scale, use_dict_outputs
-from pretrain.objectives.distill import build_teacher, with_distillation
-from pretrain.objectives.objective import Features, build_objective, features
+from pretrain.objectives.objective import Features, MicroStep, features
+from pretrain.objectives.registry import build_objective
 from pretrain.parallel import build_strategy
 from pretrain.parallel.distributed import (
     all_reduce_mean,
@@ -77,13 +77,12 @@ class Trainer:
         self.bundle = build_model(cfg.model, self.device)
         self.model = self.bundle.model
         use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
-        # Before anything is written: a loss the model does not fit is one line, exit 2.
-        self.objective = build_objective(cfg, self.model)
+        self.strategy = build_strategy(cfg, self.info)
+        # Before anything is written: a loss the model does not fit is one line, exit 2. Before wrapping
+        # (FSDP shards in place): ZSCL's initial model is a copy of the starting weights.
+        self.objective = build_objective(cfg, self.bundle, self.strategy, self.info, self.device)
         if cfg.train.compile:
             apply_compile_loss(self.objective)
-        # Before wrapping (FSDP shards in place): ZSCL's initial model is a copy of the starting weights.
-        teacher = build_teacher(cfg, self.bundle, self.device)
-        self.strategy = build_strategy(cfg, self.info)
         self.module = self.strategy.wrap(self.model, self.device)
         self.ensemble = build_weight_ensemble(cfg, self.model)  # starts from the initial weights
         optimizer = build_optimizer(self.model, cfg.train)
@@ -92,9 +91,6 @@ class Trainer:
         seed_everything(cfg.train.seed + self.info.rank)  # per-rank augmentation streams
         # the next batch is copied on a side stream while the step runs (CUDA; a pass-through on CPU)
         self.source = DevicePrefetcher(build_source(cfg, self.bundle, self.info, self.device), self.device)
-        self.objective = with_distillation(
-            self.objective, cfg, teacher, self.strategy, self.info, self.device
-        )
         self.state = TrainState()
         self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -212,25 +208,21 @@ class Trainer:
         their gradient once (last micro-step). Returns the step's parts (detached): the contrastive part
         over the accumulated batch, per-micro-batch parts summed.
         """
-        texts = [t for _, t in micro]
         self.objective.begin_step(micro)
-        token_count = self.objective.token_count(texts) if self.objective.needs_token_count else None
         if len(micro) == 1:
-            return self._micro_step(micro[0], [], [], token_count)
+            return self._micro_step(micro[0], [], [])
         with torch.no_grad():
             cached = [features(self._forward(*batch)) for batch in micro]
         totals: dict[str, torch.Tensor] = {}
         for j, batch in enumerate(micro):
             last = j == len(micro) - 1
             with contextlib.nullcontext() if last else self.strategy.no_sync(self.module):
-                parts = self._micro_step(batch, cached[:j], cached[j + 1 :], token_count, last)
-            for name, value in parts.items():
-                summed = name not in self.objective.pairwise_parts and name in totals
-                totals[name] = totals[name] + value if summed else value
+                parts = self._micro_step(batch, cached[:j], cached[j + 1 :], last)
+            totals = self.objective.accumulate(totals, parts)
         return totals
 
     def _micro_step(
-        self, batch, before: list[Features], after: list[Features], token_count, last: bool = True
+        self, batch, before: list[Features], after: list[Features], last: bool = True
     ) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch, its features between the cached ones of the others."""
         output = self._forward(*batch)
@@ -239,11 +231,8 @@ class Trainer:
         if before or after:
             image_f = torch.cat([c.image for c in before] + [image_f] + [c.image for c in after])
             text_f = torch.cat([c.text for c in before] + [text_f] + [c.text for c in after])
-        parts = {
-            **self.objective.pairwise(image_f, text_f, own.logit_scale, own.logit_bias),
-            **self.objective.per_micro(output, batch[1], token_count),
-            **(self.objective.per_step(self._encode_images) if last else {}),
-        }
+        step = MicroStep(own._replace(image=image_f, text=text_f), output, batch[1], self._encode_images)
+        parts = self.objective.compute(step, last)
         self.strategy.backward(self.objective.total(parts))
         return {name: value.detach() for name, value in parts.items()}
 

@@ -8,13 +8,20 @@ slice split into two micro-batches (gradients summed over micro-steps, as accumu
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# `helpers` (which test_coca imports) from tests/, after the checkout itself: tests/ first would make `pretrain`
+# a namespace package of tests/pretrain and pretrain/, whose __init__.py never runs
+TESTS = Path(__file__).resolve().parent.parent
+sys.path[0:0] = [str(TESTS.parent), str(TESTS)]
 
-from pretrain.config import ModelConfig
-from pretrain.loss import CoCaLoss, count_target_tokens
-from pretrain.models.build import build_model
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from test_coca import CoCaLoss  # noqa: E402  (this folder is sys.path[0] for a script)
+
+from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.loss import count_target_tokens  # noqa: E402
+from pretrain.models.build import build_model  # noqa: E402
 
 
 def build_tiny_coca() -> torch.nn.Module:

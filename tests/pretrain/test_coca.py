@@ -1,5 +1,6 @@
-"""CoCa: tiny-coca builds as open_clip's CoCa; CoCaLoss equals open_clip's; the caption loss over the global
-token count makes micro-batches and ranks train exactly like the full batch, whatever the caption lengths."""
+"""CoCa: tiny-coca builds as open_clip's CoCa; ClipLoss + caption_loss (and the `coca` objective) equal
+open_clip's CoCaLoss; the caption loss over the global token count makes micro-batches and ranks train
+exactly like the full batch, whatever the caption lengths."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ import torch.nn.functional as F
 from helpers import run_cmd, torchrun
 from open_clip.loss import CoCaLoss as OpenClipCoCaLoss
 
-from pretrain.config import ModelConfig
-from pretrain.loss import CoCaLoss, caption_loss, count_target_tokens
+from pretrain.config import LossConfig, ModelConfig
+from pretrain.loss import ClipLoss, caption_loss, count_target_tokens
+from pretrain.loss.coca import PAD_ID
 from pretrain.models.build import build_model, context_length
+from pretrain.objectives.objective import MicroStep, features
+from pretrain.objectives.specs.coca import SPEC as COCA
+from pretrain.parallel.distributed import world
 
 # Short captions first, long ones last: halves (micro-batches, ranks) have very different token counts.
 CAPTIONS = [
@@ -28,6 +33,49 @@ CAPTIONS = [
     " ".join(["a very long caption that the tokenizer must truncate"] * 4),
     "a cat sitting on a mat near the window in the afternoon sun",
 ]
+
+
+class CoCaLoss(torch.nn.Module):
+    """The CoCa loss in one call, from the pieces the `coca` objective adds up: `clip_weight` x contrastive +
+    `caption_weight` x caption loss; returns (total, parts), the parts unweighted and detached.
+
+    Each value is this rank's share scaled so that DDP's gradient average over ranks gives the full-batch
+    gradient (the contrastive part through `ClipLoss`'s gathered negatives, the caption part through the
+    factor W = world size); the mean over ranks of each part is the full batch's value. Under gradient
+    accumulation, the caption parts of the micro-steps add up to the step's caption loss (call this once
+    per micro-batch with the step's `token_count` and sum), while the contrastive part of each micro-step
+    is already the loss of the whole accumulated batch. Defaults follow open_clip's training defaults
+    (`--coca-contrastive-loss-weight 1`, `--coca-caption-loss-weight 2`).
+    """
+
+    def __init__(
+        self,
+        clip_weight: float = 1.0,
+        caption_weight: float = 2.0,
+        pad_id: int = PAD_ID,
+        chunk_size: int | None = None,
+        ring: bool = False,
+    ) -> None:
+        super().__init__()
+        self.clip_weight, self.caption_weight, self.pad_id = clip_weight, caption_weight, pad_id
+        self.clip_loss = ClipLoss(chunk_size=chunk_size, ring=ring)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        token_count: torch.Tensor | int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.clip_weight:
+            contrastive = self.clip_loss(image_features, text_features, logit_scale)
+        else:  # as open_clip: no contrastive graph at all (the logit scale gets no gradient)
+            contrastive = logits.new_zeros(())
+        caption = world()[1] * caption_loss(logits, labels, self.pad_id, token_count)
+        total = self.clip_weight * contrastive + self.caption_weight * caption
+        return total, {"contrastive": contrastive.detach(), "caption": caption.detach()}
 
 
 def build_tiny_coca(dtype: torch.dtype = torch.float64):
@@ -130,6 +178,11 @@ def test_equals_open_clip_coca_loss_in_value_and_gradient(batch):
     torch.testing.assert_close(0.5 * parts["contrastive"], ref_clip, rtol=1e-5, atol=0)
     torch.testing.assert_close(2.0 * parts["caption"], ref_caption, rtol=1e-5, atol=0)
     assert_grads_close(ours, ref, rtol=1e-5, atol=1e-8)
+    objective = COCA.build(LossConfig(clip_weight=0.5, caption_weight=2.0))  # the trainer's: the same sum
+    objective.begin_step([(images, texts)])
+    out = model(images.float(), texts)
+    total = objective.total(objective.compute(MicroStep(features(out), out, texts, None), last=True))
+    torch.testing.assert_close(total, (ref_clip + ref_caption).float(), rtol=1e-5, atol=0)
 
 
 def full_batch_caption_loss(model, images, texts) -> torch.Tensor:

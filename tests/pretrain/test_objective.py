@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import open_clip
@@ -17,7 +18,9 @@ from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, load_config
 from pretrain.loss import ClipLoss
-from pretrain.objectives.objective import ClipObjective, Objective, build_objective, resolve_loss_name
+from pretrain.objectives import specs
+from pretrain.objectives.objective import Objective, Term
+from pretrain.objectives.registry import build_loss, choose_objective, objective_specs
 from pretrain.parallel.distributed import world
 
 TINY_CLIP = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
@@ -48,15 +51,11 @@ def model_file(tmp: Path, name: str, cfg: dict) -> Path:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss.name=infonce", "loss.name: must be one of ('clip', 'siglip', 'coca') or null"),
+        ("loss.name=infonce", "loss.name: must be one of ('clip', 'coca', 'siglip') or null"),
         ("loss.chunk_size=0", "loss.chunk_size: must be > 0 or null, got 0"),
         ("loss.clip_weight=-1", "loss.clip_weight: must be >= 0, got -1.0"),
         ("loss.caption_weight=-0.5", "loss.caption_weight: must be >= 0, got -0.5"),
         ("loss.ring=true", "loss.ring: needs loss.chunk_size (the ring is part of the tiled loss)"),
-        (
-            "loss.name=siglip loss.chunk_size=4 loss.ring=true",
-            "loss.ring: is for clip and coca; siglip always passes texts around the ring",
-        ),
     ],
 )
 def test_bad_loss_values_name_the_key(override, message):
@@ -100,6 +99,17 @@ def test_loss_model_mismatch_is_one_line_exit_2(tmp_path, capsys, model, loss, e
     assert line == f"pretrain: error: {expected.format(path=path)}"
 
 
+def test_a_switch_the_objective_does_not_read_is_one_line_exit_2(tmp_path, capsys):
+    """siglip passes texts around the ring by itself: `loss.ring` is refused, named or chosen by the model."""
+    for name in (["loss.name=siglip"], []):
+        args = ["train", "--config", str(TINY), f"run.dir={tmp_path}", "model.name=tiny-siglip", *name]
+        line = refused([*args, "loss.chunk_size=4", "loss.ring=true"], capsys, tmp_path / "tiny")
+        assert (
+            line
+            == "pretrain: error: loss.ring: is for clip and coca; siglip always passes texts around the ring"
+        )
+
+
 def test_loss_is_chosen_from_the_model():
     cfg = load_config(TINY, ["loss.chunk_size=3"])
     models = {
@@ -107,20 +117,80 @@ def test_loss_is_chosen_from_the_model():
         "siglip": open_clip.CLIP(**TINY_CLIP, init_logit_bias=-10.0),
         "coca": tiny_coca(),
     }
-    assert {kind: resolve_loss_name(cfg, model) for kind, model in models.items()} == {
+    assert {kind: choose_objective(cfg, model).name for kind, model in models.items()} == {
         "clip": "clip", "siglip": "siglip", "coca": "coca",
     }  # fmt: skip
-    objective = build_objective(cfg, models["clip"])
-    assert isinstance(objective, ClipObjective) and objective.loss.chunk_size == 3  # reachable from config
+    objective = build_loss(cfg, models["clip"])
+    assert isinstance(objective.loss, ClipLoss) and objective.loss.chunk_size == 3  # reachable from config
     assert objective.parts == ("contrastive",)
+    assert build_loss(cfg, models["coca"]).parts == ("contrastive", "caption")
     with pytest.raises(
         ConfigError, match=r"^loss.clip_weight: must be > 0 for loss.name=clip \(its only part\)$"
     ):
-        build_objective(load_config(TINY, ["loss.clip_weight=0"]), models["clip"])
+        build_loss(load_config(TINY, ["loss.clip_weight=0"]), models["clip"])
     ring = load_config(TINY, ["loss.chunk_size=3", "loss.ring=true"])
-    assert build_objective(ring, models["clip"]).loss.ring and build_objective(ring, models["coca"]).loss.ring
+    assert build_loss(ring, models["clip"]).loss.ring and build_loss(ring, models["coca"]).loss.ring
     with pytest.raises(ConfigError, match=r"^loss.ring: is for clip and coca; siglip always passes"):
-        build_objective(ring, models["siglip"])  # loss.name null: the model chose siglip
+        build_loss(ring, models["siglip"])  # loss.name null: the model chose siglip
+
+
+def test_each_model_has_one_default_objective_and_each_spec_its_module_name():
+    models = [open_clip.CLIP(**TINY_CLIP), open_clip.CLIP(**TINY_CLIP, init_logit_bias=-10.0), tiny_coca()]
+    registry = objective_specs()
+    assert all(spec.name == name for name, spec in registry.items())
+    assert [sum(s.default and s.fits(m) for s in registry.values()) for m in models] == [1, 1, 1]
+
+
+TOY = '''"""A toy objective: InfoNCE on any CLIP model, scaled by loss.clip_weight; default for none."""
+
+import open_clip
+
+from pretrain.loss import ClipLoss
+from pretrain.objectives.objective import Objective, ObjectiveSpec
+
+SPEC = ObjectiveSpec(
+    name="toy",
+    models="a CLIP model",
+    fits=lambda model: not isinstance(model, open_clip.CoCa),
+    fields=("clip_weight",),
+    build=lambda cfg: Objective(ClipLoss(), cfg.clip_weight),
+)
+'''
+
+
+@pytest.fixture
+def toy_objective(tmp_path, monkeypatch):
+    """`toy.py` in a folder added to `pretrain.objectives.specs`: one new file, nothing else edited."""
+    folder = tmp_path / "more_objectives"
+    folder.mkdir()
+    (folder / "toy.py").write_text(TOY)
+    monkeypatch.setattr(specs, "__path__", [*specs.__path__, str(folder)])
+    yield
+    sys.modules.pop(f"{specs.__name__}.toy", None)
+
+
+def test_one_new_file_adds_an_objective(toy_objective, tmp_path, capsys):
+    """The toy module is listed by the config, chosen by loss.name on a model it fits (and never by default),
+    trains, and a model it does not fit gets the one-line refusal naming the model's own objective."""
+    assert "toy" in specs.objective_names()
+    cfg = load_config(TINY, ["loss.name=toy", "loss.clip_weight=0.5"])
+    assert choose_objective(cfg, open_clip.CLIP(**TINY_CLIP)).name == "toy"
+    assert choose_objective(load_config(TINY, []), open_clip.CLIP(**TINY_CLIP)).name == "clip"
+    with pytest.raises(ConfigError, match=r"^loss.name: must be one of \('clip', 'coca', 'siglip', 'toy'\)"):
+        load_config(TINY, ["loss.name=toys"])
+    with pytest.raises(ConfigError, match=r"^loss.ring: is for clip and coca; toy does not read it$"):
+        choose_objective(
+            load_config(TINY, ["loss.name=toy", "loss.chunk_size=2", "loss.ring=true"]),
+            open_clip.CLIP(**TINY_CLIP),
+        )
+    run = train_in_process(tmp_path, ["loss.name=toy", "loss.clip_weight=0.5", "train.steps=1"], name="toy")
+    row = next(r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r)
+    assert row["loss"] == pytest.approx(0.5 * row["loss_contrastive"])
+    coca = ["train", "--config", str(TINY), f"run.dir={tmp_path}", "model.name=tiny-coca", "loss.name=toy"]
+    assert refused(coca, capsys, tmp_path / "tiny") == (
+        "pretrain: error: loss.name: toy does not fit model 'tiny-coca', an open_clip CoCa model (contrastive + "
+        "captioning) whose loss is coca; set loss.name=coca or leave it null"
+    )
 
 
 def final_params(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -161,31 +231,28 @@ def test_trainer_calls_the_model_for_a_dict(tmp_path, monkeypatch):
     assert seen == [dict]
 
 
-class CaptionTestObjective(Objective):
-    """A stand-in for the CoCa objective, to exercise the seam: contrastive + caption cross-entropy over
-    the step's global target-token count (pad id 0)."""
+class CaptionTestTerm(Term):
+    """A stand-in for CoCa's caption term, to exercise the seam: the caption cross-entropy over the step's
+    global target-token count (pad id 0)."""
 
-    name, parts, needs_token_count = "coca", ("contrastive", "caption"), True
+    name, when = "caption", "micro"
 
-    def contrastive(self, image_features, text_features, logit_scale, logit_bias):
-        return ClipLoss()(image_features, text_features, logit_scale)
-
-    def token_count(self, texts):
-        count = torch.stack([(t[:, 1:] != 0).sum() for t in texts]).sum()
+    def begin_step(self, micro):
+        count = torch.stack([(t[:, 1:] != 0).sum() for _, t in micro]).sum()
         if world()[1] > 1:
             torch.distributed.all_reduce(count)
-        return count
+        self.token_count = count
 
-    def per_micro(self, output, texts, token_count):
-        logits = output["logits"].float().permute(0, 2, 1)
-        ce_sum = F.cross_entropy(logits, output["labels"], ignore_index=0, reduction="sum")
+    def __call__(self, step):
+        logits = step.output["logits"].float().permute(0, 2, 1)
+        ce_sum = F.cross_entropy(logits, step.output["labels"], ignore_index=0, reduction="sum")
         # This rank's share of the global mean, times the world size: strategies average over ranks.
-        return {"caption": world()[1] * ce_sum / token_count}
+        return world()[1] * ce_sum / self.token_count
 
 
-def caption_objective(cfg, model) -> CaptionTestObjective:
+def caption_objective(cfg, *model_and_ranks) -> Objective:
     """`build_objective` for the stand-in, with the weights of `loss.*` (open_clip's CoCa defaults)."""
-    return CaptionTestObjective({"contrastive": cfg.loss.clip_weight, "caption": cfg.loss.caption_weight})
+    return Objective(ClipLoss(), cfg.loss.clip_weight, [CaptionTestTerm(cfg.loss.caption_weight)])
 
 
 def coca_run(tmp: Path, name: str, batch: int, accum: int = 1, nproc: int = 1) -> Path:
