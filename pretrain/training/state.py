@@ -141,9 +141,7 @@ class CheckpointManager:
                 continue
             value = saved[scope].get(name, default)
             if value is None:
-                raise ValueError(
-                    f"{folder} has no {name!r}: it was saved with other settings than this run's"
-                )
+                raise ValueError(f"{folder} has no {name!r}: it was saved with other settings")
             part.load_state_dict(value)
         self.state.step, self.state.samples_seen = shared["step"], shared["samples_seen"]
         log.info("resumed from %s at step %d", folder, self.state.step)
