@@ -20,7 +20,7 @@ import torch
 
 from pretrain.config import Config, redacted, save_config
 from pretrain.parallel.base import Strategy
-from pretrain.parallel.distributed import DistInfo, barrier
+from pretrain.parallel.distributed import DistInfo, barrier, world
 from pretrain.training import checkpoint as ckpt
 from pretrain.training import remote
 from webshards.atomic import write_atomic
@@ -49,10 +49,9 @@ class StrategyFiles:
     strategy: Strategy
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    is_main: bool
 
     def save(self, folder: Path) -> None:
-        self.strategy.save(folder, self.module, self.optimizer, self.is_main)
+        self.strategy.save(folder, self.module, self.optimizer, is_main=world()[0] == 0)
 
     def load(self, folder: Path) -> None:
         self.strategy.load(folder, self.module, self.optimizer)

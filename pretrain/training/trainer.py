@@ -83,9 +83,7 @@ class Trainer:
     def _register_state(self) -> None:
         """What a checkpoint holds besides step and config, restored in this order (the RNGs last)."""
         register = self.checkpoints.register
-        register(
-            "model", StrategyFiles(self.strategy, self.module, self.optimizer, self.info.is_main), "files"
-        )
+        register("model", StrategyFiles(self.strategy, self.module, self.optimizer), "files")
         register("scheduler", self.scheduler, "shared")
         if self.ensemble is not None:  # its count in trainer.pt, its average in a file of its own
             register("ensemble_count", self.ensemble, "shared")
