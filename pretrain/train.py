@@ -35,7 +35,9 @@ def run(config: str | None, overrides: list[str]) -> int:
         return 2
     from pretrain.data.stream import DataError
     from pretrain.training.remote import RemoteError
-    from pretrain.training.trainer import NonFiniteLossError, RunDirError, Trainer
+    from pretrain.training.state import RunDirError
+    from pretrain.training.telemetry import NonFiniteLossError
+    from pretrain.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)

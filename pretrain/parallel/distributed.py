@@ -73,16 +73,18 @@ def select_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank)
 
 
-def init_distributed(info: DistInfo, device: torch.device, backend: str = "auto") -> None:
-    """Join the process group (NCCL on GPU, gloo on CPU) when there is more than one process."""
+def init_distributed(info: DistInfo, device: torch.device, backend: str = "auto") -> bool:
+    """Join the process group (NCCL on GPU, gloo on CPU) when there is more than one process; True when
+    this call created it (its caller shuts it down), False when there was one already or none is needed."""
     if not info.distributed or dist.is_initialized():
-        return
+        return False
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", info.master_addr)
     os.environ.setdefault("MASTER_PORT", str(info.master_port))
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
     log.debug("joined process group: rank %d/%d backend %s", info.rank, info.world_size, backend)
+    return True
 
 
 def shutdown() -> None:

@@ -1,11 +1,10 @@
-"""Atomic, strategy-aware checkpoints with a `latest` pointer and keep-last-k pruning.
+"""Checkpoints on disk: where they are (step folders, `latest`), reading them safely, the RNG states.
 
 Layout: `checkpoints/step_{N:08d}/` holds what the strategy writes (model, optimizer), `trainer.pt`
 (step, samples seen, scheduler) and one `rank_{r:05d}.pt` per rank (RNG states and data position).
 Those files hold only tensors and plain containers, and are read with `torch.load(weights_only=True)`:
 a downloaded checkpoint cannot run code when `pretrain eval` / `export` / `resume` opens it.
-Everything is written into `step_N.tmp/` first; the folder is renamed only when every rank is done, and
-only then does `latest` move, so a crash at any point leaves the previous checkpoint intact and current.
+`state.CheckpointManager` writes them (atomically, keep-last-k) and resumes them.
 """
 
 from __future__ import annotations
@@ -13,15 +12,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pretrain.parallel.distributed import barrier
 from pretrain.parallel.safe_load import safe_load
-from webshards.atomic import write_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -41,19 +37,23 @@ def _set_numpy_state(state: dict) -> None:
     np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class GlobalRng:
+    """The global generators (Python's, numpy's, torch's, CUDA's) as one Stateful: a rank's augmentations."""
 
+    @staticmethod
+    def state_dict() -> dict:
+        state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    _set_numpy_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    @staticmethod
+    def load_state_dict(state: dict) -> None:
+        random.setstate(state["python"])
+        _set_numpy_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -80,38 +80,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
-def save_checkpoint(ckpt_root: Path, step: int, write_shared, rank_state: dict, rank: int, keep: int) -> Path:
-    """Write a checkpoint atomically from every rank.
-
-    `write_shared(folder)` writes the strategy's files and `trainer.pt` (it decides which ranks write);
-    `rank_state` is this rank's private state.
-    """
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / (final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    write_shared(tmp)
-    torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
-    barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(ckpt_root / "latest", final.name.encode())
-        _prune(ckpt_root, keep)
-    barrier()
-    return final
-
-
-def _prune(ckpt_root: Path, keep: int) -> None:
-    for old in complete_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank_{rank:05d}.pt"
 
 
 def load_rank_state(folder: Path, rank: int) -> dict:
-    path = folder / f"rank_{rank:05d}.pt"
+    path = rank_file(folder, rank)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} missing: this checkpoint was saved with fewer ranks than the current run"

@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pretrain.config import Config, ConfigError
+from pretrain.parallel.distributed import world
 
 ENSEMBLE_FILE = "ensemble.safetensors"
 """The averaged weights in a checkpoint folder (parameter names as in the model)."""
@@ -40,15 +41,21 @@ class WeightEnsemble:
             self.average[name].mul_(k).add_(param.detach()).div_(k + 1)
         self.count = k + 1
 
-    def save(self, folder: Path, is_main: bool) -> None:
-        """Write the full averaged tensors (every rank takes part in gathering shards; the main rank writes)."""
+    def state_dict(self) -> int:
+        return self.count  # the number of weights averaged: `ensemble_count` in trainer.pt
+
+    def load_state_dict(self, count: int) -> None:
+        self.count = count
+
+    def save(self, folder: Path) -> None:
+        """Write the full averaged tensors (every rank takes part in gathering shards; rank 0 writes)."""
         full = {name: _full(t).detach().cpu().contiguous() for name, t in self.average.items()}
-        if is_main:
+        if world()[0] == 0:
             save_file(full, str(folder / ENSEMBLE_FILE))
 
     @torch.no_grad()
-    def load(self, folder: Path, count: int) -> None:
-        """Restore the average saved in `folder` (re-sharded like the parameters) and its count."""
+    def load(self, folder: Path) -> None:
+        """Restore the average saved in `folder` (re-sharded like the parameters)."""
         saved = load_file(str(folder / ENSEMBLE_FILE))
         for name, avg in self.average.items():
             full = saved[name].reshape(avg.shape).to(avg.dtype)  # a DTensor's shape is its global shape
@@ -56,7 +63,6 @@ class WeightEnsemble:
                 avg.copy_(distribute_tensor(full.to(avg.device), avg.device_mesh, avg.placements))
             else:
                 avg.copy_(full)
-        self.count = count
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,15 @@ def _train_console_line(row: dict, total_steps: int | None) -> str:
     return " | ".join(parts)
 
 
+def first_step_line(step: int, total_steps: int, loss: float, seconds: float, startup: float) -> str:
+    """The line after a process's first step, long before its first `log.every` line (metrics.jsonl keeps
+    that cadence): e.g. `step 1/800 (0%) | loss 4.1589 | first step 2.31s | start-up 8.1s | eta 30m48s`.
+    The ETA at the first step's pace (warm-up included) is an upper bound; later lines refine it."""
+    eta = duration((total_steps - step) * seconds)
+    parts = [_step_text(step, total_steps), f"loss {loss:.4f}", f"first step {seconds:.2f}s"]
+    return " | ".join([*parts, f"start-up {startup:.1f}s", f"eta {eta}"])
+
+
 def _console_line(row: dict, total_steps: int | None = None) -> str:
     if "eval" in row:
         rest = " ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
@@ -78,15 +87,14 @@ def _console_line(row: dict, total_steps: int | None = None) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, cfg: Config, is_main: bool, resume_step: int | None = None) -> None:
+    def __init__(self, cfg: Config, is_main: bool, resume_step: int) -> None:
         self.is_main = is_main
         self.path = cfg.run_dir / "metrics.jsonl"
         self.total_steps = cfg.train.steps
         self._wandb = self._tb = None
         if not is_main:
             return
-        if resume_step is not None:
-            truncate_metrics(self.path, resume_step)
+        truncate_metrics(self.path, resume_step)
         self._file = self.path.open("a")
         if cfg.log.wandb:
             self._wandb = _start_wandb(cfg)
@@ -111,16 +119,6 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(prefix + k, v, row["step"])
-
-    def first_step(self, step: int, loss: float, seconds: float, startup: float) -> None:
-        """Print a line after a process's first step, long before its first `log.every` line (metrics.jsonl
-        keeps that cadence): e.g. `step 1/800 (0%) | loss 4.1589 | first step 2.31s | start-up 8.1s | eta 30m48s`.
-        The ETA at the first step's pace (warm-up included) is an upper bound; later lines refine it."""
-        if not self.is_main:
-            return
-        eta = (self.total_steps - step) * seconds
-        parts = [_step_text(step, self.total_steps), f"loss {loss:.4f}", f"first step {seconds:.2f}s"]
-        log.info(" | ".join([*parts, f"start-up {startup:.1f}s", f"eta {duration(eta)}"]))
 
     def close(self) -> None:
         if not self.is_main:

@@ -7,57 +7,31 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import pretrain
-from pretrain.config import Config, redacted, save_config
+from pretrain.config import Config
 from pretrain.data import build_source
 from pretrain.data.prefetch import DevicePrefetcher
+from pretrain.evaluation.tasks import run_all
 from pretrain.models.build import build_model, clamp_logit_scale, use_dict_outputs
 from pretrain.objectives.objective import Features, MicroStep, features
 from pretrain.objectives.registry import build_objective
 from pretrain.parallel import build_strategy
-from pretrain.parallel.distributed import (
-    all_reduce_mean,
-    detect,
-    init_distributed,
-    select_device,
-    shutdown,
-    world,
-)
-from pretrain.training import checkpoint as ckpt
-from pretrain.training import remote
+from pretrain.parallel.distributed import detect, init_distributed, select_device, shutdown
+from pretrain.training.checkpoint import GlobalRng
 from pretrain.training.ensemble import build_weight_ensemble
 from pretrain.training.fast import apply_compile_loss
-from pretrain.training.flops import mfu, model_config, peak_flops, train_flops_per_sample
-from pretrain.training.metrics import MetricsWriter, setup_logging
+from pretrain.training.metrics import setup_logging
 from pretrain.training.optim import build_optimizer, build_scheduler
 from pretrain.training.plot import write_curves
 from pretrain.training.preemption import INTERRUPTED, PREEMPTED, Preemption
-from pretrain.training.telemetry import IntervalMeter, peak_memory_gib
+from pretrain.training.state import CheckpointManager, StrategyFiles, TrainState
+from pretrain.training.telemetry import MetricsProcessor
 
 log = logging.getLogger("pretrain")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
-
-
-class RunDirError(RuntimeError):
-    """The run directory holds work that this run would overwrite."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    """Optimizer steps completed."""
-    samples_seen: int = 0
-    """Global samples consumed (all ranks, all micro-steps)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -72,7 +46,7 @@ class Trainer:
         self.info = detect()
         setup_logging(self.info.is_main)
         self.device = select_device(cfg.train.device, self.info)
-        init_distributed(self.info, self.device, cfg.dist.backend)
+        self._owns_group = init_distributed(self.info, self.device, cfg.dist.backend)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.bundle = build_model(cfg.model, self.device)
         self.model = self.bundle.model
@@ -93,46 +67,26 @@ class Trainer:
         self.source = DevicePrefetcher(build_source(cfg, self.bundle, self.info, self.device), self.device)
         self.state = TrainState()
         self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._last_skipped = 0
-        self._grad_norm: torch.Tensor | float | None = None
-        self._parts: dict[str, torch.Tensor] = {}
-        self.flops_per_sample = train_flops_per_sample(model_config(self.bundle.name))
-        self.peak_flops = peak_flops(self.device, cfg.train.precision, cfg.log.peak_tflops)
-        resume_from = self._prepare_run_dir()
-        if resume_from is not None:
-            self.load(resume_from)
-        self.remote = remote.build_uploader(cfg, self.info.is_main)
-        self.metrics = MetricsWriter(cfg, self.info.is_main, resume_step=self.state.step)
-        self.meter = IntervalMeter(self.state.step)
+        self.checkpoints = CheckpointManager(cfg, self.info, self.device, self.state)
+        self._register_state()
+        self.checkpoints.start()  # prepares the run directory; resumes the checkpoint `resume` selects
+        self.metrics = MetricsProcessor(
+            cfg, self.info, self.device, self.state, self.source, self.objective.parts, self.bundle.name
+        )
         self.preemption = Preemption()  # last: nothing after it can fail
         self.preempted = self.interrupted = False  # stopped early by SIGUSR1/SIGTERM (requeue), by Ctrl-C
 
-    # ---- set-up -------------------------------------------------------------------------------------
-    @property
-    def ckpt_root(self) -> Path:
-        return self.cfg.run_dir / "checkpoints"
-
-    def _prepare_run_dir(self) -> Path | None:
-        """Create the run directory, write the resolved config, and pick the checkpoint to resume."""
-        run_dir = self.cfg.run_dir
-        # With checkpoint.remote: may download a newer checkpoint, or refuse remote ones a new run would overwrite
-        problem = remote.prepare_run_dir(self.cfg, self.info.is_main, self.device)
-        if problem is not None:
-            raise RunDirError(problem)
-        existing = ckpt.complete_checkpoints(self.ckpt_root)
-        if self.cfg.resume is None and existing:
-            raise RunDirError(
-                f"{run_dir} already has checkpoints; pass resume=latest to continue it or choose another run.name"
-            )
-        if self.info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, run_dir / "config.yaml")
-        if self.cfg.resume is None or (self.cfg.resume == "latest" and not existing):
-            if self.cfg.resume == "latest":
-                log.info("resume=latest: no checkpoint in %s yet, starting from step 0", run_dir)
-            return None
-        return ckpt.resolve_checkpoint(run_dir if self.cfg.resume == "latest" else self.cfg.resume)
+    def _register_state(self) -> None:
+        """What a checkpoint holds besides step and config, restored in this order (the RNGs last)."""
+        register = self.checkpoints.register
+        register("model", StrategyFiles(self.strategy, self.module, self.optimizer), "files")
+        register("scheduler", self.scheduler, "shared")
+        if self.ensemble is not None:  # its count in trainer.pt, its average in a file of its own
+            register("ensemble_count", self.ensemble, "shared")
+            register("ensemble", self.ensemble, "files")
+        register("data", self.source, "rank")
+        register("objective", self.objective, "rank", default={})
+        register("rng", GlobalRng, "rank")
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train(self, until: int | None = None) -> TrainState:
@@ -141,20 +95,21 @@ class Trainer:
         log.info(
             "training %s for %d steps, global batch %d", self.bundle.name, cfg.train.steps, self.global_batch
         )
-        self.meter.restart(self.state.step)
+        self.metrics.restart()
         first, startup = self.state.step + 1, time.perf_counter() - pretrain.IMPORTED
         while self.state.step < cfg.train.steps:
-            loss = self.train_step()
+            self.train_step()
             step, final = self.state.step, self.state.step == cfg.train.steps
             if step % cfg.log.every == 0 or final:
-                self.log_train(loss)
+                self.metrics.log_train(self.strategy.full_tensor(self.model.logit_scale))
             elif step == first:  # a first sign of life and an ETA, not only after `log.every` steps
-                self._log_first_step(loss, startup)
+                self.metrics.log_first_step(startup)
             if cfg.eval.enabled and ((cfg.eval.every and step % cfg.eval.every == 0) or final):
                 self.evaluate()
             stop = self.preemption.should_stop()  # a SIGUSR1/SIGTERM/Ctrl-C on any rank: checkpoint, leave
             if step % cfg.checkpoint.every == 0 or final or step == until or stop:
-                self.save()
+                self.metrics.check_finite()  # after a non-finite loss the last good checkpoint stays `latest`
+                self.checkpoints.save()
             if step == until or stop:
                 # a finished run needs no requeue, nor does one a person stopped
                 self.preempted = self.preemption.stop == PREEMPTED and not final
@@ -168,22 +123,21 @@ class Trainer:
         at `checkpoint.remote` before the process ends (raises `RemoteError` if it could not be copied)."""
         if self.info.is_main and self.state.step == self.cfg.train.steps:
             write_curves(self.cfg.run_dir)
-        if self.remote is not None:
-            self.remote.flush()
+        self.checkpoints.flush()
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over `accum_steps` micro-batches; returns the (device) loss, keeps its parts."""
         fetch_started = time.perf_counter()
         micro = [self._to_device(self.source.next_batch()) for _ in range(self.cfg.train.accum_steps)]
-        self.meter.add_data_wait(time.perf_counter() - fetch_started)
-        self.last_lr = self.optimizer.param_groups[0]["lr"]
-        self._parts = self._forward_backward(micro)
-        loss = self.objective.total(self._parts)
-        self._grad_norm = self.strategy.step(self.module, self.optimizer, self.cfg.train.grad_clip)
+        data_wait = time.perf_counter() - fetch_started
+        lr = self.optimizer.param_groups[0]["lr"]
+        parts = self._forward_backward(micro)
+        loss = self.objective.total(parts)
+        grad_norm = self.strategy.step(self.module, self.optimizer, self.cfg.train.grad_clip)
         self.scheduler.step()
         with self.strategy.gathered([self.model.logit_scale]):
             clamp_logit_scale(self.model)
-        self._nonfinite |= ~torch.isfinite(loss)
+        self.metrics.record(loss, parts, grad_norm, lr, data_wait)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         if self.ensemble is not None:
@@ -241,78 +195,12 @@ class Trainer:
         strategy sees the pass (for objective terms on their own images, e.g. ZSCL's reference set)."""
         return self._forward(images, None)["image_features"].float()
 
-    # ---- logging, eval, checkpoints -------------------------------------------------------------------
-    def _check_finite(self) -> None:
-        bad = self._nonfinite.float()
-        if world()[1] > 1:
-            bad = all_reduce_mean(bad)
-        if bad.item() > 0:
-            latest = self.ckpt_root / "latest"
-            kept = latest.read_text().strip() if latest.is_file() else "none"
-            raise NonFiniteLossError(
-                f"non-finite loss at or before step {self.state.step}; last good checkpoint: {kept} (not overwritten)"
-            )
-
-    def log_train(self, loss: torch.Tensor) -> None:
-        """Write the metrics line of this step: the only place the step's device values are read."""
-        self._check_finite()
-        names = self.objective.parts
-        values = all_reduce_mean(torch.stack([loss, *(self._parts[n] for n in names)])).tolist()
-        row = {
-            "step": self.state.step,
-            "samples_seen": self.state.samples_seen,
-            "loss": values[0],
-            **{f"loss_{name}": value for name, value in zip(names, values[1:])},
-            "lr": float(self.last_lr),
-            **self._telemetry(),
-            "logit_scale": float(self.strategy.full_tensor(self.model.logit_scale).exp().item()),
-        }
-        if hasattr(self.source, "skipped"):
-            row["data_skipped"] = int(self.source.skipped)
-            if row["data_skipped"] != self._last_skipped:
-                log.warning("data skipped so far: %s", self.source.skipped_by_reason())
-                self._last_skipped = row["data_skipped"]
-        self.metrics.write(row)
-        self.meter.restart(self.state.step)
-
-    def _log_first_step(self, loss: torch.Tensor, startup: float) -> None:
-        """The console line after this process's first step: how long start-up and the step took."""
-        if self.info.is_main:
-            value = float(loss)  # this rank's loss; reading it waits for the step's device work
-            seconds = self.meter.summary(self.state.step)["elapsed"]
-            self.metrics.first_step(self.state.step, value, seconds, startup)
-
-    def _telemetry(self) -> dict:
-        """Throughput, data wait, step time, grad norm, peak memory, MFU and ETA of the interval now ending."""
-        interval = self.meter.summary(self.state.step)
-        samples_per_s = interval["steps"] * self.global_batch / interval["elapsed"]
-        memory, memory_kind = peak_memory_gib(self.device)
-        return {
-            "samples_per_s": samples_per_s,
-            "data_wait": interval["data_wait"],
-            "step_time": interval["step_time"],
-            "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
-            "peak_memory_gib": self._max_over_ranks(memory),
-            "memory_kind": memory_kind,
-            "mfu": mfu(self.flops_per_sample, samples_per_s, self.peak_flops, self.info.world_size),
-            "eta_s": (self.cfg.train.steps - self.state.step) * interval["step_time"],
-        }
-
-    def _max_over_ranks(self, value: float) -> float:
-        """The largest `value` of any rank (the rank closest to running out of memory)."""
-        if world()[1] == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor.item())
-
+    # ---- eval, checkpoints ------------------------------------------------------------------------
     def evaluate(self) -> list[dict]:
         """Every eval of `eval.tasks` (and `eval.val_data`) on every rank. Replicated weights (DDP): each rank
         takes its share of the eval shards and the counts (retrieval: embeddings) are combined over ranks.
         Sharded weights (FSDP, ZeRO-3) run forward only on all ranks together, so every rank then evaluates
         all of it in lockstep. Rank 0 writes one `eval` line per eval and `eval_results.json`."""
-        from pretrain.evaluation.tasks import run_all, write_results
-
         cfg = self.cfg.eval
         split = not self.strategy.collective_eval
         with self.strategy.eval_context(self.model):
@@ -320,86 +208,14 @@ class Trainer:
                 self.model, self.bundle, cfg.all_tasks(), cfg.val_data, self.device, cfg.batch_size, split,
                 cfg.workers,
             )  # fmt: skip
-        if self.info.is_main:
-            for result in results:
-                self.metrics.write({"step": self.state.step, **result})
-            write_results(self.cfg.run_dir, self.state.step, results)
-        self.meter.restart(self.state.step)  # eval time is not training throughput
+        self.metrics.log_eval(results)
         return results
 
-    def save(self) -> Path:
-        self._check_finite()
-
-        def write_shared(folder: Path) -> None:
-            self.strategy.save(folder, self.module, self.optimizer, self.info.is_main)
-            if self.ensemble is not None:
-                self.ensemble.save(folder, self.info.is_main)
-            if self.info.is_main:
-                trainer_state = {
-                    **vars(self.state),
-                    "scheduler": self.scheduler.state_dict(),
-                    "config": redacted(self.cfg),
-                    **({"ensemble_count": self.ensemble.count} if self.ensemble is not None else {}),
-                }
-                torch.save(trainer_state, folder / "trainer.pt")
-
-        rank_state = {
-            "rng": ckpt.rng_state(),
-            "data": self.source.state_dict(),
-            "objective": self.objective.state_dict(),
-        }
-        path = ckpt.save_checkpoint(
-            self.ckpt_root,
-            self.state.step,
-            write_shared,
-            rank_state,
-            self.info.rank,
-            self.cfg.checkpoint.keep,
-        )
-        log.info("saved checkpoint %s", path)
-        if self.remote is not None:
-            self.remote.submit(path)  # copied in the background
-        return path
-
-    def load(self, folder: Path) -> None:
-        trainer_state = ckpt.load_trainer_state(folder)
-        self._check_same_model(folder, trainer_state)
-        try:
-            self.strategy.load(folder, self.module, self.optimizer)
-        except RuntimeError as e:  # same name, other shapes (an edited model config): one line, not 80
-            reason = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), None)
-            if reason is None:
-                raise
-            raise RunDirError(
-                f"{folder} does not fit this run's model {self.cfg.model.name!r}: {reason}"
-            ) from None
-        self.state = TrainState(step=trainer_state["step"], samples_seen=trainer_state["samples_seen"])
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
-        if self.ensemble is not None:
-            if "ensemble_count" not in trainer_state:
-                raise ValueError(f"train.weight_ensemble_every: {folder} was saved without a weight ensemble")
-            self.ensemble.load(folder, trainer_state["ensemble_count"])
-        rank_state = ckpt.load_rank_state(folder, self.info.rank)
-        self.source.load_state_dict(rank_state["data"])
-        self.objective.load_state_dict(rank_state.get("objective", {}))
-        ckpt.set_rng_state(rank_state["rng"])
-        log.info("resumed from %s at step %d", folder, self.state.step)
-
-    def _check_same_model(self, folder: Path, trainer_state: dict) -> None:
-        """Refuse to resume a checkpoint another model wrote (a smoke test's tiny model in the run directory
-        the real run resumes), naming both, before any weights are read."""
-        saved = trainer_state.get("config", {}).get("model", {}).get("name")
-        if saved is not None and Path(saved).stem != Path(self.cfg.model.name).stem:
-            raise RunDirError(
-                f"{folder} was written by model {saved!r}, not this run's model.name {self.cfg.model.name!r}: "
-                "resume it with that model, or start this run under another run.name"
-            )
-
     def close(self) -> None:
-        if self.remote is not None:  # completed checkpoints still go after a crash
-            self.remote.close()
+        self.checkpoints.close()  # completed checkpoints still go to checkpoint.remote after a crash
         self.preemption.close()
         self.metrics.close()
         self.source.close()
         self.objective.close()
-        shutdown()
+        if self._owns_group:  # a group that was there before this Trainer outlives it
+            shutdown()

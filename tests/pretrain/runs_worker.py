@@ -21,17 +21,14 @@ from pathlib import Path
 import torch
 from helpers import TINY, cut_back
 
-import pretrain.training.trainer
 from pretrain.parallel.distributed import barrier, detect, init_distributed, shutdown
 from pretrain.train import run
-
-# One process group for the worker's life: each Trainer joins it (init_distributed keeps an existing group),
-# and its close() must not destroy it before the next run.
-pretrain.training.trainer.shutdown = lambda: None
 
 
 def main(steps: list[dict]) -> None:
     info = detect()
+    # One process group for the worker's life: each Trainer joins it and leaves it up (a Trainer shuts down
+    # only a group it created).
     init_distributed(info, torch.device("cpu"), "gloo")
     for number, step in enumerate(steps, 1):
         if "train" in step:

@@ -102,7 +102,7 @@ def test_a_run_without_resume_refuses_remote_checkpoints_it_would_overwrite(tmp_
     overrides = ["train.steps=2", "checkpoint.every=2", f"checkpoint.remote={tmp_path / 'store'}"]
     train_in_process(tmp_path, overrides, name="taken")
     shutil.rmtree(tmp_path / "taken")
-    from pretrain.training.trainer import RunDirError
+    from pretrain.training.state import RunDirError
 
     with pytest.raises(RunDirError, match=r"already has checkpoints \(step_00000002\); pass resume=latest"):
         train_in_process(tmp_path, overrides, name="taken")

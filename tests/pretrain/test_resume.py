@@ -10,7 +10,9 @@ from helpers import TINY, cli_output, read_jsonl, refused, train_in_process
 from safetensors.torch import load_file
 
 from pretrain.config import load_config
-from pretrain.training.trainer import NonFiniteLossError, RunDirError, Trainer
+from pretrain.training.state import RunDirError
+from pretrain.training.telemetry import NonFiniteLossError
+from pretrain.training.trainer import Trainer
 
 COMPARED = ("step", "samples_seen", "loss", "lr", "logit_scale", "data_skipped")
 

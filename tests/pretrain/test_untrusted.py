@@ -113,9 +113,9 @@ def test_saved_state_is_plain_data_and_restores_every_rng(runs):
         torch.load(path, weights_only=True)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     path = folder.parent / "rng.pt"
-    torch.save(ckpt.rng_state(), path)
+    torch.save(ckpt.GlobalRng.state_dict(), path)
     expected = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(2))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ckpt.set_rng_state(torch.load(path, weights_only=True))
+    ckpt.GlobalRng.load_state_dict(torch.load(path, weights_only=True))
     got = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(2))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
