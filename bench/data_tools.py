@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_tools.dedup import DedupConfig, find_duplicates  # noqa: E402
+from data_tools.runner import RunnerOptions  # noqa: E402
 from webshards.layout import ShardWriter, key_for  # noqa: E402
 
 SHARD_ITEMS = 10000
@@ -120,7 +121,7 @@ def time_dedup(method: str, sizes: list[int], work: Path) -> list[tuple[int, flo
             kwargs = {"shard_urls": urls}
         output = work / f"{method}-out-{size}"
         start = time.perf_counter()
-        report = find_duplicates(output, DedupConfig(method), **kwargs)
+        report = find_duplicates(output, DedupConfig(method), RunnerOptions(), **kwargs)
         results.append((size, time.perf_counter() - start, report))
         shutil.rmtree(output)
     return results
@@ -131,7 +132,6 @@ def bench_partitioned(items: int, work: Path, job_options: dict) -> dict[str, fl
     printed and returned (stage -> seconds). The embeddings are written once per ``work`` folder."""
     from data_tools.filter import FilterConfig
     from data_tools.filter_tasks import filter_job
-    from data_tools.phases import JobOptions
 
     embeddings = work / f"embeddings-{items}"
     if not embeddings.exists():
@@ -143,12 +143,12 @@ def bench_partitioned(items: int, work: Path, job_options: dict) -> dict[str, fl
             embeddings, work / "keep.parquet", FilterConfig(keep_fraction=0.3), job
         ),
         "dedup semantic": lambda job: find_duplicates(
-            work / "dedup", DedupConfig("semantic"), embeddings=embeddings, job=job
+            work / "dedup", DedupConfig("semantic"), job, embeddings=embeddings
         ),
     }
     times = {}
     for name, run in jobs.items():
-        job = JobOptions(**job_options)
+        job = RunnerOptions(**job_options)
         start = time.perf_counter()
         run(job)
         total = time.perf_counter() - start
@@ -235,8 +235,8 @@ def private_ray_cluster(nodes: int) -> Iterator[Any]:
 
 def bench_embed(samples: int, work: Path) -> float:
     """Samples/s of embed with an untrained tiny-clip on CPU (model loading excluded)."""
-    from data_tools.demo import write_demo_data
     from data_tools.embed import EmbedConfig, embed_shards
+    from webshards.demo_data import write_demo_data
     from webshards.layout import list_shards
 
     write_demo_data(work / "demo", samples=samples, eval_samples=0, samples_per_shard=512, workers=1)
@@ -323,7 +323,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> None:
     elif args.embeddings:
         runner = {"engine": args.engine or "local", "ray_address": args.ray_address}
         options = {"workers": args.workers, "partitions": args.partitions, "rank": 0, "world": 1}
-        times = bench_partitioned(args.embeddings, work, {**options, "runner": runner})
+        times = bench_partitioned(args.embeddings, work, {**options, **runner})
         print(TIMES + json.dumps(times))
     else:
         bench_curation(args, work)

@@ -35,10 +35,11 @@ from data_tools.images import (
     process,
 )
 from data_tools.inputs import MISSING_CAPTION, InputRow, InputSpec, iter_rows, resolve_input
-from data_tools.runner import RunSummary, Task, check_settings, owns, resolve_rank_world, run_tasks
+from data_tools.runner import RunnerOptions, RunSummary, Task, owns, run_tasks
 from webshards import outputs
 from webshards.layout import ShardWriter, key_for, make_uid, shard_name, stats_name
 from webshards.outputs import Location, join
+from webshards.tasks import check_settings
 
 log = logging.getLogger("data_tools")
 
@@ -88,11 +89,7 @@ def build(
     fetching: FetchConfig | None = None,
     source_col: str | None = None,
     caption_col: str | None = None,
-    workers: int = 1,
-    rank: int | None = None,
-    world: int | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
+    options: RunnerOptions | None = None,
     missing_caption: str = "skip",
 ) -> RunSummary:
     """Build shards from ``input_path`` into ``output`` (a folder or an fsspec URL such as ``s3://…``);
@@ -107,21 +104,12 @@ def build(
     output = outputs.resolve(output)
     outputs.make_folder(output)
     _check_settings(output, {**_settings(spec, samples_per_shard, image), "missing_caption": missing_caption})
-    rank, world = resolve_rank_world(rank, world)
-    shards = _split_rows(spec, output, samples_per_shard, rank, world)
+    options = options or RunnerOptions()
+    shards = _split_rows(spec, output, samples_per_shard, *options.ranks())
     digits = max(4, len(str(samples_per_shard - 1)))
     keep = missing_caption == "keep"
     tasks = [_task(output, i, spec.base, digits, image, fetching, keep) for i in range(shards)]
-    summary = run_tasks(
-        tasks,
-        write_shard,
-        workers=workers,
-        rank=rank,
-        world=world,
-        desc="build",
-        engine=engine,
-        ray_address=ray_address,
-    )
+    summary = run_tasks(tasks, write_shard, options, desc="build")
     _finish(output, tasks)
     return summary
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from data_tools import models
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
 from data_tools.engine_ray import ActorSpec
-from data_tools.runner import RunSummary, Task, run_tasks
+from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import outputs
 from webshards.layout import iter_shard
 from webshards.outputs import Location
@@ -76,11 +76,7 @@ def embed_shards(
     urls: list[str],
     output: Location,
     cfg: EmbedConfig,
-    workers: int = 1,
-    rank: int | None = None,
-    world: int | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
+    options: RunnerOptions | None = None,
     ray_cpus_per_actor: float = 1.0,
 ) -> RunSummary:
     """Embed every incomplete shard of ``urls`` into ``output`` (resumable, split across nodes).
@@ -90,21 +86,22 @@ def embed_shards(
     if not urls:
         raise ValueError("no shards to embed")
     on_cuda = cfg.device.startswith("cuda")
-    if on_cuda and workers > 1 and engine == "local":
+    options = options or RunnerOptions()
+    workers, local = options.workers, options.engine == "local"
+    if on_cuda and workers > 1 and local:
         raise ValueError("embedding on cuda takes one worker per process (split nodes with rank/world)")
     models.check_model(cfg.model, cfg.pretrained)  # a bad model fails here, once, before any torch work
-    if workers == 1 and engine == "local":  # (OpenMP state does not survive a fork; none on a Ray driver)
+    if workers == 1 and local:  # (OpenMP state does not survive a fork; none on a Ray driver)
         load_embedder(cfg.model, cfg.pretrained, cfg.device)  # a bad weights file fails here, once
     for sub in ("img_emb", "text_emb", "metadata"):
         outputs.make_folder(outputs.join(output, sub))
     threads, actors = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0, None
-    if engine == "ray":
+    if not local:
         setup = partial(load_embedder, cfg.model, cfg.pretrained, cfg.device)
         actors = ActorSpec(setup, num_cpus=ray_cpus_per_actor, num_gpus=1.0 if on_cuda else 0.0)
         threads = max(1, int(ray_cpus_per_actor))
     tasks = embed_tasks(urls, output, cfg, threads)
-    options = {"rank": rank, "world": world, "engine": engine, "ray_address": ray_address, "actors": actors}
-    return run_tasks(tasks, embed_shard, workers=workers, desc="embed", **options)
+    return run_tasks(tasks, embed_shard, options, desc="embed", actors=actors)
 
 
 def embed_shard(task: Task) -> int:

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from webshards.progress import Progress
+from webshards.tasks import Outcome
+
 log = logging.getLogger("data_tools")
 
 TASK_RETRIES = 3
@@ -35,9 +38,6 @@ INSTALL_HINT = "--engine ray needs `pip install clip-pretrain[ray]`"
 FORWARDED_ENV = ("AWS_ENDPOINT_URL",)
 """Driver settings the tasks need to reach the same storage; credentials stay with the nodes (their
 environment, instance roles), never sent through the cluster."""
-
-Outcome = tuple[str, int, "str | None"]
-"""(task name, samples processed, failure reason or None): what a guarded task call returns."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,12 @@ def run_on_ray(
     pending: list[Any],
     guarded: Callable[[Any], Outcome],
     record: Callable[[Outcome], None],
-    tick: Callable[[], None],
-    address: str | None,
+    progress: Progress,
+    address: str | None = None,
     actors: ActorSpec | None = None,
 ) -> None:
     """Run ``guarded(task)`` for every pending task on the cluster, handing each outcome to ``record``
-    as it arrives and calling ``tick`` (a progress line may be due) at least every ``WAKE_EVERY`` s; a task
+    as it arrives and ticking ``progress`` (a line may be due) at least every ``WAKE_EVERY`` s; a task
     Ray gives up on (its node kept dying) is recorded as failed, the rest go on."""
     if not pending:
         return
@@ -125,7 +125,7 @@ def run_on_ray(
     for outcome in outcomes:  # None: nothing finished for a while, a chance to report progress
         if outcome is not None:
             record(outcome)
-        tick()
+        progress.tick()
 
 
 def _task_outcomes(ray: Any, pending: list[Any], guarded: Callable) -> Iterator[Outcome | None]:

@@ -23,9 +23,10 @@ from pathlib import Path
 from PIL import Image
 
 from data_tools.inputs import IMAGE_EXTENSIONS, iter_rows, resolve_input
-from data_tools.runner import RunSummary, Task, check_settings, run_tasks
+from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import evalset as layout
 from webshards.atomic import write_json_atomic
+from webshards.tasks import check_settings
 
 KEPT_FORMATS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 WORDNET_ID = re.compile(r"^n\d{8}$")
@@ -143,7 +144,8 @@ def build_eval_set(
     (output / layout.SPLIT).mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / SETTINGS_FILE, settings)
     jobs = _plan(output, items, samples_per_shard, "cls" if kind == layout.CLASSIFICATION else "txt")
-    summary = run_tasks(jobs, _write_job, workers=workers, rank=0, world=1, desc="eval-set", unit="img")
+    one_node = RunnerOptions(workers, rank=0, world=1)
+    summary = run_tasks(jobs, _write_job, one_node, desc="eval-set", unit="img")
     if summary.ok():
         layout.write_metadata(output, kind, classnames, templates)
         layout.finish(output, len(jobs))

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data_tools.embeddings import metadata_files, shard_index
 from webshards import outputs
@@ -75,21 +74,6 @@ def quantile_bin(scores: np.ndarray) -> np.ndarray:
     """The fixed bin of each score; the same function in both passes, so the counts agree exactly."""
     scaled = np.floor((np.clip(scores, -1.0, 1.0) + 1.0) * (QUANTILE_BINS / 2.0))
     return np.minimum(scaled.astype(np.int64), QUANTILE_BINS - 1)
-
-
-def score_threshold(files: list[Location], keep_fraction: float) -> float:
-    """The clip_score of the ``round(keep_fraction * n)``-th best sample (+inf when that is zero).
-
-    The in-process reference; ``filter_tasks`` computes the same value with per-shard tasks.
-    """
-    counts = np.zeros(QUANTILE_BINS, dtype=np.int64)
-    for path in files:
-        counts += np.bincount(quantile_bin(read_scores(path)), minlength=QUANTILE_BINS)
-    plan = quantile_plan(counts, keep_fraction)
-    if plan is None:
-        return math.inf
-    target = plan[0]
-    return pick_threshold([s[quantile_bin(s) == target] for s in map(read_scores, files)], plan)
 
 
 def quantile_plan(counts: np.ndarray, keep_fraction: float) -> tuple[int, int] | None:
@@ -172,12 +156,6 @@ def datacomp_uids(uids: list[str] | np.ndarray) -> np.ndarray:
     return pairs
 
 
-def _threshold(files: list[Location], cfg: FilterConfig) -> float:
-    if cfg.keep_fraction is not None:
-        return score_threshold(files, cfg.keep_fraction)
-    return -math.inf if cfg.min_score is None else cfg.min_score
-
-
 def _shard_url(metadata: Location, urls: list[str] | None) -> str:
     """The shard that ``metadata_{i}.parquet`` came from: the i-th of ``--shards``."""
     if urls is None:
@@ -210,27 +188,6 @@ def input_files(embeddings: Location, fmt: str) -> list[Location]:
     if not files:
         raise ValueError(f"no metadata/metadata_*.parquet in {embeddings}")
     return files
-
-
-def filter_embeddings(
-    embeddings: Location,
-    output: Location,
-    cfg: FilterConfig,
-    fmt: str = "parquet",
-    shard_urls: list[str] | None = None,
-) -> dict[str, Any]:
-    """Write the keep list ``output`` (+ ``.npy`` for datacomp, summary json and histogram png).
-
-    In one process: the reference for ``filter_tasks.filter_job``, which gives the same files as tasks.
-    """
-    files = input_files(embeddings, fmt)
-    output = keep_list_location(output)
-    threshold = _threshold(files, cfg)
-    tally = Tally()
-    with outputs.staged(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
-        for table, masks in filtered_tables(files, cfg, threshold, shard_urls):
-            writer.write_table(kept_uids(table, tally.add(table, masks)))
-    return write_outputs(output, fmt, tally, cfg, threshold)
 
 
 def kept_uids(table: pa.Table, keep: np.ndarray) -> pa.Table:

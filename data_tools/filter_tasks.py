@@ -1,15 +1,15 @@
-"""``filter`` as a job of per-shard tasks (see phases.py), with the same files as ``filter_embeddings``.
+"""``filter`` as a job of per-shard tasks (see phases.py): the keep list, summary and histogram of filter.py.
 
 Phases, each a list of idempotent tasks over the metadata parquets:
 
 1. ``counts`` (only for ``keep_fraction``): each shard's clip_score counts in the 65,536 quantile bins;
 2. ``bin``: each shard's scores inside the one bin that holds the threshold (found from the summed counts);
-   sorting those gives the threshold bit for bit as ``score_threshold`` does, ties included;
+   sorting those gives the threshold bit for bit as sorting every score would, ties included;
 3. ``keep``: each shard's kept uids (parquet) and counts (json, the marker);
 
 then rank 0 streams the kept uids into the keep list shard by shard and writes the summary and histogram.
 Memory: a task holds one shard's metadata; the merge holds the histogram, one shard's uids, and (only
-for ``--format datacomp``, as in one process) all kept uids. Scratch files live in ``FILE_work/`` next to
+for ``--format datacomp``) all kept uids. Scratch files live in ``FILE_work/`` next to
 the keep list, on the same storage (with ``--output s3://…`` on the object store, where every node sees
 them), and are removed after the merge.
 """
@@ -39,8 +39,8 @@ from data_tools.filter import (
     read_scores,
     write_outputs,
 )
-from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
-from data_tools.runner import Task
+from data_tools.phases import input_fingerprint, release_scratch, run_phase, settings_key
+from data_tools.runner import RunnerOptions, Task
 from webshards import outputs
 from webshards.outputs import Location
 
@@ -49,25 +49,26 @@ def filter_job(
     embeddings: Location,
     output: Location,
     cfg: FilterConfig,
-    job: JobOptions,
+    options: RunnerOptions,
     fmt: str = "parquet",
     shard_urls: list[str] | None = None,
 ) -> dict[str, Any] | None:
-    """Write what ``filter_embeddings`` writes, with every pass as runner tasks; None on ranks other than 0."""
+    """Write the keep list ``output`` (+ ``.npy`` for datacomp, summary json and histogram png), with every
+    pass as runner tasks; returns the summary, or None on ranks other than 0."""
     files = input_files(embeddings, fmt)
     output = keep_list_location(output)
     scratch = outputs.beside(output, "_work")
     work = outputs.join(scratch, settings_key({"inputs": input_fingerprint(files)}))
-    threshold = _threshold(files, cfg, work, job)
+    threshold = _threshold(files, cfg, work, options)
     rules = settings_key({"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls})
     parts = outputs.join(work, f"keep-{rules}")
     tasks = [
         Task(f"keep:{i}", outputs.join(parts, f"{i:05d}.json"), (p, cfg, threshold, shard_urls))
         for i, p in enumerate(files)
     ]
-    run_phase(tasks, keep_task, job, "filter (keep)", last=True)
-    if not job.is_merger:
-        release_scratch(scratch, work, job)
+    run_phase(tasks, keep_task, options, "filter (keep)", last=True)
+    if not options.is_merger:
+        release_scratch(scratch, work, options)
         return None
     tally = Tally()
     with outputs.staged(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
@@ -75,18 +76,18 @@ def filter_job(
             tally.merge(json.loads(outputs.read_bytes(task.output)))
             writer.write_table(outputs.read_parquet(_uids_file(task.output)))
     summary = write_outputs(output, fmt, tally, cfg, threshold)
-    release_scratch(scratch, work, job)
+    release_scratch(scratch, work, options)
     return summary
 
 
-def _threshold(files: list[Location], cfg: FilterConfig, work: Location, job: JobOptions) -> float:
+def _threshold(files: list[Location], cfg: FilterConfig, work: Location, options: RunnerOptions) -> float:
     """The score threshold: given, none, or the exact ``keep_fraction`` quantile from two task phases."""
     if cfg.keep_fraction is None:
         return -math.inf if cfg.min_score is None else cfg.min_score
     tasks = [
         Task(f"counts:{i}", outputs.join(work, f"counts/{i:05d}.npy"), path) for i, path in enumerate(files)
     ]
-    run_phase(tasks, counts_task, job, "filter (score counts)")
+    run_phase(tasks, counts_task, options, "filter (score counts)")
     counts = np.zeros(QUANTILE_BINS, dtype=np.int64)
     for task in tasks:
         bins, n = outputs.load_npy(task.output)
@@ -98,7 +99,7 @@ def _threshold(files: list[Location], cfg: FilterConfig, work: Location, job: Jo
     tasks = [
         Task(f"bin:{i}", outputs.join(folder, f"{i:05d}.npy"), (p, plan[0])) for i, p in enumerate(files)
     ]
-    run_phase(tasks, bin_task, job, "filter (threshold bin)")
+    run_phase(tasks, bin_task, options, "filter (threshold bin)")
     return pick_threshold([outputs.load_npy(task.output) for task in tasks], plan)
 
 

@@ -5,7 +5,7 @@ phases whose tasks are independent and idempotent (each writes its marker file l
 on whatever engine ``runner.run_tasks`` offers: the local process pool, a rank/world split across nodes,
 or a cluster engine. A later phase reads the earlier phase's files, so before it starts, a node waits until
 *every* marker of the earlier phase exists — written by itself or by other ranks on the shared folder —
-polling with a timeout (``JobOptions.phase_timeout``) and failing with one line naming the phase and a
+polling with a timeout (``RunnerOptions.phase_timeout``) and failing with one line naming the phase and a
 missing file. Without a rank split the wait finds all markers at once. The scratch folder may be on an fsspec store
 (``s3://…``, when the job's output is): markers are then polled there, since the nodes share no disk.
 
@@ -17,60 +17,16 @@ when all ranks have, so no rank can be left polling for files that are gone.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from data_tools.runner import Task, resolve_rank_world, run_tasks
+from data_tools.runner import RunnerOptions, Task, run_tasks
 from webshards import outputs
 from webshards.outputs import Location
 
-DEFAULT_PARTITIONS = 16
-DEFAULT_PHASE_TIMEOUT = 24 * 3600.0
 POLL_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """How a multi-phase job runs: runner settings, partitions of the shuffle, and the phase barrier."""
-
-    workers: int = 1
-    """Processes per node (the runner's process pool)."""
-    rank: int | None = None
-    """This node; None: from the environment (torchrun / SLURM), else 0."""
-    world: int | None = None
-    """Nodes; None: from the environment, else 1."""
-    partitions: int = DEFAULT_PARTITIONS
-    """Partitions of the shuffle (reduce tasks per phase); results do not depend on it."""
-    phase_timeout: float = DEFAULT_PHASE_TIMEOUT
-    """Seconds a node waits for other ranks to finish a phase before giving up."""
-    runner: dict[str, Any] = field(default_factory=dict)
-    """More keywords for ``run_tasks`` (e.g. an ``engine``); passed only where run_tasks accepts them."""
-    timings: dict[str, float] = field(default_factory=dict, compare=False)
-    """Filled in by ``run_phase``: seconds per phase on this node (its tasks plus the wait for others)."""
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {self.partitions}")
-        if not self.phase_timeout > 0:
-            raise ValueError(f"phase_timeout must be positive, got {self.phase_timeout}")
-
-    @classmethod
-    def from_runner(cls, options: dict[str, Any], **rest: Any) -> JobOptions:
-        """From the keywords of ``commands.options.runner_options`` (whatever they hold) plus ``rest``."""
-        options = dict(options)
-        known = {key: options.pop(key) for key in ("workers", "rank", "world") if key in options}
-        return cls(**known, **rest, runner=options)
-
-    @property
-    def is_merger(self) -> bool:
-        """Whether this node is rank 0, the one that merges the last phase and writes the outputs."""
-        return resolve_rank_world(self.rank, self.world)[0] == 0
 
 
 class JobFailed(RuntimeError):
@@ -79,31 +35,22 @@ class JobFailed(RuntimeError):
 
 
 def run_phase(
-    tasks: list[Task], fn: Callable[[Task], int], job: JobOptions, desc: str, *, last: bool = False
+    tasks: list[Task], fn: Callable[[Task], int], options: RunnerOptions, desc: str, *, last: bool = False
 ) -> None:
     """Run this node's share of one phase, then wait until all its markers exist (rank 0 only if ``last``).
 
     A failed task raises a JobFailed naming it (a rerun retries only the failed tasks).
     """
     start = time.perf_counter()
-    summary = run_tasks(
-        tasks, fn, workers=job.workers, rank=job.rank, world=job.world, desc=desc, task_unit="tasks",
-        **_extra(job),
-    )  # fmt: skip
+    summary = run_tasks(tasks, fn, options, desc=desc, task_unit="tasks")
     if not summary.ok():
         name, reason = summary.failed[0]
         raise JobFailed(
             f"{desc}: {len(summary.failed)} task(s) failed, e.g. {name}: {reason}; rerun to retry"
         )
-    if not last or job.is_merger:
-        wait_for_markers([task.output for task in tasks], job.phase_timeout, desc)
-    job.timings[desc] = job.timings.get(desc, 0.0) + time.perf_counter() - start
-
-
-def _extra(job: JobOptions) -> dict[str, Any]:
-    """The ``runner`` keywords that this version of run_tasks accepts (an engine, once there is one)."""
-    accepted = inspect.signature(run_tasks).parameters
-    return {key: value for key, value in job.runner.items() if key in accepted and value is not None}
+    if not last or options.is_merger:
+        wait_for_markers([task.output for task in tasks], options.phase_timeout, desc)
+    options.timings[desc] = options.timings.get(desc, 0.0) + time.perf_counter() - start
 
 
 def wait_for_markers(markers: list[Location], timeout: float, desc: str) -> None:
@@ -136,12 +83,12 @@ def input_fingerprint(files: list[Location]) -> list[tuple[str, int, int | str]]
     return [outputs.fingerprint(f) for f in files]
 
 
-def release_scratch(scratch: Location, work: Location, job: JobOptions) -> None:
+def release_scratch(scratch: Location, work: Location, options: RunnerOptions) -> None:
     """The end of a job on every rank: mark this rank done (past every barrier); rank 0, after its merge,
     waits for all ranks' marks and then deletes the scratch folder, so no rank still polls files in it."""
-    rank, world = resolve_rank_world(job.rank, job.world)
+    rank, world = options.ranks()
     marks = [outputs.join(work, f"ranks/{r}-of-{world}.done") for r in range(world)]
     outputs.write_bytes(marks[rank], b"")
     if rank == 0:
-        wait_for_markers(marks, job.phase_timeout, "end of job")
+        wait_for_markers(marks, options.phase_timeout, "end of job")
         outputs.remove_tree(scratch)

@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_tools.build import remove_stale_temps
-from data_tools.runner import RunSummary, Task, check_settings, run_tasks
+from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import outputs
 from webshards.layout import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, stats_name
 from webshards.outputs import Location, join
 from webshards.samples import image_extension
 from webshards.spec import expand_urls
+from webshards.tasks import check_settings
 from webshards.urls import open_url, redact_url
 
 log = logging.getLogger("data_tools")
@@ -73,11 +74,7 @@ def reshard(
     samples_per_shard: int = 10000,
     shuffle_buffer: int = 0,
     seed: int = 0,
-    workers: int = 1,
-    rank: int | None = None,
-    world: int | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
+    options: RunnerOptions | None = None,
 ) -> RunSummary:
     """Write the kept samples of ``shards`` into ``output`` (a folder or an fsspec URL such as ``s3://…``);
     returns the run summary of this node. Shards and keep lists, too, are local paths or URLs."""
@@ -91,16 +88,7 @@ def reshard(
     _check_settings(output, settings)
     inputs = _select(tars, keep, join(output, SELECTION_DIR))
     tasks = plan(output, inputs, samples_per_shard, shuffle_buffer, seed)
-    summary = run_tasks(
-        tasks,
-        write_output_shard,
-        workers=workers,
-        rank=rank,
-        world=world,
-        desc="reshard",
-        engine=engine,
-        ray_address=ray_address,
-    )
+    summary = run_tasks(tasks, write_output_shard, options or RunnerOptions(), desc="reshard")
     _finish(output, tasks, inputs)
     return summary
 

@@ -1,70 +1,71 @@
 """The one task runner for every data_tools job: a process pool locally, a rank/world split across nodes,
-or a Ray cluster (``engine="ray"``, see ``engine_ray``).
+or a Ray cluster (``engine="ray"``, see ``engine_ray``), as one ``RunnerOptions`` says.
 
 A job is a list of tasks, each with the one file whose existence marks it complete (written last, by the
-task). Running a job again skips complete tasks, so a killed job resumes where it stopped; nodes given
-the same task list and their own rank each take a disjoint share, so together they cover it once. The
-same property lets Ray rerun a task whose node died, on another node.
+task). Running a job again skips complete tasks, so a killed job resumes where it stopped (the local part
+is ``webshards.tasks``); nodes given the same task list and their own rank each take a disjoint share, so
+together they cover it once. The same property lets Ray rerun a task whose node died, on another node.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import multiprocessing
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from multiprocessing import Pool
-from pathlib import Path
-from typing import Any
 
-from data_tools.engine_ray import ActorSpec, Outcome, run_on_ray
-from webshards import outputs
-from webshards.progress import Progress
+from data_tools.engine_ray import ActorSpec, run_on_ray
 from webshards.ranks import ranks_from_env
+from webshards.tasks import RunSummary, Task, check_unique, in_pool, run_incomplete
 
 log = logging.getLogger("data_tools")
 
 ENGINES = ("local", "ray")
+DEFAULT_PARTITIONS = 16
+DEFAULT_PHASE_TIMEOUT = 24 * 3600.0
 
 
-@dataclass
-class Task:
-    """One unit of work: ``output`` existing means it is complete (the task writes it last)."""
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a job's tasks spread over processes and nodes, and how its phases wait for each other: what the
+    shared flags of every runner command say (``commands.options.runner_options`` builds it once)."""
 
-    name: str
-    output: Path | str
-    """A local path or an fsspec URL (``s3://…``)."""
-    payload: Any = None
+    workers: int = 1
+    """Processes per node (``engine="local"``)."""
+    rank: int | None = None
+    """This node; None: from the environment (torchrun / SLURM), else 0."""
+    world: int | None = None
+    """Nodes; None: from the environment, else 1."""
+    engine: str = "local"
+    """local: a process pool here; ray: a Ray cluster."""
+    ray_address: str | None = None
+    """The Ray cluster to join; None: ``RAY_ADDRESS``, else a new local Ray."""
+    partitions: int = DEFAULT_PARTITIONS
+    """Multi-phase jobs (phases.py): partitions of the shuffle (reduce tasks per phase); results do not
+    depend on it."""
+    phase_timeout: float = DEFAULT_PHASE_TIMEOUT
+    """Multi-phase jobs: seconds a node waits for other ranks to finish a phase before giving up."""
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+    """Filled in by ``phases.run_phase``: seconds per phase on this node (its tasks plus the wait)."""
 
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {self.partitions}")
+        if not self.phase_timeout > 0:
+            raise ValueError(f"phase_timeout must be positive, got {self.phase_timeout}")
 
-@dataclass
-class RunSummary:
-    """What a run did: task names done, skipped (already complete) and failed with the reason."""
+    def ranks(self) -> tuple[int, int]:
+        """This node's rank and the world size (see ``resolve_rank_world``)."""
+        return resolve_rank_world(self.rank, self.world)
 
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    samples: int = 0
-    seconds: float = 0.0
-    unit: str = "samples"
-
-    def ok(self) -> bool:
-        """Whether every task of this node is complete."""
-        return not self.failed
-
-    def line(self, desc: str = "") -> str:
-        """One line, e.g. ``build: 3 done, 1 skipped, 1 failed; 300 samples in 2.0 s (150.0/s); failed 00004: ...``."""
-        prefix = f"{desc}: " if desc else ""
-        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
-        failures = "".join(f"; failed {name}: {reason}" for name, reason in self.failed)
-        return (
-            f"{prefix}{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed; "
-            f"{self.samples} {self.unit} in {self.seconds:.1f} s ({rate:.1f}/s){failures}"
-        )
+    @property
+    def is_merger(self) -> bool:
+        """Whether this node is rank 0, the one that merges a multi-phase job's last phase."""
+        return self.ranks()[0] == 0
 
 
 def node_split(tasks: list[Task], rank: int, world: int) -> list[Task]:
@@ -96,135 +97,38 @@ def _check_rank_world(rank: int, world: int) -> None:
 def run_tasks(
     tasks: list[Task],
     fn: Callable[[Task], int],
+    options: RunnerOptions,
     *,
-    workers: int = 1,
-    rank: int | None = None,
-    world: int | None = None,
     desc: str = "",
     unit: str = "samples",
     task_unit: str = "shards",
-    engine: str = "local",
-    ray_address: str | None = None,
     actors: ActorSpec | None = None,
 ) -> RunSummary:
     """Run this node's incomplete tasks with ``fn`` (returns samples processed); one failure stops no other.
 
-    ``engine="local"``: ``workers`` processes here; ``fn`` must be picklable (a module-level function)
-    when ``workers > 1``, with one worker it runs in this process, which makes debugging easy.
-    ``engine="ray"``: one Ray task per task on the cluster at ``ray_address`` (``workers`` is unused), or
-    calls on long-lived ``actors`` (e.g. holding a model).
-    Progress (``webshards.progress``): tasks done of this node's pending ones, counted in ``task_unit``, and
-    the ``unit`` (samples) they processed; a bar on a terminal, else a line every ``progress.every`` s.
+    ``engine="local"``: ``workers`` processes here (``webshards.tasks.in_pool``). ``engine="ray"``: one Ray
+    task per task on the cluster at ``ray_address``, or calls on long-lived ``actors`` (e.g. holding a model).
+    Progress: tasks done of this node's pending ones, counted in ``task_unit``, and the ``unit`` (samples)
+    they processed; a bar on a terminal, else a line every ``progress.every`` s.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    _check_unique([task.name for task in tasks])
-    rank, world = resolve_rank_world(rank, world)
-    start = time.perf_counter()
-    summary = RunSummary(unit=unit)
-    pending = []
-    for task in node_split(tasks, rank, world):
-        if outputs.exists(task.output):
-            summary.skipped.append(task.name)
-        else:
-            pending.append(task)
-    guarded = partial(_call_guarded, fn)
-    # Ray: many nodes report to one driver log, so lines only, no bar
-    bar = False if engine == "ray" else None
+    check_unique([task.name for task in tasks])
+    rank, world = options.ranks()
+    on_ray = options.engine == "ray"
+    execute = (
+        partial(run_on_ray, address=options.ray_address, actors=actors)
+        if on_ray
+        else in_pool(options.workers)
+    )
     node = f"{desc} rank {rank}/{world}" if world > 1 else desc
-    try:
-        with Progress(node, len(pending), task_unit, unit, logger=log, bar=bar) as progress:
-            record = partial(_record, summary, progress)
-            if engine == "ray":
-                run_on_ray(pending, guarded, record, progress.tick, ray_address, actors)
-            else:
-                _run_pending(pending, guarded, workers, record, progress)
-    except KeyboardInterrupt:
-        finished = len(summary.done) + len(summary.failed)
-        raise Interrupted(
-            f"{finished} of {len(pending)} tasks finished; the same command again skips the complete ones"
-        ) from None
-    summary.seconds = time.perf_counter() - start
-    (log.error if summary.failed else log.info)("%s", summary.line(node))
-    return summary
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a job, saying how far it got: its complete tasks are kept, so a rerun resumes."""
-
-
-def _check_unique(names: list[str]) -> None:
-    if len(set(names)) != len(names):
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise ValueError(f"task names must be unique, {duplicate!r} repeats")
-
-
-def _run_pending(
-    pending: list[Task],
-    guarded: Callable[[Task], Outcome],
-    workers: int,
-    record: Callable[[Outcome], None],
-    progress: Progress,
-) -> None:
-    """Run tasks in a pool (or in-process for one worker), recording each outcome as it arrives; progress
-    lines keep coming while a long task runs."""
-    if workers == 1 or len(pending) <= 1:
-        with progress.ticking():  # this process is busy in the task: a thread ticks
-            for task in pending:
-                record(guarded(task))
-        return
-    # the workers leave Ctrl-C to this process (one line, not a traceback per worker); leaving the `with`
-    # terminates them
-    with Pool(min(workers, len(pending)), initializer=_ignore_ctrl_c) as pool:
-        outcomes = pool.imap_unordered(guarded, pending)
-        for _ in pending:
-            record(_next_outcome(outcomes, progress))
-
-
-def _ignore_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _next_outcome(outcomes: Any, progress: Progress) -> Outcome:
-    """The pool's next outcome, ticking the progress while none arrives."""
-    while True:
-        try:
-            return outcomes.next(timeout=progress.tick_every)
-        except multiprocessing.TimeoutError:  # nothing finished in a while: a line may be due
-            progress.tick()
-
-
-def _call_guarded(fn: Callable[[Task], int], task: Task) -> Outcome:
-    """Run one task; an exception becomes its failure reason instead of ending the job."""
-    try:
-        return task.name, int(fn(task) or 0), None
-    except Exception as error:  # noqa: BLE001 - any task error is recorded, the job goes on
-        return task.name, 0, f"{type(error).__name__}: {error}"
-
-
-def _record(summary: RunSummary, progress: Progress, outcome: Outcome) -> None:
-    """Add one task's outcome (name, samples, failure reason or None) to the summary and the progress."""
-    name, samples, error = outcome
-    if error is None:
-        summary.done.append(name)
-        summary.samples += samples
-    else:
-        summary.failed.append((name, error))
-        log.warning("task %s failed: %s", name, error)
-    progress.update(1, samples)
-
-
-def check_settings(path: Path | str, settings: dict[str, Any], what: str) -> bool:
-    """Refuse to resume into a folder whose settings file ``path`` (local or a URL) records other
-    ``settings``: a ValueError names ``what`` the folder holds and each changed key. Returns whether the
-    file was there."""
-    if not outputs.exists(path):
-        return False
-    previous = json.loads(outputs.read_bytes(path))
-    changed = [f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v]
-    if changed:
-        folder = str(path).rsplit("/", 1)[0]
-        raise ValueError(f"{folder} holds {what} with other settings ({', '.join(changed)})")
-    return True
+    mine = node_split(tasks, rank, world)
+    # Ray: many nodes report to one driver log, so lines only, no bar
+    return run_incomplete(
+        mine,
+        fn,
+        execute,
+        desc=node,
+        unit=unit,
+        task_unit=task_unit,
+        logger=log,
+        bar=False if on_ray else None,
+    )

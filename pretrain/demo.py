@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from data_tools.demo import write_demo_data
 from pretrain.config import load_config
 from pretrain.evaluation.caption import CaptionResult, run_caption_eval
 from pretrain.publish.export import export
 from pretrain.training.metrics import read_metrics, setup_logging
 from pretrain.training.trainer import Trainer
+from webshards.demo_data import write_demo_data
 
 TARGET_TOP1 = 0.90
 # A CoCa (`make demo-coca`) spends part of its capacity and time on captioning: issue 10's aim is 0.80 on both.
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    setup_logging(is_main=True)  # before the data, whose progress lines are data_tools'
-    logging.getLogger("data_tools").setLevel(logging.INFO)
+    setup_logging(is_main=True)  # before the data, whose progress lines are webshards'
+    logging.getLogger("webshards").setLevel(logging.INFO)
     times = {}
     start = time.perf_counter()
     write_data(args.data)

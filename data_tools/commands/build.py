@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> RunSummary:
         fetching,
         args.url_col,
         args.caption_col,
-        **runner_options(args),
+        runner_options(args),
         missing_caption=args.missing_caption,
     )
     print(f"build: {describe_shards(args.output)}")

@@ -43,16 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Deduplicate and print the totals."""
     from data_tools.dedup import DedupConfig, find_duplicates
-    from data_tools.phases import JobOptions
     from webshards.spec import expand_urls
 
     options = (args.threshold, args.keep_policy, args.with_caption, args.clusters, args.probes, args.seed)
     cfg = DedupConfig(args.method, *options)
     urls = expand_urls(args.shards) if args.shards else None
-    job = JobOptions.from_runner(
-        runner_options(args), partitions=args.partitions, phase_timeout=args.phase_timeout
-    )
-    report = find_duplicates(args.output, cfg, urls, args.embeddings, job=job)
+    report = find_duplicates(args.output, cfg, runner_options(args), urls, args.embeddings)
     if report is None:
         print(f"dedup ({args.method}): this rank's tasks are done; rank 0 writes {args.output}")
         return

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Write the demo set and print a short summary."""
-    from data_tools.demo import write_demo_data
+    from webshards.demo_data import write_demo_data
 
     start = time.perf_counter()
     info = write_demo_data(

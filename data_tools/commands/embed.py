@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> RunSummary:
     from webshards.spec import expand_urls
 
     cfg = EmbedConfig(args.model, args.pretrained, args.batch_size, args.device)
-    options = {**runner_options(args), "ray_cpus_per_actor": args.ray_cpus_per_actor}
-    summary = embed_shards(expand_urls(args.shards), args.output, cfg, **options)
+    urls = expand_urls(args.shards)
+    summary = embed_shards(urls, args.output, cfg, runner_options(args), args.ray_cpus_per_actor)
     done = f"{summary.samples} samples embedded, {len(summary.skipped)} shards already done"
     print(f"embed: {done} -> {args.output}")
     return summary

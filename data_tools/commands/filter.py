@@ -42,13 +42,12 @@ def run(args: argparse.Namespace) -> None:
     """Filter (as per-shard tasks) and print what was kept; ranks other than 0 print only their part."""
     from data_tools.filter import FilterConfig
     from data_tools.filter_tasks import filter_job
-    from data_tools.phases import JobOptions
     from webshards.spec import expand_urls
 
     rules = (args.min_score, args.keep_fraction, args.min_side, args.max_aspect_ratio, args.min_words)
     urls = expand_urls(args.shards) if args.shards else None
-    job = JobOptions.from_runner(runner_options(args), phase_timeout=args.phase_timeout)
-    summary = filter_job(args.embeddings, args.output, FilterConfig(*rules), job, args.format, urls)
+    cfg, options = FilterConfig(*rules), runner_options(args)
+    summary = filter_job(args.embeddings, args.output, cfg, options, args.format, urls)
     if summary is None:
         print(f"filter: this rank's tasks are done; rank 0 writes {args.output}")
         return

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data_tools.runner import DEFAULT_PARTITIONS, DEFAULT_PHASE_TIMEOUT, ENGINES, RunnerOptions
+
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type for integers no smaller than ``minimum``."""
@@ -57,16 +59,10 @@ def add_runner_args(parser: argparse.ArgumentParser) -> None:
     )
     add("--rank", type=int_at_least(0), metavar="R", help="this node (default: RANK/SLURM_PROCID, else 0)")
     add("--world", type=int_at_least(1), metavar="W", help="nodes (default: WORLD_SIZE/SLURM_NTASKS, else 1)")
-    add_engine_args(parser)
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """``--engine local|ray`` and ``--ray-address``: where a job's tasks run."""
-    add = parser.add_argument
     add(
         "--engine",
-        choices=("local", "ray"),
-        default="local",
+        choices=ENGINES,
+        default=RunnerOptions.engine,
         help="local: a process pool here; ray: a Ray cluster",
     )
     add("--ray-address", type=ray_address, metavar="auto|HOST:PORT",
@@ -81,28 +77,30 @@ def ray_address(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto or HOST:PORT, got {text!r}")
 
 
-def runner_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``workers``, ``rank``, ``world``, ``engine`` and ``ray_address`` keywords of a runner job, as
-    ``add_runner_args`` parsed them."""
-    return {"workers": args.workers, "rank": args.rank, "world": args.world, **engine_options(args)}
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``engine`` and ``ray_address`` keywords, as ``add_engine_args`` parsed them."""
+def runner_options(args: argparse.Namespace) -> RunnerOptions:
+    """The job's one ``RunnerOptions``, as ``add_runner_args`` (and ``add_phase_args``, where the
+    subcommand has them) parsed them."""
     if args.ray_address is not None and args.engine != "ray":
         raise ValueError("--ray-address needs --engine ray")
-    return {"engine": args.engine, "ray_address": args.ray_address}
+    phases = {key: value for key, value in vars(args).items() if key in ("partitions", "phase_timeout")}
+    return RunnerOptions(args.workers, args.rank, args.world, args.engine, args.ray_address, **phases)
 
 
 def add_phase_args(parser: argparse.ArgumentParser, partitions: bool = True) -> None:
     """``--partitions`` and ``--phase-timeout`` of a multi-phase job (filter, dedup; see data_tools/phases.py)."""
     add = parser.add_argument
     if partitions:
-        add("--partitions", type=int_at_least(1), default=16, metavar="P", help="reduce tasks per phase")
+        add(
+            "--partitions",
+            type=int_at_least(1),
+            default=DEFAULT_PARTITIONS,
+            metavar="P",
+            help="reduce tasks per phase",
+        )
     add(
         "--phase-timeout",
         type=float_at_least(1.0),
-        default=86400.0,
+        default=DEFAULT_PHASE_TIMEOUT,
         metavar="S",
         help="seconds a node waits for the other ranks to finish a phase",
     )

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> RunSummary:
         args.samples_per_shard,
         args.shuffle_buffer,
         args.seed,
-        **runner_options(args),
+        runner_options(args),
     )
     print(f"reshard: {describe_shards(args.output)}")
     return summary

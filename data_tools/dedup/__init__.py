@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_tools.dedup.exact import exact_labels
-from data_tools.dedup.features import FeatureJob, iter_tables, read_features, run_features
-from data_tools.dedup.groups import choose_keep, connected_components, group_ids, write_results
+from data_tools.dedup.groups import choose_keep, group_ids, write_results
 from data_tools.dedup.hashed_job import run_hashed
-from data_tools.dedup.perceptual import DEFAULT_THRESHOLD, perceptual_edges
-from data_tools.dedup.semantic import DEFAULT_EPS, SemanticConfig, metadata_tables, semantic_components
+from data_tools.dedup.perceptual import DEFAULT_THRESHOLD
+from data_tools.dedup.semantic import DEFAULT_EPS, SemanticConfig, SemanticResult, metadata_tables
 from data_tools.dedup.semantic_job import semantic_job
-from data_tools.phases import JobOptions
+from data_tools.runner import RunnerOptions
+from webshards.outputs import Location
 
 METHODS = ("exact", "perceptual", "semantic")
 KEEP_POLICIES = {
@@ -72,33 +70,30 @@ class DedupConfig:
 
 
 def find_duplicates(
-    output: str | Path,
+    output: Location,
     cfg: DedupConfig,
+    options: RunnerOptions,
     shard_urls: list[str] | None = None,
-    embeddings: str | Path | None = None,
-    workers: int = 1,
-    job: JobOptions | None = None,
+    embeddings: Location | None = None,
 ) -> dict[str, Any] | None:
-    """Find duplicates and write ``output``/duplicates.parquet, keep.parquet and report.json.
-
-    Without ``job`` in one process (the reference path); with it as partitioned task phases
-    (hashed_job.py, semantic_job.py), which give the same files; then ranks other than 0 return None.
-    """
+    """Find duplicates and write ``output``/duplicates.parquet, keep.parquet and report.json, every method
+    as partitioned task phases (hashed_job.py, semantic_job.py); ranks other than 0 return None."""
     start = time.perf_counter()
     if cfg.method == "semantic":
         if embeddings is None:
             raise ValueError("--method semantic needs --embeddings DIR (from data-tools embed)")
-        found = _semantic(output, cfg, embeddings, job)
+        result = semantic_job(embeddings, output, cfg.semantic(), options)
+        found = None if result is None else semantic_groups(result, cfg.policy, embeddings)
     else:
         if not shard_urls:
             raise ValueError(f"--method {cfg.method} needs --shards")
-        found = (
-            _hashed(output, cfg, shard_urls, workers)
-            if job is None
-            else run_hashed(output, cfg, shard_urls, job)
-        )
-    if found is None:
-        return None
+        found = run_hashed(output, cfg, shard_urls, options)
+    return None if found is None else write_report(output, cfg, found, start)
+
+
+def write_report(output: Location, cfg: DedupConfig, found: tuple[Any, ...], start: float) -> dict[str, Any]:
+    """Keep one item per group by the policy and write the outputs of ``found`` (groups, priority, tables,
+    info); returns the report, timed from ``start``."""
     groups, priority, tables, info = found
     keep = choose_keep(groups, priority)
     info = {"method": cfg.method, "keep_policy": cfg.policy, **info}
@@ -107,36 +102,15 @@ def find_duplicates(
     return report
 
 
-def _hashed(output: str | Path, cfg: DedupConfig, urls: list[str], workers: int) -> tuple[Any, ...]:
-    """Exact or perceptual: hash per shard (resumable), then group the hashes."""
-    start = time.perf_counter()
-    files = run_features(urls, output, FeatureJob(cfg.method, cfg.with_caption), workers)
-    hashing = time.perf_counter() - start
-    features, pixels = read_features(files, cfg.method)
-    if cfg.method == "exact":
-        labels, info = exact_labels(features), {"with_caption": cfg.with_caption}
-    else:
-        labels = connected_components(len(features), perceptual_edges(features, cfg.bits))
-        info = {"threshold_bits": cfg.bits}
-    info["hash_seconds"] = round(hashing, 3)
-    priority = pixels.astype(np.float64) if cfg.policy == "largest" else np.zeros(len(pixels))
-    return group_ids(labels), priority, iter_tables(files), info
-
-
-def _semantic(output: str | Path, cfg: DedupConfig, embeddings: str | Path, job: JobOptions | None) -> Any:
-    if job is None:
-        result = semantic_components(embeddings, output, cfg.semantic())
-    else:
-        result = semantic_job(embeddings, output, cfg.semantic(), job)
-    if result is None:
-        return None
+def semantic_groups(result: SemanticResult, policy: str, embeddings: Location) -> tuple[Any, ...]:
+    """Groups, the keep policy's priority, the metadata tables and the info of a SemDeDup result."""
     priority = {
         "farthest": -result.centroid_sim,
         "centroid": result.centroid_sim,
         "score": result.clip_score,
         "first": np.zeros(len(result.labels)),
-    }[cfg.policy]
+    }[policy]
     return group_ids(result.labels), priority.astype(np.float64), metadata_tables(embeddings), result.info
 
 
-__all__ = ["KEEP_POLICIES", "METHODS", "DedupConfig", "find_duplicates"]
+__all__ = ["KEEP_POLICIES", "METHODS", "DedupConfig", "find_duplicates", "semantic_groups", "write_report"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import re
 
-import numpy as np
-
 DIGEST_BYTES = 32
 _SPACES = re.compile(r"\s+")
 
@@ -22,13 +20,3 @@ def sample_digest(image: bytes, caption: str | None = None) -> bytes:
     if caption is None:
         return digest
     return hashlib.sha256(digest + b"\x00" + normalise_caption(caption).encode("utf-8")).digest()
-
-
-def exact_labels(digests: np.ndarray) -> np.ndarray:
-    """A component label per item: items share a label exactly when their digests are equal.
-
-    ``digests`` is ``(n, 32)`` uint8; sorting fixed-size rows is O(n log n), no pairs are formed.
-    """
-    rows = np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
-    keys = rows.view(np.dtype((np.void, DIGEST_BYTES))).ravel()
-    return np.unique(keys, return_inverse=True)[1].ravel().astype(np.int64)

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from data_tools.dedup.exact import DIGEST_BYTES, sample_digest
 from data_tools.dedup.perceptual import phash64
-from data_tools.phases import JobOptions, run_phase
-from data_tools.runner import RunSummary, Task, run_tasks
+from data_tools.phases import run_phase
+from data_tools.runner import RunnerOptions, Task
 from webshards import outputs
 from webshards.layout import iter_shard
 from webshards.outputs import Location
@@ -49,21 +49,13 @@ def feature_files(output: Location, job: FeatureJob, count: int) -> list[Locatio
 
 
 def run_features(
-    urls: list[str], output: Location, job: FeatureJob, workers: int = 1, options: JobOptions | None = None
+    urls: list[str], output: Location, job: FeatureJob, options: RunnerOptions
 ) -> list[Location]:
-    """Hash every shard not hashed yet; returns the feature files in shard order (all complete).
-
-    With ``options`` (a partitioned job) it is a phase: under a rank split it waits for the other ranks.
-    """
+    """Hash every shard not hashed yet, as the first phase of a dedup job (under a rank split it waits for
+    the other ranks); returns the feature files in shard order (all complete)."""
     files = feature_files(output, job, len(urls))
     tasks = [Task(f"{i}:{url}", path, (url, job)) for i, (url, path) in enumerate(zip(urls, files))]
-    if options is not None:
-        run_phase(tasks, hash_shard, options, f"hash ({job.method})")
-        return files
-    summary: RunSummary = run_tasks(tasks, hash_shard, workers=workers, desc=f"hash ({job.method})")
-    if not summary.ok():
-        name, reason = summary.failed[0]
-        raise ValueError(f"hashing failed for {len(summary.failed)} shards, e.g. {name}: {reason}")
+    run_phase(tasks, hash_shard, options, f"hash ({job.method})")
     return files
 
 

@@ -1,5 +1,5 @@
-"""Exact and perceptual dedup as partitioned task phases (see data_tools/phases.py), equal to the in-process
-path (``exact_labels`` / ``perceptual_edges`` + ``connected_components``) group for group.
+"""Exact and perceptual dedup as partitioned task phases (see data_tools/phases.py): the groups are the
+connected components of every pair of equal digests (exact) or of hashes within the threshold (perceptual).
 
 1. ``hash``: one task per shard (features.py), as before;
 2. ``scatter``: one task per shard sends each item's record to partitions by key (shuffle.py):
@@ -40,8 +40,8 @@ from data_tools.dedup.features import (
 from data_tools.dedup.groups import connected_components, group_ids
 from data_tools.dedup.perceptual import HASH_BITS, perceptual_edges
 from data_tools.dedup.shuffle import marker_path, mix64, read_partition, write_partitioned
-from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
-from data_tools.runner import Task
+from data_tools.phases import input_fingerprint, release_scratch, run_phase, settings_key
+from data_tools.runner import RunnerOptions, Task
 from webshards import outputs
 from webshards.outputs import Location
 
@@ -49,36 +49,36 @@ SCRATCH = "partitions"
 
 
 def run_hashed(
-    output: Location, cfg: Any, urls: list[str], job: JobOptions
+    output: Location, cfg: Any, urls: list[str], options: RunnerOptions
 ) -> tuple[np.ndarray, np.ndarray, Any, dict[str, Any]] | None:
     """Exact or perceptual dedup of ``urls`` as task phases; (groups, priority, tables, info) on rank 0."""
     start = time.perf_counter()
-    files = run_features(urls, output, FeatureJob(cfg.method, cfg.with_caption), options=job)
+    files = run_features(urls, output, FeatureJob(cfg.method, cfg.with_caption), options)
     hashing = time.perf_counter() - start
     scratch = outputs.join(output, SCRATCH)
-    settings = {"method": cfg.method, "caption": cfg.with_caption, "bits": cfg.bits, "P": job.partitions}
+    settings = {"method": cfg.method, "caption": cfg.with_caption, "bits": cfg.bits, "P": options.partitions}
     work = outputs.join(scratch, settings_key({**settings, "inputs": input_fingerprint(files)}))
     offsets = np.cumsum([0] + [outputs.parquet_rows(f) for f in files])
     folder = outputs.join(work, "scatter")
-    payload = (cfg.method, cfg.bits, job.partitions)
+    payload = (cfg.method, cfg.bits, options.partitions)
     tasks = [
         Task(f"scatter:{i}", marker_path(folder, i), (f, int(offsets[i]), *payload))
         for i, f in enumerate(files)
     ]
-    run_phase(tasks, scatter_task, job, f"dedup {cfg.method} (scatter)")
+    run_phase(tasks, scatter_task, options, f"dedup {cfg.method} (scatter)")
     markers = [task.output for task in tasks]
     edge_tasks = [
         Task(f"edges:{p}", outputs.join(work, f"edges/{p:05d}.npy"), (markers, p, cfg.method, cfg.bits))
-        for p in range(job.partitions)
+        for p in range(options.partitions)
     ]
-    run_phase(edge_tasks, edges_task, job, f"dedup {cfg.method} (edges)", last=True)
-    if not job.is_merger:
-        release_scratch(scratch, work, job)
+    run_phase(edge_tasks, edges_task, options, f"dedup {cfg.method} (edges)", last=True)
+    if not options.is_merger:
+        release_scratch(scratch, work, options)
         return None
     edges = np.concatenate([outputs.load_npy(task.output) for task in edge_tasks])
     labels = connected_components(int(offsets[-1]), edges)
     pixels = read_features(files, cfg.method)[1] if cfg.policy == "largest" else np.zeros(int(offsets[-1]))
-    release_scratch(scratch, work, job)
+    release_scratch(scratch, work, options)
     info = {"with_caption": cfg.with_caption} if cfg.method == "exact" else {"threshold_bits": cfg.bits}
     info["hash_seconds"] = round(hashing, 3)
     return group_ids(labels), pixels.astype(np.float64), iter_tables(files), info

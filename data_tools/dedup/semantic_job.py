@@ -1,13 +1,13 @@
-"""SemDeDup as partitioned task phases (see data_tools/phases.py), equal to ``semantic_components``.
+"""SemDeDup (semantic.py) as partitioned task phases (see data_tools/phases.py).
 
-1. ``sample``: one task per shard draws its rows of the k-means sample. The in-process path draws one
-   random number per row from one generator, shard after shard; a task jumps the same generator (PCG64)
-   ahead by the rows before its shard, so the sample is the same, row for row;
-2. ``centroids``: one task trains k-means on the sample (as in one process);
+1. ``sample``: one task per shard draws its rows of the k-means sample: the sample of one generator
+   drawing one random number per row, shard after shard, whatever the split, because a task jumps that
+   generator (PCG64) ahead by the rows before its shard;
+2. ``centroids``: one task trains k-means on the whole sample;
 3. ``assign``: one task per shard finds each row's clusters (its own plus boundary probes) and spills the
    bucket entries (index, member flag, fp16 vector, cluster), split by partition ``cluster % P``;
-4. ``pairs``: one task per partition rebuilds each of its clusters' buckets, in the same row order as the
-   in-process spill, and runs the same blocked similarity search (``bucket_edges``) on it;
+4. ``pairs``: one task per partition rebuilds each of its clusters' buckets and runs the blocked
+   similarity search (``bucket_edges``) on each;
 5. merge (rank 0): connected components of all pairs.
 
 Memory: a sample or assign task holds one shard's embeddings; the k-means task the sample (at most 256
@@ -41,15 +41,15 @@ from data_tools.dedup.semantic import (
     unit_rows,
 )
 from data_tools.dedup.shuffle import marker_path, read_partition, write_partitioned
-from data_tools.phases import JobOptions, input_fingerprint, release_scratch, run_phase, settings_key
-from data_tools.runner import Task
+from data_tools.phases import input_fingerprint, release_scratch, run_phase, settings_key
+from data_tools.runner import RunnerOptions, Task
 from webshards import outputs
 from webshards.outputs import Location
 
 SCRATCH = "semantic-work"
 
 
-def semantic_job(embeddings: Location, output: Location, cfg: SemanticConfig, job: JobOptions) -> Any:
+def semantic_job(embeddings: Location, output: Location, cfg: SemanticConfig, options: RunnerOptions) -> Any:
     """Duplicate components of the image embeddings as task phases; a SemanticResult on rank 0, else None."""
     parts = embedding_parts(embeddings)
     rows = part_rows(parts)
@@ -60,29 +60,29 @@ def semantic_job(embeddings: Location, output: Location, cfg: SemanticConfig, jo
     scratch = outputs.join(output, SCRATCH)
     fingerprint = input_fingerprint([f for part in parts for f in part])
     work = outputs.join(
-        scratch, settings_key({"cfg": asdict(cfg), "P": job.partitions, "inputs": fingerprint})
+        scratch, settings_key({"cfg": asdict(cfg), "P": options.partitions, "inputs": fingerprint})
     )
     offsets = np.cumsum([0, *rows])
-    centroids = _centroids(parts, offsets, k, cfg, work, job)
+    centroids = _centroids(parts, offsets, k, cfg, work, options)
     folder = outputs.join(work, "assign")
-    payload = (centroids, cfg, job.partitions)
+    payload = (centroids, cfg, options.partitions)
     tasks = [
         Task(f"assign:{i}", marker_path(folder, i), (p, int(offsets[i]), *payload))
         for i, (_, p) in enumerate(parts)
     ]
-    run_phase(tasks, assign_task, job, "dedup semantic (assign)")
+    run_phase(tasks, assign_task, options, "dedup semantic (assign)")
     markers = [task.output for task in tasks]
     pair_tasks = [
         Task(f"pairs:{p}", outputs.join(work, f"pairs/{p:05d}.npy"), (markers, p, cfg.eps))
-        for p in range(job.partitions)
+        for p in range(options.partitions)
     ]
-    run_phase(pair_tasks, pairs_task, job, "dedup semantic (pairs)", last=True)
-    if not job.is_merger:
-        release_scratch(scratch, work, job)
+    run_phase(pair_tasks, pairs_task, options, "dedup semantic (pairs)", last=True)
+    if not options.is_merger:
+        release_scratch(scratch, work, options)
         return None
     trained = len(outputs.load_npy(centroids))  # k-means may train fewer clusters than asked
     result = _merge(parts, markers, [task.output for task in pair_tasks], n, cfg, trained)
-    release_scratch(scratch, work, job)
+    release_scratch(scratch, work, options)
     return result
 
 
@@ -92,7 +92,7 @@ def _centroids(
     k: int,
     cfg: SemanticConfig,
     work: Location,
-    job: JobOptions,
+    options: RunnerOptions,
 ) -> Location:
     """The sample phase, then the one k-means task; returns the centroids file."""
     rate = sample_rate(int(offsets[-1]), k)
@@ -100,9 +100,9 @@ def _centroids(
         Task(f"sample:{i}", outputs.join(work, f"sample/{i:05d}.npy"), (p, rate, cfg.seed, int(offsets[i])))
         for i, (_, p) in enumerate(parts)
     ]
-    run_phase(tasks, sample_task, job, "dedup semantic (sample)")
+    run_phase(tasks, sample_task, options, "dedup semantic (sample)")
     train = Task("centroids", outputs.join(work, "centroids.npy"), ([t.output for t in tasks], k, cfg))
-    run_phase([train], centroids_task, job, "dedup semantic (k-means)")
+    run_phase([train], centroids_task, options, "dedup semantic (k-means)")
     return train.output
 
 
@@ -111,7 +111,7 @@ def sample_task(task: Task) -> int:
     image_file, rate, seed, offset = task.payload
     raw = read_part(image_file)
     bits = np.random.PCG64(seed)
-    bits.advance(offset)  # one 64-bit draw per row for Generator.random, as the in-process pass uses
+    bits.advance(offset)  # one 64-bit draw per row for Generator.random
     draws = np.random.Generator(bits).random(len(raw))
     outputs.save_npy(task.output, unit_rows(raw[draws < rate]))
     return len(raw)
@@ -180,7 +180,7 @@ def _merge(
     cfg: SemanticConfig,
     k: int,
 ) -> SemanticResult:
-    """Components of all pairs plus the per-item values the keep policies need, as in one process."""
+    """Components of all pairs plus the per-item values the keep policies need."""
     edges = np.concatenate([outputs.load_npy(f) for f in pair_files])
     labels = connected_components(n, edges)
     sims = [outputs.load_npy(_sims_path(m)) for m in markers]

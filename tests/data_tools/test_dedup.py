@@ -18,6 +18,7 @@ from data_tools.dedup import DedupConfig, find_duplicates
 from data_tools.dedup.groups import choose_keep, connected_components, group_ids
 from data_tools.dedup.perceptual import near_pairs
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
+from data_tools.runner import RunnerOptions
 from webshards.layout import ShardWriter, key_for
 from webshards.spec import expand_urls
 
@@ -106,7 +107,7 @@ def check_outputs(output: Path) -> None:
 
 def test_exact_groups_byte_identical_copies(photos, tmp_path: Path) -> None:
     spec, truth = photos
-    find_duplicates(tmp_path, DedupConfig("exact"), shard_urls=expand_urls(spec))
+    find_duplicates(tmp_path, DedupConfig("exact"), RunnerOptions(), shard_urls=expand_urls(spec))
     groups, table = read_groups(tmp_path)
     assert table.num_rows == len(truth)
     found = {frozenset(m) for m in groups.values()}
@@ -134,10 +135,12 @@ def test_perceptual_groups_modified_copies_and_never_two_photos(photos, tmp_path
 def test_hashes_are_reused_on_rerun(photos, tmp_path: Path) -> None:
     spec, _ = photos
     urls = expand_urls(spec)[:1]
-    find_duplicates(tmp_path, DedupConfig("perceptual"), shard_urls=urls)
+    find_duplicates(tmp_path, DedupConfig("perceptual"), RunnerOptions(), shard_urls=urls)
     features = next((tmp_path / "features" / "perceptual").glob("*.parquet"))
     stamp = features.stat().st_mtime_ns
-    report = find_duplicates(tmp_path, DedupConfig("perceptual", threshold=4), shard_urls=urls)
+    report = find_duplicates(
+        tmp_path, DedupConfig("perceptual", threshold=4), RunnerOptions(), shard_urls=urls
+    )
     assert features.stat().st_mtime_ns == stamp and report["threshold_bits"] == 4
 
 
@@ -149,9 +152,11 @@ def test_exact_with_caption_and_keep_largest(tmp_path: Path) -> None:
         ):
             writer.add(key_for(0, i), data, caption, {"path": str(i)})
     urls = [str(tmp_path / "shards" / "00000.tar")]
-    find_duplicates(tmp_path / "a", DedupConfig("exact", with_caption=True), shard_urls=urls)
+    find_duplicates(tmp_path / "a", DedupConfig("exact", with_caption=True), RunnerOptions(), shard_urls=urls)
     assert pq.read_table(tmp_path / "a" / "duplicates.parquet")["group"].to_pylist() == [-1, 0, 0, -1]
-    find_duplicates(tmp_path / "b", DedupConfig("perceptual", keep_policy="largest"), shard_urls=urls)
+    find_duplicates(
+        tmp_path / "b", DedupConfig("perceptual", keep_policy="largest"), RunnerOptions(), shard_urls=urls
+    )
     table = pq.read_table(tmp_path / "b" / "duplicates.parquet")
     assert table["group"].to_pylist() == [0, 0, 0, 0] and table["keep"].to_pylist() == [
         False,
@@ -166,7 +171,10 @@ def test_empty_shards(tmp_path: Path) -> None:
         pass
     for method in ("exact", "perceptual"):
         report = find_duplicates(
-            tmp_path / method, DedupConfig(method), shard_urls=[str(tmp_path / "shards/00000.tar")]
+            tmp_path / method,
+            DedupConfig(method),
+            RunnerOptions(),
+            shard_urls=[str(tmp_path / "shards/00000.tar")],
         )
         assert report["items"] == 0 and pq.read_table(tmp_path / method / "keep.parquet").num_rows == 0
 
@@ -250,7 +258,7 @@ def test_semantic_equals_brute_force(tmp_path: Path, clusters: int | None, probe
     vectors = planted_embeddings(tmp_path / "emb")
     eps = 0.05
     cfg = DedupConfig("semantic", threshold=eps, keep_policy="score", clusters=clusters, probes=probes)
-    report = find_duplicates(tmp_path / "out", cfg, embeddings=tmp_path / "emb")
+    report = find_duplicates(tmp_path / "out", cfg, RunnerOptions(), embeddings=tmp_path / "emb")
     table = pq.read_table(tmp_path / "out" / "duplicates.parquet")
     groups = np.array(table["group"].to_pylist())
     found = {frozenset(np.flatnonzero(groups == g).tolist()) for g in range(groups.max() + 1)}
@@ -263,7 +271,7 @@ def test_semantic_equals_brute_force(tmp_path: Path, clusters: int | None, probe
     kept = np.array(table["keep"].to_pylist())
     assert all(scores[kept & (groups == g)][0] == scores[groups == g].max() for g in range(groups.max() + 1))
     check_outputs(tmp_path / "out")
-    assert not (tmp_path / "out" / "semantic-buckets").exists()
+    assert not (tmp_path / "out" / "semantic-work").exists()
 
 
 def test_semantic_finds_pairs_straddling_a_cluster_boundary(tmp_path: Path) -> None:
@@ -279,7 +287,7 @@ def test_semantic_finds_pairs_straddling_a_cluster_boundary(tmp_path: Path) -> N
     assert frozenset({300, 301}) in expected
     for probes, exact in ((1, False), (2, True)):
         cfg = DedupConfig("semantic", threshold=0.01, clusters=2, probes=probes)
-        report = find_duplicates(tmp_path / f"out{probes}", cfg, embeddings=tmp_path / "emb")
+        report = find_duplicates(tmp_path / f"out{probes}", cfg, RunnerOptions(), embeddings=tmp_path / "emb")
         groups = np.array(
             pq.read_table(tmp_path / f"out{probes}" / "duplicates.parquet")["group"].to_pylist()
         )

@@ -1,16 +1,19 @@
-"""Partitioned dedup jobs (hashed_job.py, semantic_job.py) give exactly the in-process results.
+"""Partitioned dedup jobs (hashed_job.py, semantic_job.py) give exactly the files of a reference.
 
 Inputs are full of duplicates and ties; each job runs with 1, 3 and 7 partitions, 1 and 2 workers, as a
-two-rank split (two processes), and resumed after half its tasks; the files must equal the in-process
-reference path's, and the groups a brute-force all-pairs search that shares no code with either.
+two-rank split (two processes), and resumed after half its tasks; the files must equal a reference's (exact
+and perceptual: a brute-force search of every pair; semantic: SemDeDup in one process, written plainly
+here), and the groups a brute-force all-pairs search that shares no code with the job.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,10 +22,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_tools.dedup import DedupConfig, find_duplicates
-from data_tools.dedup.features import FeatureJob, feature_files
+from data_tools.dedup import DedupConfig, find_duplicates, semantic_groups, write_report
+from data_tools.dedup.features import FeatureJob, feature_files, iter_tables, read_features
+from data_tools.dedup.groups import connected_components, group_ids
+from data_tools.dedup.semantic import (
+    CLUSTER_SIZE,
+    SemanticResult,
+    bucket_edges,
+    embedding_parts,
+    kmeans_centroids,
+    nearest_clusters,
+    read_part,
+    sample_rate,
+    unit_rows,
+)
 from data_tools.embeddings import METADATA_SCHEMA, embedding_files
-from data_tools.phases import JobFailed, JobOptions
+from data_tools.phases import JobFailed
+from data_tools.runner import RunnerOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARD_SIZES = (37, 0, 61, 1, 45)  # uneven, one empty and one single-item shard
@@ -119,27 +135,41 @@ def make_features(method: str, factory: pytest.TempPathFactory) -> tuple[np.ndar
 
 @pytest.fixture(scope="module", params=["exact", "perceptual"])
 def hashed_case(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, np.ndarray, Path, Path]:
-    """(method, features, folder of its feature files, reference output of the in-process path)."""
+    """(method, features, folder of its feature files, reference output)."""
     method = request.param
-    features, pixels, seed_dir = make_features(method, tmp_path_factory)
+    features, _, seed_dir = make_features(method, tmp_path_factory)
     reference = tmp_path_factory.mktemp(f"reference-{method}")
-    write_features(reference, method, features, pixels)
-    find_duplicates(reference, DedupConfig(method, keep_policy="largest"), URLS)
+    hashed_reference(reference, DedupConfig(method, keep_policy="largest"), shard_features(seed_dir, method))
     return method, features, seed_dir, reference
 
 
-def brute_force(method: str, features: np.ndarray, bits: int = 10) -> set[frozenset[int]]:
+def shard_features(output: Path, method: str, shards: int = len(SHARD_SIZES)) -> list[Path]:
+    return feature_files(output, FeatureJob(method), shards)
+
+
+def brute_force_pairs(method: str, features: np.ndarray, bits: int = 10) -> list[tuple[int, int]]:
+    """Every pair of equal digests (exact) or of hashes at most ``bits`` apart (perceptual)."""
     n = len(features)
     if method == "exact":
-        pairs = [(a, b) for a in range(n) for b in range(a) if features[a].tobytes() == features[b].tobytes()]
-    else:
-        pairs = [
-            (a, b)
-            for a in range(n)
-            for b in range(a)
-            if bin(int(features[a] ^ features[b])).count("1") <= bits
-        ]
-    return union_groups(n, pairs)
+        return [(a, b) for a in range(n) for b in range(a) if features[a].tobytes() == features[b].tobytes()]
+    return [
+        (a, b) for a in range(n) for b in range(a) if bin(int(features[a] ^ features[b])).count("1") <= bits
+    ]
+
+
+def brute_force(method: str, features: np.ndarray, bits: int = 10) -> set[frozenset[int]]:
+    return union_groups(len(features), brute_force_pairs(method, features, bits))
+
+
+def hashed_reference(output: Path, cfg: DedupConfig, files: list[Path]) -> None:
+    """The files of exact or perceptual dedup from a brute-force search of every pair of the hashes in
+    ``files``: groups, the keep policy and the outputs as a job writes them."""
+    features, pixels = read_features(files, cfg.method)
+    pairs = np.array(brute_force_pairs(cfg.method, features, cfg.bits), dtype=np.int64).reshape(-1, 2)
+    groups = group_ids(connected_components(len(features), pairs))
+    priority = pixels.astype(np.float64) if cfg.policy == "largest" else np.zeros(len(pixels))
+    info = {"with_caption": cfg.with_caption} if cfg.method == "exact" else {"threshold_bits": cfg.bits}
+    write_report(output, cfg, (groups, priority, iter_tables(files), info), time.perf_counter())
 
 
 def fresh_output(seed_dir: Path, tmp_path: Path) -> Path:
@@ -155,8 +185,8 @@ def test_hashed_job_equals_reference_and_brute_force(
 ) -> None:
     method, features, seed_dir, reference = hashed_case
     out = fresh_output(seed_dir, tmp_path)
-    job = JobOptions(workers=workers, rank=0, world=1, partitions=partitions)
-    find_duplicates(out, DedupConfig(method, keep_policy="largest"), URLS, job=job)
+    job = RunnerOptions(workers=workers, rank=0, world=1, partitions=partitions)
+    find_duplicates(out, DedupConfig(method, keep_policy="largest"), job, URLS)
     assert_same_files(out, reference)
     expected = brute_force(method, features)
     assert len(expected) > 10 and found_groups(out) == expected
@@ -169,9 +199,10 @@ def test_perceptual_job_at_other_thresholds(tmp_path_factory, tmp_path: Path, bi
     method = "perceptual"
     features, _, seed_dir = make_features(method, tmp_path_factory)
     cfg = DedupConfig("perceptual", threshold=bits)
-    find_duplicates(fresh_output(seed_dir, tmp_path / "ref"), cfg, URLS)
-    job = JobOptions(rank=0, world=1, partitions=3)
-    find_duplicates(fresh_output(seed_dir, tmp_path / "job"), cfg, URLS, job=job)
+    (tmp_path / "ref" / "out").mkdir(parents=True)
+    hashed_reference(tmp_path / "ref" / "out", cfg, shard_features(seed_dir, method))
+    job = RunnerOptions(rank=0, world=1, partitions=3)
+    find_duplicates(fresh_output(seed_dir, tmp_path / "job"), cfg, job, URLS)
     assert_same_files(tmp_path / "job" / "out", tmp_path / "ref" / "out")
     assert found_groups(tmp_path / "job" / "out") == brute_force(method, features, bits)
 
@@ -215,12 +246,12 @@ def test_hashed_job_resumes_after_half_the_tasks(hashed_case, tmp_path: Path) ->
     method, _, seed_dir, reference = hashed_case
     out = fresh_output(seed_dir, tmp_path)
     cfg = DedupConfig(method, keep_policy="largest")
-    half = JobOptions(rank=0, world=2, partitions=7, phase_timeout=0.5)
+    half = RunnerOptions(rank=0, world=2, partitions=7, phase_timeout=0.5)
     with pytest.raises(JobFailed, match="not complete after 0.5 s"):
-        find_duplicates(out, cfg, URLS, job=half)
+        find_duplicates(out, cfg, half, URLS)
     done = list((out / "partitions").rglob("*.bounds.npy"))
     assert 0 < len(done) < len(SHARD_SIZES)
-    find_duplicates(out, cfg, URLS, job=JobOptions(partitions=7, rank=0, world=1))
+    find_duplicates(out, cfg, RunnerOptions(partitions=7, rank=0, world=1), URLS)
     assert_same_files(out, reference)
 
 
@@ -230,11 +261,11 @@ def test_hashed_job_on_demo_shards(demo_data: Path, tmp_path: Path) -> None:
     from webshards.spec import expand_urls
 
     for method in ("exact", "perceptual"):
-        cfg = DedupConfig(method)
-        find_duplicates(tmp_path / f"ref-{method}", cfg, expand_urls(spec))
-        job = JobOptions(workers=2, rank=0, world=1, partitions=3)
-        find_duplicates(tmp_path / f"job-{method}", cfg, expand_urls(spec), job=job)
-        assert_same_files(tmp_path / f"job-{method}", tmp_path / f"ref-{method}")
+        cfg, job, ref = DedupConfig(method), tmp_path / f"job-{method}", tmp_path / f"ref-{method}"
+        find_duplicates(job, cfg, RunnerOptions(workers=2, rank=0, world=1, partitions=3), expand_urls(spec))
+        ref.mkdir()
+        hashed_reference(ref, cfg, shard_features(job, method, 4))
+        assert_same_files(job, ref)
 
 
 def write_embedding_shards(folder: Path, vectors: np.ndarray, sizes: list[int]) -> None:
@@ -275,13 +306,49 @@ def semantic_brute_force(vectors: np.ndarray, eps: float) -> set[frozenset[int]]
     )
 
 
+def semantic_reference(output: Path, cfg: DedupConfig, embeddings: Path) -> dict:
+    """The files of SemDeDup in one process, written plainly: k-means on one generator's sample of the rows
+    (one draw per row, shard after shard), each shard's rows to their own cluster and the boundary probes,
+    the pairs inside each cluster's bucket, their components; returns the report."""
+    semantic, parts = cfg.semantic(), embedding_parts(embeddings)
+    shards = [np.asarray(read_part(image)) for _, image in parts]
+    n = sum(len(raw) for raw in shards)
+    k = semantic.clusters or max(1, math.ceil(n / CLUSTER_SIZE))
+    rng, rate = np.random.default_rng(semantic.seed), sample_rate(n, k)
+    sample = np.concatenate([unit_rows(raw[rng.random(len(raw)) < rate]) for raw in shards])
+    centroids = kmeans_centroids(sample, k, semantic)
+    search = nearest_clusters(centroids, semantic)
+    own_sims, unchecked, buckets, offset = [], 0, defaultdict(list), 0
+    for raw in shards:
+        own, missed, (clusters, rows, member) = search(raw)
+        own_sims.append(own)
+        unchecked += missed
+        for cluster, row, is_member in zip(clusters.tolist(), rows.tolist(), member.tolist()):
+            buckets[cluster].append((offset + row, is_member, raw[row]))
+        offset += len(raw)
+    dtype = np.dtype([("index", "<i8"), ("member", "u1"), ("vec", "<f2", (centroids.shape[1],))])
+    edges = [bucket_edges(np.array(bucket, dtype=dtype), semantic.eps) for bucket in buckets.values()]
+    labels = connected_components(n, np.concatenate(edges))
+    scores = np.concatenate(
+        [pq.read_table(m, columns=["clip_score"])["clip_score"].to_numpy() for m, _ in parts]
+    )
+    info = {
+        "eps": semantic.eps,
+        "clusters": len(centroids),
+        "probes": semantic.probes,
+        "unchecked": unchecked,
+    }
+    result = SemanticResult(labels, np.concatenate(own_sims), scores, {**info, "exact": unchecked == 0})
+    return write_report(output, cfg, semantic_groups(result, cfg.policy, embeddings), time.perf_counter())
+
+
 @pytest.fixture(scope="module")
 def semantic_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, Path, Path]:
     vectors = semantic_vectors()
     emb = tmp_path_factory.mktemp("emb")
     write_embedding_shards(emb, vectors, [200, 0, 333, 1, 366])
     reference = tmp_path_factory.mktemp("semantic-reference")
-    find_duplicates(reference, SEMANTIC, embeddings=emb)
+    semantic_reference(reference, SEMANTIC, emb)
     return vectors, emb, reference
 
 
@@ -293,8 +360,8 @@ def test_semantic_job_equals_reference_and_brute_force(
     semantic_case, tmp_path: Path, partitions, workers
 ) -> None:
     vectors, emb, reference = semantic_case
-    job = JobOptions(workers=workers, rank=0, world=1, partitions=partitions)
-    report = find_duplicates(tmp_path, SEMANTIC, embeddings=emb, job=job)
+    job = RunnerOptions(workers=workers, rank=0, world=1, partitions=partitions)
+    report = find_duplicates(tmp_path, SEMANTIC, job, embeddings=emb)
     assert report["exact"] and report["unchecked"] == 0
     assert_same_files(tmp_path, reference)
     expected = semantic_brute_force(vectors, 0.05)
@@ -307,8 +374,9 @@ def test_semantic_job_with_few_probes_equals_reference(semantic_case, tmp_path: 
     900), the job still equals one process."""
     _, emb, _ = semantic_case
     cfg = DedupConfig("semantic", threshold=0.05, clusters=3, probes=1, keep_policy="farthest")
-    assert not find_duplicates(tmp_path / "ref", cfg, embeddings=emb)["exact"]
-    find_duplicates(tmp_path / "job", cfg, embeddings=emb, job=JobOptions(rank=0, world=1, partitions=3))
+    (tmp_path / "ref").mkdir()
+    assert not semantic_reference(tmp_path / "ref", cfg, emb)["exact"]
+    find_duplicates(tmp_path / "job", cfg, RunnerOptions(rank=0, world=1, partitions=3), embeddings=emb)
     assert_same_files(tmp_path / "job", tmp_path / "ref")
 
 
@@ -319,10 +387,10 @@ def test_semantic_job_on_two_ranks_and_resumed(semantic_case, tmp_path: Path) ->
     rank0, rank1 = two_ranks([*args, "--output", str(tmp_path / "ranks")])
     assert "removed" in rank0 and "rank 0 writes" in rank1
     assert_same_files(tmp_path / "ranks", reference)
-    half = JobOptions(rank=1, world=2, partitions=7, phase_timeout=0.5)
+    half = RunnerOptions(rank=1, world=2, partitions=7, phase_timeout=0.5)
     with pytest.raises(JobFailed, match="dedup semantic .* not complete"):
-        find_duplicates(tmp_path / "resumed", SEMANTIC, embeddings=emb, job=half)
+        find_duplicates(tmp_path / "resumed", SEMANTIC, half, embeddings=emb)
     find_duplicates(
-        tmp_path / "resumed", SEMANTIC, embeddings=emb, job=JobOptions(rank=0, world=1, partitions=7)
+        tmp_path / "resumed", SEMANTIC, RunnerOptions(rank=0, world=1, partitions=7), embeddings=emb
     )
     assert_same_files(tmp_path / "resumed", reference)

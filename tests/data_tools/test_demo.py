@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from data_tools.cli import main
-from data_tools.demo import CLASSNAMES, write_demo_data
+from webshards.demo_data import CLASSNAMES, write_demo_data
 from webshards.layout import iter_shard, list_shards, read_sizes
 
 SMALL = {"samples": 200, "eval_samples": 64, "image_size": 32, "samples_per_shard": 100}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,12 @@ import pytest
 from helpers import trained_tiny_clip
 
 from data_tools.cli import main
-from data_tools.demo import CLASSNAMES
-from data_tools.embeddings import METADATA_SCHEMA, embedding_files, metadata_files
-from data_tools.filter import FilterConfig, datacomp_uids, filter_embeddings, score_threshold
+from data_tools.embeddings import METADATA_SCHEMA, embedding_files
+from data_tools.filter import FilterConfig, datacomp_uids
+from data_tools.filter_tasks import filter_job
+from data_tools.phases import JobFailed
+from data_tools.runner import RunnerOptions
+from webshards.demo_data import CLASSNAMES
 from webshards.layout import ShardWriter, iter_shard, make_uid
 
 
@@ -38,7 +42,9 @@ def test_keep_fraction_threshold_is_exact(tmp_path: Path) -> None:
         )
     everything = np.sort(np.concatenate(scores))[::-1]
     for fraction in (0.0, 0.001, 0.1, 0.3, 0.5, 0.999, 1.0):
-        threshold = score_threshold(metadata_files(tmp_path), fraction)
+        keep_list = tmp_path / f"keep-{fraction}" / "keep.parquet"
+        summary = filter_job(tmp_path, keep_list, FilterConfig(keep_fraction=fraction), RunnerOptions())
+        threshold = math.inf if summary["score_threshold"] is None else summary["score_threshold"]
         keep = round(fraction * len(everything))
         assert int((everything >= threshold).sum()) == keep
         if keep:
@@ -120,11 +126,10 @@ def test_sizes_come_from_the_shards_when_metadata_lacks_them(tmp_path: Path) -> 
         [{"key": f"00000000{i}", "uid": u, "clip_score": 0.5} for i, u in enumerate(uids)],
     )
     cfg = FilterConfig(min_side=32)
-    with pytest.raises(ValueError, match="--shards"):
-        filter_embeddings(tmp_path / "emb", tmp_path / "k.parquet", cfg)
-    filter_embeddings(
-        tmp_path / "emb", tmp_path / "k.parquet", cfg, shard_urls=[str(tmp_path / "shards/00000.tar")]
-    )
+    with pytest.raises(JobFailed, match="--shards"):  # the CLI's exit status 1, with this line
+        filter_job(tmp_path / "emb", tmp_path / "k.parquet", cfg, RunnerOptions())
+    urls = [str(tmp_path / "shards/00000.tar")]
+    filter_job(tmp_path / "emb", tmp_path / "k.parquet", cfg, RunnerOptions(), shard_urls=urls)
     assert kept_uids(tmp_path / "k.parquet") == uids[:1]
 
 

@@ -1,8 +1,8 @@
-"""``filter`` as per-shard task phases (filter_tasks.py) writes exactly the files of the in-process path.
+"""``filter`` as per-shard task phases (filter_tasks.py) writes exactly the files of one plain pass.
 
 Scores are full of ties (rounded to 3 decimals, so whole bins tie), shards are uneven (one empty); the job
 runs with 1 and 2 workers, as a two-rank split (two processes) and resumed after half its tasks. The
-threshold must also equal a brute-force sort of every score.
+reference takes its threshold from a brute-force sort of every score, then applies the rules table by table.
 """
 
 from __future__ import annotations
@@ -19,10 +19,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_tools.embeddings import METADATA_SCHEMA, embedding_files
-from data_tools.filter import FilterConfig, filter_embeddings, histogram_path, summary_path
+from data_tools.embeddings import METADATA_SCHEMA, embedding_files, metadata_files
+from data_tools.filter import (
+    KEEP_SCHEMA,
+    FilterConfig,
+    Tally,
+    filtered_tables,
+    histogram_path,
+    kept_uids,
+    summary_path,
+    write_outputs,
+)
 from data_tools.filter_tasks import filter_job
-from data_tools.phases import JobFailed, JobOptions
+from data_tools.phases import JobFailed
+from data_tools.runner import RunnerOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = (300, 0, 457, 1, 242)
@@ -62,10 +72,26 @@ def outputs(keep: Path) -> dict[str, bytes]:
     return {**files, "summary": json.dumps(summary).encode()}
 
 
-def reference(tmp_path: Path, folder: Path, cfg: FilterConfig, fmt: str = "parquet") -> dict[str, bytes]:
+def brute_force_threshold(scores: np.ndarray, cfg: FilterConfig) -> float:
+    """The given score, none, or the ``round(F * n)``-th best of all scores, ties included (+inf: keep none)."""
+    if cfg.keep_fraction is None:
+        return -math.inf if cfg.min_score is None else cfg.min_score
+    count = round(cfg.keep_fraction * len(scores))
+    return float(np.sort(scores)[::-1][count - 1]) if count else math.inf
+
+
+def reference(
+    tmp_path: Path, embeddings: tuple[Path, np.ndarray], cfg: FilterConfig, fmt: str = "parquet"
+) -> dict[str, bytes]:
+    """The files of filter in one plain pass: the brute-force threshold, then every table's rules in order."""
+    folder, scores = embeddings
     keep = tmp_path / "reference" / "keep.parquet"
     keep.parent.mkdir()
-    filter_embeddings(folder, keep, cfg, fmt)
+    threshold, tally = brute_force_threshold(scores, cfg), Tally()
+    with pq.ParquetWriter(keep, KEEP_SCHEMA) as writer:
+        for table, masks in filtered_tables(metadata_files(folder), cfg, threshold, None):
+            writer.write_table(kept_uids(table, tally.add(table, masks)))
+    write_outputs(keep, fmt, tally, cfg, threshold)
     return outputs(keep)
 
 
@@ -83,8 +109,8 @@ CASES = [
 def test_job_writes_the_reference_files(embeddings, tmp_path: Path, cfg: FilterConfig, workers: int) -> None:
     folder, scores = embeddings
     keep = tmp_path / "job" / "keep.parquet"
-    summary = filter_job(folder, keep, cfg, JobOptions(workers=workers, rank=0, world=1), "datacomp")
-    assert outputs(keep) == reference(tmp_path, folder, cfg, "datacomp")
+    summary = filter_job(folder, keep, cfg, RunnerOptions(workers=workers, rank=0, world=1), "datacomp")
+    assert outputs(keep) == reference(tmp_path, embeddings, cfg, "datacomp")
     assert not (tmp_path / "job" / "keep_work").exists()  # scratch removed after the merge
     if cfg.keep_fraction is not None:  # brute force: the round(F * n)-th best score, ties included
         ranked = np.sort(scores)[::-1]
@@ -97,7 +123,7 @@ def test_job_writes_the_reference_files(embeddings, tmp_path: Path, cfg: FilterC
 def test_two_ranks_and_a_resumed_run(embeddings, tmp_path: Path) -> None:
     folder, _ = embeddings
     cfg = FilterConfig(keep_fraction=0.3, min_words=1)
-    expected = reference(tmp_path, folder, cfg)
+    expected = reference(tmp_path, embeddings, cfg)
     keep = tmp_path / "ranks" / "keep.parquet"
     args = ["filter", "--embeddings", str(folder), "--keep-fraction", "0.3", "--min-words", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -129,8 +155,8 @@ def test_two_ranks_and_a_resumed_run(embeddings, tmp_path: Path) -> None:
 
     resumed = tmp_path / "resumed" / "keep.parquet"
     with pytest.raises(JobFailed, match=r"filter \(score counts\): 2 task\(s\) of other ranks not complete"):
-        filter_job(folder, resumed, cfg, JobOptions(rank=0, world=2, phase_timeout=0.5))
+        filter_job(folder, resumed, cfg, RunnerOptions(rank=0, world=2, phase_timeout=0.5))
     assert not resumed.exists() and len(list(resumed.parent.rglob("*.npy"))) == 3
-    filter_job(folder, resumed, cfg, JobOptions(rank=0, world=1))
+    filter_job(folder, resumed, cfg, RunnerOptions(rank=0, world=1))
     assert outputs(resumed) == expected
     assert summary_path(resumed).exists() and histogram_path(resumed).exists()

@@ -14,7 +14,7 @@ from helpers import free_port, write_image_folder
 from data_tools import engine_ray
 from data_tools.cli import main
 from data_tools.engine_ray import ActorSpec, _actor_count
-from data_tools.runner import Task, run_tasks
+from data_tools.runner import RunnerOptions, Task, run_tasks
 
 
 @pytest.mark.parametrize("command", ["build", "embed", "reshard", "filter", "dedup"])
@@ -44,7 +44,7 @@ def test_missing_ray_is_one_clear_line(tmp_path: Path, monkeypatch, capsys) -> N
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     tasks = [Task("t0", tmp_path / "t0.done", 1)]
     with pytest.raises(ValueError, match=r"^--engine ray needs `pip install clip-pretrain\[ray\]`"):
-        run_tasks(tasks, len, engine="ray")
+        run_tasks(tasks, len, RunnerOptions(engine="ray"))
 
 
 def test_unreachable_cluster_is_one_line_and_fast(tmp_path: Path, capsys) -> None:
@@ -61,7 +61,7 @@ def test_unreachable_cluster_is_one_line_and_fast(tmp_path: Path, capsys) -> Non
 
 def test_unknown_engine_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="engine must be one of"):
-        run_tasks([Task("t0", tmp_path / "t0.done", 1)], len, engine="spark")
+        run_tasks([Task("t0", tmp_path / "t0.done", 1)], len, RunnerOptions(engine="spark"))
 
 
 def test_usage_stats_are_off_unless_the_user_chose(monkeypatch) -> None:

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_tools.cli import main
-from data_tools.demo import write_demo_data
 from data_tools.reshard import reshard, source_positions
+from data_tools.runner import RunnerOptions
+from webshards.demo_data import write_demo_data
 from webshards.layout import iter_shard, key_for, list_shards, read_sizes
 
 SPEC = "{00000..00003}.tar"
@@ -80,7 +81,7 @@ def test_shuffle_is_seeded_and_independent_of_workers(shards: Path, originals: d
     keep = write_keep(tmp_path / "keep.parquet", sorted(originals)[:30])
     options = {"samples_per_shard": 7, "shuffle_buffer": 8, "seed": 3}
     reshard(str(shards / SPEC), [keep], tmp_path / "one", **options)
-    reshard(str(shards / SPEC), [keep], tmp_path / "two", **options, workers=2)
+    reshard(str(shards / SPEC), [keep], tmp_path / "two", **options, options=RunnerOptions(workers=2))
     reshard(str(shards / SPEC), [keep], tmp_path / "plain", samples_per_shard=7)
     for tar in list_shards(tmp_path / "one"):
         assert tar.read_bytes() == (tmp_path / "two" / tar.name).read_bytes()

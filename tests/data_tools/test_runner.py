@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.cli import job_status
-from data_tools.runner import RunSummary, Task, node_split, resolve_rank_world, run_tasks
+from data_tools.runner import RunnerOptions, RunSummary, Task, node_split, resolve_rank_world, run_tasks
 from webshards import progress
 
 
@@ -62,7 +62,7 @@ def test_failure_is_reported_and_others_complete(tmp_path: Path, workers: int, c
     monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)  # a progress line at every task
     tasks = make_tasks(tmp_path, [3, -1, 5, 7])
     with caplog.at_level(logging.INFO, logger="data_tools"):
-        summary = run_tasks(tasks, write_output, workers=workers, rank=0, world=1, desc="job")
+        summary = run_tasks(tasks, write_output, RunnerOptions(workers, 0, 1), desc="job")
     assert sorted(summary.done) == ["t0", "t2", "t3"] and summary.samples == 15
     assert summary.failed == [("t1", "ValueError: bad payload -1")] and not summary.ok()
     assert all(tasks[i].output.exists() for i in (0, 2, 3)) and not tasks[1].output.exists()
@@ -82,7 +82,7 @@ def test_progress_lines_while_a_long_task_runs(tmp_path: Path, workers: int, cap
     monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.05)
     monkeypatch.setattr(progress, "TICK_SECONDS", 0.02)
     with caplog.at_level(logging.INFO, logger="data_tools"):
-        run_tasks(make_tasks(tmp_path, [0.4, 0.4]), slow_task, workers=workers, rank=0, world=1, desc="embed")
+        run_tasks(make_tasks(tmp_path, [0.4, 0.4]), slow_task, RunnerOptions(workers, 0, 1), desc="embed")
     waiting = [line for line in caplog.messages if line.startswith("embed: 0/2 shards (0%)")]
     assert waiting and waiting[0].endswith("ETA unknown"), caplog.text
 
@@ -90,25 +90,25 @@ def test_progress_lines_while_a_long_task_runs(tmp_path: Path, workers: int, cap
 def test_complete_tasks_are_skipped(tmp_path: Path) -> None:
     tasks = make_tasks(tmp_path, [1, 2, 3])
     tasks[1].output.write_text("done before")
-    summary = run_tasks(tasks, write_output, rank=0, world=1)
+    summary = run_tasks(tasks, write_output, RunnerOptions(rank=0, world=1))
     assert summary.skipped == ["t1"] and summary.done == ["t0", "t2"] and summary.ok()
     assert tasks[1].output.read_text() == "done before"
-    again = run_tasks(tasks, write_output, workers=2, rank=0, world=1)
+    again = run_tasks(tasks, write_output, RunnerOptions(2, 0, 1))
     assert again.skipped == ["t0", "t1", "t2"] and again.done == [] and again.samples == 0
 
 
 def test_nodes_together_run_every_task_once(tmp_path: Path) -> None:
     tasks = make_tasks(tmp_path, [1] * 7)
-    summaries = [run_tasks(tasks, write_output, rank=rank, world=3) for rank in range(3)]
+    summaries = [run_tasks(tasks, write_output, RunnerOptions(rank=rank, world=3)) for rank in range(3)]
     done = [name for summary in summaries for name in summary.done]
     assert sorted(done) == sorted(task.name for task in tasks) and len(done) == 7
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unique"):
-        run_tasks(make_tasks(tmp_path, [1]) * 2, write_output)
+        run_tasks(make_tasks(tmp_path, [1]) * 2, write_output, RunnerOptions())
     with pytest.raises(ValueError, match="workers"):
-        run_tasks(make_tasks(tmp_path, [1]), write_output, workers=0)
+        run_tasks(make_tasks(tmp_path, [1]), write_output, RunnerOptions(workers=0))
 
 
 def test_cli_exit_status_of_a_job(capsys) -> None:
@@ -131,11 +131,11 @@ def test_ctrl_c_says_how_far_the_job_got_and_a_rerun_resumes(tmp_path: Path, mon
     from data_tools.commands import stats
 
     tasks = make_tasks(tmp_path, [1, 2, 3])
-    monkeypatch.setattr(stats, "run", lambda args: run_tasks(tasks, interrupted_at_t1))
+    monkeypatch.setattr(stats, "run", lambda args: run_tasks(tasks, interrupted_at_t1, RunnerOptions()))
     assert cli.main(["stats", "--shards", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert err.splitlines() == [
         "data-tools: interrupted: 1 of 3 tasks finished; the same command again skips the complete ones"
     ]
-    summary = run_tasks(tasks, write_output)
+    summary = run_tasks(tasks, write_output, RunnerOptions())
     assert (summary.skipped, summary.done) == (["t0"], ["t1", "t2"])

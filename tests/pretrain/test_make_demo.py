@@ -4,7 +4,7 @@ timings, curves.
 The full `make demo` (800 steps, zero-shot top-1 >= 0.90 in ~4 minutes on 2 cores) is a command users run and
 a benchmark (docs/PERFORMANCE.md), not a test: here the same program and recipe run SHORT_STEPS steps on the
 suite's small draw of the same data (`demo_data`: 512 images, 64 held out), which shows the recipe learns in
-under a minute. Writing the demo data is data_tools' `write_demo_data`, tested in tests/data_tools/test_demo.py.
+under a minute. Writing the demo data is webshards' `write_demo_data`, tested in tests/data_tools/test_demo.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SHORT_TOP1, SHORT_TOP5 = 0.15, 0.6
 def small_demo_data(monkeypatch, samples: int, eval_samples: int) -> None:
     """Make the demo draw `samples` train and `eval_samples` eval images instead of its 64,000 and 1,600."""
     import pretrain.demo as demo
-    from data_tools.demo import write_demo_data
+    from webshards.demo_data import write_demo_data
 
     def write(folder):
         return write_demo_data(folder, samples=samples, eval_samples=eval_samples, workers=1)

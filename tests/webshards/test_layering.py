@@ -1,5 +1,6 @@
-"""The layers point one way: webshards imports nothing above it (nor torch/open_clip), pretrain reaches
-data_tools only from its demo entry point, data_tools reaches pretrain only through data_tools.models."""
+"""The layers point one way: webshards imports nothing above it (nor torch/open_clip), pretrain imports
+data_tools nowhere (make demo's data comes from webshards.demo_data), data_tools reaches pretrain only
+through data_tools.models."""
 
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def test_webshards_imports_neither_package_above():
     assert importers("webshards", "pretrain") == [] and importers("webshards", "data_tools") == []
 
 
-def test_pretrain_reaches_data_tools_only_from_the_demo():
-    assert importers("pretrain", "data_tools") == ["pretrain/demo.py"]
+def test_pretrain_imports_data_tools_nowhere():
+    assert importers("pretrain", "data_tools") == []
 
 
 def test_data_tools_reaches_pretrain_only_through_models():

@@ -3,7 +3,8 @@
 32 classes (8 colours × 4 shapes) drawn with PIL on varied backgrounds, so a tiny CLIP learns
 something measurable in minutes and zero-shot accuracy on the held-out eval split means something.
 Each shard depends only on (seed, split, shard id): reruns give the same bytes, shards are written in
-parallel, and complete shards are skipped (resumable).
+parallel (``webshards.tasks``), and complete shards are skipped (resumable). It lives in the bottom layer
+so that ``make demo`` (pretrain) and ``data-tools demo-data`` both stand on it, not on each other.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_tools.runner import RunSummary, Task, check_settings, run_tasks
 from webshards import evalset
 from webshards.atomic import write_json_atomic
 from webshards.layout import (
@@ -32,6 +32,7 @@ from webshards.layout import (
     stats_name,
     write_sizes,
 )
+from webshards.tasks import RunSummary, Task, check_settings, in_pool, run_incomplete
 
 # Saturated, far-apart colours so the colour word is unambiguous at 64 px.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -194,13 +195,13 @@ def _stats_file(task: ShardTask) -> Path:
 
 
 def _run(tasks: list[ShardTask], workers: int) -> RunSummary:
-    """Write the shards with the one task runner, all of them in this process's job (the demo set is small:
-    no rank split); a failed shard stops the demo."""
+    """Write the shards in a local process pool, all of them on this node (the demo set is small: no rank
+    split); a failed shard stops the demo."""
     for task in tasks:
         if not _is_done(task):  # a complete shard of another size is rewritten: unmark it
             _stats_file(task).unlink(missing_ok=True)
     jobs = [Task(f"{task.split}/{shard_name(task.shard_id)}", _stats_file(task), task) for task in tasks]
-    summary = run_tasks(jobs, _write_job, workers=workers, rank=0, world=1, desc="demo-data", unit="img")
+    summary = run_incomplete(jobs, _write_job, in_pool(workers), desc="demo-data", unit="img")
     if summary.failed:
         name, reason = summary.failed[0]
         raise RuntimeError(f"demo shard {name} failed: {reason}")
