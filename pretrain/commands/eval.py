@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from pretrain.config import EvalConfig
+
 HELP = "zero-shot classification / retrieval of a checkpoint, run directory or export"
 DESCRIPTION = (
     "Evaluate on eval sets in clip_benchmark's webdataset layout; prints one JSON object per task "
@@ -21,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an eval set: ROOT is a folder or s3:// / http(s):// URL in clip_benchmark's layout (repeatable)")  # fmt: skip
     add("--val-data", metavar="SPEC", help="held-out training-format shards: contrastive val loss")
     add("--zeroshot", metavar="ROOT", help="deprecated: the same as --task zeroshot=ROOT")
-    add("--batch-size", type=int, default=256)
-    add("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    add("--batch-size", type=int, default=EvalConfig.batch_size)
+    add("--workers", type=int, default=EvalConfig.workers,
+        help="data-loading worker processes (default: %(default)s)")  # fmt: skip
     add("--device", default="cpu", choices=["cpu", "cuda"])
 
 

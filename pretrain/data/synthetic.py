@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pretrain.config import DataConfig
+
 
 class SyntheticSource:
     """Deterministic micro-batches for one rank; its position is the micro-batch counter."""
@@ -24,7 +26,7 @@ class SyntheticSource:
         image_size: int,
         context_length: int,
         vocab_size: int = 49408,
-        classes: int = 16,
+        classes: int = DataConfig.synthetic_classes,
     ) -> None:
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
         self.image_size, self.context_length, self.vocab_size = image_size, context_length, vocab_size

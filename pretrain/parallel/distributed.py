@@ -59,7 +59,7 @@ def detect(env: dict | None = None) -> DistInfo:
         local_rank=ranks.local_rank,
         world_size=ranks.world,
         master_addr=master or "127.0.0.1",
-        master_port=int(env.get("MASTER_PORT", 29500)),
+        master_port=int(env.get("MASTER_PORT", DistInfo.master_port)),
     )
 
 
