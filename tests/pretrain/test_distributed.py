@@ -11,7 +11,7 @@ def test_single_process_by_default():
 
 def test_torchrun_environment():
     env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
-    assert detect(env) == DistInfo(rank=3, local_rank=1, world_size=8, master_addr="node7", master_port=1234)
+    assert detect(env) == DistInfo(3, 1, 8, "torchrun", master_addr="node7", master_port=1234)
 
 
 def test_slurm_environment_without_scontrol():
