@@ -35,16 +35,7 @@ def job_status(summary: RunSummary) -> int:
 COMMAND_LINE = CommandLine(
     prog=PROG,
     description="Curate image-text data into WebDataset shards.",
-    commands={
-        "demo-data": demo_data,
-        "build": build,
-        "reshard": reshard,
-        "stats": stats,
-        "embed": embed,
-        "filter": filter,
-        "dedup": dedup,
-        "eval-set": eval_set,
-    },
+    commands=(demo_data, build, reshard, stats, embed, filter, dedup, eval_set),  # in --help order
     # JobFailed: the job ran and failed (which task, or which rank's work never arrived); a ValueError:
     # invalid inputs, found before or while running
     errors=((JobFailed, 1), (ValueError, 2)),
@@ -56,7 +47,7 @@ COMMAND_LINE = CommandLine(
 def main(argv: list[str] | None = None) -> int:
     """Run ``data-tools``; returns the exit status: 0 on success, 2 when what the command was given is wrong
     (a flag, a value, an input that is missing or unreadable, an output holding another job's settings), 1 when
-    the work itself failed (tasks failed, other ranks never finished a phase). `pretrain` follows the same rule."""
+    the work itself failed (tasks failed, other ranks never finished a phase), 130 on Ctrl-C."""
     setup_logging()
     return COMMAND_LINE.main(argv)
 

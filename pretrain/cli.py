@@ -12,15 +12,7 @@ from webshards.args import CommandLine
 COMMAND_LINE = CommandLine(
     prog="pretrain",
     description="Contrastive image-text pretraining (CLIP) on open_clip.",
-    commands={
-        "train": train,
-        "config": config,
-        "eval": eval,
-        "export": export,
-        "push": push,
-        "caption": caption,
-        "plot": plot,
-    },
+    commands=(train, config, eval, export, push, caption, plot),  # in --help order
     errors=((FileNotFoundError, 2), (ValueError, 2), (RuntimeError, 2)),
     error_names_command=True,
     interrupted=interrupted,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NoReturn
@@ -33,31 +33,34 @@ def say_interrupted(prog: str, error: KeyboardInterrupt | None = None, say: bool
 
 @dataclass(frozen=True)
 class CommandLine:
-    """A command made of subcommands, one module each: ``HELP`` (its line in the command's ``--help``),
-    ``DESCRIPTION`` (the top of its own ``--help``), ``add_arguments(parser)``, ``run(args)`` (returns None
-    or what ``status`` turns into the exit status) and, to report errors its own way, ``ERRORS``."""
+    """A command made of subcommands, one module each, named as the module (``_`` read as ``-``): ``HELP``
+    (its line in the command's ``--help``), ``DESCRIPTION`` (optional: the top of its own ``--help``),
+    ``add_arguments(parser)``, ``run(args)`` (None, or what ``status`` turns into the exit status) and, to
+    report errors its own way, ``ERRORS``. An error listed in ``errors`` (the first type that matches gives
+    the exit status) is one line ``PROG: error: MESSAGE``, or ``PROG COMMAND: error:`` with
+    ``error_names_command``."""
 
     prog: str
     description: str
-    commands: Mapping[str, ModuleType]
-    """Subcommand name -> its module, in ``--help`` order."""
+    commands: tuple[ModuleType, ...]
     errors: tuple[tuple[type[Exception], int], ...]
-    """Errors in what a user gave: one line ``PROG: error: MESSAGE``, exit status of the first type matched."""
     error_names_command: bool = False
-    """Errors start ``PROG COMMAND: error:``."""
     formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter
     status: Callable[[Any], int] = int
     interrupted: Callable[[str, KeyboardInterrupt], int] = say_interrupted
 
     def build_parser(self) -> OneLineParser:
-        """The parser of every subcommand."""
+        """The parser of every subcommand, in the order of ``commands``."""
         parser = OneLineParser(prog=self.prog, description=self.description)
         subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-        for name, command in self.commands.items():
-            kwargs = {"help": command.HELP, "description": command.DESCRIPTION}
-            sub = subparsers.add_parser(name, formatter_class=self.formatter_class, **kwargs)
+        for command in self.commands:
+            name = command.__name__.rpartition(".")[2].replace("_", "-")
+            description = getattr(command, "DESCRIPTION", None)
+            sub = subparsers.add_parser(
+                name, help=command.HELP, description=description, formatter_class=self.formatter_class
+            )
             command.add_arguments(sub)
-            sub.set_defaults(run=command.run)
+            sub.set_defaults(run=command.run, errors=getattr(command, "ERRORS", self.errors))
         return parser
 
     def main(self, argv: list[str] | None = None) -> int:
@@ -74,8 +77,7 @@ class CommandLine:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 0
         except Exception as error:
-            errors = getattr(self.commands[args.command], "ERRORS", self.errors)
-            status = next((status for kind, status in errors if isinstance(error, kind)), None)
+            status = next((status for kind, status in args.errors if isinstance(error, kind)), None)
             if status is None:
                 raise
             where = f"{self.prog} {args.command}" if self.error_names_command else self.prog

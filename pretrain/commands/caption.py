@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from pretrain.generate.decoding import METHODS, DecodingConfig
 
 HELP = "caption images with a CoCa checkpoint (open_clip generate's decoding)"
-DESCRIPTION = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", nargs="+", metavar="FILE", help="image files (lines carry their path)")
     inputs.add_argument("--shards", metavar="SPEC", help="WebDataset shards, e.g. 'data/{00000..00009}.tar'")
-    add("--decoding", choices=METHODS, default=d.method, help="default: %(default)s")
+    add("--decoding", dest="method", choices=METHODS, default=d.method, help="default: %(default)s")
     add("--max-length", type=int, default=d.max_length,
         help="most tokens per caption, start/end tokens included (default: %(default)s, as open_clip generate)")  # fmt: skip
     add("--min-length", type=int, default=d.min_length, help="default: %(default)s")
@@ -40,11 +40,7 @@ def run(args: argparse.Namespace) -> None:
     from pretrain.training.metrics import setup_logging
 
     setup_logging(is_main=True, stream=sys.stderr)
-    config = DecodingConfig(
-        method=args.decoding, max_length=args.max_length, min_length=args.min_length,
-        num_beams=args.num_beams, num_beam_groups=args.num_beam_groups, top_k=args.top_k, top_p=args.top_p,
-        temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-    )  # fmt: skip
+    config = DecodingConfig(**{field.name: getattr(args, field.name) for field in fields(DecodingConfig)})
     count = write_captions(
         args.checkpoint,
         args.output,

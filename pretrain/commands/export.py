@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 HELP = "export a checkpoint to the open_clip hub layout"
-DESCRIPTION = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,7 @@ from pretrain.train import add_train_args
 from pretrain.train import run as train
 
 HELP = "train a model from a YAML config"
-DESCRIPTION = None
-ERRORS = ()
-"""`pretrain.train.run` reports the errors a user can fix as one line itself; any other keeps its traceback."""
+ERRORS = ()  # `pretrain.train.run` reports the errors a user can fix itself; any other keeps its traceback
 add_arguments = add_train_args
 
 
