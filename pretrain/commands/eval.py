@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> None:
     init_distributed(info, device)
     try:
         bundle = load_trained(args.checkpoint, device)
-        split = info.world_size > 1
+        split = info.world > 1
         results = run_all(
             bundle.model, bundle, tasks, args.val_data, device, args.batch_size, split, args.workers
         )

@@ -31,10 +31,6 @@ class DistInfo(Ranks):
     def distributed(self) -> bool:
         return self.world > 1
 
-    @property
-    def world_size(self) -> int:
-        return self.world
-
 
 def _first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM nodelist; `scontrol` knows every syntax, the regex covers `node[1-4,7]`."""
@@ -79,8 +75,8 @@ def init_distributed(info: DistInfo, device: torch.device, backend: str = "auto"
         backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", info.master_addr)
     os.environ.setdefault("MASTER_PORT", str(info.master_port))
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
-    log.debug("joined process group: rank %d/%d backend %s", info.rank, info.world_size, backend)
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world)
+    log.debug("joined process group: rank %d/%d backend %s", info.rank, info.world, backend)
 
 
 def shutdown() -> None:

@@ -96,7 +96,7 @@ class Trainer:
             self.objective, cfg, teacher, self.strategy, self.info, self.device
         )
         self.state = TrainState()
-        self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
+        self.global_batch = cfg.train.batch_size * self.info.world * cfg.train.accum_steps
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._last_skipped = 0
         self._grad_norm: torch.Tensor | float | None = None
@@ -305,7 +305,7 @@ class Trainer:
             "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
             "peak_memory_gib": self._max_over_ranks(memory),
             "memory_kind": memory_kind,
-            "mfu": mfu(self.flops_per_sample, samples_per_s, self.peak_flops, self.info.world_size),
+            "mfu": mfu(self.flops_per_sample, samples_per_s, self.peak_flops, self.info.world),
             "eta_s": (self.cfg.train.steps - self.state.step) * interval["step_time"],
         }
 
