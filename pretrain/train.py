@@ -7,7 +7,7 @@ import os
 import sys
 
 from pretrain.config import ConfigError, load_config
-from webshards.args import OneLineParser
+from webshards.args import OneLineParser, say_interrupted
 
 KEYS_EPILOG = (
     "Every config key, its default and its meaning: docs/training.md (Config), or run "
@@ -56,12 +56,10 @@ def run(config: str | None, overrides: list[str]) -> int:
     return 0
 
 
-def interrupted(prog: str = "pretrain") -> int:
-    """Ctrl-C outside the training loop (start-up, eval, export): one line, from one rank, and status 130
-    (128 + SIGINT, as a shell reports a process Ctrl-C ended), instead of a traceback per rank."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-    return 130
+def interrupted(prog: str = "pretrain", error: KeyboardInterrupt | None = None) -> int:
+    """Ctrl-C outside the training loop (start-up, eval, export): one line, from one rank, and status 130,
+    instead of a traceback per rank."""
+    return say_interrupted(prog, error, say=os.environ.get("RANK", "0") == "0")
 
 
 def main(argv: list[str] | None = None) -> int:

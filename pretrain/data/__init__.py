@@ -19,7 +19,7 @@ def build_source(cfg, bundle, info, device):
             seed=cfg.train.seed,
             batch_size=cfg.train.batch_size,
             rank=info.rank,
-            world_size=info.world_size,
+            world=info.world,
             image_size=image_size(bundle.model),
             context_length=context_length(bundle.model),
             classes=cfg.data.synthetic_classes,
@@ -28,5 +28,5 @@ def build_source(cfg, bundle, info, device):
 
     return WebDatasetSource(
         cfg.data.train, cfg.data, cfg.data.sampling, cfg.train.seed, cfg.train.batch_size,
-        info.rank, info.world_size, bundle, device,
+        info.rank, info.world, bundle, device,
     )  # fmt: skip

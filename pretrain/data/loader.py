@@ -110,12 +110,10 @@ class StreamLoader:
     """One rank's batches from a `ShardStream` through a DataLoader, with each worker's `Position` kept for
     exact resume. Training streams never end: an error from the stream, or its end, is a `DataError`."""
 
-    def __init__(
-        self, stream_cfg: StreamConfig, decode, collate, tokenize, workers: int, pin_memory=False, prefetch=2
-    ) -> None:
+    def __init__(self, stream_cfg: StreamConfig, decode, collate, tokenize, pin_memory: bool = False) -> None:
         self.stream_cfg, self.decode, self.collate, self.tokenize = stream_cfg, decode, collate, tokenize
-        self.workers, self.world = workers, stream_cfg.world
-        self.pin_memory, self.prefetch = pin_memory, prefetch
+        self.workers, self.world = stream_cfg.data.workers, stream_cfg.world
+        self.pin_memory, self.prefetch = pin_memory, stream_cfg.data.prefetch
         self.positions: dict[int, Position] = {}
         self.micro_batches = 0
         self._shard_of: dict[int, int] = {}  # per worker role: the shard number its latest batch ended in
@@ -260,15 +258,13 @@ class WebDatasetSource(StreamLoader):
             sources=tuple(s.urls for s in sources),
             weights=tuple(s.weight for s in sources),
             mode=mode,
-            seed=seed, rank=rank, world=world, batch_size=batch_size,
-            shuffle_buffer=data_cfg.shuffle_buffer, max_bad_fraction=data_cfg.max_bad_fraction,
-            bad_window=data_cfg.bad_window, retries=data_cfg.retries,
+            seed=seed, rank=rank, world=world, batch_size=batch_size, data=data_cfg,
         )  # fmt: skip
         self.stream_cfg = stream_cfg
         decode, collate, self.finish = self._decoders(bundle)
         super().__init__(
-            stream_cfg, decode, collate, TARGETS.get(targets, bundle.tokenizer), data_cfg.workers,
-            pin_memory=data_cfg.pin_memory and device.type == "cuda", prefetch=data_cfg.prefetch,
+            stream_cfg, decode, collate, TARGETS.get(targets, bundle.tokenizer),
+            pin_memory=data_cfg.pin_memory and device.type == "cuda",
         )  # fmt: skip
         total = sum(s.samples or 0 for s in sources)
         log.info("data: %d shards in %d sources (%s samples), %s sampling", sum(len(s.urls) for s in sources),

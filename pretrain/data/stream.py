@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pretrain.config import DataConfig
 from pretrain.data.plan import ShardPlan
 from webshards.layout import UNSAFE_MEMBER, iter_shard
 from webshards.samples import BadSample
@@ -60,10 +61,8 @@ class StreamConfig:
     rank: int
     world: int
     batch_size: int
-    shuffle_buffer: int = 1000
-    max_bad_fraction: float = 0.5
-    bad_window: int = 1000
-    retries: int = 3
+    data: DataConfig = field(default_factory=DataConfig)
+    """The `data` section: shuffle_buffer, max_bad_fraction, bad_window, retries, workers, prefetch."""
 
 
 class ShardReader:
@@ -194,14 +193,14 @@ class ShardStream(IterableDataset):
 
     def _samples(self, plan: ShardPlan, role: int) -> Iterator[tuple]:
         c = self.cfg
-        reader = ShardReader(plan, c.retries)
+        reader = ShardReader(plan, c.data.retries)
         pos = replace(self.positions.get(role, Position()))
         pos.skipped = Counter(pos.skipped)
-        window: deque[tuple[bool, str]] = deque(maxlen=c.bad_window)
+        window: deque[tuple[bool, str]] = deque(maxlen=c.data.bad_window)
         in_worker = get_worker_info() is not None
         while True:
             block, end = reader.read_block(
-                pos, max(1, c.shuffle_buffer), pos.skipped if pos.emitted == 0 else None
+                pos, max(1, c.data.shuffle_buffer), pos.skipped if pos.emitted == 0 else None
             )
             if not block:
                 if plan.shard(end.shard) is None:  # an eval pass is over; training streams never end
@@ -241,7 +240,7 @@ class ShardStream(IterableDataset):
                 generator.set_state(state)
 
     def _order(self, plan: ShardPlan, block: int, n: int) -> np.ndarray:
-        if self.cfg.mode == "eval" or self.cfg.shuffle_buffer <= 1:
+        if self.cfg.mode == "eval" or self.cfg.data.shuffle_buffer <= 1:
             return np.arange(n)
         return np.random.default_rng([self.cfg.seed, plan.slot, plan.slots, block]).permutation(n)
 
@@ -255,10 +254,10 @@ class ShardStream(IterableDataset):
         if len(window) < window.maxlen:
             return
         fraction = sum(b for b, _ in window) / len(window)
-        if fraction > self.cfg.max_bad_fraction:
+        if fraction > self.cfg.data.max_bad_fraction:
             shards = sorted({u for b, u in window if b})
             raise DataError(
                 f"{fraction:.0%} of the last {len(window)} samples were bad (data.max_bad_fraction="
-                f"{self.cfg.max_bad_fraction}); shards: {', '.join(shards[:10])} (loader slot {plan.slot} "
+                f"{self.cfg.data.max_bad_fraction}); shards: {', '.join(shards[:10])} (loader slot {plan.slot} "
                 f"of {plan.slots}, block from its shard #{pos.shard} sample {pos.offset})"
             )

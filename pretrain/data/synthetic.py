@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pretrain.config import DataConfig
+
 
 class SyntheticSource:
     """Deterministic micro-batches for one rank; its position is the micro-batch counter."""
@@ -20,13 +22,13 @@ class SyntheticSource:
         seed: int,
         batch_size: int,
         rank: int,
-        world_size: int,
+        world: int,
         image_size: int,
         context_length: int,
         vocab_size: int = 49408,
-        classes: int = 16,
+        classes: int = DataConfig.synthetic_classes,
     ) -> None:
-        self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
+        self.seed, self.batch_size, self.rank, self.world = seed, batch_size, rank, world
         self.image_size, self.context_length, self.vocab_size = image_size, context_length, vocab_size
         self.micro_batches = 0
         rng = np.random.default_rng([seed, 0xC1A55])
@@ -47,7 +49,7 @@ class SyntheticSource:
 
     def indices(self, micro_batch: int) -> range:
         """Global sample indices of this rank's share of micro-batch number `micro_batch`."""
-        start = micro_batch * self.batch_size * self.world_size + self.rank * self.batch_size
+        start = micro_batch * self.batch_size * self.world + self.rank * self.batch_size
         return range(start, start + self.batch_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,8 +71,8 @@ def _as_metrics(hits: tuple[torch.Tensor, torch.Tensor], images: int, texts: int
 
 @torch.no_grad()
 def run_retrieval(
-    model, bundle, eval_set: EvalSet, device: torch.device, batch_size: int = 256, split: bool = False,
-    workers: int = 0, name: str | None = None,
+    model, bundle, eval_set: EvalSet, device: torch.device, batch_size: int, split: bool, workers: int,
+    name: str | None = None,
 ) -> dict:  # fmt: skip
     """Recall@1/5/10 both ways on `eval_set`, plus `samples` (images) and `captions`. `name`: the eval's, for
     its progress (`eval_batches`)."""

@@ -28,9 +28,9 @@ def run_val_loss(
     bundle,
     spec: str,
     device: torch.device,
-    batch_size: int = 256,
-    split: bool = False,
-    workers: int = 0,
+    batch_size: int,
+    split: bool,
+    workers: int,
     name: str | None = None,
 ) -> dict:
     """`{"task": "contrastive_loss", "val_loss_whole_set", "val_loss_chance", "samples"}` over the shards of

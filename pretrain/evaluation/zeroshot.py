@@ -19,8 +19,8 @@ from webshards.evalset import EvalSet, fill_template
 
 @torch.no_grad()
 def run_classification(
-    model, bundle, eval_set: EvalSet, device: torch.device, batch_size: int = 256, split: bool = False,
-    workers: int = 0, name: str | None = None,
+    model, bundle, eval_set: EvalSet, device: torch.device, batch_size: int, split: bool, workers: int,
+    name: str | None = None,
 ) -> dict:  # fmt: skip
     """`top1`, `top5` (top-k of min(5, classes)), `mean_per_class_recall` (sklearn's balanced accuracy, as
     clip_benchmark reports it: the mean top-1 recall over classes that have images) and `samples`. `name`:

@@ -71,11 +71,11 @@ def write_captions(
     checkpoint: str,
     output: str | None,
     config: DecodingConfig,
-    images: list[str] | None = None,
-    shards: str | None = None,
-    batch_size: int = 16,
-    device: str = "cpu",
-    seed: int = 0,
+    images: list[str] | None,
+    shards: str | None,
+    batch_size: int,
+    device: str,
+    seed: int,
 ) -> int:
     """Caption every image; returns how many lines were written (to `output`, or stdout when None)."""
     from pretrain.models.build import image_size, load_trained

@@ -11,16 +11,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from webshards.ranks import ranks_from_env
+from webshards.ranks import Ranks, ranks_from_env
 
 log = logging.getLogger("pretrain")
 
 
 @dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+class DistInfo(Ranks):
+    """This process's `Ranks` and where rank 0 listens for the process group."""
+
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
 
@@ -30,7 +29,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world > 1
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -54,13 +53,8 @@ def detect(env: dict | None = None) -> DistInfo:
     master = env.get("MASTER_ADDR")
     if ranks.launcher == "slurm" and not master:
         master = _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-    return DistInfo(
-        rank=ranks.rank,
-        local_rank=ranks.local_rank,
-        world_size=ranks.world,
-        master_addr=master or "127.0.0.1",
-        master_port=int(env.get("MASTER_PORT", 29500)),
-    )
+    port = int(env.get("MASTER_PORT", DistInfo.master_port))
+    return DistInfo(**vars(ranks), master_addr=master or DistInfo.master_addr, master_port=port)
 
 
 def select_device(requested: str, info: DistInfo) -> torch.device:
@@ -82,8 +76,8 @@ def init_distributed(info: DistInfo, device: torch.device, backend: str = "auto"
         backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", info.master_addr)
     os.environ.setdefault("MASTER_PORT", str(info.master_port))
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
-    log.debug("joined process group: rank %d/%d backend %s", info.rank, info.world_size, backend)
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world)
+    log.debug("joined process group: rank %d/%d backend %s", info.rank, info.world, backend)
     return True
 
 

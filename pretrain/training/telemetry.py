@@ -49,7 +49,7 @@ class MetricsProcessor:
         self.cfg, self.info, self.device, self.state = cfg, info, device, state
         self.source, self.parts = source, parts
         self.writer = MetricsWriter(cfg, info.is_main, resume_step=state.step)
-        self.global_batch = cfg.train.batch_size * info.world_size * cfg.train.accum_steps
+        self.global_batch = cfg.train.batch_size * info.world * cfg.train.accum_steps
         self.flops_per_sample = train_flops_per_sample(model_config(model_name))
         self.peak_flops = peak_flops(device, cfg.train.precision, cfg.log.peak_tflops)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -127,7 +127,7 @@ class MetricsProcessor:
             "grad_norm": None if self._grad_norm is None else float(self._grad_norm),
             "peak_memory_gib": self._max_over_ranks(memory),
             "memory_kind": memory_kind,
-            "mfu": mfu(self.flops_per_sample, samples_per_s, self.peak_flops, self.info.world_size),
+            "mfu": mfu(self.flops_per_sample, samples_per_s, self.peak_flops, self.info.world),
             "eta_s": (self.cfg.train.steps - self.state.step) * step_time,
         }
 

@@ -66,7 +66,7 @@ class Trainer:
         # the next batch is copied on a side stream while the step runs (CUDA; a pass-through on CPU)
         self.source = DevicePrefetcher(build_source(cfg, self.bundle, self.info, self.device), self.device)
         self.state = TrainState()
-        self.global_batch = cfg.train.batch_size * self.info.world_size * cfg.train.accum_steps
+        self.global_batch = cfg.train.batch_size * self.info.world * cfg.train.accum_steps
         self.checkpoints = CheckpointManager(cfg, self.info, self.device, self.state)
         self._register_state()
         self.checkpoints.start()  # prepares the run directory; resumes the checkpoint `resume` selects

@@ -167,7 +167,7 @@ def test_exported_model_has_no_patch_dropout(tmp_path):
 
 
 def _source() -> SyntheticSource:
-    return SyntheticSource(seed=3, batch_size=2, rank=0, world_size=1, image_size=8, context_length=6)
+    return SyntheticSource(seed=3, batch_size=2, rank=0, world=1, image_size=8, context_length=6)
 
 
 @pytest.mark.parametrize("ahead", [False, True])

@@ -22,6 +22,7 @@ from pathlib import Path
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from pretrain.config import DataConfig
 from pretrain.data.loader import StreamLoader
 from pretrain.data.stream import StreamConfig
 from webshards.samples import BadSample
@@ -61,9 +62,9 @@ def write_shards(folder: Path, shards: list[list[bool]]) -> tuple[tuple[str, ...
 def loader(urls, mode: str, rank: int, world: int, workers: int, batch: int, buffer: int) -> StreamLoader:
     cfg = StreamConfig(
         sources=(urls,), weights=(1.0,), mode=mode, seed=7, rank=rank, world=world, batch_size=batch,
-        shuffle_buffer=buffer, max_bad_fraction=1.0, retries=0,
+        data=DataConfig(shuffle_buffer=buffer, max_bad_fraction=1.0, retries=0, workers=workers),
     )  # fmt: skip
-    return StreamLoader(cfg, decode, as_list, as_list, workers)
+    return StreamLoader(cfg, decode, as_list, as_list)
 
 
 shard_sets = st.lists(st.lists(st.booleans(), max_size=6), min_size=1, max_size=6)
