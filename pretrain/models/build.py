@@ -14,9 +14,12 @@ from typing import Any
 import open_clip
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, ModelConfig, close_matches
+from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint
 from pretrain.models.lock import apply_locks
+from pretrain.parallel import load_model_weights
 
 log = logging.getLogger("pretrain")
 
@@ -177,9 +180,6 @@ def looks_like_path(spec: str | Path) -> bool:
 def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
     """A model from an export folder, a checkpoint folder, a run directory, or an open_clip name; a path that
     is not there is a FileNotFoundError naming it (not an unknown model name)."""
-    from pretrain.parallel import load_model_weights
-    from pretrain.training.checkpoint import load_trainer_state, resolve_checkpoint
-
     path = Path(spec)
     if (path / "open_clip_config.json").is_file():
         return build_model(ModelConfig(name=f"local-dir:{path}"), device)
@@ -257,10 +257,6 @@ def _first_keys(kind: str, keys: list[str]) -> str:
 def _folder_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model weights of an export folder or of a checkpoint of ours (any strategy's format), shaped
     like `model`'s (a scalar logit scale saved as shape [1] by FSDP / DeepSpeed reads back as a scalar)."""
-    from safetensors.torch import load_file
-
-    from pretrain.training.checkpoint import resolve_checkpoint
-
     if (path / EXPORT_WEIGHTS).is_file():
         state = load_file(str(path / EXPORT_WEIGHTS))
     else:

@@ -11,8 +11,8 @@ import open_clip
 from safetensors.torch import save_file
 
 from pretrain.models.build import load_trained, resolve_model_name
+from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint
 from pretrain.publish.model_card import model_card
-from pretrain.training.checkpoint import load_trainer_state, resolve_checkpoint
 from pretrain.training.ensemble import apply_ensemble
 from pretrain.training.metrics import read_metrics
 

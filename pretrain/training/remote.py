@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config
+from pretrain.models.checkpoint import STEP_DIR, complete_checkpoints
 from pretrain.parallel.distributed import world
-from pretrain.training.checkpoint import STEP_DIR, complete_checkpoints
 from webshards.atomic import write_atomic
 from webshards.outputs import join
 from webshards.publish import MARKER, listed_sizes, publish

@@ -11,23 +11,55 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from pretrain.config import Config, redacted, save_config
+from pretrain.models import checkpoint as ckpt
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.distributed import DistInfo, barrier, world
-from pretrain.training import checkpoint as ckpt
 from pretrain.training import remote
 from webshards.atomic import write_atomic
 
 log = logging.getLogger("pretrain")
 
 Scope = Literal["files", "shared", "rank"]
+
+
+def _numpy_state() -> dict:
+    """numpy's global RNG state as plain values (a numpy array is not allowed by weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+
+
+def _set_numpy_state(state: dict) -> None:
+    keys = np.asarray(state["keys"], dtype=np.uint32)
+    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
+
+
+class GlobalRng:
+    """The global generators (Python's, numpy's, torch's, CUDA's) as one Stateful: a rank's augmentations."""
+
+    @staticmethod
+    def state_dict() -> dict:
+        state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    @staticmethod
+    def load_state_dict(state: dict) -> None:
+        random.setstate(state["python"])
+        _set_numpy_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class RunDirError(RuntimeError):

@@ -21,14 +21,13 @@ from pretrain.objectives.objective import Features, MicroStep, features
 from pretrain.objectives.registry import build_objective
 from pretrain.parallel import build_strategy
 from pretrain.parallel.distributed import detect, init_distributed, select_device, shutdown
-from pretrain.training.checkpoint import GlobalRng
 from pretrain.training.ensemble import build_weight_ensemble
 from pretrain.training.fast import apply_compile_loss
 from pretrain.training.metrics import setup_logging
 from pretrain.training.optim import build_optimizer, build_scheduler
 from pretrain.training.plot import write_curves
 from pretrain.training.preemption import INTERRUPTED, PREEMPTED, Preemption
-from pretrain.training.state import CheckpointManager, StrategyFiles, TrainState
+from pretrain.training.state import CheckpointManager, GlobalRng, StrategyFiles, TrainState
 from pretrain.training.telemetry import MetricsProcessor
 
 log = logging.getLogger("pretrain")

@@ -17,11 +17,12 @@ import torch
 from helpers import TINY, one_torch_thread, refused, train_in_process
 
 from pretrain.config import ModelConfig
+from pretrain.models import checkpoint as ckpt
 from pretrain.models.build import build_model
+from pretrain.models.checkpoint import resolve_checkpoint
 from pretrain.parallel import load_model_weights
 from pretrain.parallel.safe_load import UnsafeCheckpointError
-from pretrain.training import checkpoint as ckpt
-from pretrain.training.checkpoint import resolve_checkpoint
+from pretrain.training.state import GlobalRng
 
 OPEN = f"{open.__module__}.{open.__qualname__}"
 """How pickle names the payload's callable (io.open), which the error line must name."""
@@ -113,9 +114,9 @@ def test_saved_state_is_plain_data_and_restores_every_rng(runs):
         torch.load(path, weights_only=True)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     path = folder.parent / "rng.pt"
-    torch.save(ckpt.GlobalRng.state_dict(), path)
+    torch.save(GlobalRng.state_dict(), path)
     expected = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(2))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ckpt.GlobalRng.load_state_dict(torch.load(path, weights_only=True))
+    GlobalRng.load_state_dict(torch.load(path, weights_only=True))
     got = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(2))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])

@@ -85,3 +85,55 @@ def test_every_module_imports_on_its_own():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert proc.stdout == ""
+
+
+PRETRAIN_LAYERS = (
+    ("config", "config_sections"),
+    ("parallel",),
+    ("models",),
+    ("data",),
+    ("loss",),
+    ("objectives",),
+    ("generate",),
+    ("evaluation",),
+    ("training",),
+    ("publish",),
+    ("train", "torchrun", "demo"),
+    ("commands",),
+    ("cli",),
+)
+"""pretrain's subpackages and top-level modules, bottom first: each imports only its own layer and those below."""
+LAYER_DOORS = {("pretrain/config_sections.py", "objectives")}
+"""Upward imports on purpose: the config lists the names of `pretrain.objectives.specs` (torch-free, nothing in
+them imported) so that a typo in loss.name fails when the config loads."""
+
+
+def pretrain_layer(name: str) -> int:
+    """The layer of pretrain's module or subpackage `name` (the part after `pretrain.`)."""
+    return next(i for i, layer in enumerate(PRETRAIN_LAYERS) if name in layer)
+
+
+def test_pretrain_layers_name_every_subpackage_and_module():
+    names = {p.stem for p in (ROOT / "pretrain").glob("*.py") if p.stem != "__init__"}
+    names |= {p.parent.name for p in (ROOT / "pretrain").glob("*/__init__.py")}
+    assert names == {name for layer in PRETRAIN_LAYERS for name in layer}
+
+
+def test_pretrain_subpackages_import_only_downward():
+    upward = []
+    for path in sorted((ROOT / "pretrain").rglob("*.py")):
+        parts = path.relative_to(ROOT / "pretrain").with_suffix("").parts
+        if parts == ("__init__",):
+            continue
+        own = pretrain_layer(parts[0])
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for module in modules:
+                target = module.split(".")[1] if module.startswith("pretrain.") else ""
+                known = any(target in layer for layer in PRETRAIN_LAYERS)
+                if known and pretrain_layer(target) > own and (rel, target) not in LAYER_DOORS:
+                    upward.append(f"{rel} imports {module}")
+    assert upward == []

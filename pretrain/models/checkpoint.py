@@ -1,21 +1,17 @@
-"""Checkpoints on disk: where they are (step folders, `latest`), reading them safely, the RNG states.
+"""Checkpoints on disk: where they are (step folders, `latest`) and reading them safely.
 
 Layout: `checkpoints/step_{N:08d}/` holds what the strategy writes (model, optimizer), `trainer.pt`
 (step, samples seen, scheduler) and one `rank_{r:05d}.pt` per rank (RNG states and data position).
 Those files hold only tensors and plain containers, and are read with `torch.load(weights_only=True)`:
 a downloaded checkpoint cannot run code when `pretrain eval` / `export` / `resume` opens it.
-`state.CheckpointManager` writes them (atomically, keep-last-k) and resumes them.
+`pretrain.training.state.CheckpointManager` writes them (atomically, keep-last-k) and resumes them.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from pretrain.parallel.safe_load import safe_load
 
@@ -24,36 +20,6 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _numpy_state() -> dict:
-    """numpy's global RNG state as plain values (a numpy array is not allowed by weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached}
-
-
-def _set_numpy_state(state: dict) -> None:
-    keys = np.asarray(state["keys"], dtype=np.uint32)
-    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
-
-
-class GlobalRng:
-    """The global generators (Python's, numpy's, torch's, CUDA's) as one Stateful: a rank's augmentations."""
-
-    @staticmethod
-    def state_dict() -> dict:
-        state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    @staticmethod
-    def load_state_dict(state: dict) -> None:
-        random.setstate(state["python"])
-        _set_numpy_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
