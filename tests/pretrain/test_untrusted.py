@@ -17,10 +17,9 @@ import torch
 from helpers import TINY, one_torch_thread, refused, train_in_process
 
 from pretrain.config import ModelConfig
-from pretrain.models import checkpoint as ckpt
 from pretrain.models.build import build_model
 from pretrain.models.checkpoint import resolve_checkpoint
-from pretrain.parallel import load_model_weights
+from pretrain.parallel import load_model_weights, safe_load
 from pretrain.parallel.safe_load import UnsafeCheckpointError
 from pretrain.training.state import GlobalRng
 
@@ -103,7 +102,7 @@ def test_deepspeed_loads_are_weights_only(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=OPEN.replace(".", r"\.")):
         load_model_weights(tmp_path / "step", model)
     assert not marker.exists()
-    assert torch.load is ckpt._TORCH_LOAD  # the patch is undone
+    assert torch.load is safe_load._TORCH_LOAD  # the patch is undone
 
 
 def test_saved_state_is_plain_data_and_restores_every_rng(runs):
