@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pretrain.config import ConfigError, ModelConfig, close_matches
-from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint
+from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint, verify_checkpoint
 from pretrain.models.lock import apply_locks
 from pretrain.parallel import load_model_weights
 
@@ -179,21 +179,26 @@ def looks_like_path(spec: str | Path) -> bool:
 
 def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelBundle:
     """A model from an export folder, a checkpoint folder, a run directory, or an open_clip name; a path that
-    is not there is a FileNotFoundError naming it (not an unknown model name)."""
+    is not there is a FileNotFoundError naming it (not an unknown model name), a checkpoint whose files
+    differ from its manifest a `CheckpointError` (none of them read)."""
     path = Path(spec)
     if (path / "open_clip_config.json").is_file():
         return build_model(ModelConfig(name=f"local-dir:{path}"), device)
     if path.exists():
         folder = resolve_checkpoint(path)
-        saved = load_trainer_state(folder)["config"]
-        bundle = build_model(
-            ModelConfig(name=saved["model"]["name"]), device
-        )  # weights come from the checkpoint
-        load_model_weights(folder, bundle.model)
-        return bundle
+        verify_checkpoint(folder)
+        return load_checkpoint_model(folder, device)
     if looks_like_path(spec):
         raise FileNotFoundError(f"{spec}: no such checkpoint, run directory or export folder")
     return build_model(ModelConfig(name=str(spec)), device)
+
+
+def load_checkpoint_model(folder: Path, device: torch.device | str = "cpu") -> ModelBundle:
+    """The model of checkpoint `folder` (verified by the caller: `verify_checkpoint`), with its weights."""
+    saved = load_trainer_state(folder)["config"]
+    bundle = build_model(ModelConfig(name=saved["model"]["name"]), device)  # weights come from the checkpoint
+    load_model_weights(folder, bundle.model)
+    return bundle
 
 
 def use_dict_outputs(model: torch.nn.Module) -> None:

@@ -4,16 +4,23 @@ Layout: `checkpoints/step_{N:08d}/` holds what the strategy writes (model, optim
 (step, samples seen, scheduler) and one `rank_{r:05d}.pt` per rank (RNG states and data position).
 Those files hold only tensors and plain containers, and are read with `torch.load(weights_only=True)`:
 a downloaded checkpoint cannot run code when `pretrain eval` / `export` / `resume` opens it.
-`pretrain.training.state.CheckpointManager` writes them (atomically, keep-last-k) and resumes them.
+Last, `_COMPLETE` lists every other file's size and CRC-32 (`webshards.publish.seal`, the manifest a remote
+copy carries too); `verify_checkpoint` checks it before anything is read, so a truncated or corrupted file
+is never loaded. `pretrain.training.state.CheckpointManager` writes them (atomically, keep-last-k) and
+resumes them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 from pretrain.parallel.safe_load import safe_load
+from webshards.publish import MARKER, check_files
+
+log = logging.getLogger("pretrain")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -44,6 +51,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(
         f"no checkpoint at {p} (expected a step_* folder or a run directory with checkpoints/latest)"
     )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files differ from its manifest (truncated, corrupted, missing): never loaded."""
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check every file `folder/_COMPLETE` lists (sizes, then checksums) before any is read; a difference
+    is a `CheckpointError`, one line naming the file and the reason. A folder without the manifest (saved
+    before checkpoints carried one) is loaded as before, with a warning that it is unverified."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        log.warning(
+            "%s has no %s manifest (saved by an older version): loading it unverified", folder, MARKER
+        )
+        return
+    problem = check_files(folder, marker.read_bytes(), str(marker))
+    if problem is not None:
+        rel, reason = problem
+        raise CheckpointError(f"{folder / rel}: {reason}; not loading checkpoint {folder.name}")
 
 
 def rank_file(folder: Path, rank: int) -> Path:

@@ -10,8 +10,8 @@ from pathlib import Path
 import open_clip
 from safetensors.torch import save_file
 
-from pretrain.models.build import load_trained, resolve_model_name
-from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint
+from pretrain.models.build import load_checkpoint_model, resolve_model_name
+from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint, verify_checkpoint
 from pretrain.publish.model_card import model_card
 from pretrain.training.ensemble import apply_ensemble
 from pretrain.training.metrics import read_metrics
@@ -35,9 +35,10 @@ def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -
     """Write open_clip_config.json, open_clip_model.safetensors, tokenizer files and README.md to `output`;
     `weights="ensemble"` exports the checkpoint's running weight average instead of its weights."""
     folder = resolve_checkpoint(checkpoint)
+    verify_checkpoint(folder)  # before any file of it is read
     state = load_trainer_state(folder)
     cfg = state["config"]
-    bundle = load_trained(folder)
+    bundle = load_checkpoint_model(folder)
     if weights == "ensemble":
         apply_ensemble(folder, bundle.model)
     name = resolve_model_name(cfg["model"]["name"])

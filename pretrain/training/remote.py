@@ -3,13 +3,16 @@
 Remote layout, under `{checkpoint.remote}/{run.name}/` (it mirrors the run directory):
 
     checkpoints/step_{N:08d}/...          the files of the local checkpoint folder, same relative paths
-    checkpoints/step_{N:08d}/_COMPLETE    written last: {"step": N, "files": {path: {"size", "sha256"}}}
+    checkpoints/step_{N:08d}/_COMPLETE    written last: {"step": N, "files": {path: {"size", "crc32"}}}
     checkpoints/latest                    name of the newest complete folder, written after its marker
     metrics.jsonl                         the run's metrics as of the newest copy
 
 A folder counts only with its marker, so a reader never takes a half-copied checkpoint; pruning (the same
-`checkpoint.keep` as locally) deletes the marker first. `resume=latest` downloads the newest complete folder
-when it is newer than every local one (a fresh node, an emptied run directory) and resumes from it.
+`checkpoint.keep` as locally) deletes the marker first. The marker is the manifest the local folder was
+sealed with when it was saved (`webshards.publish`), so nothing is hashed again to upload it. `resume=latest`
+downloads the newest complete folder when it is newer than every local one (a fresh node, an emptied run
+directory), checks every file against the marker's sizes and checksums, and resumes from it; a copy that
+does not match is logged with the file and the reason, and the next older remote folder is tried.
 
 Who copies: rank 0, the whole folder. Saving already needs the run directory on a filesystem all ranks see
 (rank 0 renames the folder every rank wrote into), so rank 0 sees every rank's files (FSDP's per-rank DCP
@@ -36,7 +39,7 @@ from pretrain.models.checkpoint import STEP_DIR, complete_checkpoints
 from pretrain.parallel.distributed import world
 from webshards.atomic import write_atomic
 from webshards.outputs import join
-from webshards.publish import MARKER, listed_sizes, publish
+from webshards.publish import MARKER, check_files, listed_sizes, publish
 from webshards.urls import redact_url, url_to_fs
 
 log = logging.getLogger("pretrain")
@@ -75,10 +78,13 @@ class RemoteStore:
         return self.fs.exists(self._path("checkpoints", name, MARKER))
 
     def newest_complete(self) -> str | None:
-        return next((n for n in reversed(self.step_folders()) if self.is_complete(n)), None)
+        return next(iter(self.complete_newest_first()), None)
+
+    def complete_newest_first(self) -> list[str]:
+        return [n for n in reversed(self.step_folders()) if self.is_complete(n)]
 
     def upload(self, folder: Path, name: str) -> None:
-        """Publish `folder` as `checkpoints/{name}/` (its marker last), then `latest`."""
+        """Publish `folder` as `checkpoints/{name}/` (its own marker, or one made now, last), then `latest`."""
         publish(folder, str(join(self.url, f"checkpoints/{name}")), step=int(name[5:]))
         self.fs.pipe_file(self._path("checkpoints", "latest"), name.encode())
 
@@ -92,20 +98,23 @@ class RemoteStore:
             self.fs.rm(self._path("checkpoints", name), recursive=True)
 
     def download(self, name: str, ckpt_root: Path) -> Path:
-        """The files listed in the folder's marker into `ckpt_root/name` (renamed into place when all are
-        there, sizes checked), then the local `latest`."""
+        """The files listed in the folder's marker into `ckpt_root/name`, renamed into place with the marker
+        when all are there and match its sizes and checksums (a `RemoteError` naming the file otherwise),
+        then the local `latest`."""
+        where = f"{self.shown}/checkpoints/{name}/{MARKER}"
         marker = self.fs.cat_file(self._path("checkpoints", name, MARKER))
-        files = listed_sizes(marker, f"{self.shown}/checkpoints/{name}/{MARKER}")  # none outside the folder
+        files = listed_sizes(marker, where)  # none outside the folder
         final, tmp = ckpt_root / name, ckpt_root / f"{name}.download"
         shutil.rmtree(tmp, ignore_errors=True)
-        for relative, size in files.items():
+        for relative in files:
             local = tmp.joinpath(*PurePosixPath(relative).parts)
             local.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(self._path("checkpoints", name, relative), str(local))
-            if local.stat().st_size != size:
-                raise RemoteError(
-                    f"{self.shown}/checkpoints/{name}/{relative}: {local.stat().st_size} bytes, expected {size}"
-                )
+        problem = check_files(tmp, marker, where)
+        if problem is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RemoteError(f"{self.shown}/checkpoints/{name}/{problem[0]}: {problem[1]}")
+        (tmp / MARKER).write_bytes(marker)  # the local copy verifies on resume as a saved one does
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_atomic(ckpt_root / "latest", name.encode())
@@ -237,21 +246,28 @@ def build_uploader(cfg: Config, is_main: bool) -> Uploader | None:
 
 def _prepare_on_rank0(cfg: Config) -> str | None:
     store = RemoteStore(cfg.checkpoint.remote, cfg.run.name)
-    newest = store.newest_complete()
-    if newest is None:
+    names = store.complete_newest_first()
+    if not names:
         return None
     if cfg.resume is None:
         return (
-            f"checkpoint.remote {store.shown} already has checkpoints ({newest}); pass resume=latest to "
+            f"checkpoint.remote {store.shown} already has checkpoints ({names[0]}); pass resume=latest to "
             "continue that run or choose another run.name"
         )
     ckpt_root = cfg.run_dir / "checkpoints"
     local = complete_checkpoints(ckpt_root)
-    if local and local[-1].name >= newest:  # zero-padded step numbers sort as names
+    newer = [name for name in names if not local or name > local[-1].name]  # zero-padded steps sort as names
+    for name in newer:
+        log.info("resume=latest: downloading %s from %s", name, store.shown)
+        try:
+            store.download(name, ckpt_root)
+        except RemoteError as e:
+            log.warning("resume=latest: %s; trying the checkpoint before it", e)
+            continue
+        store.get_metrics(cfg.run_dir / "metrics.jsonl")
         return None
-    log.info("resume=latest: downloading %s from %s", newest, store.shown)
-    store.download(newest, ckpt_root)
-    store.get_metrics(cfg.run_dir / "metrics.jsonl")
+    if newer and not local:  # not a silent start from step 0
+        return f"resume=latest: no intact checkpoint at checkpoint.remote {store.shown} (warnings above)"
     return None
 
 

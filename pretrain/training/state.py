@@ -3,8 +3,15 @@
 Parts are saved and restored in the order registered. `files` parts write files of their own, every rank
 taking part (the strategy's model and optimizer, the weight ensemble); `shared` parts are Stateful with their
 entry in `trainer.pt` (rank 0 writes it, beside `TrainState` and the config); `rank` parts in `rank_{r:05d}.pt`.
-A checkpoint goes into `step_N.tmp/`, renamed once every rank is done, and only then does `latest` move: a
-crash at any point leaves the previous checkpoint intact and current. Then `checkpoint.remote` gets a copy.
+A checkpoint goes into `step_N.tmp/`; when every rank is done, rank 0 writes its manifest `_COMPLETE` (each
+file's size and CRC-32) last, renames it, and only then does `latest` move: a crash at any point leaves the
+previous checkpoint intact and current. Then `checkpoint.remote` gets a copy, with that manifest.
+
+Resuming, rank 0 checks the checkpoint against its manifest before anything is read and tells the other
+ranks which folder to load: the run directory is on a filesystem every rank sees (saving needs that), so one
+reading of the files covers them all, where hashing a multi-GB checkpoint on every rank would be waste.
+`resume=latest` whose newest checkpoint is damaged warns, naming the file and the reason, sets it aside as
+`step_N.damaged/`, and takes the one before; an explicit path that fails is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pretrain.config import Config, redacted, save_config
 from pretrain.models import checkpoint as ckpt
@@ -26,6 +34,7 @@ from pretrain.parallel.base import Strategy
 from pretrain.parallel.distributed import DistInfo, barrier, world
 from pretrain.training import remote
 from webshards.atomic import write_atomic
+from webshards.publish import seal
 
 log = logging.getLogger("pretrain")
 
@@ -128,7 +137,54 @@ class CheckpointManager:
             if self.cfg.resume == "latest":
                 log.info("resume=latest: no checkpoint in %s yet, starting from step 0", run_dir)
             return None
-        return ckpt.resolve_checkpoint(run_dir if self.cfg.resume == "latest" else self.cfg.resume)
+        return self._agreed_checkpoint()
+
+    def _agreed_checkpoint(self) -> Path:
+        """The checkpoint `resume` selects, verified by rank 0 and the same on every rank; a problem is one
+        `RunDirError` line on every rank."""
+        outcome: list = [None]
+        if self.info.is_main:
+            try:
+                outcome[0] = self._verified_checkpoint()
+            except (ckpt.CheckpointError, FileNotFoundError, RunDirError) as e:
+                outcome[0] = RunDirError(str(e))
+        if world()[1] > 1:
+            dist.broadcast_object_list(outcome, src=0, device=self.device)
+        if isinstance(outcome[0], RunDirError):
+            raise outcome[0]
+        return outcome[0]
+
+    def _verified_checkpoint(self) -> Path:
+        """`resume=PATH`'s checkpoint if it matches its manifest; for `resume=latest` the newest that does,
+        from `latest` back, with a warning naming each damaged file and why."""
+        if self.cfg.resume != "latest":
+            folder = ckpt.resolve_checkpoint(self.cfg.resume)
+            ckpt.verify_checkpoint(folder)
+            return folder
+        newest = ckpt.resolve_checkpoint(self.cfg.run_dir)
+        damaged: list[tuple[Path, ckpt.CheckpointError]] = []
+        for folder in reversed([p for p in ckpt.complete_checkpoints(self.root) if p.name <= newest.name]):
+            try:
+                ckpt.verify_checkpoint(folder)
+            except ckpt.CheckpointError as e:
+                log.warning("resume=latest: %s; trying the checkpoint before it", e)
+                damaged.append((folder, e))
+                continue
+            self._set_aside([bad for bad, _ in damaged], folder)
+            return folder
+        # nothing set aside: a rerun must not find the folder empty and start from step 0
+        raise RunDirError(f"resume=latest: no intact checkpoint in {self.root}: {damaged[0][1]}")
+
+    def _set_aside(self, damaged: list[Path], resumed: Path) -> None:
+        """Rename damaged checkpoints to `step_N.damaged/` (kept for a look; pruning, `latest` and the remote
+        comparison pass them by) and point `latest` at the one resumed, for a crash before the next save."""
+        for folder in damaged:
+            aside = folder.with_name(f"{folder.name}.damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            log.warning("resume=latest: %s set aside as %s", folder.name, aside.name)
+        if damaged:
+            write_atomic(self.root / "latest", resumed.name.encode())
 
     def _scope(self, scope: Scope) -> dict[str, Any]:
         return {name: part for name, (part, kind, _) in self._parts.items() if kind == scope}
@@ -150,6 +206,7 @@ class CheckpointManager:
         torch.save(rank_state, ckpt.rank_file(tmp, self.info.rank))
         barrier()
         if self.info.is_main:
+            seal(tmp, step=self.state.step)  # the manifest, last: a folder without it is not verified
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             write_atomic(self.root / "latest", final.name.encode())

@@ -22,6 +22,7 @@ from pretrain.models.checkpoint import resolve_checkpoint
 from pretrain.parallel import load_model_weights, safe_load
 from pretrain.parallel.safe_load import UnsafeCheckpointError
 from pretrain.training.state import GlobalRng
+from webshards.publish import seal
 
 OPEN = f"{open.__module__}.{open.__qualname__}"
 """How pickle names the payload's callable (io.open), which the error line must name."""
@@ -51,7 +52,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def poisoned_copy(run: Path, tmp: Path, member: str) -> tuple[Path, Path]:
-    """A copy of the run whose checkpoint file `member` unpickles into a marker-writing call."""
+    """A copy of the run whose checkpoint file `member` unpickles into a marker-writing call, its manifest
+    rewritten to match: whoever can change a file can change the manifest, which guards against damage only."""
     copy, marker = tmp / "run", tmp / "marker"
     shutil.copytree(run, copy)
     target = resolve_checkpoint(copy) / member
@@ -59,6 +61,7 @@ def poisoned_copy(run: Path, tmp: Path, member: str) -> tuple[Path, Path]:
         torch.save({"step": 1, "evil": Payload(marker)}, target)
     else:  # DCP's .metadata is a plain pickle
         target.write_bytes(pickle.dumps(Payload(marker)))
+    seal(resolve_checkpoint(copy), step=1)
     return copy, marker
 
 

@@ -1,18 +1,20 @@
 """publish: a folder under a URL, the `_COMPLETE` manifest last; a re-publish removes only what the old
-marker listed (today's manifest or an older checkpoint marker's plain sizes); a bad marker is one line."""
+marker listed (today's manifest or an older checkpoint marker's plain sizes); a bad marker is one line; a
+sealed folder's own manifest, and `check_files` against it (sizes, CRC-32, older sha256)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import uuid
+import zlib
 from pathlib import Path
 
 import fsspec
 import pytest
 
 from webshards.outputs import join
-from webshards.publish import MARKER, listed_sizes, publish
+from webshards.publish import MARKER, check_files, listed_sizes, publish, seal
 
 
 def write_folder(folder: Path, files: dict[str, bytes]) -> Path:
@@ -23,7 +25,7 @@ def write_folder(folder: Path, files: dict[str, bytes]) -> Path:
 
 
 def entries(files: dict[str, bytes]) -> dict:
-    return {rel: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in files.items()}
+    return {rel: {"size": len(d), "crc32": f"{zlib.crc32(d):08x}"} for rel, d in files.items()}
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -92,3 +94,53 @@ def test_join_puts_the_name_into_the_path(tmp_path):
     assert join("https://u:p@h/models?sig=t&se=1", "run") == "https://u:p@h/models/run?sig=t&se=1"
     assert join("s3://bucket/prefix/", "a/b") == "s3://bucket/prefix/a/b"
     assert join(f"file://{tmp_path}", "run") == tmp_path / "run"
+
+
+def test_a_sealed_folder_goes_up_with_its_own_marker(tmp_path, target):
+    """A checkpoint folder carries its manifest (`seal`, written last); publishing it uploads that marker
+    (`extra` added) without hashing the files again."""
+    files = {"model.safetensors": b"m" * 50, "dcp/__0_0.distcp": b"d" * 7}
+    folder = write_folder(tmp_path / "f", files)
+    seal(folder, step=4)
+    assert json.loads((folder / MARKER).read_bytes()) == {"step": 4, "files": entries(files)}
+    publish(folder, target, step=4)
+    got = stored(target)
+    assert got.pop(MARKER) == (folder / MARKER).read_bytes() and got == files
+
+
+def test_check_files_names_the_first_file_that_differs(tmp_path):
+    files = {"a.bin": b"x" * 100, "sub/b.pt": b"y" * 10}
+    folder = write_folder(tmp_path / "f", files)
+    seal(folder)
+    marker = (folder / MARKER).read_bytes()
+    assert check_files(folder, marker, "m") is None
+    data = bytearray(files["sub/b.pt"])
+    data[3] ^= 0x01  # one flipped bit: same size, another checksum
+    (folder / "sub/b.pt").write_bytes(bytes(data))
+    assert check_files(folder, marker, "m") == (
+        "sub/b.pt",
+        "its crc32 differs from the one _COMPLETE lists (corrupted)",
+    )
+    assert check_files(folder, marker, "m", checksums=False) is None
+    (folder / "a.bin").write_bytes(b"x" * 60)  # sizes are compared first, every file
+    assert check_files(folder, marker, "m") == (
+        "a.bin",
+        "60 bytes, _COMPLETE lists 100 (truncated or overwritten)",
+    )
+    (folder / "a.bin").unlink()
+    assert check_files(folder, marker, "m") == ("a.bin", "missing (_COMPLETE lists it)")
+
+
+def test_markers_of_sha256_checksums_are_still_checked(tmp_path):
+    """Manifests written before CRC-32 listed sha256: still verified, with that checksum."""
+    folder = write_folder(tmp_path / "f", {"w.bin": b"w" * 30})
+    digest = hashlib.sha256(b"w" * 30).hexdigest()
+    assert (
+        check_files(folder, json.dumps({"files": {"w.bin": {"size": 30, "sha256": digest}}}).encode(), "m")
+        is None
+    )
+    wrong = json.dumps({"files": {"w.bin": {"size": 30, "sha256": "0" * 64}}}).encode()
+    assert check_files(folder, wrong, "m") == (
+        "w.bin",
+        "its sha256 differs from the one _COMPLETE lists (corrupted)",
+    )
