@@ -57,5 +57,23 @@ def _cooldown_factor(step: int, cfg: TrainConfig) -> float:
     return (1 - progress) ** cfg.cooldown_power * (1 - end) + end
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """`cfg.lr * lr_factor(step, cfg)` for every parameter group, a pure function of the step and this run's
+    config: of a checkpoint's scheduler state only the step count is kept. Loading it sets every group's
+    rate for the next step from this run's settings, so a run resumed with more `train.steps` (or another
+    `train.lr`, warmup, schedule, ...) continues exactly as a run started with them would, from the first
+    resumed step on. Without this, the groups would keep the rate the optimizer state saved (the old
+    schedule's, e.g. 0 at the end of its cosine) for one step, and the base rates the saved schedule held."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        base_lrs = list(self.base_lrs)  # this run's `train.lr`, not the saved one
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = base, base * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> StepSchedule:
+    """The schedule, restored after the optimizer (whose saved state holds the old rates)."""
+    return StepSchedule(optimizer, lambda step: lr_factor(step, cfg))

@@ -130,14 +130,17 @@ class CheckpointManager:
             raise RunDirError(
                 f"{run_dir} already has checkpoints; pass resume=latest to continue it or choose another run.name"
             )
+        folder = None
+        if self.cfg.resume == "latest" and not existing:
+            log.info("resume=latest: no checkpoint in %s yet, starting from step 0", run_dir)
+        elif self.cfg.resume is not None:
+            folder = (
+                self._agreed_checkpoint()
+            )  # before anything is written: a refusal leaves no run directory
         if self.info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
-        if self.cfg.resume is None or (self.cfg.resume == "latest" and not existing):
-            if self.cfg.resume == "latest":
-                log.info("resume=latest: no checkpoint in %s yet, starting from step 0", run_dir)
-            return None
-        return self._agreed_checkpoint()
+        return folder
 
     def _agreed_checkpoint(self) -> Path:
         """The checkpoint `resume` selects, verified by rank 0 and the same on every rank; a problem is one

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, cli_output, read_jsonl, refused, train_in_process
+from helpers import TINY, cli_output, one_torch_thread, read_jsonl, refused, train_in_process
 from safetensors.torch import load_file
 
 from pretrain.config import load_config
@@ -111,3 +114,168 @@ def test_cli_resume_latest_continues_a_finished_run(tmp_path, capsys):
     cli_output([*args, "resume=latest", "train.steps=3"], capsys)
     steps = [r["step"] for r in read_jsonl(tmp_path / "tiny/metrics.jsonl")]
     assert steps == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> Path:
+    """A 4-step run (cosine to 0, warmup 2) with checkpoints after steps 2 and 4; tests work on copies."""
+    root = tmp_path_factory.mktemp("four")
+    with one_torch_thread():
+        return train_in_process(root, name="four", overrides=["train.steps=4", "checkpoint.every=2"])
+
+
+def copy_of(run: Path, tmp: Path) -> Path:
+    return Path(shutil.copytree(run, tmp / "run"))
+
+
+def step_lrs(run: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [["train.steps=7"], ["train.steps=7", "train.lr=2e-3", "train.warmup_steps=3", "train.min_lr=1e-4"]],
+    ids=["steps", "schedule-keys"],
+)
+def test_an_extended_run_follows_the_schedule_of_its_new_settings(four_steps, tmp_path, changed):
+    """The 4-step run resumed with `changed` uses, from the first resumed step on, exactly the rates of a run
+    started with those settings (not the rate the saved schedule reached: 0, the end of its cosine)."""
+    run = copy_of(four_steps, tmp_path)
+    with one_torch_thread():
+        extended = train_in_process(tmp_path, name=run.name, overrides=[*changed, "resume=latest"])
+        straight = train_in_process(tmp_path, name="straight", overrides=changed)
+    assert {s: step_lrs(extended)[s] for s in (5, 6, 7)} == {s: step_lrs(straight)[s] for s in (5, 6, 7)}
+
+
+# ---- verified checkpoints ------------------------------------------------------------------------------
+def damage(path: Path, how: str) -> None:
+    """`flip`: one bit of the middle byte changed, same size; `truncate`: the second half gone."""
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[len(data) // 2 :]
+    path.write_bytes(bytes(data))
+
+
+def resumed_step(run: Path, *extra: str) -> int:
+    """The step a `resume=latest` Trainer of `run` starts at (built, not trained: loading is under test)."""
+    cfg = load_config(
+        TINY, [f"run.dir={run.parent}", f"run.name={run.name}", "train.steps=8", "resume=latest", *extra]
+    )
+    trainer = Trainer(cfg)
+    trainer.close()
+    return trainer.state.step
+
+
+class Killed(BaseException):
+    """What the writer 'dies' of: nothing catches it, as nothing runs after a SIGKILL."""
+
+
+def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_current(four_steps, tmp_path, monkeypatch):
+    """The save of step 6 dies after writing half of trainer.pt: step_00000006.tmp is left, which resume=latest
+    ignores (the step 4 checkpoint is still `latest`), and the next save of step 6 replaces it."""
+    run, real_save = copy_of(four_steps, tmp_path), torch.save
+
+    def dying_save(obj, path, *args, **kwargs):
+        if Path(path).name != "trainer.pt" or "step_00000006" not in str(path):
+            return real_save(obj, path, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        Path(path).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise Killed
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with one_torch_thread(), pytest.raises(Killed):
+        train_in_process(
+            tmp_path, name=run.name, overrides=["train.steps=6", "checkpoint.every=2", "resume=latest"]
+        )
+    monkeypatch.undo()
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "latest",
+        "step_00000002",
+        "step_00000004",
+        "step_00000006.tmp",
+    ]
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    with one_torch_thread():
+        assert resumed_step(run) == 4
+
+
+@pytest.mark.parametrize(
+    "member, how, reason",
+    [
+        ("model.safetensors", "flip", "its crc32 differs from the one _COMPLETE lists (corrupted)"),
+        ("trainer.pt", "flip", "its crc32 differs from the one _COMPLETE lists (corrupted)"),
+        ("model.safetensors", "truncate", "bytes, _COMPLETE lists"),
+    ],
+    ids=["model-flipped", "trainer-flipped", "model-truncated"],
+)
+def test_a_damaged_newest_checkpoint_is_never_loaded(
+    four_steps, tmp_path, capsys, caplog, member, how, reason
+):
+    """resume=latest falls back to step 2 with a warning naming the file and the reason, and sets step 4
+    aside; an explicit path to it, `pretrain export` and `pretrain eval` refuse it in one line, exit 2."""
+    run = copy_of(four_steps, tmp_path)
+    bad = run / "checkpoints/step_00000004"
+    damage(bad / member, how)
+    args = ["--config", str(TINY), f"run.dir={tmp_path}", "run.name=other", "train.steps=8"]
+    line = refused(["train", *args, f"resume={bad}"], capsys, not_made=tmp_path / "other")
+    assert line.startswith(f"pretrain: error: {bad / member}: ") and reason in line
+    out = tmp_path / "export"
+    line = refused(["export", "--checkpoint", str(run), "--output", str(out)], capsys, not_made=out)
+    assert line.startswith(f"pretrain export: error: {bad / member}: ") and reason in line
+    line = refused(["eval", "--checkpoint", str(bad), "--zeroshot", str(tmp_path)], capsys)
+    assert line.startswith(f"pretrain eval: error: {bad / member}: ") and reason in line
+
+    with one_torch_thread():
+        assert resumed_step(run) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        f"{bad / member}: " in w and reason in w and "trying the checkpoint before it" in w for w in warnings
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest",
+        "step_00000002",
+        "step_00000004.damaged",
+    ]
+    assert (run / "checkpoints/latest").read_text() == "step_00000002"
+
+
+def test_with_no_intact_checkpoint_left_resume_is_one_line(four_steps, tmp_path, capsys):
+    """Every checkpoint damaged (as with checkpoint.keep=1): one line, exit 2, nothing set aside (a rerun
+    must not find an empty folder and start from step 0)."""
+    run = copy_of(four_steps, tmp_path)
+    for step in (2, 4):
+        damage(run / f"checkpoints/step_{step:08d}/model.safetensors", "flip")
+    args = [
+        "train",
+        "--config",
+        str(TINY),
+        f"run.dir={tmp_path}",
+        "run.name=run",
+        "train.steps=8",
+        "resume=latest",
+    ]
+    line = refused(args, capsys)
+    assert line.startswith(
+        f"pretrain: error: resume=latest: no intact checkpoint in {run}/checkpoints: {run}/checkpoints/step_00000004/model.safetensors: "
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest",
+        "step_00000002",
+        "step_00000004",
+    ]
+
+
+def test_a_checkpoint_without_a_manifest_loads_unverified(four_steps, tmp_path, caplog):
+    """Checkpoints saved before they carried `_COMPLETE` still resume, with a warning saying so."""
+    run = copy_of(four_steps, tmp_path)
+    (run / "checkpoints/step_00000004/_COMPLETE").unlink()
+    with one_torch_thread():
+        assert resumed_step(run) == 4
+    assert (
+        "step_00000004 has no _COMPLETE manifest (saved by an older version): loading it unverified"
+        in caplog.text
+    )
