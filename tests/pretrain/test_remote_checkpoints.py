@@ -7,14 +7,16 @@ import json
 import logging
 import shutil
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, moto_s3, one_torch_thread, read_jsonl, train_in_process, train_runs
+from helpers import TINY, moto_s3, one_torch_thread, read_jsonl, refused, train_in_process, train_runs
 from safetensors.torch import load_file
 
 from pretrain.config import load_config, save_config
 from pretrain.training import remote
+from pretrain.training.trainer import Trainer
 
 RUN = ["train.steps=3", "checkpoint.every=1", "checkpoint.keep=2"]
 """Three checkpoints: the first run stops after step 2, and the remote prunes to `keep` as the local one does."""
@@ -101,6 +103,40 @@ def test_a_remote_checkpoint_with_an_older_marker_of_plain_sizes_is_complete(tmp
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
         "_COMPLETE", "model.safetensors", "notes.txt",
     ]  # fmt: skip
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_remote_checkpoint_is_never_loaded(tmp_path, caplog, capsys):
+    """A flipped byte in the newest remote copy (a file:// URL: the check runs on the downloaded files, the
+    same for every fsspec store), on a fresh node: a warning names the remote file and the reason, and the run
+    resumes from the copy before; with every copy damaged, one line and exit 2, not a fresh start at step 0."""
+    store = tmp_path / "store"
+    moved = [*RUN, f"checkpoint.remote=file://{store}"]
+    run = train_in_process(tmp_path, moved, name="moved", until=2)  # remote: step_1, step_2
+    shutil.rmtree(run)  # a fresh node
+    flip_byte(store / "moved/checkpoints/step_00000002/model.safetensors")
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=moved", *moved, "resume=latest"])
+    trainer = Trainer(cfg)  # resuming is under test, not training
+    trainer.close()
+    assert trainer.state.step == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"resume=latest: {store}/moved/checkpoints/step_00000002/model.safetensors: its crc32 differs from "
+        "the one _COMPLETE lists (corrupted); trying the checkpoint before it"
+    ]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+
+    shutil.rmtree(run)
+    flip_byte(store / "moved/checkpoints/step_00000001/model.safetensors")
+    args = ["train", "--config", str(TINY), f"run.dir={tmp_path}", "run.name=moved", *moved, "resume=latest"]
+    assert refused(args, capsys) == (
+        f"pretrain: error: resume=latest: no intact checkpoint at checkpoint.remote {store}/moved (warnings above)"
+    )
 
 
 def test_a_run_without_resume_refuses_remote_checkpoints_it_would_overwrite(tmp_path):
