@@ -121,7 +121,7 @@ def test_check_files_names_the_first_file_that_differs(tmp_path):
         "sub/b.pt",
         "its crc32 differs from the one _COMPLETE lists (corrupted)",
     )
-    assert check_files(folder, marker, "m", checksums=False) is None
+    assert check_files(folder, marker, "m", sums=False) is None
     (folder / "a.bin").write_bytes(b"x" * 60)  # sizes are compared first, every file
     assert check_files(folder, marker, "m") == (
         "a.bin",
