@@ -71,6 +71,11 @@ class GlobalRng:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+OPTIMIZER_KEPT = ("weight_decay", "beta1", "beta2", "eps")
+"""`train.*` keys whose checkpoint values a resumed run keeps: loading the optimizer's state restores its
+parameter groups' settings as saved. A changed value is warned about, not used."""
+
+
 class RunDirError(RuntimeError):
     """The run directory holds work that this run would overwrite, or a checkpoint that does not fit it."""
 
@@ -225,6 +230,7 @@ class CheckpointManager:
         """Restore every part from `folder`, after checking that this run's model wrote it."""
         shared = ckpt.load_trainer_state(folder)
         self._check_same_model(folder, shared)
+        self._warn_kept(folder, shared)
         saved = {"shared": shared, "rank": ckpt.load_rank_state(folder, self.info.rank)}
         for name, (part, scope, default) in self._parts.items():
             if scope == "files":
@@ -257,6 +263,20 @@ class CheckpointManager:
                 f"{folder} was written by model {saved!r}, not this run's model.name {self.cfg.model.name!r}: "
                 "resume it with that model, or start this run under another run.name"
             )
+
+    def _warn_kept(self, folder: Path, trainer_state: dict) -> None:
+        """Say which changed `train.*` values the restored optimizer overrides (`OPTIMIZER_KEPT`)."""
+        saved = trainer_state.get("config", {}).get("train", {})
+        for key in OPTIMIZER_KEPT:
+            now = getattr(self.cfg.train, key)
+            if key in saved and saved[key] != now:
+                log.warning(
+                    "train.%s=%s is not used: the optimizer state of %s keeps its %s",
+                    key,
+                    now,
+                    folder.name,
+                    saved[key],
+                )
 
     def flush(self) -> None:
         """Wait until the remote copier has copied every checkpoint (raises `RemoteError` if the last failed)."""

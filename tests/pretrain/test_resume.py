@@ -134,17 +134,29 @@ def step_lrs(run: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize(
     "changed",
-    [["train.steps=7"], ["train.steps=7", "train.lr=2e-3", "train.warmup_steps=3", "train.min_lr=1e-4"]],
+    [
+        ["train.steps=7"],
+        [
+            "train.steps=7",
+            "train.lr=2e-3",
+            "train.warmup_steps=3",
+            "train.min_lr=1e-4",
+            "train.weight_decay=0.1",
+        ],
+    ],
     ids=["steps", "schedule-keys"],
 )
-def test_an_extended_run_follows_the_schedule_of_its_new_settings(four_steps, tmp_path, changed):
+def test_an_extended_run_follows_the_schedule_of_its_new_settings(four_steps, tmp_path, caplog, changed):
     """The 4-step run resumed with `changed` uses, from the first resumed step on, exactly the rates of a run
-    started with those settings (not the rate the saved schedule reached: 0, the end of its cosine)."""
+    started with those settings (not the rate the saved schedule reached: 0, the end of its cosine). A changed
+    weight decay is one the restored optimizer state overrides: said in a warning."""
     run = copy_of(four_steps, tmp_path)
     with one_torch_thread():
         extended = train_in_process(tmp_path, name=run.name, overrides=[*changed, "resume=latest"])
         straight = train_in_process(tmp_path, name="straight", overrides=changed)
     assert {s: step_lrs(extended)[s] for s in (5, 6, 7)} == {s: step_lrs(straight)[s] for s in (5, 6, 7)}
+    kept = "train.weight_decay=0.1 is not used: the optimizer state of step_00000004 keeps its 0.2"
+    assert (kept in caplog.text) == ("train.weight_decay=0.1" in changed)
 
 
 # ---- verified checkpoints ------------------------------------------------------------------------------
