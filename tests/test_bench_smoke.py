@@ -75,3 +75,8 @@ def test_summary_collects_what_gpu_sh_left(tmp_path):
         "rc": 0, "seconds": 12, "results": {"ratio": 1.5}, "tail": ["table", "ratio (ours / open_clip): 1.50"]
     }  # fmt: skip
     assert summary["benches"]["e2e"]["rc"] == 124 and set(summary["benches"]) == {"train_step", "e2e"}
+
+
+def test_checkpoint_manifest_small():
+    stdout = run_bench("checkpoint_manifest.py", "--small")
+    assert "crc32" in stdout and "manifest cost" in stdout and "verify (resume/eval)" in stdout

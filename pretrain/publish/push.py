@@ -5,7 +5,7 @@ endpoint comes from `HF_ENDPOINT`, the token from `HF_TOKEN` or the saved login,
 the client (never printed, logged or written).
 
 Store (`--to URL`): `webshards.publish` puts every file under the URL, then the marker `_COMPLETE` last (a
-manifest of sizes and sha256); a re-push deletes only the files the old marker listed that the export lacks.
+manifest of sizes and CRC-32 checksums); a re-push deletes only the files the old marker listed that the export lacks.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def push_to_url(folder: str | Path, url: str, dry_run: bool = False) -> list[str
         return [
             f"would upload to {url}:",
             *file_listing(files),
-            f"then write {url}/{MARKER} (size and sha256 of each file)",
+            f"then write {url}/{MARKER} (size and CRC-32 of each file)",
         ]
     try:
         publish(root, url, files)

@@ -10,8 +10,9 @@ previous checkpoint intact and current. Then `checkpoint.remote` gets a copy, wi
 Resuming, rank 0 checks the checkpoint against its manifest before anything is read and tells the other
 ranks which folder to load: the run directory is on a filesystem every rank sees (saving needs that), so one
 reading of the files covers them all, where hashing a multi-GB checkpoint on every rank would be waste.
-`resume=latest` whose newest checkpoint is damaged warns, naming the file and the reason, sets it aside as
-`step_N.damaged/`, and takes the one before; an explicit path that fails is refused.
+`resume=latest` whose newest checkpoint is damaged warns, naming the file and the reason, and takes the one
+before (the damaged ones then set aside as `step_N.damaged/`); with none intact, or an explicit path that
+fails, it is one `RunDirError` line, nothing renamed or written.
 """
 
 from __future__ import annotations
