@@ -5,7 +5,8 @@ endpoint comes from `HF_ENDPOINT`, the token from `HF_TOKEN` or the saved login,
 the client (never printed, logged or written).
 
 Store (`--to URL`): `webshards.publish` puts every file under the URL, then the marker `_COMPLETE` last (a
-manifest of sizes and CRC-32 checksums); a re-push deletes only the files the old marker listed that the export lacks.
+manifest of sizes and CRC-32 checksums); a re-push deletes only the files the old marker listed that the
+export lacks.
 """
 
 from __future__ import annotations

@@ -139,10 +139,8 @@ class CheckpointManager:
         folder = None
         if self.cfg.resume == "latest" and not existing:
             log.info("resume=latest: no checkpoint in %s yet, starting from step 0", run_dir)
-        elif self.cfg.resume is not None:
-            folder = (
-                self._agreed_checkpoint()
-            )  # before anything is written: a refusal leaves no run directory
+        elif self.cfg.resume is not None:  # before anything is written: a refusal leaves no run directory
+            folder = self._agreed_checkpoint()
         if self.info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
@@ -157,6 +155,9 @@ class CheckpointManager:
                 outcome[0] = self._verified_checkpoint()
             except (ckpt.CheckpointError, FileNotFoundError, RunDirError) as e:
                 outcome[0] = RunDirError(str(e))
+            except Exception as e:
+                # any other (an unreadable folder, say): every rank must learn of it, or the others wait forever
+                outcome[0] = RunDirError(f"resume={self.cfg.resume}: {type(e).__name__}: {e}")
         if world()[1] > 1:
             dist.broadcast_object_list(outcome, src=0, device=self.device)
         if isinstance(outcome[0], RunDirError):
