@@ -27,7 +27,7 @@ CHECKSUM = "crc32"
 """The checksum new manifests carry. It guards against corruption (a torn or truncated write, a flipped
 byte, a bad copy), not tampering: a checkpoint is read without running code anyway (weights_only), and whoever
 can change a file can rewrite its manifest. For that, zlib's CRC-32 is the fastest checksum Python ships: on
-a 100 MB file in the page cache here 1.6-2.0 GB/s, against sha256's 1.1-1.2 GB/s (with this CPU's SHA
+a 100 MB file in the page cache here 1.6-2.3 GB/s, against sha256's 1.1-1.2 GB/s (with this CPU's SHA
 extensions; several times slower without them) and blake2b's 0.5 GB/s (bench/checkpoint_manifest.py). It
 catches every burst of up to 32 flipped bits for certain; the size, compared first, catches truncation."""
 CHECKSUMS = ("crc32", "sha256")
