@@ -11,6 +11,8 @@
 #   MASTER_ADDR, MASTER_PORT   rendezvous host and port (default 127.0.0.1:29500)
 #   RDZV_ID          rendezvous id for c10d (default SLURM_JOB_ID, else "pretrain")
 #   SHUTDOWN_TIMEOUT seconds torchrun waits for workers to checkpoint after a signal (default 110)
+#   MAX_RESTARTS     how often torchrun starts the workers again after one fails (default 3; 0: never); a
+#                    restarted worker resumes the newest complete checkpoint (docs/scaling.md, Automatic restart)
 #   PYTHON           interpreter (default: .venv/bin/python if present, else python3)
 #   DRY_RUN=1        print the command instead of running it
 set -euo pipefail
@@ -37,7 +39,12 @@ fi
 # the step, checkpoint and exit 0 within SHUTDOWN_TIMEOUT (see pretrain/training/preemption.py). SIGINT is not in the
 # list: pretrain.torchrun, which runs torchrun, relays Ctrl-C to the workers itself (they checkpoint, exit 0,
 # and so does torchrun; Ctrl-C again stops them now), where torchrun would end in a traceback and status 1.
+# A worker that dies (a crash, the OOM killer) or fails (a rank that hung fails the others after dist.timeout)
+# stops the group; torchrun starts it again up to MAX_RESTARTS times, and the new workers resume the newest
+# complete checkpoint. A signalled stop is no failure: the workers checkpoint and exit 0 (SIGUSR1 on a worker),
+# or torchrun ends on the signal it forwarded; neither uses a restart.
 cmd=("$PYTHON" -m pretrain.torchrun "${rdzv[@]}" --nproc-per-node "$NPROC_PER_NODE"
+  --max-restarts "${MAX_RESTARTS:-3}"
   --signals-to-handle SIGTERM,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-110}"
   -m pretrain.train "$@")
 
