@@ -160,3 +160,64 @@ def test_a_hung_rank_fails_the_other_within_dist_timeout_and_the_group_restarts(
     print(
         f"{what}: failed {failed - stopped:.1f} s after the stop, first resumed step {back - stopped:.1f} s after"
     )
+
+
+@pytest.fixture
+def under_torchrun(monkeypatch):
+    """torchrun's variables for attempt `count` of launch `run_id` (restarts allowed)."""
+
+    def attempt(count: int, run_id: str = "launch-a") -> None:
+        for key, value in (("RESTART_COUNT", count), ("RUN_ID", run_id), ("MAX_RESTARTS", 3)):
+            monkeypatch.setenv(f"TORCHELASTIC_{key}", str(value))
+
+    return attempt
+
+
+def test_a_restart_resumes_unasked_only_after_its_launch_passed_the_checks(tmp_path, under_torchrun):
+    from pretrain.config import load_config
+    from pretrain.training.restart import LAUNCH_FILE, record_launch, resume_after_restart
+
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=run"])
+    cpu = torch.device("cpu")
+    (cfg.run_dir / "checkpoints/step_00000003").mkdir(parents=True)
+    (cfg.run_dir / LAUNCH_FILE).write_text("launch-a")  # an earlier launch's
+    under_torchrun(0)
+    assert resume_after_restart(cfg, True, cpu) is cfg  # a first attempt: today's checks, which refuse here
+    assert not (cfg.run_dir / LAUNCH_FILE).exists()
+    under_torchrun(1)
+    assert resume_after_restart(cfg, True, cpu).resume is None  # the first attempt was refused: so is this one
+    record_launch(cfg)  # what the first attempt does once the checks passed
+    assert resume_after_restart(cfg, True, cpu).resume == "latest"
+    under_torchrun(1, "launch-b")
+    assert resume_after_restart(cfg, True, cpu).resume is None  # another launch's file
+    under_torchrun(2)
+    assert resume_after_restart(cfg, True, cpu).resume == "latest"
+
+
+def test_a_restart_keeps_a_given_starting_point_until_the_run_has_a_checkpoint(tmp_path, under_torchrun):
+    from pretrain.config import load_config
+    from pretrain.models.checkpoint import complete_checkpoints
+    from pretrain.training.restart import record_launch, resume_after_restart
+
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=run", "resume=/elsewhere/step_00000100"])
+    cfg.run_dir.mkdir()
+    under_torchrun(1)
+    record_launch(cfg)
+    (cfg.run_dir / "checkpoints/step_00000003.tmp").mkdir(parents=True)  # a rank died while writing it
+    assert complete_checkpoints(cfg.run_dir / "checkpoints") == []
+    assert resume_after_restart(cfg, True, torch.device("cpu")).resume == "/elsewhere/step_00000100"
+    (cfg.run_dir / "checkpoints/step_00000003").mkdir()
+    assert resume_after_restart(cfg, True, torch.device("cpu")).resume == "latest"
+
+
+def test_the_launch_is_recorded_only_where_torchrun_may_restart(tmp_path, monkeypatch, under_torchrun):
+    from pretrain.config import load_config
+    from pretrain.training.restart import LAUNCH_FILE, record_launch
+
+    cfg = load_config(TINY, [f"run.dir={tmp_path}", "run.name=run"])
+    cfg.run_dir.mkdir()
+    record_launch(cfg)  # one process, no torchrun
+    under_torchrun(0)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    record_launch(cfg)
+    assert not (cfg.run_dir / LAUNCH_FILE).exists()
