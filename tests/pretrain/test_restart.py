@@ -185,7 +185,7 @@ def test_a_restart_resumes_unasked_only_after_its_launch_passed_the_checks(tmp_p
     assert resume_after_restart(cfg, True, cpu) is cfg  # a first attempt: today's checks, which refuse here
     assert not (cfg.run_dir / LAUNCH_FILE).exists()
     under_torchrun(1)
-    assert resume_after_restart(cfg, True, cpu).resume is None  # the first attempt was refused: so is this one
+    assert resume_after_restart(cfg, True, cpu).resume is None  # its first attempt was refused: so is it
     record_launch(cfg)  # what the first attempt does once the checks passed
     assert resume_after_restart(cfg, True, cpu).resume == "latest"
     under_torchrun(1, "launch-b")
