@@ -46,15 +46,16 @@ def resume_after_restart(cfg: Config, is_main: bool, device: torch.device) -> Co
         if is_main:  # an earlier launch's: this one's first attempt has not passed the checks yet
             launch.unlink(missing_ok=True)
         return cfg
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     level = logging.WARNING if is_main else logging.INFO  # said once, by rank 0
-    if not launch.is_file() or launch.read_text() != run_id:
-        log.log(level, "torchrun restart %d: this launch never started training", count)
-        return cfg
-    if cfg.resume not in (None, "latest") and not complete_checkpoints(cfg.run_dir / "checkpoints"):
-        return cfg  # no checkpoint of its own yet: start again from the given one
+    if cfg.resume != "latest":
+        if not launch.is_file() or launch.read_text() != os.environ.get("TORCHELASTIC_RUN_ID"):
+            log.log(level, "torchrun restart %d: this launch never got to train; not resuming unasked", count)
+            return cfg
+        if cfg.resume is not None and not complete_checkpoints(cfg.run_dir / "checkpoints"):
+            return cfg  # no checkpoint of its own yet: start again from the given one
+        cfg = dataclasses.replace(cfg, resume="latest")
     log.log(level, "torchrun restart %d: resuming the newest checkpoint", count)
-    return cfg if cfg.resume == "latest" else dataclasses.replace(cfg, resume="latest")
+    return cfg
 
 
 def record_launch(cfg: Config) -> None:
