@@ -70,10 +70,13 @@ class Launch:
         raise AssertionError(f"no worker with RANK={rank} among {children(self.proc.pid)}")
 
     def wait_for_step(self, step: int) -> None:
+        self.wait_until(lambda: step in logged_steps(self.run_dir))
+
+    def wait_until(self, condition, poll: float = 0.05) -> None:
         deadline = time.monotonic() + 240
-        while step not in logged_steps(self.run_dir):
+        while not condition():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.output()[-3000:]
-            time.sleep(0.05)
+            time.sleep(poll)
 
     def finish(self) -> int:
         try:
@@ -105,7 +108,7 @@ def draw(name: str) -> tuple[str, int, int]:
     steps left after it), and the rank, from RESTART_SEED or a fresh seed."""
     seed = int(os.environ.get("RESTART_SEED", random.randrange(10**6)))
     rng = random.Random(seed)
-    step, rank = rng.randint(EVERY, STEPS - 2), rng.randint(0, 1)
+    step, rank = rng.randint(EVERY + 1, STEPS - 1), rng.randint(0, 1)
     return f"{name}: RESTART_SEED={seed} (rank {rank} after step {step})", step, rank
 
 
@@ -128,17 +131,29 @@ def assert_finished_like(run_dir: Path, straight: Path, status: int, launch: Lau
 def test_a_killed_rank_restarts_the_group_which_resumes_and_ends_like_an_uninterrupted_run(
     tmp_path, straight
 ):
+    """At a checkpoint step the kill lands while that checkpoint is being written (its .tmp folder there)."""
     what, step, rank = draw("SIGKILL")
     run_dir = tmp_path / "killed"
     launch = Launch(run_dir)
-    launch.wait_for_step(step)
-    killed = time.monotonic()
-    os.kill(launch.rank_pid(rank), signal.SIGKILL)
+    launch.wait_for_step(1)
+    pid = launch.rank_pid(rank)
+    half_written = run_dir / f"checkpoints/step_{step:08d}.tmp"
+    if step % EVERY == 0:
+        launch.wait_until(lambda: half_written.exists() or half_written.with_suffix("").exists(), poll=0.005)
+    else:
+        launch.wait_for_step(step)
+    killed, during_save = time.monotonic(), half_written.exists()
+    os.kill(pid, signal.SIGKILL)
     status = launch.finish()
     resumed = assert_finished_like(run_dir, straight, status, launch, what)
     assert EVERY <= resumed <= step + 1, what  # a checkpoint of the first attempt, not a fresh start
+    assert not during_save or resumed < step, what  # the half-written one was passed over, then written again
+    assert list((run_dir / "checkpoints").glob("*.tmp")) == [], what
     back, _ = launch.first(rf"step {resumed + 1}/{STEPS}", after=killed)
-    print(f"{what}: resumed at step {resumed}, first resumed step {back - killed:.1f} s after the kill")
+    saving = " (during its checkpoint)" if during_save else ""
+    print(
+        f"{what}{saving}: resumed at step {resumed}, first resumed step {back - killed:.1f} s after the kill"
+    )
 
 
 @pytest.mark.slow
