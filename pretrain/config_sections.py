@@ -304,6 +304,10 @@ class DistConfig:
     """DeepSpeed ZeRO stage (1, 2 or 3)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    timeout: float = 600.0
+    """Seconds a collective waits for the other ranks before this rank fails (torch's own default is 600 for
+    NCCL, 1800 for gloo): a hung rank then ends the job, and torchrun restarts it (launch/torchrun.sh
+    MAX_RESTARTS). Longer than any wait between collectives: the slowest step, a checkpoint, an eval."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (less activation memory, ~30% more compute)."""
     compile: bool | None = None
@@ -330,6 +334,7 @@ class DistConfig:
         )
         _check(self.zero_stage in (1, 2, 3), "dist.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
         _check(self.backend in ("auto", "nccl", "gloo"), "dist.backend", f"bad backend {self.backend!r}")
+        _check(self.timeout > 0, "dist.timeout", f"must be > 0 seconds, got {self.timeout}")
         for name, allowed in (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16"))):
             value = getattr(self, name)
             _check(value in allowed, f"dist.{name}", f"must be one of {allowed}, got {value!r}")

@@ -7,7 +7,7 @@ after the ranks checkpointed and exited 0. Here torchrun leaves SIGINT alone (la
 list it in `--signals-to-handle`) and this process passes each Ctrl-C on to the ranks: at the first they
 finish the step, checkpoint and exit 0, and torchrun with them; at the second they are killed, and this
 process ends with status 130 before torchrun could report them as failed. Every other signal is
-torchrun's, as before.
+torchrun's, as before. It also makes torchrun's restarts (`--max-restarts`) start from a clean store.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # A restart (--max-restarts) must give the new workers a store of their own: sharing the rendezvous store
+    # (torch's default) hands them the keys of the failed attempt, and a rank dials its dead peer's old address
+    # (pytorch/pytorch#135712). Unshared, rank 0 of each attempt serves a fresh one.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     ctrl_c = CtrlC()
     signal.signal(signal.SIGINT, ctrl_c)
     try:

@@ -25,6 +25,7 @@ LONG_MODULES = (
     "data_tools/test_ray.py",
     "test_bench_smoke.py",
     "pretrain/test_preemption.py",
+    "pretrain/test_restart.py",
     "pretrain/test_remote_checkpoints.py",
     "pretrain/test_make_demo.py",
     "pretrain/test_slurm.py",

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -67,16 +68,20 @@ def select_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank)
 
 
-def init_distributed(info: DistInfo, device: torch.device, backend: str = "auto") -> bool:
+def init_distributed(
+    info: DistInfo, device: torch.device, backend: str = "auto", timeout: float | None = None
+) -> bool:
     """Join the process group (NCCL on GPU, gloo on CPU) when there is more than one process; True when
-    this call created it (its caller shuts it down), False when there was one already or none is needed."""
+    this call created it (its caller shuts it down), False when there was one already or none is needed.
+    `timeout`: seconds a collective waits for the others before it fails (None: torch's default)."""
     if not info.distributed or dist.is_initialized():
         return False
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", info.master_addr)
     os.environ.setdefault("MASTER_PORT", str(info.master_port))
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world)
+    wait = None if timeout is None else timedelta(seconds=timeout)
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world, timeout=wait)
     log.debug("joined process group: rank %d/%d backend %s", info.rank, info.world, backend)
     return True
 

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ def catch_early() -> None:
 class Preemption:
     """Catches the preemption signals and answers `should_stop()` identically on every rank."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
+        """`timeout`: seconds the flag exchange waits for the other ranks (`dist.timeout`; None: torch's
+        default, 30 min for gloo), so that a hung rank fails this one too instead of stalling it here."""
         self.requested = PREEMPTED if _early else 0
         self.stop = 0  # what the ranks agreed on, once they did: PREEMPTED or INTERRUPTED
         if _early:
@@ -69,7 +72,8 @@ class Preemption:
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self._group = dist.new_group(backend="gloo") if distributed else None
+        wait = None if timeout is None else timedelta(seconds=timeout)
+        self._group = dist.new_group(backend="gloo", timeout=wait) if distributed else None
         self._main = not distributed or dist.get_rank() == 0
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
 

@@ -33,7 +33,7 @@ from pretrain.config import Config, redacted, save_config
 from pretrain.models import checkpoint as ckpt
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.distributed import DistInfo, barrier, world
-from pretrain.training import remote
+from pretrain.training import remote, restart
 from webshards.atomic import write_atomic
 from webshards.publish import seal
 
@@ -127,6 +127,8 @@ class CheckpointManager:
     def _prepare_run_dir(self) -> Path | None:
         """Create the run directory, write the resolved config, and pick the checkpoint to resume."""
         run_dir = self.cfg.run_dir
+        # Workers torchrun restarted after a failure continue the newest checkpoint (restart.py)
+        self.cfg = restart.resume_after_restart(self.cfg, self.info.is_main, self.device)
         # With checkpoint.remote: may download a newer checkpoint, or refuse remote ones a new run would overwrite
         problem = remote.prepare_run_dir(self.cfg, self.info.is_main, self.device)
         if problem is not None:
@@ -144,6 +146,7 @@ class CheckpointManager:
         if self.info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
+            restart.record_launch(self.cfg)
         return folder
 
     def _agreed_checkpoint(self) -> Path:

@@ -45,7 +45,7 @@ class Trainer:
         self.info = detect()
         setup_logging(self.info.is_main)
         self.device = select_device(cfg.train.device, self.info)
-        self._owns_group = init_distributed(self.info, self.device, cfg.dist.backend)
+        self._owns_group = init_distributed(self.info, self.device, cfg.dist.backend, cfg.dist.timeout)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.bundle = build_model(cfg.model, self.device)
         self.model = self.bundle.model
@@ -72,7 +72,7 @@ class Trainer:
         self.metrics = MetricsProcessor(
             cfg, self.info, self.device, self.state, self.source, self.objective.parts, self.bundle.name
         )
-        self.preemption = Preemption()  # last: nothing after it can fail
+        self.preemption = Preemption(cfg.dist.timeout)  # last: nothing after it can fail
         self.preempted = self.interrupted = False  # stopped early by SIGUSR1/SIGTERM (requeue), by Ctrl-C
 
     def _register_state(self) -> None:

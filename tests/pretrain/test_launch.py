@@ -69,8 +69,12 @@ def test_recipe_commands_for_32_nodes_x_8_gpus(tmp_path):
     assert proc.returncode == 0, proc.stderr
     commands = [(tmp_path / f"node{i}.out").read_text().strip() for i in range(32)]
     for i, cmd in enumerate(commands):
-        assert "-m pretrain.torchrun --nnodes 32 " in cmd
-        assert f"--node-rank {i} --master-addr gpu001 --master-port 29500 --nproc-per-node 8" in cmd
+        # the c10d rendezvous on the first node numbers the nodes, and lets torchrun restart a failed group
+        assert (
+            "-m pretrain.torchrun --nnodes 32 --rdzv-backend c10d --rdzv-endpoint gpu001:29500 --rdzv-id 777 "
+            in cmd
+        )
+        assert f"--rdzv-conf is_host={int(i == 0)} --nproc-per-node 8 --max-restarts 3 " in cmd
         assert "SIGUSR1" in cmd
         assert cmd.endswith(f"-m pretrain.train --config {RECIPE} resume=latest")
     cfg = load_config(ROOT / RECIPE)
