@@ -219,4 +219,4 @@ def _outcome(ray: Any, ref: Any, name: str) -> Outcome:
         return ray.get(ref)
     except ray.exceptions.RayError as error:
         text = str(error).strip()
-        return name, 0, f"{type(error).__name__}: {text.splitlines()[0] if text else 'lost'}"
+        return name, 0, f"{type(error).__name__}: {text.splitlines()[0] if text else 'lost'}", 0
