@@ -79,28 +79,47 @@ def _open_once(url: str) -> contextlib.AbstractContextManager[BinaryIO]:
     return fs.open(path, "rb")
 
 
+def _missing(error: OSError) -> bool:
+    """Whether a failure to open is a missing file, which no retry cures. fsspec's HTTP filesystem reports
+    every failure to open as FileNotFoundError; what it wraps tells a 404 from a 503 or a dropped connection."""
+    if not isinstance(error, FileNotFoundError):
+        return False
+    cause = error.__cause__
+    status = getattr(cause, "status", None)  # aiohttp's ClientResponseError
+    return (
+        cause is None
+        or isinstance(cause, FileNotFoundError)
+        or (status is not None and status < 500 and status != 429)
+    )
+
+
+def _failure(error: OSError) -> str:
+    """One line for a failure to open: what an HTTP FileNotFoundError wraps, else the error itself."""
+    shown = error.__cause__ if isinstance(error, FileNotFoundError) and error.__cause__ is not None else error
+    return redact_url(f"{type(shown).__name__}: {shown}".splitlines()[0])
+
+
 def open_url(url: str, retries: int = 3, backoff: float = 0.5) -> contextlib.AbstractContextManager[BinaryIO]:
-    """Open a shard for streaming. A transient failure (an OSError) is retried up to `retries` times with
-    exponential backoff from `backoff` s, each retry counted (`webshards.retries`); when every attempt
-    failed, a `StoreUnreachable` says so in one line. Not for `s3://`: the S3 client retries each of its
-    requests itself (`webshards.s3`), and a second layer here would multiply the attempts."""
+    """Open a shard for streaming. A transient failure (an OSError other than a missing file) is retried up
+    to `retries` times with exponential backoff from `backoff` s, each retry counted (`webshards.retries`);
+    when every attempt failed, a `StoreUnreachable` says so in one line. Not for `s3://`: the S3 client
+    retries each of its requests itself (`webshards.s3`), and a second layer here would multiply them."""
     retries = 0 if url.startswith("s3://") else retries
     start = time.monotonic()
     for attempt in range(retries + 1):
         try:
             return _open_once(url)
-        except FileNotFoundError:
-            raise
         except OSError as e:
+            if _missing(e) or attempt == retries == 0:
+                raise
             if attempt == retries:
-                if retries == 0:
-                    raise
-                seconds, last = time.monotonic() - start, redact_url(f"{type(e).__name__}: {e}")
-                raise StoreUnreachable(redact_url(url), attempt + 1, seconds, last) from e
+                raise StoreUnreachable(
+                    redact_url(url), attempt + 1, time.monotonic() - start, _failure(e)
+                ) from e
             delay = backoff * 2**attempt
-            log.debug("opening %s failed (%s); retry %d/%d in %.1fs", redact_url(url), redact_url(str(e)),
-                      attempt + 1, retries, delay)  # fmt: skip
-            count_retry(redact_url(f"{url}, attempt {attempt + 2} after {type(e).__name__}: {e}"))
+            log.debug("opening %s failed (%s); retry %d/%d in %.1fs", redact_url(url), _failure(e), attempt + 1,
+                      retries, delay)  # fmt: skip
+            count_retry(f"{redact_url(url)}, attempt {attempt + 2} after {_failure(e)}")
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fault_proxy import FaultProxy, flaky_s3, quick_backoff, s3_env
-from helpers import one_torch_thread, read_jsonl, train_in_process
+from helpers import TINY, one_torch_thread, read_jsonl, train_in_process
 
 from pretrain.cli import main
 from pretrain.training.remote import RemoteStore
@@ -143,3 +143,15 @@ def test_a_store_that_stays_down_ends_in_one_line(store, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and seconds < 30
     assert "s3://bucket/down/_COMPLETE: unreachable after " in err and " attempts over " in err, err
+
+
+def test_training_from_a_store_that_stays_down_ends_in_one_line(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    with FaultProxy(store[0].url, fraction=1.0, faults=("internal",), max_in_a_row=None) as dead:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", dead.url)
+        start = time.monotonic()
+        status = main(["train", "--config", str(TINY), f"run.dir={tmp_path}", *RUN])
+        seconds = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and seconds < 30, err
+    assert "unreachable after 3 attempts over " in err and "(last: 500" in err, err
