@@ -1,9 +1,12 @@
 """Flaky storage: a data-tools job writing its shards to s3:// through a store that fails 30% of requests
-(tests/fault_proxy.py) writes what it writes locally, and its summary counts the retries."""
+(tests/fault_proxy.py) writes what it writes locally, and its summary counts the retries; a store that
+stays down ends the job with one line."""
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from fault_proxy import flaky_s3, quick_backoff, s3_env
 from helpers import write_image_folder
 
 from data_tools.build import build
+from data_tools.cli import main
 from data_tools.images import ImageConfig
 from webshards import retries
 
@@ -54,3 +58,21 @@ def test_build_to_a_flaky_store_equals_local_and_counts_retries(tmp_path: Path, 
     assert retries.retries_so_far() - counted == sum(proxy.faults.values()) > 0
     assert summary.storage_retries > 0
     assert f"; {summary.storage_retries} storage retries" in summary.line("build")
+
+
+def test_a_store_that_refuses_connections_ends_the_job_in_one_line(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {**s3_env(f"http://127.0.0.1:{port}"), "AWS_MAX_ATTEMPTS": "3"}.items():
+        monkeypatch.setenv(key, value)
+    write_image_folder(tmp_path / "images", 3)
+    start = time.monotonic()
+    assert main(["build", "--input", str(tmp_path / "images"), "--output", "s3://bucket/down"]) == 1
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 30 and err.count("\n") == 1, err
+    assert (
+        err.startswith("data-tools: error: s3://bucket/down/") and "unreachable after 3 attempts over" in err
+    )
