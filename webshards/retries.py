@@ -28,6 +28,7 @@ class StoreUnreachable(ConnectionError):
     any credentials in ``where`` and ``last``)."""
 
     def __init__(self, where: str, attempts: int, seconds: float, last: str) -> None:
+        last = " ".join(last.split())  # one line, whatever the client's message held (aiohttp's span lines)
         super().__init__(
             f"{where}: unreachable after {attempts} attempts over {seconds:.1f} s (last: {last})"
         )
@@ -41,9 +42,12 @@ def count_retry(what: str) -> None:
         _count += 1
         n = _count
     if n == 1 or n % LOG_EVERY == 0:
-        log.warning("storage: %d request(s) retried so far in this process (latest: %s)", n, what)
+        log.warning(
+            "storage: %d request(s) retried so far in this process (latest: %s)", n, " ".join(what.split())
+        )
 
 
 def retries_so_far() -> int:
-    """Requests this process has retried (every store, every thread) since it started."""
+    """Requests this process has retried (every store, every thread) since it started; a forked child
+    starts from its parent's count, so what a piece of work retried is a difference of two readings."""
     return _count
