@@ -110,9 +110,11 @@ def open_url(url: str, retries: int = 3, backoff: float = 0.5) -> contextlib.Abs
         try:
             return _open_once(url)
         except OSError as e:
-            if _missing(e) or attempt == retries == 0:
+            if _missing(e):
                 raise
             if attempt == retries:
+                if retries == 0 or local_path(url) is not None:
+                    raise  # not retried, or a local file: its own error says more than "unreachable"
                 raise StoreUnreachable(
                     redact_url(url), attempt + 1, time.monotonic() - start, _failure(e)
                 ) from e
