@@ -10,6 +10,7 @@ from data_tools.commands import build, dedup, demo_data, embed, eval_set, filter
 from data_tools.phases import JobFailed
 from data_tools.runner import RunSummary
 from webshards.args import CommandLine
+from webshards.retries import StoreUnreachable
 
 PROG = "data-tools"
 
@@ -36,9 +37,10 @@ COMMAND_LINE = CommandLine(
     prog=PROG,
     description="Curate image-text data into WebDataset shards.",
     commands=(demo_data, build, reshard, stats, embed, filter, dedup, eval_set),  # in --help order
-    # JobFailed: the job ran and failed (which task, or which rank's work never arrived); a ValueError:
-    # invalid inputs, found before or while running
-    errors=((JobFailed, 1), (ValueError, 2)),
+    # JobFailed: the job ran and failed (which task, or which rank's work never arrived); StoreUnreachable: a
+    # store stayed down through every retry (a rerun may succeed); a ValueError: invalid inputs, found before
+    # or while running
+    errors=((JobFailed, 1), (StoreUnreachable, 1), (ValueError, 2)),
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option's default in its --help
     status=job_status,  # a runner job's run returns its RunSummary
 )

@@ -35,9 +35,13 @@ WAKE_EVERY = 5.0
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the head's GCS port to answer before giving up on ``--ray-address``."""
 INSTALL_HINT = "--engine ray needs `pip install clip-pretrain[ray]`"
-FORWARDED_ENV = ("AWS_ENDPOINT_URL",)
-"""Driver settings the tasks need to reach the same storage; credentials stay with the nodes (their
-environment, instance roles), never sent through the cluster."""
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "WEBSHARDS_S3_CONNECT_TIMEOUT",
+    "WEBSHARDS_S3_READ_TIMEOUT",
+)  # fmt: skip
+"""Driver settings the tasks need to reach the same storage the same way (endpoint, retries, timeouts: see
+``webshards.s3``); credentials stay with the nodes (their environment, instance roles), never sent through
+the cluster."""
 
 
 @dataclass(frozen=True)
@@ -219,4 +223,4 @@ def _outcome(ray: Any, ref: Any, name: str) -> Outcome:
         return ray.get(ref)
     except ray.exceptions.RayError as error:
         text = str(error).strip()
-        return name, 0, f"{type(error).__name__}: {text.splitlines()[0] if text else 'lost'}"
+        return name, 0, f"{type(error).__name__}: {text.splitlines()[0] if text else 'lost'}", 0

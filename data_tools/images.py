@@ -18,6 +18,8 @@ from typing import IO
 import fsspec
 from PIL import Image, ImageOps
 
+from webshards.urls import url_to_fs
+
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
 BORDER_COLOUR = (255, 255, 255)  # img2dataset pads with white
 MAX_IMAGE_BYTES = 32 * 2**20
@@ -92,7 +94,7 @@ def fetch(location: str, timeout: float = 10.0, retries: int = 2, max_bytes: int
 def _open_url(url: str, timeout: float) -> IO[bytes]:
     protocol = url.split("://", 1)[0]
     if protocol not in ("http", "https"):
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = url_to_fs(url)  # s3://: the project's S3 client (endpoint, retries: webshards.s3)
         return fs.open(path, "rb")
     import aiohttp  # fsspec's http backend; imported here so local-only jobs need no network stack
 

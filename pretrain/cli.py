@@ -8,12 +8,13 @@ import sys
 from pretrain.commands import caption, config, eval, export, plot, push, train
 from pretrain.train import interrupted
 from webshards.args import CommandLine
+from webshards.retries import StoreUnreachable
 
 COMMAND_LINE = CommandLine(
     prog="pretrain",
     description="Contrastive image-text pretraining (CLIP) on open_clip.",
     commands=(train, config, eval, export, push, caption, plot),  # in --help order
-    errors=((FileNotFoundError, 2), (ValueError, 2), (RuntimeError, 2)),
+    errors=((StoreUnreachable, 1), (FileNotFoundError, 2), (ValueError, 2), (RuntimeError, 2)),
     error_names_command=True,
     interrupted=interrupted,
 )

@@ -124,7 +124,8 @@ class DataConfig:
     bad_window: int = 1000
     """Samples per worker over which `max_bad_fraction` is measured."""
     retries: int = 3
-    """Attempts (with exponential backoff) to open a shard before skipping it."""
+    """Retries (with exponential backoff) to open an http(s)://, pipe: or local shard before skipping it;
+    s3:// requests are retried by the S3 client (AWS_MAX_ATTEMPTS, see docs/scaling.md)."""
     synthetic_classes: int = 16
     """Synthetic data: number of latent classes (images and texts of a class correlate, so loss falls)."""
 

@@ -21,11 +21,13 @@ from typing import Any
 
 from webshards import outputs
 from webshards.progress import Progress
+from webshards.retries import retries_so_far
 
 log = logging.getLogger("webshards")
 
-Outcome = tuple[str, int, "str | None"]
-"""(task name, samples processed, failure reason or None): what a guarded task call returns."""
+Outcome = tuple[str, int, "str | None", int]
+"""(task name, samples processed, failure reason or None, storage requests retried while it ran): what a
+guarded task call returns."""
 Execute = Callable[[list[Any], Callable[[Any], Outcome], Callable[[Outcome], None], Progress], None]
 """How pending tasks run: ``execute(pending, guarded, record, progress)`` calls ``guarded`` on every task,
 hands each outcome to ``record`` as it arrives and keeps ``progress`` ticking (``run_in_pool``, or Ray)."""
@@ -51,19 +53,23 @@ class RunSummary:
     samples: int = 0
     seconds: float = 0.0
     unit: str = "samples"
+    storage_retries: int = 0
+    """Storage requests retried by the tasks (whatever process ran them) and by the completeness checks."""
 
     def ok(self) -> bool:
         """Whether every task of this node is complete."""
         return not self.failed
 
     def line(self, desc: str = "") -> str:
-        """One line, e.g. ``build: 3 done, 1 skipped, 1 failed; 300 samples in 2.0 s (150.0/s); failed 00004: ...``."""
+        """One line, e.g. ``build: 3 done, 1 skipped, 1 failed; 300 samples in 2.0 s (150.0/s); 7 storage
+        retries; failed 00004: ...`` (the retries only when there were some)."""
         prefix = f"{desc}: " if desc else ""
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        retries = f"; {self.storage_retries} storage retries" if self.storage_retries else ""
         failures = "".join(f"; failed {name}: {reason}" for name, reason in self.failed)
         return (
             f"{prefix}{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed; "
-            f"{self.samples} {self.unit} in {self.seconds:.1f} s ({rate:.1f}/s){failures}"
+            f"{self.samples} {self.unit} in {self.seconds:.1f} s ({rate:.1f}/s){retries}{failures}"
         )
 
 
@@ -88,12 +94,13 @@ def run_incomplete(
     check_unique([task.name for task in tasks])
     start = time.perf_counter()
     summary = RunSummary(unit=unit)
-    pending = []
+    pending, retried_before = [], retries_so_far()
     for task in tasks:
         if outputs.exists(task.output):
             summary.skipped.append(task.name)
         else:
             pending.append(task)
+    summary.storage_retries = retries_so_far() - retried_before  # the tasks' own come with their outcomes
     try:
         with Progress(desc, len(pending), task_unit, unit, logger=logger, bar=bar) as progress:
             record = partial(_record, summary, progress, logger)
@@ -159,15 +166,19 @@ def _next_outcome(outcomes: Any, progress: Progress) -> Outcome:
 
 def _call_guarded(fn: Callable[[Task], int], task: Task) -> Outcome:
     """Run one task; an exception becomes its failure reason instead of ending the job."""
+    retried_before = retries_so_far()
     try:
-        return task.name, int(fn(task) or 0), None
-    except Exception as error:  # noqa: BLE001 - any task error is recorded, the job goes on
-        return task.name, 0, f"{type(error).__name__}: {error}"
+        samples, error = int(fn(task) or 0), None
+    except Exception as exc:  # noqa: BLE001 - any task error is recorded, the job goes on
+        samples, error = 0, f"{type(exc).__name__}: {exc}"
+    return task.name, samples, error, retries_so_far() - retried_before
 
 
 def _record(summary: RunSummary, progress: Progress, logger: logging.Logger, outcome: Outcome) -> None:
-    """Add one task's outcome (name, samples, failure reason or None) to the summary and the progress."""
-    name, samples, error = outcome
+    """Add one task's outcome (name, samples, failure reason or None, retries) to the summary and the
+    progress."""
+    name, samples, error, retries = outcome
+    summary.storage_retries += retries
     if error is None:
         summary.done.append(name)
         summary.samples += samples

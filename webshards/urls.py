@@ -1,10 +1,9 @@
-"""Opening shard URLs: local paths, s3:// (s3fs), http(s):// and pipe:COMMAND, with retries and backoff."""
+"""Opening shard URLs: local paths, s3:// (s3fs, see `webshards.s3`), http(s):// and pipe:COMMAND, with retries."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import subprocess
 import time
@@ -12,22 +11,22 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from webshards.retries import StoreUnreachable, count_retry
+
 log = logging.getLogger("webshards")
 
 
-def fs_options(url: str) -> dict:
-    """fsspec options for `url`: s3fs takes its endpoint from AWS_ENDPOINT_URL (the standard variable)."""
-    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-    return {}
-
-
 def url_to_fs(url: str) -> tuple:
-    """The fsspec filesystem of `url` and the path in it, with the options shards are opened with (s3:
-    the AWS_ENDPOINT_URL endpoint), for writers that list, put and remove objects."""
+    """The fsspec filesystem of `url` and the path in it, for readers and for writers that list, put and
+    remove objects. Every `s3://` filesystem is built here, by `webshards.s3` (the endpoint from
+    AWS_ENDPOINT_URL, botocore's retries, timeouts, retries counted, a dead store in one line)."""
+    if url.startswith("s3://"):
+        from webshards.s3 import s3_filesystem  # s3fs is an optional dependency (the `s3` extra)
+
+        return s3_filesystem(url)
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **fs_options(url))
+    return fsspec.core.url_to_fs(url)
 
 
 _URL = re.compile(r"[A-Za-z][\w+.-]*://(?:(?!::)[^\s'\"])+")
@@ -76,30 +75,53 @@ def _open_once(url: str) -> contextlib.AbstractContextManager[BinaryIO]:
     path = local_path(url)
     if path is not None:
         return open(path, "rb")
-    import fsspec
+    fs, path = url_to_fs(url)
+    return fs.open(path, "rb")
 
-    return fsspec.open(url, "rb", **fs_options(url)).open()
+
+def _missing(error: OSError) -> bool:
+    """Whether a failure to open is a missing file, which no retry cures. fsspec's HTTP filesystem reports
+    every failure to open as FileNotFoundError; what it wraps tells a 404 from a 503 or a dropped connection."""
+    if not isinstance(error, FileNotFoundError):
+        return False
+    cause = error.__cause__
+    status = getattr(cause, "status", None)  # aiohttp's ClientResponseError
+    return (
+        cause is None
+        or isinstance(cause, FileNotFoundError)
+        or (status is not None and status < 500 and status != 429)
+    )
+
+
+def _failure(error: OSError) -> str:
+    """One line for a failure to open: what an HTTP FileNotFoundError wraps, else the error itself."""
+    shown = error.__cause__ if isinstance(error, FileNotFoundError) and error.__cause__ is not None else error
+    return redact_url(f"{type(shown).__name__}: {shown}".splitlines()[0])
 
 
 def open_url(url: str, retries: int = 3, backoff: float = 0.5) -> contextlib.AbstractContextManager[BinaryIO]:
-    """Open a shard for streaming; transient failures are retried with exponential backoff."""
+    """Open a shard for streaming. A transient failure (an OSError other than a missing file) is retried up
+    to `retries` times with exponential backoff from `backoff` s, each retry counted (`webshards.retries`);
+    when every attempt failed, a `StoreUnreachable` says so in one line. Not for `s3://`: the S3 client
+    retries each of its requests itself (`webshards.s3`), and a second layer here would multiply them."""
+    retries = 0 if url.startswith("s3://") else retries
+    start = time.monotonic()
     for attempt in range(retries + 1):
         try:
             return _open_once(url)
-        except FileNotFoundError:
-            raise
         except OSError as e:
-            if attempt == retries:
+            if _missing(e):
                 raise
+            if attempt == retries:
+                if retries == 0 or local_path(url) is not None:
+                    raise  # not retried, or a local file: its own error says more than "unreachable"
+                raise StoreUnreachable(
+                    redact_url(url), attempt + 1, time.monotonic() - start, _failure(e)
+                ) from e
             delay = backoff * 2**attempt
-            log.warning(
-                "opening %s failed (%s); retry %d/%d in %.1fs",
-                redact_url(url),
-                redact_url(str(e)),
-                attempt + 1,
-                retries,
-                delay,
-            )
+            log.debug("opening %s failed (%s); retry %d/%d in %.1fs", redact_url(url), _failure(e), attempt + 1,
+                      retries, delay)  # fmt: skip
+            count_retry(f"{redact_url(url)}, attempt {attempt + 2} after {_failure(e)}")
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -117,6 +117,8 @@ class StreamLoader:
         self.positions: dict[int, Position] = {}
         self.micro_batches = 0
         self._shard_of: dict[int, int] = {}  # per worker role: the shard number its latest batch ended in
+        self._retries_of: dict[int, int] = {}  # per worker role: storage retries of its stream so far
+        self._retries_before = 0  # of workers shut down earlier
         self._iter = None
 
     def _start(self) -> None:
@@ -159,6 +161,7 @@ class StreamLoader:
             raise DataError(f"{_original_message(e)}; {self._where()}") from None
         self.positions[info["role"]] = info["position"]
         self._shard_of[info["role"]] = info["shard"]
+        self._retries_of[info["role"]] = info["storage_retries"]
         self.micro_batches += 1
         return images, texts, info
 
@@ -168,6 +171,12 @@ class StreamLoader:
         worker's shards before the one its latest batch ended in (an eval pass's progress; when the pass has
         ended, all of `eval_shards`)."""
         return sum(self._shard_of.values())
+
+    @property
+    def storage_retries(self) -> int:
+        """Storage requests this rank's data workers retried; 0 without workers (the training process
+        reads the shards, and counts its retries itself: `webshards.retries.retries_so_far`)."""
+        return self._retries_before + sum(self._retries_of.values()) if self.workers else 0
 
     @property
     def eval_shards(self) -> int:
@@ -220,6 +229,7 @@ class StreamLoader:
     def close(self) -> None:
         """Shut the workers down now (collecting the DataLoader iterator does the same, but later or never)."""
         running, self._iter = self._iter, None
+        self._retries_before, self._retries_of = self.storage_retries, {}
         _RUNNING.discard(self)
         shutdown = getattr(running, "_shutdown_workers", None)  # torch's iterator with worker processes
         if shutdown is not None:

@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pretrain.config import DataConfig
 from pretrain.data.plan import ShardPlan
 from webshards.layout import UNSAFE_MEMBER, iter_shard
+from webshards.retries import retries_so_far
 from webshards.samples import BadSample
 from webshards.urls import open_url, redact_url
 
@@ -145,8 +146,9 @@ class ShardReader:
 
 class ShardStream(IterableDataset):
     """Batches `(inputs, texts, info)` for one rank; `info` has the worker role, keys and its `Position`,
-    and `shard`: the worker's shard number (`ShardPlan.shard`) its last sample came from, so the consumer
-    can count the shards read to the end (an eval pass's progress)."""
+    `shard`: the worker's shard number (`ShardPlan.shard`) its last sample came from, so the consumer
+    can count the shards read to the end (an eval pass's progress), and `storage_retries`: the storage
+    requests retried while this stream ran (`webshards.retries`)."""
 
     def __init__(
         self,
@@ -170,16 +172,16 @@ class ShardStream(IterableDataset):
         """The batches of worker `role` of `workers` (what that DataLoader worker yields)."""
         c = self.cfg
         plan = ShardPlan(c.sources, c.weights, c.mode, c.seed, c.rank * workers + role, c.world * workers)
-        items = []
+        items, retried_before = [], retries_so_far()
         for item in self._samples(plan, role):
             items.append(item)
             if len(items) == c.batch_size:
-                yield self._batch(items, role)
+                yield self._batch(items, role, retries_so_far() - retried_before)
                 items = []
         if items and c.mode == "eval":
-            yield self._batch(items, role)
+            yield self._batch(items, role, retries_so_far() - retried_before)
 
-    def _batch(self, items: list, role: int) -> tuple:
+    def _batch(self, items: list, role: int, retries: int) -> tuple:
         images, captions, keys, seeds, positions, shards = zip(*items)
         info = {
             "role": role,
@@ -188,6 +190,7 @@ class ShardStream(IterableDataset):
             "position": positions[-1],
             "epochs": [p.epoch for p in positions],
             "shard": shards[-1],
+            "storage_retries": retries,  # this stream's, so far (a worker process counts its own)
         }
         return self.collate(list(images)), self.tokenize(list(captions)), info
 

@@ -19,6 +19,7 @@ from pretrain.parallel.distributed import DistInfo, all_reduce_mean, world
 from pretrain.training.flops import mfu, model_config, peak_flops, train_flops_per_sample
 from pretrain.training.metrics import MetricsWriter, first_step_line
 from pretrain.training.state import TrainState
+from webshards.retries import retries_so_far
 
 log = logging.getLogger("pretrain")
 
@@ -90,6 +91,7 @@ class MetricsProcessor:
             "lr": float(self._lr),
             **self._telemetry(),
             "logit_scale": float(logit_scale.exp().item()),
+            "storage_retries": self._storage_retries(),
         }
         if hasattr(self.source, "skipped"):
             row["data_skipped"] = int(self.source.skipped)
@@ -130,6 +132,15 @@ class MetricsProcessor:
             "mfu": mfu(self.flops_per_sample, samples_per_s, self.peak_flops, self.info.world),
             "eta_s": (self.cfg.train.steps - self.state.step) * step_time,
         }
+
+    def _storage_retries(self) -> int:
+        """Storage requests retried by every rank's processes since they started (the training process's
+        shard reads and checkpoint copies, its data workers'; `webshards.retries`)."""
+        count = retries_so_far() + getattr(self.source, "storage_retries", 0)
+        tensor = torch.tensor(count, dtype=torch.int64, device=self.device)
+        if world()[1] > 1:
+            dist.all_reduce(tensor)
+        return int(tensor.item())
 
     def _max_over_ranks(self, value: float | torch.Tensor) -> float:
         """The largest `value` of any rank (e.g. of the rank closest to running out of memory)."""

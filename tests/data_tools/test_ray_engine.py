@@ -140,16 +140,18 @@ def test_ray_tasks_are_submitted_in_a_bounded_window(monkeypatch) -> None:
     monkeypatch.setattr(engine_ray, "IN_FLIGHT", 3)
     runtime = FakeRuntime()
     tasks = [Task(f"t{i}", Path(f"t{i}"), i) for i in range(10)]
-    outcomes = list(engine_ray._task_outcomes(runtime, tasks, lambda task: (task.name, task.payload, None)))
-    assert sorted(outcomes) == sorted((f"t{i}", i, None) for i in range(10))
+    outcomes = list(
+        engine_ray._task_outcomes(runtime, tasks, lambda task: (task.name, task.payload, None, 0))
+    )
+    assert sorted(outcomes) == sorted((f"t{i}", i, None, 0) for i in range(10))
     assert runtime.most_in_flight == 3
 
 
 def test_a_task_ray_gives_up_on_is_a_failure_and_the_rest_go_on() -> None:
     tasks = [Task(name, Path(name), 1) for name in ("t0", "lost", "t2")]
-    outcomes = list(engine_ray._task_outcomes(FakeRuntime(), tasks, lambda task: (task.name, 1, None)))
+    outcomes = list(engine_ray._task_outcomes(FakeRuntime(), tasks, lambda task: (task.name, 1, None, 0)))
     assert outcomes == [
-        ("t0", 1, None),
-        ("lost", 0, "RuntimeError: NodeDiedError: the node running the task died"),
-        ("t2", 1, None),
+        ("t0", 1, None, 0),
+        ("lost", 0, "RuntimeError: NodeDiedError: the node running the task died", 0),
+        ("t2", 1, None, 0),
     ]
