@@ -108,8 +108,13 @@ class DataConfig:
     sampling: str = "epoch"
     """`epoch` (every shard once per epoch, split across ranks and workers) or `resampled` (shards drawn
     with replacement by weight, the LAION-5B recipe)."""
+    partitions: int | None = None
+    """Canonical partitions of the training stream, each with its own shards and shuffle; every step takes
+    `global batch / partitions` samples from each, so the sample order does not depend on ranks or workers.
+    Ranks x max(1, workers) must divide it. null: one per loader slot of the run's first start (a checkpoint
+    keeps its number). Set it (e.g. 64) to resume on any topology that divides it."""
     shuffle_buffer: int = 1000
-    """Samples per shuffle block of each worker (1: no sample shuffling)."""
+    """Samples per shuffle block of each partition (1: no sample shuffling)."""
     workers: int = 0
     """Data-loading worker processes per rank (0: load in the training process)."""
     prefetch: int = 2
@@ -120,9 +125,9 @@ class DataConfig:
     """`cpu` (decode + model transform in workers), `device` (workers decode at reduced size; resize and
     normalise on the device) or `nvjpeg` (workers pass JPEG bytes; the GPU decodes)."""
     max_bad_fraction: float = 0.5
-    """Stop when more than this fraction of the last `bad_window` samples of a worker were bad."""
+    """Stop when more than this fraction of the last `bad_window` samples of a partition were bad."""
     bad_window: int = 1000
-    """Samples per worker over which `max_bad_fraction` is measured."""
+    """Samples per partition over which `max_bad_fraction` is measured."""
     retries: int = 3
     """Retries (with exponential backoff) to open an http(s)://, pipe: or local shard before skipping it;
     s3:// requests are retried by the S3 client (AWS_MAX_ATTEMPTS, see docs/scaling.md)."""
@@ -134,6 +139,11 @@ class DataConfig:
             self.sampling in ("epoch", "resampled"),
             "data.sampling",
             f"must be epoch or resampled, got {self.sampling!r}",
+        )
+        _check(
+            self.partitions is None or self.partitions > 0,
+            "data.partitions",
+            f"must be > 0 or null, got {self.partitions}",
         )
         _check(
             self.train_weights is None or self.sampling == "resampled",

@@ -8,8 +8,9 @@ in the whole pipeline. Shard specs, URL opening and the shard layout live in `we
 from __future__ import annotations
 
 
-def build_source(cfg, bundle, info, device):
-    """The micro-batch source for this rank: synthetic data or the sharded WebDataset pipeline."""
+def build_source(cfg, bundle, info, device, exact_batch: bool = True):
+    """The micro-batch source for this rank: synthetic data or the sharded WebDataset pipeline.
+    `exact_batch=False`: a checkpoint of another global batch resumes (see `StreamLoader`)."""
     from pretrain.models.build import context_length, image_size
 
     if cfg.data.train == "synthetic":
@@ -28,5 +29,5 @@ def build_source(cfg, bundle, info, device):
 
     return WebDatasetSource(
         cfg.data.train, cfg.data, cfg.data.sampling, cfg.train.seed, cfg.train.batch_size,
-        info.rank, info.world, bundle, device,
+        info.rank, info.world, bundle, device, accum_steps=cfg.train.accum_steps, exact_batch=exact_batch,
     )  # fmt: skip

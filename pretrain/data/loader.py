@@ -1,10 +1,12 @@
 """The main-process side of the WebDataset pipeline: a DataLoader over `ShardStream`, its resume state,
 and the device-side finishing of images (resize/crop/normalise on the GPU, optional nvJPEG decoding).
 
-The DataLoader takes batches from its workers round-robin, so batch `k` comes from worker `k % workers`.
-The source records the `Position` each consumed batch carries; a checkpoint stores those and the number of
-batches consumed. On resume, worker `j` takes the role of worker `(j + consumed) % workers`, so the next
-batch comes from the same worker, at the same position, as it would have without the interruption.
+The DataLoader takes units from its workers round-robin, so a rank's units arrive in partition order (see
+`pretrain.data.stream`). For training, each step's share of this rank is one unit of each of its partitions,
+concatenated in partition order and cut into `train.accum_steps` micro-batches. A checkpoint stores every
+partition's `Position` after the last step (gathered from all ranks), the number of steps and the run's
+`data.partitions` and global batch, so a run resumes exactly on any number of ranks and workers that own
+whole partitions.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import re
 import signal
 import weakref
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch.utils.data import DataLoader
 
 from pretrain.data import decode as dec
 from pretrain.data.plan import ShardPlan
-from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig
+from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig, check_topology
 from pretrain.data.transform import TensorTransform, split_transform
 from webshards.spec import parse_spec
 
@@ -107,30 +109,52 @@ class DeviceFinish:
 
 
 class StreamLoader:
-    """One rank's batches from a `ShardStream` through a DataLoader, with each worker's `Position` kept for
-    exact resume. Training streams never end: an error from the stream, or its end, is a `DataError`."""
+    """One rank's data from a `ShardStream` through a DataLoader, with each partition's `Position` kept for
+    exact resume: `next_raw_batch` hands out units (an eval pass's batches), `next_micro_batch` the training
+    micro-batches. Training streams never end: an error from the stream, or its end, is a `DataError`.
 
-    def __init__(self, stream_cfg: StreamConfig, decode, collate, tokenize, pin_memory: bool = False) -> None:
-        self.stream_cfg, self.decode, self.collate, self.tokenize = stream_cfg, decode, collate, tokenize
+    `exact_batch=False` (ZSCL's reference stream, whose batch is per rank) resumes a checkpoint of another
+    global batch by continuing every partition where it stood instead of refusing."""
+
+    def __init__(
+        self, stream_cfg: StreamConfig, decode, collate, tokenize, pin_memory: bool = False,
+        accum_steps: int = 1, exact_batch: bool = True,
+    ) -> None:  # fmt: skip
+        self.decode, self.collate, self.tokenize = decode, collate, tokenize
         self.workers, self.world = stream_cfg.data.workers, stream_cfg.world
         self.pin_memory, self.prefetch = pin_memory, stream_cfg.data.prefetch
+        self.training, self.exact_batch = stream_cfg.mode != "eval", exact_batch
+        self.micro_batch, self.accum = stream_cfg.batch_size, accum_steps
+        self.global_batch = stream_cfg.batch_size * stream_cfg.world * accum_steps
+        self.chosen_partitions = stream_cfg.partitions  # 0: one per slot now, or the checkpoint's
+        self.stream_cfg = self._partitioned(stream_cfg, stream_cfg.total_partitions)
+        if self.chosen_partitions:  # the default is checked once a checkpoint had its say
+            self._check_topology()
         self.positions: dict[int, Position] = {}
-        self.micro_batches = 0
-        self._shard_of: dict[int, int] = {}  # per worker role: the shard number its latest batch ended in
+        self.units = 0
+        self.steps = 0
+        """Training steps whose share this rank has read."""
+        self._micro: list[tuple] = []  # the micro-batches of the current step not handed out yet
+        self._before: dict[int, Position] = {}  # the positions before the current step
+        self._shard_of: dict[int, int] = {}  # per partition: the shard number its latest unit ended in
         self._retries_of: dict[int, int] = {}  # per worker role: storage retries of its stream so far
         self._retries_before = 0  # of workers shut down earlier
         self._iter = None
 
+    def _partitioned(self, cfg: StreamConfig, partitions: int) -> StreamConfig:
+        """`cfg` read as `partitions` partitions with units of `global batch / partitions` (training)."""
+        if not self.training:  # an eval pass: one partition per loader slot, units of the eval batch
+            return replace(cfg, partitions=0, unit=0)
+        return replace(cfg, partitions=partitions, unit=max(1, self.global_batch // partitions))
+
+    def _check_topology(self) -> None:
+        c = self.stream_cfg
+        if self.training:
+            check_topology(c.partitions, c.world, c.slots, self.global_batch if self.exact_batch else None)
+
     def _start(self) -> None:
-        slots = max(1, self.workers)
-        dataset = ShardStream(
-            self.stream_cfg,
-            self.decode,
-            self.collate,
-            self.tokenize,
-            dict(self.positions),
-            self.micro_batches % slots,
-        )
+        self._check_topology()
+        dataset = ShardStream(self.stream_cfg, self.decode, self.collate, self.tokenize, dict(self.positions))
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -147,28 +171,58 @@ class StreamLoader:
         _RUNNING.add(self)
 
     def next_raw_batch(self) -> tuple:
-        """The next `(inputs, texts, info)` as the workers made it."""
+        """The next unit `(inputs, texts, info)` as the workers made it."""
         if self._iter is None:
             self._start()
         try:
             images, texts, info = next(self._iter)
         except StopIteration:
-            if self.stream_cfg.mode == "eval":
+            if not self.training:
                 raise
             raise DataError(f"the {self.stream_cfg.mode} data stream ended; {self._where()}") from None
         except Exception as e:
             log.debug("data loader error", exc_info=True)
             raise DataError(f"{_original_message(e)}; {self._where()}") from None
-        self.positions[info["role"]] = info["position"]
-        self._shard_of[info["role"]] = info["shard"]
+        self.positions[info["partition"]] = info["position"]
+        self._shard_of[info["partition"]] = info["shard"]
         self._retries_of[info["role"]] = info["storage_retries"]
-        self.micro_batches += 1
+        self.units += 1
         return images, texts, info
+
+    def next_micro_batch(self) -> tuple:
+        """The next training micro-batch `(inputs, texts, info)` of this rank; `info` has its keys, seeds and
+        epochs and the step it belongs to."""
+        if not self._micro:
+            self._read_step()
+        return self._micro.pop(0)
+
+    def _read_step(self) -> None:
+        """This rank's share of the next global batch: a unit of each of its partitions, in order, cut into
+        `accum` micro-batches."""
+        self._before = dict(self.positions)
+        per_rank = self.stream_cfg.partitions // self.world
+        units = [self.next_raw_batch() for _ in range(per_rank)]
+        expected = [self.stream_cfg.rank * per_rank + i for i in range(per_rank)]
+        got = [info["partition"] for _, _, info in units]
+        if got != expected:  # the workers' round-robin is what orders them
+            raise RuntimeError(f"units of partitions {got} arrived for a step that needs {expected}")
+        images, texts = _concat([u[0] for u in units]), _concat([u[1] for u in units])
+        infos = [u[2] for u in units]
+        keys, seeds = sum((i["keys"] for i in infos), []), sum((i["seeds"] for i in infos), [])
+        epochs = sum((i["epochs"] for i in infos), [])
+        size = len(keys) // self.accum
+        self._micro = [
+            (images[a : a + size], texts[a : a + size],
+             {"keys": keys[a : a + size], "seeds": seeds[a : a + size], "epochs": epochs[a : a + size],
+              "step": self.steps})
+            for a in range(0, size * self.accum, size)
+        ]  # fmt: skip
+        self.steps += 1
 
     @property
     def shards_finished(self) -> int:
         """Shards this rank's workers have read to the end, as far as the consumed batches show: each
-        worker's shards before the one its latest batch ended in (an eval pass's progress; when the pass has
+        partition's shards before the one its latest unit ended in (an eval pass's progress; when the pass has
         ended, all of `eval_shards`)."""
         return sum(self._shard_of.values())
 
@@ -181,19 +235,19 @@ class StreamLoader:
     @property
     def eval_shards(self) -> int:
         """The shards of this rank's share of an eval pass: what its loader slots are dealt round-robin."""
-        c, slots = self.stream_cfg, max(1, self.workers)
-        plans = (
-            ShardPlan(c.sources, c.weights, "eval", c.seed, c.rank * slots + role, c.world * slots)
-            for role in range(slots)
+        c = self.stream_cfg
+        partitions = [p for role in range(c.slots) for p in c.owned(role)]
+        return sum(
+            ShardPlan(c.sources, c.weights, "eval", c.seed, p, c.total_partitions).per_epoch
+            for p in partitions
         )
-        return sum(plan.per_epoch for plan in plans)
 
     def _where(self) -> str:
         at = ", ".join(
-            f"worker {role}: shard #{p.shard} sample {p.offset} epoch {p.epoch}"
-            for role, p in sorted(self.positions.items())
+            f"partition {p}: shard #{pos.shard} sample {pos.offset} epoch {pos.epoch}"
+            for p, pos in sorted(self.positions.items())
         )
-        return f"rank {self.stream_cfg.rank} after {self.micro_batches} batches ({at or 'at the start'})"
+        return f"rank {self.stream_cfg.rank} after {self.units} batches ({at or 'at the start'})"
 
     def skipped_by_reason(self) -> dict[str, int]:
         total = Counter()
@@ -206,25 +260,54 @@ class StreamLoader:
         return sum(self.skipped_by_reason().values())
 
     def state_dict(self) -> dict:
+        """Where this rank's partitions stand after the micro-batches handed out; within a step (only read
+        ahead by `DevicePrefetcher`), where they stood before it and how many of its micro-batches were taken."""
+        taken = self.accum - len(self._micro) if self._micro else 0
+        positions = self._before if taken else self.positions
         return {
             "kind": "webdataset",
-            "micro_batches": self.micro_batches,
-            "workers": self.workers,
-            "world": self.world,
-            "positions": {role: asdict(p) for role, p in self.positions.items()},
+            "format": 2,
+            "partitions": self.stream_cfg.total_partitions,
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "steps": self.steps - (1 if taken else 0),
+            "taken": taken,
+            "positions": {p: asdict(pos) for p, pos in positions.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "webdataset":
-            raise ValueError(f"checkpoint data state is {state.get('kind')!r}, this run reads shards")
-        for key, now in (("workers", self.workers), ("world", self.world)):
-            if state[key] != now:
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resume from a checkpoint's data state: every rank's (a list, in rank order, as the checkpoint
+        gathers it; any number of ranks and workers that own whole partitions) or this rank's own."""
+        states = [_upgraded(s, r) for r, s in enumerate(state)] if isinstance(state, list) else [
+            _upgraded(state, self.stream_cfg.rank)
+        ]  # fmt: skip
+        first = states[0]
+        partitions, batch = first["partitions"], first["global_batch"]
+        if self.chosen_partitions and self.chosen_partitions != partitions:
+            raise ValueError(
+                f"data.partitions={self.chosen_partitions}, but the checkpoint's run reads {partitions} partitions: "
+                f"a run's sample order is fixed when it starts; leave data.partitions unset or set it to {partitions}"
+            )
+        if batch is not None and batch != self.global_batch:
+            if self.exact_batch:
                 raise ValueError(
-                    f"exact resume needs the checkpoint's {key} ({state[key]}); this run has {now}"
+                    f"exact resume needs the checkpoint's global batch {batch} (train.batch_size x ranks x "
+                    f"train.accum_steps); this run's is {self.global_batch}"
                 )
-        self.micro_batches = int(state["micro_batches"])
-        self.positions = {int(r): Position(**p) for r, p in state["positions"].items()}
+            log.warning("data: resuming a stream of global batch %d with %d", batch, self.global_batch)
+        taken = first["taken"]
+        if taken and (first["micro_batch"], len(states)) != (self.micro_batch, self.world):
+            raise ValueError(
+                "a data state saved within a step resumes only with the same ranks and micro-batch"
+            )
+        self.stream_cfg = self._partitioned(self.stream_cfg, partitions)
+        self._check_topology()
+        self.positions = {int(p): Position(**pos) for s in states for p, pos in s["positions"].items()}
+        self.units, self.steps, self._micro, self._before = 0, first["steps"], [], {}
         self.close()
+        if taken:  # read the step again and leave out what was handed out
+            self._read_step()
+            self._micro = self._micro[taken:]
 
     def close(self) -> None:
         """Shut the workers down now (collecting the DataLoader iterator does the same, but later or never)."""
@@ -234,6 +317,27 @@ class StreamLoader:
         shutdown = getattr(running, "_shutdown_workers", None)  # torch's iterator with worker processes
         if shutdown is not None:
             shutdown()
+
+
+def _concat(parts: list):
+    """Units' images or texts as one batch: tensors concatenated (one unit: itself), lists joined."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for part in parts for x in part]
+
+
+def _upgraded(state: dict, rank: int) -> dict:
+    """A data state of this version from one written before partitions (format 1): each loader slot's stream
+    (rank x workers + worker) is the partition of that number; it continues where it stood."""
+    if state.get("kind") != "webdataset":
+        raise ValueError(f"checkpoint data state is {state.get('kind')!r}, this run reads shards")
+    if state.get("format") == 2:
+        return state
+    slots = max(1, state["workers"])
+    return {
+        "partitions": state["world"] * slots, "global_batch": None, "micro_batch": None, "steps": 0, "taken": 0,
+        "positions": {rank * slots + int(role): pos for role, pos in state["positions"].items()},
+    }  # fmt: skip
 
 
 def _original_message(error: Exception) -> str:
@@ -259,9 +363,11 @@ class WebDatasetSource(StreamLoader):
         bundle,
         device,
         targets: str = "tokens",
+        accum_steps: int = 1,
+        exact_batch: bool = True,
     ):
         """`targets`: `tokens` (tokenised captions), or for eval sets `labels` (KEY.cls class indices) or
-        `captions` (KEY.txt lines, untokenised)."""
+        `captions` (KEY.txt lines, untokenised). `batch_size`: the micro-batch (training) or eval batch."""
         self.cfg, self.device, self.targets = data_cfg, device, targets
         sources = parse_spec(spec, data_cfg.train_weights if mode != "eval" else None)
         stream_cfg = StreamConfig(
@@ -269,12 +375,14 @@ class WebDatasetSource(StreamLoader):
             weights=tuple(s.weight for s in sources),
             mode=mode,
             seed=seed, rank=rank, world=world, batch_size=batch_size, data=data_cfg,
+            partitions=data_cfg.partitions or 0,
         )  # fmt: skip
         self.stream_cfg = stream_cfg
         decode, collate, self.finish = self._decoders(bundle)
         super().__init__(
             stream_cfg, decode, collate, TARGETS.get(targets, bundle.tokenizer),
-            pin_memory=data_cfg.pin_memory and device.type == "cuda",
+            pin_memory=data_cfg.pin_memory and device.type == "cuda", accum_steps=accum_steps,
+            exact_batch=exact_batch,
         )  # fmt: skip
         total = sum(s.samples or 0 for s in sources)
         log.info("data: %d shards in %d sources (%s samples), %s sampling", sum(len(s.urls) for s in sources),
@@ -317,7 +425,8 @@ class WebDatasetSource(StreamLoader):
         return images, texts
 
     def next_batch_with_info(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        images, texts, info = self.next_raw_batch()
+        """A training micro-batch (an eval pass: its next batch), finished on the device."""
+        images, texts, info = self.next_micro_batch() if self.training else self.next_raw_batch()
         if self.finish is not None:
             images = self.finish(images, info["seeds"])
         return images, texts, info

@@ -1,13 +1,14 @@
-"""Which shard each data-loading slot reads n-th: a pure function of (seed, rank, worker, n).
+"""Which shard each stream partition reads n-th: a pure function of (seed, partition, partitions, n).
 
-A *slot* is one worker of one rank (`slot = rank * workers + worker`). Because the shard sequence of a
-slot is computed, not drawn from a running RNG, a reader can restart at any position without replaying
+A *slot* here is one canonical partition of the stream (`pretrain.data.stream`): a training run has
+`data.partitions` of them whatever its ranks and workers, an eval pass one per loader slot (`rank * workers +
+worker`). Because the shard sequence of a slot is computed, not drawn from a running RNG, a reader can restart at any position without replaying
 what came before, which is what makes mid-epoch resume exact and cheap.
 
 - `resampled`: every shard is drawn with replacement, the source by `data.train_weights`, then a shard of
   that source uniformly (the LAION-5B recipe). Infinite.
 - `epoch`: all shards of all sources, shuffled per epoch by (seed, epoch) and dealt round-robin to slots,
-  so one epoch reads every shard exactly once across all ranks and workers. Cycles epochs.
+  so one epoch reads every shard exactly once across all partitions. Cycles epochs.
 - `eval`: the shards in order, dealt round-robin to slots; one pass, no shuffle.
 """
 
@@ -37,8 +38,8 @@ class ShardPlan:
             self.mode == "epoch" and self.total < self.slots
         ):  # an eval slot without shards just has nothing to do
             raise ValueError(
-                f"{self.total} shards cannot feed {self.slots} loader slots (ranks x workers) in {self.mode} mode: "
-                "use fewer workers, more shards, or data.sampling=resampled"
+                f"{self.total} shards cannot feed {self.slots} stream partitions in {self.mode} mode (each reads "
+                "whole shards): use fewer data.partitions (or ranks x workers), more shards, or data.sampling=resampled"
             )
 
     @property

@@ -1,19 +1,29 @@
-"""The loader-worker side of the WebDataset pipeline: shards -> raw samples -> shuffled blocks -> batches.
+"""The loader-worker side of the WebDataset pipeline: shards -> raw samples -> shuffled blocks -> units.
 
-Each worker reads its own shard sequence (`ShardPlan`). Shuffling is by *blocks*: the next
-`shuffle_buffer` raw samples of the worker's stream are permuted by an RNG seeded from (seed, slot,
-block number), and blocks never cross an epoch. Every batch carries the worker's `Position` after it, so the
-main process always knows, per worker, exactly where the consumed data ends; resuming re-reads at most the
-current block and continues mid-block. Bad samples, truncated tars and unreachable shards are skipped and
-counted by reason; a window with too many bad samples stops the run with the shards named.
+A training stream is cut into `partitions` canonical *partitions*, each with its own shard sequence
+(`ShardPlan`, slot = partition) and its own shuffle. Every optimizer step takes one *unit* of
+`global batch / partitions` samples from every partition, in partition order, so the sequence of global
+batches depends on the seed, the data spec, the global batch and `data.partitions` only: not on how many ranks
+or workers read it. Rank `r` of `world` owns the partitions `[r*P/world, (r+1)*P/world)`; worker `j` of a
+rank's `k` owns its rank's `i`-th partition where `i % k == j`, and yields one unit of each in turn, step after
+step (the DataLoader takes batches from its workers round-robin, so a rank's units arrive in partition order).
+An `eval` pass has one partition per loader slot and units of the eval batch size.
+
+Shuffling is by *blocks*: the next `shuffle_buffer` raw samples of a partition are permuted by an RNG
+seeded from (seed, partition, partitions, block number), and blocks never cross an epoch. Every unit carries
+its partition's `Position` after it, so the main process always knows, per partition, exactly where the
+consumed data ends; resuming re-reads at most the current block and continues mid-block. Bad samples,
+truncated tars and unreachable shards are skipped and counted by reason; a window with too many bad samples
+stops the run with the shards named.
 
 An epoch's last block may be empty (the previous block ended exactly on the epoch's last sample); the stream
 then moves on to the next epoch. Only an `eval` pass ends. Anything the stream cannot recover from is a
-`DataError` whose message is one line naming the shards and the worker's position.
+`DataError` whose message is one line naming the shards and the partition's position.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tarfile
 from collections import Counter, deque
@@ -41,7 +51,7 @@ class DataError(RuntimeError):
 
 @dataclass
 class Position:
-    """Where a worker's stream stands: the current block starts `offset` raw samples into shard `shard`."""
+    """Where a partition's stream stands: the current block starts `offset` raw samples into shard `shard`."""
 
     shard: int = 0
     offset: int = 0
@@ -62,8 +72,42 @@ class StreamConfig:
     rank: int
     world: int
     batch_size: int
+    """The rank's micro-batch (training) or eval batch."""
     data: DataConfig = field(default_factory=DataConfig)
     """The `data` section: shuffle_buffer, max_bad_fraction, bad_window, retries, workers, prefetch."""
+    partitions: int = 0
+    """Canonical partitions of the stream (0: one per loader slot, `world * max(1, workers)`)."""
+    unit: int = 0
+    """Samples a worker reads from a partition at a time: `global batch / partitions` (0: `batch_size`)."""
+
+    @property
+    def slots(self) -> int:
+        """Loader slots of one rank: its DataLoader workers (1 in the training process itself)."""
+        return max(1, self.data.workers)
+
+    @property
+    def total_partitions(self) -> int:
+        return self.partitions or self.world * self.slots
+
+    def owned(self, role: int) -> list[int]:
+        """The partitions worker `role` of this rank reads, in the order it yields their units."""
+        per_rank = self.total_partitions // self.world
+        return [self.rank * per_rank + i for i in range(role, per_rank, self.slots)]
+
+
+def check_topology(partitions: int, world: int, slots: int, global_batch: int | None) -> None:
+    """Refuse, in one line, a topology that cannot own whole partitions or a global batch they cannot share."""
+    if partitions % (world * slots):
+        raise ValueError(
+            f"data.partitions={partitions} cannot be read by {world} rank(s) x {slots} loader worker(s) = "
+            f"{world * slots} slots that each own whole partitions: use ranks x max(1, data.workers) dividing "
+            f"{partitions} (the run's sample order is fixed by data.partitions, set when it started)"
+        )
+    if global_batch is not None and global_batch % partitions:
+        raise ValueError(
+            f"the global batch {global_batch} (train.batch_size x ranks x train.accum_steps) is not a multiple "
+            f"of data.partitions={partitions}: every step takes the same number of samples from each partition"
+        )
 
 
 class ShardReader:
@@ -105,7 +149,7 @@ class ShardReader:
             counts[reason] += 1
         if self.failed_in_a_row >= min(self.plan.total, 20):
             raise DataError(
-                f"{self.failed_in_a_row} shards in a row failed to read (loader slot {self.plan.slot} of "
+                f"{self.failed_in_a_row} shards in a row failed to read (partition {self.plan.slot} of "
                 f"{self.plan.slots}); last: {redact_url(url)} ({redact_url(str(error))})"
             )
 
@@ -139,16 +183,17 @@ class ShardReader:
         self._dry.add(url)
         if self.plan.mode != "eval" and len(self._dry) == self._distinct:
             raise DataError(
-                f"none of the {self._distinct} shards holds a sample (loader slot {self.plan.slot} of "
+                f"none of the {self._distinct} shards holds a sample (partition {self.plan.slot} of "
                 f"{self.plan.slots}, its shard #{n}: {redact_url(url)})"
             )
 
 
 class ShardStream(IterableDataset):
-    """Batches `(inputs, texts, info)` for one rank; `info` has the worker role, keys and its `Position`,
-    `shard`: the worker's shard number (`ShardPlan.shard`) its last sample came from, so the consumer
-    can count the shards read to the end (an eval pass's progress), and `storage_retries`: the storage
-    requests retried while this stream ran (`webshards.retries`)."""
+    """Units `(inputs, texts, info)` for one rank; `info` has the unit's partition, keys, augmentation seeds
+    and the partition's `Position` after it, `shard`: the partition's shard number (`ShardPlan.shard`) its
+    last sample came from, so the consumer can count the shards read to the end (an eval pass's progress), the
+    worker's `role` and `storage_retries`: the storage requests retried while its stream ran
+    (`webshards.retries`; a worker process counts its own)."""
 
     def __init__(
         self,
@@ -157,47 +202,54 @@ class ShardStream(IterableDataset):
         collate: Callable[[list[torch.Tensor]], torch.Tensor | list],
         tokenize: Callable[[list[str]], torch.Tensor],
         positions: dict[int, Position] | None = None,
-        role_offset: int = 0,
     ) -> None:
         self.cfg, self.decode, self.collate, self.tokenize = cfg, decode, collate, tokenize
         self.positions = positions or {}
-        self.role_offset = role_offset
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        workers = info.num_workers if info else 1
-        return self.iter_role(((info.id if info else 0) + self.role_offset) % workers, workers)
+        return self.iter_role(info.id if info else 0)
 
-    def iter_role(self, role: int, workers: int) -> Iterator[tuple]:
-        """The batches of worker `role` of `workers` (what that DataLoader worker yields)."""
+    def iter_role(self, role: int) -> Iterator[tuple]:
+        """The units of worker `role` of the rank's `cfg.slots` (what that DataLoader worker yields): one of each of its
+        partitions in turn, for ever; an `eval` pass yields its one partition's batches and ends."""
         c = self.cfg
-        plan = ShardPlan(c.sources, c.weights, c.mode, c.seed, c.rank * workers + role, c.world * workers)
-        items, retried_before = [], retries_so_far()
-        for item in self._samples(plan, role):
-            items.append(item)
-            if len(items) == c.batch_size:
-                yield self._batch(items, role, retries_so_far() - retried_before)
-                items = []
-        if items and c.mode == "eval":
-            yield self._batch(items, role, retries_so_far() - retried_before)
+        streams = {
+            p: self._samples(ShardPlan(c.sources, c.weights, c.mode, c.seed, p, c.total_partitions), p)
+            for p in c.owned(role)
+        }
+        retried_before = retries_so_far()
 
-    def _batch(self, items: list, role: int, retries: int) -> tuple:
+        def unit(p: int, items: list) -> tuple:
+            return self._batch(items, p, role, retries_so_far() - retried_before)
+
+        if c.mode == "eval":  # one partition per slot
+            for p, samples in streams.items():
+                while items := list(itertools.islice(samples, c.unit or c.batch_size)):
+                    yield unit(p, items)
+            return
+        while True:
+            for p, samples in streams.items():
+                yield unit(p, list(itertools.islice(samples, c.unit or c.batch_size)))
+
+    def _batch(self, items: list, partition: int, role: int, retries: int) -> tuple:
         images, captions, keys, seeds, positions, shards = zip(*items)
         info = {
+            "partition": partition,
             "role": role,
+            "storage_retries": retries,
             "keys": list(keys),
             "seeds": list(seeds),  # each sample's augmentation seed: device-side augmentation replays it
             "position": positions[-1],
             "epochs": [p.epoch for p in positions],
             "shard": shards[-1],
-            "storage_retries": retries,  # this stream's, so far (a worker process counts its own)
         }
         return self.collate(list(images)), self.tokenize(list(captions)), info
 
-    def _samples(self, plan: ShardPlan, role: int) -> Iterator[tuple]:
+    def _samples(self, plan: ShardPlan, partition: int) -> Iterator[tuple]:
         c = self.cfg
         reader = ShardReader(plan, c.data.retries)
-        pos = replace(self.positions.get(role, Position()))
+        pos = replace(self.positions.get(partition, Position()))
         pos.skipped = Counter(pos.skipped)
         window: deque[tuple[bool, str]] = deque(maxlen=c.data.bad_window)
         in_worker = get_worker_info() is not None
@@ -261,6 +313,6 @@ class ShardStream(IterableDataset):
             shards = sorted({u for b, u in window if b})
             raise DataError(
                 f"{fraction:.0%} of the last {len(window)} samples were bad (data.max_bad_fraction="
-                f"{self.cfg.data.max_bad_fraction}); shards: {', '.join(shards[:10])} (loader slot {plan.slot} "
+                f"{self.cfg.data.max_bad_fraction}); shards: {', '.join(shards[:10])} (partition {plan.slot} "
                 f"of {plan.slots}, block from its shard #{pos.shard} sample {pos.offset})"
             )

@@ -2,7 +2,8 @@
 
 The global batch of optimizer step `s` is samples `[s*G, (s+1)*G)` with `G = batch * world * accum`, and
 rank `r` takes its contiguous slice of each micro-batch. Runs that differ only in how that global batch is
-split (ranks, accumulation) therefore see the same data, which is what the equivalence tests rely on.
+split (ranks, accumulation) therefore see the same data, which is what the equivalence tests rely on, and a
+checkpoint (global samples read) resumes on any split of the same global batch.
 Images and texts share a latent class so that the contrastive loss can actually fall.
 """
 
@@ -58,10 +59,24 @@ class SyntheticSource:
         return torch.stack(images), torch.stack(texts)
 
     def state_dict(self) -> dict:
-        return {"kind": "synthetic", "micro_batches": self.micro_batches}
+        """Global samples read: the same on every rank."""
+        return {"kind": "synthetic", "samples": self.micro_batches * self.batch_size * self.world}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.micro_batches = int(state["micro_batches"])
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Every rank's state (a list, as a checkpoint gathers it) or one rank's; one written by an older
+        version counts micro-batches of the same split."""
+        state = state[0] if isinstance(state, list) else state
+        if state.get("kind") != "synthetic":
+            raise ValueError(f"checkpoint data state is {state.get('kind')!r}, this run reads synthetic data")
+        samples = (
+            state["samples"] if "samples" in state else state["micro_batches"] * self.batch_size * self.world
+        )
+        if samples % (self.batch_size * self.world):
+            raise ValueError(
+                f"the checkpoint read {samples} synthetic samples, not whole micro-batches of this run's "
+                f"{self.batch_size} x {self.world} ranks"
+            )
+        self.micro_batches = samples // (self.batch_size * self.world)
 
     def close(self) -> None:
         pass

@@ -77,13 +77,9 @@ def rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank_{rank:05d}.pt"
 
 
-def load_rank_state(folder: Path, rank: int) -> dict:
-    path = rank_file(folder, rank)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} missing: this checkpoint was saved with fewer ranks than the current run"
-        )
-    return safe_load(path)
+def rank_files(folder: Path) -> list[Path]:
+    """The checkpoint's rank files, in rank order."""
+    return sorted(folder.glob("rank_[0-9][0-9][0-9][0-9][0-9].pt"))
 
 
 def load_trainer_state(folder: Path) -> dict:

@@ -190,11 +190,20 @@ def build_reference_source(cfg: Config, bundle: ModelBundle, info: DistInfo, dev
     from pretrain.data import build_source
 
     dcfg = cfg.distill
-    data = dataclasses.replace(cfg.data, train=dcfg.reference_data, train_weights=None, sampling="epoch")
-    train = dataclasses.replace(cfg.train, seed=cfg.train.seed + 1, batch_size=dcfg.reference_batch_size)
+    data = dataclasses.replace(
+        cfg.data, train=dcfg.reference_data, train_weights=None, sampling="epoch", partitions=None
+    )
+    train = dataclasses.replace(
+        cfg.train, seed=cfg.train.seed + 1, batch_size=dcfg.reference_batch_size, accum_steps=1
+    )
     ref_cfg = dataclasses.replace(cfg, data=data, train=train)
+    # per rank: on another number of ranks its partitions continue where they stood, with a new global batch
     return build_source(
-        ref_cfg, dataclasses.replace(bundle, preprocess_train=bundle.preprocess_val), info, device
+        ref_cfg,
+        dataclasses.replace(bundle, preprocess_train=bundle.preprocess_val),
+        info,
+        device,
+        exact_batch=False,
     )
 
 
@@ -238,8 +247,8 @@ class Zscl(Term):
     def state_dict(self) -> dict:
         return {"reference": self.reference.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.reference.load_state_dict(state["reference"])
+    def load_state_dict(self, states: list[dict]) -> None:
+        self.reference.load_state_dict([state["reference"] for state in states])
 
     def close(self) -> None:
         self.reference.close()

@@ -91,8 +91,9 @@ class Term:
         """This rank's resume state of the term, merged into the objective's."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()` from the objective's merged state."""
+    def load_state_dict(self, states: list[dict]) -> None:
+        """Restore from the objective's merged state of every rank that saved it (in rank order: the run may
+        have another number of ranks now)."""
 
     def close(self) -> None:
         """Release what the term holds open (a reference-data stream)."""
@@ -135,12 +136,14 @@ class Objective:
         return sum(weights[name] * parts[name] for name in self.parts if name in parts)
 
     def state_dict(self) -> dict:
-        """This rank's resume state of the objective (saved in its rank file)."""
+        """This rank's resume state of the objective (a checkpoint gathers every rank's)."""
         return {key: value for term in self.terms for key, value in term.state_dict().items()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Every saved rank's state, in rank order (or one rank's)."""
+        states = state if isinstance(state, list) else [state]
         for term in self.terms:
-            term.load_state_dict(state)
+            term.load_state_dict(states)
 
     def close(self) -> None:
         for term in self.terms:

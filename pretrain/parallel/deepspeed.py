@@ -162,6 +162,13 @@ class DeepSpeedStrategy(Strategy):
         if optimizer is None:
             load_deepspeed_weights(folder, module)
             return
+        saved = len(list((folder / DS_DIR / TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+        if saved and saved != world()[1]:
+            raise ValueError(
+                f"{folder} holds DeepSpeed ZeRO partitions of {saved} ranks and this run has {world()[1]}: "
+                f"resume it on {saved} ranks, or start a new run on any number from it (model.pretrained="
+                f"{folder}: its weights; the optimizer and data state start afresh)"
+            )
         with weights_only_loads(_deepspeed_records()):
             self.engine.load_checkpoint(
                 str(folder / DS_DIR), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False

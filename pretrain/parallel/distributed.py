@@ -145,6 +145,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / world()[1]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` without a process group."""
+    if world()[1] == 1:
+        return [obj]
+    out: list = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()

@@ -2,7 +2,10 @@
 
 Parts are saved and restored in the order registered. `files` parts write files of their own, every rank
 taking part (the strategy's model and optimizer, the weight ensemble); `shared` parts are Stateful with their
-entry in `trainer.pt` (rank 0 writes it, beside `TrainState` and the config); `rank` parts in `rank_{r:05d}.pt`.
+entry in `trainer.pt` (rank 0 writes it, beside `TrainState`, the config and the world size); `gathered` parts
+too, as the list of every rank's state, so that a run on another number of ranks can restore them (the data
+position, the objective's); `rank` parts in `rank_{r:05d}.pt` (the random state: a rank the checkpoint did not
+have keeps the one it was seeded with, `train.seed + rank`).
 A checkpoint goes into `step_N.tmp/`; when every rank is done, rank 0 writes its manifest `_COMPLETE` (each
 file's size and CRC-32) last, renames it, and only then does `latest` move: a crash at any point leaves the
 previous checkpoint intact and current. Then `checkpoint.remote` gets a copy, with that manifest.
@@ -32,14 +35,15 @@ import torch.distributed as dist
 from pretrain.config import Config, redacted, save_config
 from pretrain.models import checkpoint as ckpt
 from pretrain.parallel.base import Strategy
-from pretrain.parallel.distributed import DistInfo, barrier, world
+from pretrain.parallel.distributed import DistInfo, barrier, gather_objects, world
+from pretrain.parallel.safe_load import safe_load
 from pretrain.training import remote, restart
 from webshards.atomic import write_atomic
 from webshards.publish import seal
 
 log = logging.getLogger("pretrain")
 
-Scope = Literal["files", "shared", "rank"]
+Scope = Literal["files", "shared", "gathered", "rank"]
 
 
 def _numpy_state() -> dict:
@@ -205,6 +209,7 @@ class CheckpointManager:
     def save(self) -> Path:
         """Write `step_N/` from every rank, point `latest` at it, prune to `checkpoint.keep`, copy it remote."""
         rank_state = {name: part.state_dict() for name, part in self._scope("rank").items()}  # RNGs untouched
+        gathered = {name: gather_objects(part.state_dict()) for name, part in self._scope("gathered").items()}
         final = self.root / ckpt.step_dir_name(self.state.step)
         tmp = self.root / (final.name + ".tmp")
         if self.info.is_main:
@@ -215,7 +220,16 @@ class CheckpointManager:
             part.save(tmp)
         if self.info.is_main:
             shared = {name: part.state_dict() for name, part in self._scope("shared").items()}
-            torch.save({**vars(self.state), **shared, "config": redacted(self.cfg)}, tmp / "trainer.pt")
+            torch.save(
+                {
+                    **vars(self.state),
+                    **shared,
+                    **gathered,
+                    "world": self.info.world,
+                    "config": redacted(self.cfg),
+                },
+                tmp / "trainer.pt",
+            )
         torch.save(rank_state, ckpt.rank_file(tmp, self.info.rank))
         barrier()
         if self.info.is_main:
@@ -232,16 +246,31 @@ class CheckpointManager:
         return final
 
     def load(self, folder: Path) -> None:
-        """Restore every part from `folder`, after checking that this run's model wrote it."""
+        """Restore every part from `folder`, after checking that this run's model wrote it. On another number
+        of ranks, `gathered` parts get every saved rank's state and a new rank's `rank` parts keep theirs."""
         shared = ckpt.load_trainer_state(folder)
         self._check_same_model(folder, shared)
         self._warn_kept(folder, shared)
-        saved = {"shared": shared, "rank": ckpt.load_rank_state(folder, self.info.rank)}
+        saved_world = shared.get("world", len(ckpt.rank_files(folder)))
+        if saved_world != self.info.world:
+            log.info("resuming %s, saved by %d rank(s), on %d", folder, saved_world, self.info.world)
+        own = ckpt.rank_file(folder, self.info.rank)
+        saved = {"shared": shared, "rank": safe_load(own) if own.is_file() else None}
         for name, (part, scope, default) in self._parts.items():
             if scope == "files":
                 self._load_files(folder, part)
                 continue
-            value = saved[scope].get(name, default)
+            if scope == "rank" and saved["rank"] is None:
+                log.info(
+                    "rank %d: %s has no %s, its %r starts afresh", self.info.rank, folder, own.name, name
+                )
+                continue
+            if scope == "gathered":  # a checkpoint of an earlier version kept them in the rank files
+                value = shared.get(name) or [safe_load(f).get(name) for f in ckpt.rank_files(folder)]
+                value = None if None in value else value
+            else:
+                value = saved[scope].get(name)
+            value = default if value is None else value
             if value is None:
                 raise ValueError(f"{folder} has no {name!r}: it was saved with other settings")
             part.load_state_dict(value)

@@ -83,8 +83,8 @@ class Trainer:
         if self.ensemble is not None:  # its count in trainer.pt, its average in a file of its own
             register("ensemble_count", self.ensemble, "shared")
             register("ensemble", self.ensemble, "files")
-        register("data", self.source, "rank")
-        register("objective", self.objective, "rank", default={})
+        register("data", self.source, "gathered")  # any number of ranks resumes them
+        register("objective", self.objective, "gathered", default={})
         register("rng", GlobalRng, "rank")
 
     # ---- the loop -----------------------------------------------------------------------------------

@@ -95,11 +95,11 @@ def test_epoch_mode_two_ranks_two_workers_reads_every_sample_once(demo_data):
             f"{demo_data}/{SPEC}", cfg, "epoch", 0, 8, rank, 2, bundle, torch.device("cpu")
         )
         moved_on = set()
-        while len(moved_on) < 2:  # until both workers of this rank have started epoch 1
-            _, _, info = source.next_batch_with_info()
+        while len(moved_on) < 2:  # until both partitions of this rank (one per worker) have started epoch 1
+            _, _, info = source.next_raw_batch()
             keys += [k for k, e in zip(info["keys"], info["epochs"]) if e == 0]
             if 1 in info["epochs"]:
-                moved_on.add(info["role"])
+                moved_on.add(info["partition"])
         source.close()
     expected = [s["__key__"] for i in range(4) for s in iter_shard(demo_data / f"train/{i:05d}.tar")]
     assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)
@@ -217,7 +217,7 @@ def test_epoch_plan_deals_every_shard_once_per_epoch():
     for epoch in range(2):
         seen = [p.shard(epoch * p.per_epoch + i) for p in plans for i in range(p.per_epoch)]
         assert sorted(u for u, _ in seen) == sorted(urls) and {e for _, e in seen} == {epoch}
-    with pytest.raises(ValueError, match="cannot feed 8 loader slots"):
+    with pytest.raises(ValueError, match="cannot feed 8 stream partitions"):
         ShardPlan((urls,), (1.0,), "epoch", seed=3, slot=0, slots=8)
 
 
@@ -254,7 +254,7 @@ def test_mostly_bad_data_from_workers_is_one_line_and_exit_1(tmp_path, bad_shard
     [line] = err.strip().splitlines()[-1:]
     assert re.fullmatch(
         r"pretrain: error: 100% of the last 20 samples were bad \(data.max_bad_fraction=0.5\); shards: .*0000[0-2].tar.*"
-        r" \(loader slot \d of 2, block from its shard #\d sample \d+\); rank 0 after 0 batches \(at the start\)",
+        r" \(partition \d of 2, block from its shard #\d sample \d+\); rank 0 after 0 batches \(at the start\)",
         line,
     ), line
     assert "Traceback" not in err

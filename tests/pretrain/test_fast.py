@@ -176,7 +176,7 @@ def test_prefetcher_gives_the_source_batches_and_state_of_what_it_handed_out(ahe
     for handed_out in range(1, 4):
         got, want = prefetched.next_batch(), plain.next_batch()
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        assert prefetched.state_dict() == {"kind": "synthetic", "micro_batches": handed_out}
+        assert prefetched.state_dict() == {"kind": "synthetic", "samples": 2 * handed_out}
     assert prefetched.source.micro_batches == (4 if ahead else 3)  # one held ahead
     resumed = DevicePrefetcher(_source(), torch.device("cpu"), ahead=ahead)
     resumed.load_state_dict(prefetched.state_dict())

@@ -1,11 +1,11 @@
 """Properties of the shard stream, on random shard sets (hypothesis), through the real loader and its
 DataLoader workers:
 
-- `epoch` sampling reads every good sample exactly once per epoch across all ranks and workers, and the
-  stream goes on past every epoch boundary (it used to end when a block finished exactly on an epoch's
-  last sample);
+- `epoch` sampling reads every good sample exactly once per epoch across all partitions, and the stream goes
+  on past every epoch boundary (it used to end when a block finished exactly on an epoch's last sample);
 - `resampled` sampling never ends;
-- resuming from the state after any batch gives exactly the continuation of the uninterrupted stream.
+- the sequence of global batches (keys and augmentation seeds) depends on the partitions and the global batch,
+  not on ranks x workers x accumulation steps, also across a resume onto another topology after any step.
 
 Shards are 0- to 6-sample tars whose samples are good or bad (a bad one fails to decode and is skipped).
 The CI profile (tests/conftest.py) fixes the seed.
@@ -19,7 +19,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pretrain.config import DataConfig
@@ -59,84 +59,133 @@ def write_shards(folder: Path, shards: list[list[bool]]) -> tuple[tuple[str, ...
     return tuple(urls), good
 
 
-def loader(urls, mode: str, rank: int, world: int, workers: int, batch: int, buffer: int) -> StreamLoader:
+def loader(urls, mode: str, rank: int, topology: tuple[int, int, int], micro: int, buffer: int,
+           partitions: int) -> StreamLoader:  # fmt: skip
+    world, workers, accum = topology
     cfg = StreamConfig(
-        sources=(urls,), weights=(1.0,), mode=mode, seed=7, rank=rank, world=world, batch_size=batch,
+        sources=(urls,), weights=(1.0,), mode=mode, seed=7, rank=rank, world=world, batch_size=micro,
         data=DataConfig(shuffle_buffer=buffer, max_bad_fraction=1.0, retries=0, workers=workers),
+        partitions=partitions,
     )  # fmt: skip
-    return StreamLoader(cfg, decode, as_list, as_list)
+    return StreamLoader(cfg, decode, as_list, as_list, accum_steps=accum)
 
 
 shard_sets = st.lists(st.lists(st.booleans(), max_size=6), min_size=1, max_size=6)
+# (world, workers, accumulation steps)
+topologies = st.tuples(st.integers(1, 2), st.integers(0, 2), st.integers(1, 2))
 settings_ = {
     "shards": shard_sets,
-    "workers": st.integers(0, 2),
-    "world": st.integers(1, 2),
-    "batch": st.integers(1, 3),
+    "partitions": st.sampled_from([1, 2, 4]),
+    "unit": st.integers(1, 3),
     "buffer": st.sampled_from([1, 2, 3, 4, 6, 1000]),
 }
 
 
-def feasible(shards: list[list[bool]], world: int, workers: int, mode: str) -> bool:
-    """Some good sample exists, and epoch sampling has a shard for every loader slot."""
+def fits(topology: tuple[int, int, int], partitions: int, unit: int) -> bool:
+    """The topology owns whole partitions and cuts the global batch into whole micro-batches."""
+    world, workers, accum = topology
+    return partitions % (world * max(1, workers)) == 0 and (unit * partitions) % (world * accum) == 0
+
+
+def micro(topology: tuple[int, int, int], partitions: int, unit: int) -> int:
+    world, _, accum = topology
+    return unit * partitions // (world * accum)
+
+
+def feasible(shards: list[list[bool]], partitions: int, mode: str) -> bool:
+    """Some good sample exists, and epoch sampling has a shard for every partition."""
     has_good = any(any(s) for s in shards)
-    return has_good and (mode != "epoch" or len(shards) >= world * max(1, workers))
+    return has_good and (mode != "epoch" or len(shards) >= partitions)
 
 
-@given(**settings_, epochs=st.integers(1, 3))
-def test_epoch_reads_every_good_sample_once_per_epoch(shards, workers, world, batch, buffer, epochs):
-    assume(feasible(shards, world, workers, "epoch"))
+class Run:
+    """Every rank's loader of one topology, in one process: the global batches they read together."""
+
+    def __init__(self, urls, mode, topology, unit, buffer, partitions, state: list | None = None) -> None:
+        self.topology = topology
+        size = micro(topology, partitions, unit)
+        self.loaders = [loader(urls, mode, r, topology, size, buffer, partitions) for r in range(topology[0])]
+        for source in self.loaders:
+            if state is not None:
+                source.load_state_dict(state)
+
+    def steps(self, n: int) -> list[tuple]:
+        """Each global batch's (keys, seeds), in rank order as gathered negatives see it."""
+        out = []
+        for _ in range(n):
+            keys, seeds = [], []
+            for source in self.loaders:
+                for _ in range(self.topology[2]):
+                    _, batch_keys, info = source.next_micro_batch()
+                    keys += batch_keys
+                    seeds += info["seeds"]
+            out.append((tuple(keys), tuple(seeds)))
+        return out
+
+    def state(self) -> list[dict]:
+        """What a checkpoint gathers: every rank's state, in rank order."""
+        return [source.state_dict() for source in self.loaders]
+
+    def close(self) -> None:
+        for source in self.loaders:
+            source.close()
+
+
+@given(**settings_, topology=topologies, epochs=st.integers(1, 3))
+def test_epoch_reads_every_good_sample_once_per_epoch(shards, partitions, unit, buffer, topology, epochs):
+    assume(feasible(shards, partitions, "epoch") and fits(topology, partitions, unit))
     with tempfile.TemporaryDirectory() as tmp:
         urls, good = write_shards(Path(tmp), shards)
         seen = Counter()
-        for rank in range(world):
-            source = loader(urls, "epoch", rank, world, workers, batch, buffer)
-            reached: dict[int, int] = {}  # worker role -> the highest epoch it has read into
-            for _ in range(MAX_BATCHES):
+        run = Run(urls, "epoch", topology, unit, buffer, partitions)
+        reached: dict[int, int] = {}  # partition -> the highest epoch it has read into
+        for _ in range(MAX_BATCHES):
+            for source in run.loaders:
                 _, keys, info = source.next_raw_batch()
                 seen.update((k, e) for k, e in zip(keys, info["epochs"]) if e < epochs)
-                reached[info["role"]] = max(info["epochs"])
-                if len(reached) == max(1, workers) and min(reached.values()) >= epochs:
-                    break
-            else:
-                raise AssertionError(f"rank {rank} did not get past epoch {epochs} in {MAX_BATCHES} batches")
-            source.close()
+                reached[info["partition"]] = max(info["epochs"])
+            if len(reached) == partitions and min(reached.values()) >= epochs:
+                break
+        else:
+            raise AssertionError(f"the partitions did not get past epoch {epochs} in {MAX_BATCHES} units")
+        run.close()
     assert seen == Counter({(k, e): 1 for k in good for e in range(epochs)})
 
 
-@given(**settings_)
-def test_resampled_never_ends(shards, workers, world, batch, buffer):
-    assume(feasible(shards, world, workers, "resampled"))
+@given(**settings_, topology=topologies)
+def test_resampled_never_ends(shards, partitions, unit, buffer, topology):
+    assume(feasible(shards, partitions, "resampled") and fits(topology, partitions, unit))
     with tempfile.TemporaryDirectory() as tmp:
         urls, good = write_shards(Path(tmp), shards)
-        source = loader(urls, "resampled", world - 1, world, workers, batch, buffer)
+        run = Run(urls, "resampled", topology, unit, buffer, partitions)
         raw = sum(len(s) for s in shards)
-        keys = [k for _ in range(3 * raw // batch + 2) for k in source.next_raw_batch()[1]]
-        source.close()
+        keys = [k for batch_keys, _ in run.steps(3 * raw // (unit * partitions) + 2) for k in batch_keys]
+        run.close()
     assert set(keys) <= good
 
 
-@given(**settings_, mode=st.sampled_from(["epoch", "resampled"]), total=st.integers(2, 12), data=st.data())
-def test_resume_after_any_batch_continues_exactly(shards, workers, world, batch, buffer, mode, total, data):
-    assume(feasible(shards, world, workers, mode))
-    cut = data.draw(st.integers(0, total), label="batches before the interruption")
-    rank = data.draw(st.integers(0, world - 1), label="rank")
-
-    def batches(source: StreamLoader, n: int) -> list[tuple]:
-        """Each batch's keys and augmentation seeds."""
-        return [(tuple(b[1]), tuple(b[2]["seeds"])) for b in (source.next_raw_batch() for _ in range(n))]
-
+@settings(max_examples=40)
+@given(**settings_, mode=st.sampled_from(["epoch", "resampled"]), total=st.integers(2, 8), data=st.data())
+def test_global_batches_do_not_depend_on_the_topology_across_a_resume(
+    shards, partitions, unit, buffer, mode, total, data
+):
+    """One topology reads `cut` steps and checkpoints; another resumes: the global batches (keys and their
+    augmentation seeds, in order) are those of one process reading the whole run alone."""
+    assume(feasible(shards, partitions, mode))
+    fitting = topologies.filter(lambda t: fits(t, partitions, unit))
+    before = data.draw(fitting, label="(ranks, workers, accumulation) before")
+    after = data.draw(fitting, label="(ranks, workers, accumulation) after")
+    cut = data.draw(st.integers(0, total), label="steps before the interruption")
     with tempfile.TemporaryDirectory() as tmp:
         urls, _ = write_shards(Path(tmp), shards)
-        whole = loader(urls, mode, rank, world, workers, batch, buffer)
-        expected = batches(whole, total)
-        whole.close()
-        first = loader(urls, mode, rank, world, workers, batch, buffer)
-        got = batches(first, cut)
-        state = first.state_dict()
+        alone = Run(urls, mode, (1, 0, 1), unit, buffer, partitions)
+        expected = alone.steps(total)
+        alone.close()
+        first = Run(urls, mode, before, unit, buffer, partitions)
+        got = first.steps(cut)
+        state = first.state()
         first.close()
-        resumed = loader(urls, mode, rank, world, workers, batch, buffer)
-        resumed.load_state_dict(state)
-        got += batches(resumed, total - cut)
+        resumed = Run(urls, mode, after, unit, buffer, partitions, state)
+        got += resumed.steps(total - cut)
         resumed.close()
     assert got == expected
