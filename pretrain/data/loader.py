@@ -206,7 +206,8 @@ class StreamLoader:
         got = [info["partition"] for _, _, info in units]
         if got != expected:  # the workers' round-robin is what orders them
             raise RuntimeError(f"units of partitions {got} arrived for a step that needs {expected}")
-        images, texts = _concat([u[0] for u in units]), _concat([u[1] for u in units])
+        pin = self.pin_memory
+        images, texts = _concat([u[0] for u in units], pin), _concat([u[1] for u in units], pin)
         infos = [u[2] for u in units]
         keys, seeds = sum((i["keys"] for i in infos), []), sum((i["seeds"] for i in infos), [])
         epochs = sum((i["epochs"] for i in infos), [])
@@ -319,11 +320,18 @@ class StreamLoader:
             shutdown()
 
 
-def _concat(parts: list):
-    """Units' images or texts as one batch: tensors concatenated (one unit: itself), lists joined."""
+def _concat(parts: list, pin: bool = False):
+    """Units' images or texts as one batch: tensors concatenated (one unit: itself), lists joined. `pin`: into
+    page-locked memory, as the DataLoader pinned the units (the copy to the GPU does not pin it again)."""
     if len(parts) == 1:
         return parts[0]
-    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for part in parts for x in part]
+    if not isinstance(parts[0], torch.Tensor):
+        return [x for part in parts for x in part]
+    if not pin:
+        return torch.cat(parts)
+    first = parts[0]
+    out = torch.empty((sum(len(p) for p in parts), *first.shape[1:]), dtype=first.dtype, pin_memory=True)
+    return torch.cat(parts, out=out)
 
 
 def _upgraded(state: dict, rank: int) -> dict:
