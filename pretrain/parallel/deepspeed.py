@@ -166,8 +166,9 @@ class DeepSpeedStrategy(Strategy):
         if saved and saved != world()[1]:
             raise ValueError(
                 f"{folder} holds DeepSpeed ZeRO partitions of {saved} ranks and this run has {world()[1]}: "
-                f"resume it on {saved} ranks, or start a new run on any number from it (model.pretrained="
-                f"{folder}: its weights; the optimizer and data state start afresh)"
+                f"resume it on {saved} ranks, or convert it to weights any number of ranks starts from: "
+                f"model.pretrained={folder} (read through DeepSpeed's zero_to_fp32; a new run, its optimizer and "
+                "data state start afresh)"
             )
         with weights_only_loads(_deepspeed_records()):
             self.engine.load_checkpoint(
