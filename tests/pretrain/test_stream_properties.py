@@ -164,7 +164,7 @@ def test_resampled_never_ends(shards, partitions, unit, buffer, topology):
     assert set(keys) <= good
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(**settings_, mode=st.sampled_from(["epoch", "resampled"]), total=st.integers(2, 8), data=st.data())
 def test_global_batches_do_not_depend_on_the_topology_across_a_resume(
     shards, partitions, unit, buffer, mode, total, data
