@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from hub_server import request_body
+
 FAULTS = ("slowdown", "internal", "reset")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
@@ -97,15 +99,7 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while size := int(self.rfile.readline().split(b";")[0], 16):
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                    pass
-                return b"".join(chunks)
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            return request_body(self)
 
         def _any(self) -> None:
             body = self._body()  # read whole first: the connection stays usable after a fault answer

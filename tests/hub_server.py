@@ -221,19 +221,25 @@ def _find_route(method: str, path: str) -> tuple | None:
     return None
 
 
+def request_body(handler: http.server.BaseHTTPRequestHandler) -> bytes:
+    """A request's body, chunked (its trailers read past) or of Content-Length."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks = []
+        while size := int(handler.rfile.readline().split(b";")[0], 16):
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()
+        while handler.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers, then the blank line
+            pass
+        return b"".join(chunks)
+    return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+
 def _handler(hub: FakeHub) -> type:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the client expects
 
         def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while size := int(self.rfile.readline().split(b";")[0], 16):
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-                self.rfile.readline()
-                return b"".join(chunks)
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            return request_body(self)
 
         def _reply(self, status: int, payload, code: str | None = None) -> None:
             data = json.dumps(payload).encode()
