@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from data_tools import models
-from data_tools.embeddings import METADATA_SCHEMA, embedding_files
+from data_tools.embeddings import METADATA_SCHEMA, embedding_files, model_record, record_model
 from data_tools.engine_ray import ActorSpec
 from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import outputs
@@ -95,6 +95,7 @@ def embed_shards(
         load_embedder(cfg.model, cfg.pretrained, cfg.device)  # a bad weights file fails here, once
     for sub in ("img_emb", "text_emb", "metadata"):
         outputs.make_folder(outputs.join(output, sub))
+    record_model(output, model_record(cfg.model, cfg.pretrained))  # filter --target embeds with it again
     threads, actors = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0, None
     if not local:
         setup = partial(load_embedder, cfg.model, cfg.pretrained, cfg.device)

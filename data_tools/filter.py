@@ -47,6 +47,11 @@ class FilterConfig:
     """Largest long side / short side."""
     min_words: int | None = None
     """Least number of whitespace-separated words in the caption."""
+    targets: tuple[str, ...] = ()
+    """Eval sets or image folders: keep samples in the k-means clusters nearest to their images
+    (DataComp's image-based filter, image_filter.py); empty: the rule is off."""
+    clusters: int | None = None
+    """k-means clusters of the image-based rule; None: pool size / 128 (DataComp's ratio)."""
 
     def __post_init__(self) -> None:
         if self.min_score is not None and self.keep_fraction is not None:
@@ -59,6 +64,8 @@ class FilterConfig:
             raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
         if self.min_words is not None and self.min_words < 0:
             raise ValueError(f"min_words must be at least 0, got {self.min_words}")
+        if self.clusters is not None and (self.clusters < 1 or not self.targets):
+            raise ValueError(f"clusters must be at least 1 and come with targets, got {self.clusters}")
 
     @property
     def needs_sizes(self) -> bool:
@@ -124,11 +131,16 @@ def _sizes_from_shard(url: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray
 
 
 def rule_masks(
-    table: pa.Table, cfg: FilterConfig, threshold: float, sizes: tuple[np.ndarray, np.ndarray] | None
+    table: pa.Table,
+    cfg: FilterConfig,
+    threshold: float,
+    sizes: tuple[np.ndarray, np.ndarray] | None,
+    image_based: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """One boolean 'passes' mask per active rule (score, min_side, max_aspect_ratio, min_words).
+    """One boolean 'passes' mask per active rule (score, min_side, max_aspect_ratio, min_words, image_based).
 
-    ``sizes`` (width, height per row) is needed, and must be complete, when a size rule is on.
+    ``sizes`` (width, height per row) is needed, and must be complete, when a size rule is on;
+    ``image_based`` (``image_filter.ImageRule.mask``) when ``cfg.targets`` is.
     """
     masks = {}
     if threshold > -math.inf:
@@ -143,6 +155,8 @@ def rule_masks(
     if cfg.min_words is not None:
         words = [len((c or "").split()) for c in table["caption"].to_pylist()]
         masks["min_words"] = np.array(words, dtype=np.int64) >= cfg.min_words
+    if image_based is not None:
+        masks["image_based"] = image_based
     return masks
 
 
@@ -167,9 +181,10 @@ def _shard_url(metadata: Location, urls: list[str] | None) -> str:
 
 
 def filtered_tables(
-    files: list[Location], cfg: FilterConfig, threshold: float, urls: list[str] | None
+    files: list[Location], cfg: FilterConfig, threshold: float, urls: list[str] | None, image_rule: Any = None
 ) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
-    """Each metadata table with its rule masks, sizes looked up in the shards only when needed."""
+    """Each metadata table with its rule masks, sizes looked up in the shards only when needed, the
+    image-based mask from ``image_rule`` (an ``image_filter.ImageRule``) when given."""
     for path in files:
         table = outputs.read_parquet(path)
         sizes = _sizes(table) if cfg.needs_sizes else None
@@ -177,7 +192,8 @@ def filtered_tables(
             sizes = _sizes_from_shard(_shard_url(path, urls), table["key"].to_pylist())
             if np.isnan(sizes[0]).any():
                 raise ValueError(f"size rules: some samples of {outputs.name(path)} are not in its shard")
-        yield table, rule_masks(table, cfg, threshold, sizes)
+        image_based = image_rule.mask(path) if image_rule is not None else None
+        yield table, rule_masks(table, cfg, threshold, sizes, image_based)
 
 
 def input_files(embeddings: Location, fmt: str) -> list[Location]:

@@ -37,8 +37,10 @@ from data_tools.filter import (
     quantile_bin,
     quantile_plan,
     read_scores,
+    summary_path,
     write_outputs,
 )
+from data_tools.image_filter import image_rule_job, write_clusters
 from data_tools.phases import input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import RunnerOptions, Task
 from webshards import outputs
@@ -60,10 +62,11 @@ def filter_job(
     scratch = outputs.beside(output, "_work")
     work = outputs.join(scratch, settings_key({"inputs": input_fingerprint(files)}))
     threshold = _threshold(files, cfg, work, options)
+    image_rule = image_rule_job(embeddings, cfg.targets, cfg.clusters, work, options) if cfg.targets else None
     rules = settings_key({"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls})
     parts = outputs.join(work, f"keep-{rules}")
     tasks = [
-        Task(f"keep:{i}", outputs.join(parts, f"{i:05d}.json"), (p, cfg, threshold, shard_urls))
+        Task(f"keep:{i}", outputs.join(parts, f"{i:05d}.json"), (p, cfg, threshold, shard_urls, image_rule))
         for i, p in enumerate(files)
     ]
     run_phase(tasks, keep_task, options, "filter (keep)", last=True)
@@ -76,6 +79,9 @@ def filter_job(
             tally.merge(json.loads(outputs.read_bytes(task.output)))
             writer.write_table(outputs.read_parquet(_uids_file(task.output)))
     summary = write_outputs(output, fmt, tally, cfg, threshold)
+    if image_rule is not None:
+        summary["image_based"] = write_clusters(output, image_rule, cfg.targets)
+        outputs.write_json(summary_path(output), summary)
     release_scratch(scratch, work, options)
     return summary
 
@@ -121,9 +127,9 @@ def bin_task(task: Task) -> int:
 
 def keep_task(task: Task) -> int:
     """One shard's kept uids (``.parquet``) and counts (``.json``, written last: the marker)."""
-    path, cfg, threshold, urls = task.payload
+    path, cfg, threshold, urls, image_rule = task.payload
     tally = Tally()
-    for table, masks in filtered_tables([path], cfg, threshold, urls):
+    for table, masks in filtered_tables([path], cfg, threshold, urls, image_rule):
         kept = kept_uids(table, tally.add(table, masks))
         with outputs.staged(_uids_file(task.output)) as tmp:
             pq.write_table(kept, tmp)

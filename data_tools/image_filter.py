@@ -1,0 +1,193 @@
+"""DataComp's image-based filter: keep the pool samples whose image lies in a k-means cluster that is the
+nearest cluster of at least one target image (ImageNet's training images in DataComp; here eval sets or
+image folders, ``filter --target ROOT``).
+
+DataComp (arXiv 2304.14108, ``baselines/apply_filter.py``) clusters the L/14 image embeddings of the
+12.8M-sample pool into 100K clusters (128 samples per cluster), assigns each ImageNet-1k training image to
+its nearest centroid and keeps the pool samples of those clusters. Here, as task phases (phases.py):
+
+1. ``targets``: one task per eval-set tar or per ``IMAGES_PER_TASK`` files of an image folder embeds the
+   images with the model that made the embeddings folder (its ``model.json``, written by embed) and that
+   model's validation transform, decoded as embed decodes them;
+2. ``sample`` and ``k-means``: semantic dedup's clustering (``dedup.semantic_job.centroid_phases``:
+   spherical k-means, seeded, the same centroids on any split of the tasks), K = pool size / 128 unless
+   given;
+3. ``choose``: one task assigns every target image to its nearest centroid and counts them per cluster;
+4. the filter's keep tasks assign each pool row to its nearest centroid (``ImageRule.mask``): the
+   ``image_based`` rule passes when that centroid is a chosen one.
+
+Nearest means the largest inner product with the unit centroids, i.e. the least distance for unit rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_tools.dedup.semantic import SemanticConfig, embedding_parts, part_rows, read_part
+from data_tools.dedup.semantic_job import centroid_phases
+from data_tools.embeddings import MODEL_FILE, embedding_files, read_model, shard_index
+from data_tools.inputs import IMAGE_EXTENSIONS
+from data_tools.phases import run_phase, settings_key
+from data_tools.runner import RunnerOptions, Task
+from data_tools.target_images import embed_images, raw_images
+from webshards import evalset, outputs
+from webshards.outputs import Location
+
+CLUSTER_SIZE = 128  # DataComp: 100K clusters for the 12.8M samples of its small pool
+IMAGES_PER_TASK = 1000  # image-folder files embedded per targets task
+BATCH_SIZE = 64
+SEED = 0
+ASSIGN_VALUES = 2**24  # floats of one block of the row-centroid similarity matrix (64 MiB)
+
+
+def default_clusters(samples: int) -> int:
+    """DataComp's ratio: one cluster per 128 pool samples, at least one."""
+    return max(1, samples // CLUSTER_SIZE)
+
+
+def nearest_centroid(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of each row's nearest unit centroid (largest inner product; a row's norm cannot change it),
+    in blocks so memory stays ``ASSIGN_VALUES`` floats whatever the number of clusters."""
+    block = max(1, ASSIGN_VALUES // max(len(centroids), 1))
+    found = [
+        np.argmax(np.asarray(rows[i : i + block], dtype=np.float32) @ centroids.T, axis=1)
+        for i in range(0, len(rows), block)
+    ]
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def target_model(embeddings: Location) -> tuple[str, str | None]:
+    """(model, pretrained) that made the embeddings folder; a ValueError when it cannot be known or cannot
+    be loaded again with the same weights."""
+    record = read_model(embeddings)
+    if record is None:
+        where = outputs.join(embeddings, MODEL_FILE)
+        raise ValueError(f"--target: {where} not found: which model made these embeddings is unknown")
+    model, pretrained = record["model"], record.get("pretrained")
+    if pretrained is None and not Path(model).exists() and not model.startswith("hf-hub:"):
+        raise ValueError(
+            f"--target: {embeddings} was embedded by {model} with random weights (no --pretrained), "
+            "so the target images cannot be embedded by the same model"
+        )
+    return model, pretrained
+
+
+def target_sources(root: str) -> list[tuple[str, ...]]:
+    """The units of work of one target: ``("tar", url)`` per tar of an eval set (clip_benchmark's layout),
+    ``("files", path, ...)`` per chunk of an image folder."""
+    if outputs.is_remote(root) or Path(root, evalset.SPLIT, evalset.NSHARDS_FILE).is_file():
+        try:
+            return [("tar", url) for url in evalset.shard_urls(root)]
+        except FileNotFoundError as error:
+            raise ValueError(f"--target {root}: {error}") from None
+    if not Path(root).is_dir():
+        raise ValueError(f"--target {root}: no such eval set or image folder")
+    files = sorted(
+        str(p)
+        for p in Path(root).rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+    if not files:
+        raise ValueError(f"--target {root}: no images (and not an eval set: no {evalset.SPLIT}/nshards.txt)")
+    return [("files", *files[i : i + IMAGES_PER_TASK]) for i in range(0, len(files), IMAGES_PER_TASK)]
+
+
+@lru_cache(maxsize=2)
+def _load_npy(location: str) -> np.ndarray:
+    """An ``.npy`` read once per process (every keep task of a worker uses the same centroids)."""
+    return np.asarray(outputs.load_npy(location))
+
+
+@dataclass(frozen=True)
+class ImageRule:
+    """What the keep tasks need for the ``image_based`` mask: files, so a task payload stays small."""
+
+    embeddings: str
+    centroids: str
+    counts: str
+    """Target images per cluster (int64); a cluster is kept when its count is above 0."""
+
+    def mask(self, metadata: Location) -> np.ndarray:
+        """Whether each row of the shard of ``metadata`` lies in a chosen cluster."""
+        rows = read_part(embedding_files(self.embeddings, shard_index(metadata)).image)
+        return _load_npy(self.counts)[nearest_centroid(rows, _load_npy(self.centroids))] > 0
+
+
+def image_rule_job(
+    embeddings: Location,
+    targets: tuple[str, ...],
+    clusters: int | None,
+    work: Location,
+    options: RunnerOptions,
+) -> ImageRule:
+    """Embed the targets, cluster the pool and choose the clusters, as task phases; the rule on every rank."""
+    model, pretrained = target_model(embeddings)
+    parts = embedding_parts(embeddings)
+    rows = part_rows(parts)
+    k = clusters or default_clusters(sum(rows))
+    if k > sum(rows):
+        raise ValueError(f"--clusters {k} is more than the {sum(rows)} samples of {embeddings}")
+    sources = [source for root in targets for source in target_sources(root)]
+    work = outputs.join(
+        work, "image-" + settings_key({"targets": targets, "k": k, "model": [model, pretrained]})
+    )
+    tasks = [
+        Task(f"targets:{i}", outputs.join(work, f"targets/{i:05d}.npy"), (source, model, pretrained))
+        for i, source in enumerate(sources)
+    ]
+    run_phase(tasks, embed_targets_task, options, "filter image-based (targets)")
+    _check_dims([t.output for t in tasks], parts[0][1], embeddings)
+    offsets = np.cumsum([0, *rows])
+    semantic = SemanticConfig(clusters=k, seed=SEED)
+    centroids = centroid_phases(parts, offsets, k, semantic, work, options, "filter image-based")
+    choose = Task("choose", outputs.join(work, "counts.npy"), (centroids, [t.output for t in tasks]))
+    run_phase([choose], choose_task, options, "filter image-based (choose)")
+    return ImageRule(str(embeddings), str(centroids), str(choose.output))
+
+
+def _check_dims(target_files: list[Location], pool_file: Location, embeddings: Location) -> None:
+    """The targets' embeddings must have the pool's width (else model.json does not describe the pool)."""
+    width, pool = outputs.npy_shape(target_files[0])[1], outputs.npy_shape(pool_file)[1]
+    if width != pool:
+        raise ValueError(
+            f"--target: the recorded model gives {width}-dim image embeddings, {embeddings} holds {pool}-dim "
+            f"ones ({outputs.name(pool_file)}): {MODEL_FILE} does not describe them"
+        )
+
+
+def embed_targets_task(task: Task) -> int:
+    """One unit of target images as fp32 unit rows (``.npy``)."""
+    source, model, pretrained = task.payload
+    outputs.save_npy(task.output, embed_images(raw_images(source), model, pretrained, BATCH_SIZE))
+    return int(outputs.npy_shape(task.output)[0])
+
+
+def choose_task(task: Task) -> int:
+    """Target images per cluster: each target image counts for its nearest centroid."""
+    centroids_file, target_files = task.payload
+    centroids = np.asarray(outputs.load_npy(centroids_file))
+    targets = np.concatenate([outputs.load_npy(f) for f in target_files])
+    counts = np.bincount(nearest_centroid(targets, centroids), minlength=len(centroids))
+    outputs.save_npy(task.output, counts.astype(np.int64))
+    return len(targets)
+
+
+def write_clusters(output: Location, rule: ImageRule, targets: tuple[str, ...]) -> dict[str, Any]:
+    """Beside the keep list: ``STEM_clusters.npz`` (centroids, target images per cluster, kept flags) and
+    ``STEM_clusters.json`` (the kept clusters, most-chosen first); returns the json's counts."""
+    centroids, counts = _load_npy(rule.centroids), _load_npy(rule.counts)
+    with outputs.staged(outputs.beside(output, "_clusters.npz")) as tmp, open(tmp, "wb") as f:
+        np.savez(f, centroids=centroids, target_images=counts, kept=counts > 0)
+    kept = np.flatnonzero(counts)
+    order = kept[np.argsort(-counts[kept], kind="stable")]
+    info = {"clusters": len(centroids), "kept_clusters": len(kept), "target_images": int(counts.sum())}
+    chosen = [{"cluster": int(c), "target_images": int(counts[c])} for c in order]
+    outputs.write_json(
+        outputs.beside(output, "_clusters.json"), {**info, "targets": list(targets), "kept": chosen}
+    )
+    return info
