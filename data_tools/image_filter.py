@@ -34,7 +34,6 @@ from data_tools.embeddings import MODEL_FILE, embedding_files, read_model, shard
 from data_tools.inputs import IMAGE_EXTENSIONS
 from data_tools.phases import run_phase, settings_key
 from data_tools.runner import RunnerOptions, Task
-from data_tools.target_images import embed_images, raw_images
 from webshards import evalset, outputs
 from webshards.outputs import Location
 
@@ -42,7 +41,7 @@ CLUSTER_SIZE = 128  # DataComp: 100K clusters for the 12.8M samples of its small
 IMAGES_PER_TASK = 1000  # image-folder files embedded per targets task
 BATCH_SIZE = 64
 SEED = 0
-ASSIGN_VALUES = 2**24  # floats of one block of the row-centroid similarity matrix (64 MiB)
+ASSIGN_VALUES = 2**26  # floats of one block of the row-centroid similarity matrix (256 MiB)
 
 
 def default_clusters(samples: int) -> int:
@@ -163,6 +162,8 @@ def _check_dims(target_files: list[Location], pool_file: Location, embeddings: L
 def embed_targets_task(task: Task) -> int:
     """One unit of target images as fp32 unit rows (``.npy``)."""
     source, model, pretrained = task.payload
+    from data_tools.target_images import embed_images, raw_images  # torch, only for a filter with targets
+
     outputs.save_npy(task.output, embed_images(raw_images(source), model, pretrained, BATCH_SIZE))
     return int(outputs.npy_shape(task.output)[0])
 

@@ -14,7 +14,7 @@ from data_tools.commands.options import (
     runner_options,
 )
 
-HELP = "keep list by clip score threshold or top fraction, plus size/aspect/caption rules"
+HELP = "keep list by clip score threshold or top fraction, size/aspect/caption rules, image-based clusters"
 DESCRIPTION = (
     "Write a keep list (parquet with uid) of the samples of an embeddings folder that pass "
     "every rule, a summary json and a PNG histogram of clip scores next to it."
@@ -35,8 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--min-words", type=int_at_least(0), metavar="N", help="least caption words")
     add("--shards", metavar="SPEC", help="the embedded shards, when sizes must come from them")
     add("--target", action="append", metavar="ROOT",
-        help="image-based: keep the k-means clusters nearest to this eval set's or image folder's images")  # fmt: skip
-    add("--clusters", type=int_at_least(1), metavar="K", help="image-based: k-means clusters (default n/128)")
+        help="image-based: keep the k-means clusters nearest to the images of this eval set or image folder (repeatable)")  # fmt: skip
+    add(
+        "--clusters",
+        type=int_at_least(1),
+        metavar="K",
+        help="image-based: k-means clusters (None: samples / 128)",
+    )
     add_runner_args(parser)
     add_phase_args(parser, partitions=False)
 
