@@ -30,7 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--shards", metavar="SPEC", help="input shards (captions from KEY.txt)")
     source.add_argument("--embeddings", metavar="DIR|URL", help="or: captions from embed's metadata")
     add_required(parser, "--entries", metavar="FILE|URL", help="metadata entries, one per line (UTF-8)")
-    add_required(parser, "--t", type=int_at_least(1), metavar="N", help="pairs per entry before balancing")
+    add_required(
+        parser,
+        "--t",
+        type=int_at_least(1),
+        metavar="N",
+        help="the cap: an entry matched by more than N pairs keeps each with probability N / count",
+    )
     add_output(parser, "FILE|URL", "keep list (a path or fsspec URL)", url=True)
     add("--seed", type=int_at_least(0), default=0, metavar="S", help="seed of the balancing draws")
     add("--match", choices=MATCH_MODES, default=MATCH_MODES[0],

@@ -49,7 +49,7 @@ def metaclip_job(
     scratch = outputs.beside(output, "_work")
     source = {"inputs": input_versions(inputs), "entries": entries.digest, "match": cfg.match}
     work = outputs.join(scratch, settings_key(source))
-    ref = (str(cfg.entries), entries.digest)
+    ref = (str(outputs.resolve(cfg.entries)), entries.digest)  # absolute: Ray workers run elsewhere
     match_tasks = [
         Task(f"match:{i}", outputs.join(work, f"match/{i:05d}.json"), (url, *ref, cfg.match))
         for i, url in enumerate(inputs)
