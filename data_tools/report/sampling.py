@@ -111,7 +111,7 @@ def _why(rule: str, values: dict[str, Any], cfg: FilterConfig, threshold: float)
     width = values.get("original_width") or values.get("width")
     height = values.get("original_height") or values.get("height")
     if rule == "score":
-        return f": {values['clip_score']:.3f} < {threshold:.3f}"
+        return f": {values['clip_score']:.4f} < {threshold:.4f}"
     if rule == "min_words":
         return f": {len((values.get('caption') or '').split())} < {cfg.min_words} words"
     if width and height and rule == "min_side":
