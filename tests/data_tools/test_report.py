@@ -112,6 +112,8 @@ def run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert main(["filter", "--embeddings", str(root / "emb"), *rules, "--output", str(keep)]) == 0
     for method in ("exact", "perceptual"):
         assert main(["dedup", "--shards", spec, "--method", method, "--output", str(root / method)]) == 0
+    curated = ["reshard", "--shards", spec, "--keep", str(keep), "--output", str(root / "curated")]
+    assert main(curated) == 0
     write_other_stages(root, demo_data, metadata, keep)
     args = ["report", "--shards", spec, "--embeddings", str(root / "emb"), "--filter", str(keep)]
     args += [
@@ -123,6 +125,7 @@ def run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         str(root / "decontam"),
     ]
     args += ["--metaclip", str(root / "metaclip.parquet"), "--samples-per-group", str(PER_GROUP)]
+    args += ["--reshard", str(root / "curated")]
     return {
         "root": root,
         "records": records,
@@ -239,6 +242,30 @@ def test_duplicates_decontamination_and_distributions(run: dict, page: dict) -> 
     assert any(label.startswith("languages (top 3 of 3)") for label in parsed.svgs)
     assert any(label.startswith("top 20 of 30 entries") for label in parsed.svgs)
     assert "lineage:" in page["html"]
+
+
+def test_counts_per_stage(run: dict, page: dict) -> None:
+    """Each stage's row: samples in and kept, as the stage's own outputs count them."""
+    table = page["html"].split('<section id="counts">', 1)[1].split("</table>", 1)[0]
+    cells = {
+        row.split("</td>")[0].split(">")[-1]: re.findall(r'class="n">([\d,]*)<', row)
+        for row in table.split("<tr>")[2:]
+    }
+    kept, total = pq.read_metadata(run["keep"]).num_rows, run["metadata"].num_rows
+    assert cells["filter"][:2] == [f"{total:,}", f"{kept:,}"]
+    assert cells["reshard"][1] == f"{kept:,}" and cells["shards"][1] == f"{total:,}"
+    assert set(cells) == {"shards", "embed", "filter", "metaclip", "dedup", "decontaminate", "reshard"}
+
+
+def test_bad_inputs_are_one_line(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = run["root"] / "nothing.parquet"
+    capsys.readouterr()
+    assert (
+        main(["report", "--shards", run["args"][2], "--filter", str(missing), "--output", str(tmp_path)]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing_summary.json: not found" in err[0]
+    assert not (tmp_path / "index.html").exists()
 
 
 def test_same_seed_same_page(run: dict, page: dict, tmp_path: Path) -> None:
