@@ -1,0 +1,225 @@
+"""Reading what the curation stages wrote, for the report: summaries, counts, examples and distributions.
+
+Every reader takes the files as their writers leave them (filter's ``STEM_summary.json``, dedup's and
+decontaminate's ``report.json``, reshard's ``reshard.json`` + ``sizes.json``, ``STEM_languages.parquet``,
+MetaCLIP's ``STEM_entry_counts.json``, ``lineage.json``) and is lenient about what it does not need: a file
+that is absent gives None, a field of another shape is left out, so a stage that grows its outputs does not
+break the page. A file that is there but not JSON is a ValueError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from data_tools.report.tiles import Tile
+from webshards import outputs
+from webshards.outputs import Location
+
+LANGUAGE_KEYS = ("languages", "language_counts", "language")
+"""Where a filter summary may hold its counts per language."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the counts table: a stage, where its output is, samples in and out, and notes."""
+
+    name: str
+    where: str
+    samples: int | None
+    kept: int | None
+    notes: str = ""
+
+
+def read_json(location: Location) -> Any | None:
+    """A JSON file, or None when it is not there."""
+    if not outputs.exists(location):
+        return None
+    try:
+        return json.loads(outputs.read_bytes(location))
+    except ValueError as error:
+        raise ValueError(f"{location}: not JSON ({error})") from None
+
+
+def _number(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def filter_stage(keep_list: Location, summary: dict[str, Any]) -> Stage:
+    removed = summary.get("failed_rule") or {}
+    notes = ", ".join(f"{rule}: {n:,} fail" for rule, n in removed.items() if _number(n) is not None)
+    return Stage(
+        "filter", str(keep_list), _number(summary.get("samples")), _number(summary.get("kept")), notes
+    )
+
+
+def dedup_stage(folder: Location, report: dict[str, Any]) -> Stage:
+    notes = f"{report.get('method', '?')}: {report.get('groups', '?')} groups, {report.get('removed', '?')} removed"
+    return Stage("dedup", str(folder), _number(report.get("items")), _number(report.get("kept")), notes)
+
+
+def keep_list_stage(name: str, keep_list: Location, summary: dict[str, Any] | None) -> Stage:
+    """A stage known by its keep list (its row count) and, when there, a summary with ``samples``."""
+    kept = outputs.parquet_rows(keep_list) if outputs.exists(keep_list) else None
+    summary = summary or {}
+    scalars = {k: v for k, v in summary.items() if _number(v) is not None and k not in ("samples", "kept")}
+    notes = ", ".join(f"{k}: {v}" for k, v in list(scalars.items())[:4])
+    return Stage(
+        name, str(keep_list), _number(summary.get("samples")), _number(summary.get("kept", kept)), notes
+    )
+
+
+def report_stage(name: str, folder: Location, report: dict[str, Any]) -> Stage:
+    """A stage from a ``report.json`` of counts (decontaminate): its item and kept counts, where named so."""
+    samples = next((_number(report[k]) for k in ("items", "samples", "checked") if k in report), None)
+    kept = _number(report.get("kept"))
+    removed = _number(report.get("removed"))
+    return Stage(name, str(folder), samples, kept, "" if removed is None else f"{removed:,} removed")
+
+
+def reshard_stage(folder: Location) -> Stage | None:
+    """Resharded output: its samples from ``sizes.json`` (None when the folder has neither file)."""
+    settings = read_json(outputs.join(folder, "reshard.json"))
+    sizes = read_json(outputs.join(folder, "sizes.json"))
+    if settings is None and sizes is None:
+        return None
+    total = sum(sizes.values()) if isinstance(sizes, dict) else None
+    keeps = (settings or {}).get("keep") or []
+    notes = f"{len(sizes or {})} shards" + (f", from {len(keeps)} keep list(s)" if keeps else "")
+    return Stage("reshard", str(folder), None, total, notes)
+
+
+def lineage_files(locations: list[Location]) -> Iterator[tuple[Location, Any]]:
+    """``lineage.json`` in each output folder and ``STEM_lineage.json`` beside each keep list, where present."""
+    for location in locations:
+        name = outputs.name(location)
+        candidate = outputs.beside(location, "_lineage.json") if name.endswith(".parquet") else None
+        candidate = candidate or outputs.join(location, "lineage.json")
+        lineage = read_json(candidate)
+        if lineage is not None:
+            yield candidate, lineage
+
+
+def dedup_groups(report: dict[str, Any], per_group: int) -> list[list[Tile]]:
+    """The example groups of a dedup ``report.json``: the kept member first, then removed ones."""
+    rows = []
+    for example in report.get("examples") or []:
+        members = [m for m in example.get("members") or [] if isinstance(m, dict) and m.get("key")]
+        kept = [m["key"] for m in members if m.get("keep")]
+        members.sort(key=lambda m: not m.get("keep"))
+        tiles = []
+        for member in members[:per_group]:
+            state = "kept" if member.get("keep") else "removed"
+            label = "kept" if state == "kept" else f"removed: duplicate of {kept[0] if kept else '?'}"
+            tiles.append(
+                Tile(member["key"], member.get("caption") or "", state, [label], uid=member.get("uid"))
+            )
+        rows.append(tiles)
+    return rows
+
+
+def language_counts(keep_list: Location, summary: dict[str, Any]) -> Counter[str] | None:
+    """Samples per language: from ``STEM_languages.parquet`` beside the keep list (streamed, one column),
+    else from the summary's counts; None when neither is there."""
+    table = outputs.beside(keep_list, "_languages.parquet")
+    if outputs.exists(table):
+        import pyarrow.parquet as pq
+
+        from webshards.urls import open_url
+
+        counts: Counter[str] = Counter()
+        with open_url(str(table)) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["language"]):
+                counts.update(str(x) for x in batch.column(0).to_pylist())
+        return counts
+    for key in LANGUAGE_KEYS:
+        found = summary.get(key)
+        if isinstance(found, dict) and all(_number(v) is not None for v in found.values()):
+            return Counter({str(k): int(v) for k, v in found.items()})
+    return None
+
+
+def entry_counts(keep_list: Location) -> list[tuple[str, int, int | None]] | None:
+    """MetaCLIP's ``STEM_entry_counts.json`` beside a keep list as (entry, matched, kept) rows, most matched
+    first. Accepted shapes: ``{entry: {"matched"|"before"|"count": n, "kept"|"after": m}}``, ``{entry: [n, m]}``,
+    ``{entry: n}``, a list of such objects with an ``entry`` field, any of them under ``"entries"``."""
+    data = read_json(outputs.beside(keep_list, "_entry_counts.json"))
+    if isinstance(data, dict) and isinstance(data.get("entries"), (dict, list)):
+        data = data["entries"]
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, list):
+        items = [(d.get("entry"), d) for d in data if isinstance(d, dict)]
+    else:
+        return None
+    rows = [row for entry, value in items if (row := _entry_row(entry, value)) is not None]
+    return sorted(rows, key=lambda r: (-r[1], r[0]))
+
+
+def _entry_row(entry: Any, value: Any) -> tuple[str, int, int | None] | None:
+    if entry is None:
+        return None
+    if isinstance(value, dict):
+        matched = next((value[k] for k in ("matched", "before", "count") if k in value), None)
+        pair = (matched, next((value[k] for k in ("kept", "after") if k in value), None))
+    elif isinstance(value, (list, tuple)) and value:
+        pair = (value[0], value[1] if len(value) > 1 else None)
+    else:
+        pair = (value, None)
+    matched, kept = _number(pair[0]), _number(pair[1])
+    return None if matched is None else (str(entry), matched, kept)
+
+
+def decontam_pairs(report: Any, per_group: int) -> tuple[list[tuple[str, list[list[Tile]]]], int]:
+    """Per eval set of a decontaminate ``report.json``: its name and up to ``per_group`` example pairs (eval
+    sample, training sample), and how many example entries were not understood.
+
+    Read leniently: the sets under ``"eval_sets"`` (or the top level) as ``{name: set}`` or a list of sets
+    with ``name``; a set's pairs under ``"examples"`` or ``"pairs"``; each side either nested
+    (``"eval": {"root", "key"}``, ``"train": {"shard", "key"}``) or flat (``eval_root``, ``eval_key``,
+    ``train_shard``, ``train_key``); the set's ``root`` stands in for a pair's missing eval root.
+    """
+    sets = report.get("eval_sets", report) if isinstance(report, dict) else report
+    if isinstance(sets, dict):
+        sets = [{"name": name, **value} for name, value in sets.items() if isinstance(value, dict)]
+    found, skipped = [], 0
+    for info in sets if isinstance(sets, list) else []:
+        if not isinstance(info, dict):
+            continue
+        examples = info.get("examples", info.get("pairs")) or []
+        rows = [pair for example in examples if (pair := _pair(example, info.get("root"))) is not None]
+        skipped += len(examples) - len(rows)
+        found.append((str(info.get("name") or info.get("root") or "eval set"), rows[:per_group]))
+    return found, skipped
+
+
+def _side(example: dict[str, Any], side: str, place: str) -> tuple[Any, Any, Any]:
+    nested = example.get(side) if isinstance(example.get(side), dict) else {}
+    where = nested.get(place, nested.get("url", example.get(f"{side}_{place}")))
+    return (
+        where,
+        nested.get("key", example.get(f"{side}_key")),
+        nested.get("caption", example.get(f"{side}_caption")),
+    )
+
+
+def _pair(example: Any, root: Any) -> list[Tile] | None:
+    if not isinstance(example, dict):
+        return None
+    eval_root, eval_key, eval_caption = _side(example, "eval", "root")
+    shard, train_key, train_caption = _side(example, "train", "shard")
+    eval_root = eval_root or root
+    if not (isinstance(eval_root, str) and isinstance(eval_key, str) and isinstance(train_key, str)):
+        return None
+    measures = [f"{k} {v:.3g}" for k, v in example.items() if _number(v) is not None or isinstance(v, float)]
+    eval_tile = Tile(
+        eval_key, str(eval_caption or ""), "eval", [f"eval {eval_key}"], source=f"eval:{eval_root}"
+    )
+    source = shard if isinstance(shard, str) else None
+    train_tile = Tile(
+        train_key, str(train_caption or ""), "train", [f"train {train_key}", *measures], source=source
+    )
+    return [eval_tile, train_tile]
