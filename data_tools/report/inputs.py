@@ -142,35 +142,14 @@ def language_counts(keep_list: Location, summary: dict[str, Any]) -> Counter[str
     return None
 
 
-def entry_counts(keep_list: Location) -> list[tuple[str, int, int | None]] | None:
-    """MetaCLIP's ``STEM_entry_counts.json`` beside a keep list as (entry, matched, kept) rows, most matched
-    first. Accepted shapes: ``{entry: {"matched"|"before"|"count": n, "kept"|"after": m}}``, ``{entry: [n, m]}``,
-    ``{entry: n}``, a list of such objects with an ``entry`` field, any of them under ``"entries"``."""
+def entry_counts(keep_list: Location) -> tuple[list[tuple[str, int, int]], int] | None:
+    """MetaCLIP's ``STEM_entry_counts.json`` beside a keep list (data_tools/metaclip/report.py writes it): its
+    (entry, matched, kept) rows, most matched first, and ``t``; None when there is no such file."""
     data = read_json(outputs.beside(keep_list, "_entry_counts.json"))
-    if isinstance(data, dict) and isinstance(data.get("entries"), (dict, list)):
-        data = data["entries"]
-    if isinstance(data, dict):
-        items = list(data.items())
-    elif isinstance(data, list):
-        items = [(d.get("entry"), d) for d in data if isinstance(d, dict)]
-    else:
+    if not isinstance(data, dict) or not isinstance(data.get("entry_counts"), dict):
         return None
-    rows = [row for entry, value in items if (row := _entry_row(entry, value)) is not None]
-    return sorted(rows, key=lambda r: (-r[1], r[0]))
-
-
-def _entry_row(entry: Any, value: Any) -> tuple[str, int, int | None] | None:
-    if entry is None:
-        return None
-    if isinstance(value, dict):
-        matched = next((value[k] for k in ("matched", "before", "count") if k in value), None)
-        pair = (matched, next((value[k] for k in ("kept", "after") if k in value), None))
-    elif isinstance(value, (list, tuple)) and value:
-        pair = (value[0], value[1] if len(value) > 1 else None)
-    else:
-        pair = (value, None)
-    matched, kept = _number(pair[0]), _number(pair[1])
-    return None if matched is None else (str(entry), matched, kept)
+    rows = [(str(e), int(c["before"]), int(c["after"])) for e, c in data["entry_counts"].items()]
+    return sorted(rows, key=lambda r: (-r[1], r[0])), int(data["t"])
 
 
 def decontam_pairs(report: Any, per_group: int) -> tuple[list[tuple[str, list[list[Tile]]]], int]:

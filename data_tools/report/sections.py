@@ -147,19 +147,16 @@ def decontam_section(index: int, folder: Location, per_group: int) -> Section:
 
 def metaclip_section(index: int, keep_list: Location) -> Section | None:
     """MetaCLIP's entries: the most matched (kept drawn over matched) and all of them sorted, log scale."""
-    rows = inputs.entry_counts(keep_list)
-    if not rows:
+    found = inputs.entry_counts(keep_list)
+    if not found or not found[0]:
         return None
-    summary = inputs.read_json(summary_path(keep_list)) or {}
-    t = summary.get("t") if isinstance(summary.get("t"), (int, float)) else None
+    rows, t = found
     section = Section(f"metaclip-{index}", f"MetaCLIP entries: {outputs.name(keep_list)}")
     section.blocks.append(
         bar_chart(
             rows[:TOP_ENTRIES], f"top {min(TOP_ENTRIES, len(rows))} of {len(rows)} entries: kept / matched"
         )
     )
-    series = {"matched": [r[1] for r in rows]}
-    if any(r[2] is not None for r in rows):
-        series["kept"] = [r[2] or 0 for r in rows]
-    section.blocks.append(log_curve(series, "matches per entry, sorted" + (f" (t = {t})" if t else ""), t))
+    series = {"matched": [r[1] for r in rows], "kept": [r[2] for r in rows]}
+    section.blocks.append(log_curve(series, f"matches per entry, sorted (t = {t})", t))
     return section

@@ -114,7 +114,7 @@ def run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert main(["dedup", "--shards", spec, "--method", method, "--output", str(root / method)]) == 0
     curated = ["reshard", "--shards", spec, "--keep", str(keep), "--output", str(root / "curated")]
     assert main(curated) == 0
-    write_other_stages(root, demo_data, metadata, keep)
+    write_other_stages(root, demo_data, metadata, spec)
     args = ["report", "--shards", spec, "--embeddings", str(root / "emb"), "--filter", str(keep)]
     args += [
         "--dedup",
@@ -136,7 +136,7 @@ def run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-def write_other_stages(root: Path, demo_data: Path, metadata: pa.Table, keep: Path) -> None:
+def write_other_stages(root: Path, demo_data: Path, metadata: pa.Table, spec: str) -> None:
     """The outputs of stages other engineers are adding, in the shapes agreed: a decontaminate report.json with
     example pairs (nested, flat, and one the reader cannot use), a languages parquet beside the keep list,
     MetaCLIP entry counts beside its keep list, a lineage.json."""
@@ -160,9 +160,10 @@ def write_other_stages(root: Path, demo_data: Path, metadata: pa.Table, keep: Pa
         pa.table({"uid": uids, "language": languages, "language_confidence": [0.9] * len(uids)}),
         root / "clip_keep_languages.parquet",
     )
-    pq.write_table(pa.table({"uid": uids[:20]}), root / "metaclip.parquet")
-    entries = {f"entry{i}": {"matched": 3 * i + 1, "kept": min(3 * i + 1, 10)} for i in range(30)}
-    (root / "metaclip_entry_counts.json").write_text(json.dumps(entries))
+    entries = root / "entries.txt"
+    entries.write_text("\n".join(["a", "e", "o", "red", "blue", "circle", "square"]) + "\n")
+    args = ["metaclip", "--shards", spec, "--entries", str(entries), "--t", "5"]
+    assert main([*args, "--output", str(root / "metaclip.parquet")]) == 0
     (root / "exact" / "lineage.json").write_text(json.dumps({"steps": ["build", "dedup"]}))
 
 
@@ -240,7 +241,7 @@ def test_duplicates_decontamination_and_distributions(run: dict, page: dict) -> 
     assert pairs == ["eval", "train", "eval", "train"]
     assert "1 example pair(s) not understood" in page["html"]
     assert any(label.startswith("languages (top 3 of 3)") for label in parsed.svgs)
-    assert any(label.startswith("top 20 of 30 entries") for label in parsed.svgs)
+    assert any(label.startswith("top 7 of 7 entries") for label in parsed.svgs)
     assert "lineage:" in page["html"]
 
 
