@@ -145,7 +145,7 @@ def _semantic(index: EvalIndex, threshold: float) -> Finder:
                 f"training embeddings have {features.shape[1]} dims, the eval ones {vectors.shape[1]}"
             )
         lims, sims, evals = search.range_search(np.ascontiguousarray(features, dtype=np.float32), threshold)
-        rows = np.repeat(np.arange(len(features)), np.diff(lims))
+        rows = np.repeat(np.arange(len(features)), np.diff(lims).astype(np.int64))
         above = sims > threshold  # faiss keeps sims above the radius too; said here, not assumed
         return rows[above], evals[above].astype(np.int64), sims[above].astype(np.float64)
 
