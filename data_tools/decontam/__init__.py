@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_tools.decontam.embedder import EvalEmbedder
-from data_tools.decontam.evalimages import index_task, load_index, open_eval_set
+from data_tools.decontam.evalimages import EvalSource, index_task, load_index, open_eval_set
 from data_tools.decontam.matching import MatchJob, items_files, match_task
 from data_tools.decontam.report import set_reports, write_keep, write_picture
 from data_tools.dedup.perceptual import DEFAULT_THRESHOLD
@@ -130,7 +130,7 @@ def _check_embedded(embeddings: Location, shard_urls: list[str]) -> None:
 
 def _merge(
     output: Location,
-    sources: list,
+    sources: list[EvalSource],
     job: MatchJob,
     pair_files: list[Location],
     items: list[tuple[Location, Location]],
