@@ -64,11 +64,9 @@ def run(args: argparse.Namespace) -> None:
     if report is None:
         print(f"decontaminate ({args.method}): this rank's tasks are done; rank 0 writes {args.output}")
         return
-    found = ", ".join(
-        f"{s['eval_set']}: {s['images_in_training']}/{s['images']}" for s in report["eval_sets"]
-    )
+    found = ", ".join(f"{s['root']}: {s['images_in_training']}/{s['images']}" for s in report["eval_sets"])
     print(
         f"decontaminate ({args.method}): eval images in training {found}; removed "
-        f"{report['training_removed']} of {report['training_items']} training items -> "
+        f"{report['removed']} of {report['items']} training items -> "
         f"{args.output}/keep.parquet ({report['seconds']:.1f} s)"
     )

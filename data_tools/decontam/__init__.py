@@ -146,9 +146,9 @@ def _merge(
     return {
         "method": cfg.method,
         "threshold": cfg.value,
-        "training_items": compared,
-        "training_removed": removed,
-        "training_kept": compared - removed,
+        "items": compared,
+        "removed": removed,
+        "kept": compared - removed,
         "eval_images": len(index.keys),
         "eval_images_in_training": sum(s["images_in_training"] for s in sets),
         "eval_sets": sets,

@@ -67,7 +67,7 @@ def set_reports(
         removed = len({(s, r) for s, r in zip(training["shard"].to_pylist(), training["row"].to_pylist())})
         reports.append(
             {
-                "eval_set": source.root,
+                "root": source.root,
                 "kind": source.kind,
                 "images": images,
                 "images_in_training": found,
@@ -102,8 +102,8 @@ def _eval_ref(source: EvalSource, index: EvalIndex, number: int) -> dict[str, st
     """Where eval image ``number`` is: the set's root and its shard and key (a folder: the file path)."""
     key = str(index.keys[number])
     if source.kind == FOLDER:
-        return {"set": source.root, "path": str(outputs.join(source.parts[0], key)), "key": key}
-    return {"set": source.root, "shard": _part_url(source, index, number), "key": key}
+        return {"root": source.root, "path": str(outputs.join(source.parts[0], key)), "key": key}
+    return {"root": source.root, "shard": _part_url(source, index, number), "key": key}
 
 
 def _part_url(source: EvalSource, index: EvalIndex, number: int) -> str:

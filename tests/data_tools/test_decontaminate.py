@@ -147,7 +147,7 @@ def test_exact_finds_the_byte_copy_only(world: dict, tmp_path: Path) -> None:
     assert example["eval"]["key"] == "s0000000" and example["distance"] == 0  # astronaut: class0, first
     assert example["train"]["shard"].endswith(".tar") and example["train"]["uid"] not in kept(tmp_path)
     assert (tmp_path / "examples.png").is_file()
-    assert report["training_items"] == 29 and len(kept(tmp_path)) == 28
+    assert report["items"] == 29 and len(kept(tmp_path)) == 28
 
 
 def test_perceptual_finds_what_imagehash_says_is_within_the_threshold(world: dict, tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_perceptual_finds_what_imagehash_says_is_within_the_threshold(world: dic
 @pytest.mark.parametrize("method", ["exact", "perceptual"])
 def test_a_clean_pool_loses_nothing(world: dict, tmp_path: Path, method: str) -> None:
     report = run(world, tmp_path, method, "clean")
-    assert report["training_removed"] == 0 and len(kept(tmp_path)) == 25
+    assert report["removed"] == 0 and len(kept(tmp_path)) == 25
     assert report["eval_sets"][0]["images_in_training"] == 0 and not (tmp_path / "examples.png").exists()
 
 
@@ -191,7 +191,7 @@ def test_two_ranks_write_what_one_node_writes(world: dict, tmp_path: Path) -> No
         thread.start()
     for thread in threads:
         thread.join(120)
-    assert reports[1] is None and reports[0]["training_removed"] > 0
+    assert reports[1] is None and reports[0]["removed"] > 0
     assert kept(tmp_path / "one") == kept(tmp_path / "two")
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     assert {k: v for k, v in one.items() if k != "seconds"} == {
@@ -234,7 +234,7 @@ def test_semantic_with_the_real_model(world: dict, export: Path, tmp_path: Path,
     assert found == {"copy", "resized", "reencoded", "cropped"}, report
     assert report["eval_sets"][0]["examples"][0]["similarity"] > 0.999
     clean = run(world, tmp_path / "clean", "semantic", "clean", *args, str(tmp_path / "emb-clean"))
-    assert clean["training_removed"] == 0 and len(kept(tmp_path / "clean")) == 25
+    assert clean["removed"] == 0 and len(kept(tmp_path / "clean")) == 25
     capsys.readouterr()
     other = [
         "embed",
