@@ -8,6 +8,7 @@ import sys
 
 from data_tools.commands import (
     build,
+    decontaminate,
     dedup,
     demo_data,
     embed,
@@ -55,6 +56,7 @@ COMMAND_LINE = CommandLine(
         embed,
         filter,
         dedup,
+        decontaminate,
         metaclip,
         eval_set,
         report,

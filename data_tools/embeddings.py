@@ -5,6 +5,7 @@
     img_emb/img_emb_{i}.npy          float16, L2-normalised, one row per embedded sample of shard i
     text_emb/text_emb_{i}.npy        float16, L2-normalised, rows aligned with the images
     metadata/metadata_{i}.parquet    key, uid, caption, clip_score (+ image sizes), rows aligned
+    embed.json                       the model that made them: {"model", "pretrained"}
 
 ``i`` is the input shard's position in the expanded shard spec; the metadata parquet is written last, so
 its presence marks shard ``i`` complete. The folder may be an fsspec URL (``s3://bucket/emb``): paths are
@@ -13,7 +14,9 @@ then joined as text (``pathlib`` would fold ``s3://`` into ``s3:/``) and listed 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -32,6 +35,9 @@ METADATA_SCHEMA = pa.schema(
         ("original_height", pa.int32()),
     ]
 )
+
+
+MODEL_FILE = "embed.json"
 
 
 @dataclass(frozen=True)
@@ -62,3 +68,15 @@ def metadata_files(folder: Location) -> list[Location]:
     found = outputs.list_files(folder, "metadata/metadata_*.parquet")
     stems = ((p, outputs.name(p).removesuffix(".parquet").removeprefix("metadata_")) for p in found)
     return sorted((p for p, stem in stems if stem.isdigit()), key=shard_index)
+
+
+def model_file(folder: Location) -> Location:
+    """Where an embeddings folder records its model (``embed.json``)."""
+    return outputs.join(folder, MODEL_FILE)
+
+
+def recorded_model(folder: Location) -> dict[str, Any] | None:
+    """``{"model", "pretrained"}`` of the model that embedded ``folder``, or None when it does not say
+    (embeddings written before the model was recorded)."""
+    path = model_file(folder)
+    return json.loads(outputs.read_bytes(path)) if outputs.exists(path) else None

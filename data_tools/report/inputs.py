@@ -152,53 +152,21 @@ def entry_counts(keep_list: Location) -> tuple[list[tuple[str, int, int]], int] 
     return sorted(rows, key=lambda r: (-r[1], r[0])), int(data["t"])
 
 
-def decontam_pairs(report: Any, per_group: int) -> tuple[list[tuple[str, list[list[Tile]]]], int]:
-    """Per eval set of a decontaminate ``report.json``: its name and up to ``per_group`` example pairs (eval
-    sample, training sample), and how many example entries were not understood.
-
-    Read leniently: the sets under ``"eval_sets"`` (or the top level) as ``{name: set}`` or a list of sets
-    with ``name``; a set's pairs under ``"examples"`` or ``"pairs"``; each side either nested
-    (``"eval": {"root", "key"}``, ``"train": {"shard", "key"}``) or flat (``eval_root``, ``eval_key``,
-    ``train_shard``, ``train_key``); the set's ``root`` stands in for a pair's missing eval root.
-    """
-    sets = report.get("eval_sets", report) if isinstance(report, dict) else report
-    if isinstance(sets, dict):
-        sets = [{"name": name, **value} for name, value in sets.items() if isinstance(value, dict)]
-    found, skipped = [], 0
-    for info in sets if isinstance(sets, list) else []:
-        if not isinstance(info, dict):
-            continue
-        examples = info.get("examples", info.get("pairs")) or []
-        rows = [pair for example in examples if (pair := _pair(example, info.get("root"))) is not None]
-        skipped += len(examples) - len(rows)
-        found.append((str(info.get("name") or info.get("root") or "eval set"), rows[:per_group]))
-    return found, skipped
+def decontam_pairs(report: dict[str, Any], per_group: int) -> list[tuple[str, list[list[Tile]]]]:
+    """Per eval set of a decontaminate ``report.json`` (data_tools/decontam/report.py writes it): its root and
+    up to ``per_group`` example pairs (eval sample, training sample)."""
+    return [
+        (str(info["root"]), [_pair(example) for example in info["examples"][:per_group]])
+        for info in report.get("eval_sets", [])
+    ]
 
 
-def _side(example: dict[str, Any], side: str, place: str) -> tuple[Any, Any, Any]:
-    nested = example.get(side) if isinstance(example.get(side), dict) else {}
-    where = nested.get(place, nested.get("url", example.get(f"{side}_{place}")))
-    return (
-        where,
-        nested.get("key", example.get(f"{side}_key")),
-        nested.get("caption", example.get(f"{side}_caption")),
-    )
-
-
-def _pair(example: Any, root: Any) -> list[Tile] | None:
-    if not isinstance(example, dict):
-        return None
-    eval_root, eval_key, eval_caption = _side(example, "eval", "root")
-    shard, train_key, train_caption = _side(example, "train", "shard")
-    eval_root = eval_root or root
-    if not (isinstance(eval_root, str) and isinstance(eval_key, str) and isinstance(train_key, str)):
-        return None
-    measures = [f"{k} {v:.3g}" for k, v in example.items() if _number(v) is not None or isinstance(v, float)]
-    eval_tile = Tile(
-        eval_key, str(eval_caption or ""), "eval", [f"eval {eval_key}"], source=f"eval:{eval_root}"
-    )
-    source = shard if isinstance(shard, str) else None
-    train_tile = Tile(
-        train_key, str(train_caption or ""), "train", [f"train {train_key}", *measures], source=source
-    )
+def _pair(example: dict[str, Any]) -> list[Tile]:
+    """An example pair as two tiles: the eval image (in an eval shard, or a file of an image folder) and the
+    training sample, labelled with the pair's distance or similarity."""
+    ref, train = example["eval"], example["train"]
+    measures = [f"{k} {v:.3g}" for k, v in example.items() if k not in ("eval", "train")]
+    where = f"file:{ref['path']}" if "path" in ref else ref["shard"]
+    eval_tile = Tile(ref["key"], "", "eval", [f"eval {ref['key']}"], source=where)
+    train_tile = Tile(train["key"], "", "train", [f"train {train['key']}", *measures], source=train["shard"])
     return [eval_tile, train_tile]

@@ -132,15 +132,13 @@ def dedup_section(index: int, folder: Location, per_group: int) -> Section:
 
 def decontam_section(index: int, folder: Location, per_group: int) -> Section:
     """Example pairs per eval set: the eval sample beside the training sample that matched it."""
-    found, skipped = inputs.decontam_pairs(_report(folder), per_group)
+    found = inputs.decontam_pairs(_report(folder), per_group)
     section = Section(f"decontaminate-{index}", f"Decontamination: {outputs.name(folder)}")
     for name, pairs in found:
         section.blocks.append(
             TileRow(name, [t for pair in pairs for t in pair], f"{len(pairs)} pairs", pairs=True)
         )
-    if skipped:
-        section.blocks.append(f'<p class="warn">{skipped} example pair(s) not understood, left out</p>')
-    if not found:
+    if not any(pairs for _, pairs in found):
         section.blocks.append('<p class="note">no example pairs</p>')
     return section
 

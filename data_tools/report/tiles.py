@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from webshards import outputs
 from webshards.evalset import shard_urls as eval_shard_urls
 from webshards.layout import iter_shard
 from webshards.progress import Progress
@@ -80,7 +81,7 @@ def fetch_thumbnails(tiles: list[Tile], urls: list[str], side: int = THUMBNAIL_S
     """Fill ``image`` of every tile whose sample is found; returns how many were found.
 
     A tile's shard is its ``source``, else the shard named by its key. A ``source`` that is an eval set root
-    (``eval:ROOT``) is searched tar by tar. Each shard is streamed once, until its last wanted key.
+    (``eval:ROOT``) is searched tar by tar; ``file:PATH`` is an image file. Each shard is streamed once, until its last wanted key.
     """
     wanted: dict[str, dict[str, list[Tile]]] = defaultdict(lambda: defaultdict(list))
     for tile in tiles:
@@ -90,14 +91,21 @@ def fetch_thumbnails(tiles: list[Tile], urls: list[str], side: int = THUMBNAIL_S
     found = 0
     with Progress("report (thumbnails)", len(wanted), "shards", "images") as progress:
         for source, by_key in wanted.items():
-            shards = eval_shards(source.removeprefix("eval:")) if source.startswith("eval:") else [source]
-            hits = _read_images(shards, set(by_key))
+            if source.startswith("file:"):  # an image of a plain eval folder: the file itself
+                hits = {key: outputs.read_bytes(source.removeprefix("file:")) for key in by_key}
+            else:
+                hits = _read_images(_shards(source), set(by_key))
             for key, data in hits.items():
                 for tile in by_key[key]:
                     tile.image, tile.size = thumbnail_uri(data, side)
             found += sum(len(by_key[k]) for k in hits)
             progress.update(1, len(hits))
     return found
+
+
+def _shards(source: str) -> list[str]:
+    """The shards a tile source names: an eval set's tars (``eval:ROOT``) or one shard."""
+    return eval_shards(source.removeprefix("eval:")) if source.startswith("eval:") else [source]
 
 
 def _read_images(shards: list[str], keys: set[str]) -> dict[str, bytes]:
