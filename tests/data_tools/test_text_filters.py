@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_tools.cli import main
+from data_tools.embeddings import METADATA_SCHEMA, embedding_files
 from data_tools.filter import FilterConfig, preset_config, rule_masks
 from data_tools.filter_shards import shard_table
 from data_tools.text_filters import IMAGENET, identify_languages, read_vocabulary, vocabulary_mask
@@ -209,6 +210,27 @@ def test_two_ranks_write_the_local_files(demo, local_run, tmp_path: Path) -> Non
         "keep_languages.parquet",
         "keep_summary.json",
     ]
+
+
+def test_with_embeddings_the_text_rules_read_the_metadata(demo, local_run, tmp_path: Path) -> None:
+    """An embeddings folder made of the shards' rows plus scores: score and text rules together keep the
+    shards-only run's uids whose score passes."""
+    spec, vocab = demo
+    rng = np.random.default_rng(1)
+    for i in range(SHARDS):
+        rows = shard_table(spec.split("{")[0] + f"{i:05d}.tar").to_pylist()
+        rows = [{**row, "clip_score": float(rng.uniform(0.0, 0.5))} for row in rows]
+        path = embedding_files(tmp_path / "emb", i).metadata
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), path)
+    output = tmp_path / "keep.parquet"
+    summary = run_filter(spec, vocab, output, "--embeddings", str(tmp_path / "emb"), "--min-score", "0.25")
+    scores = {r["uid"]: r["clip_score"] for p in sorted((tmp_path / "emb").rglob("*.parquet"))
+              for r in pq.read_table(p).to_pylist()}  # fmt: skip
+    text_kept = pq.read_table(local_run[0])["uid"].to_pylist()
+    assert pq.read_table(output)["uid"].to_pylist() == [u for u in text_kept if scores[u] >= 0.25]
+    assert summary["languages"] == local_run[1]["languages"]
+    assert output.with_name("keep_scores.png").exists()
 
 
 @pytest.mark.parametrize(
