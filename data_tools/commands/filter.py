@@ -37,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--min-chars", type=int_at_least(0), metavar="N", help="least caption characters")
     add("--language", action="append", type=language_codes, metavar="CODE[,CODE]",
         help="keep captions in these languages (py3langid, ISO 639 codes; repeatable)")  # fmt: skip
-    add("--language-min-confidence", type=probability, metavar="P", help="least probability of it")
+    add(
+        "--language-min-confidence",
+        type=probability,
+        metavar="P",
+        help="least probability of that language, 0-1",
+    )
     add("--vocabulary", metavar="FILE|imagenet",
         help="keep captions holding a term of FILE (one a line; whole words, any case)")  # fmt: skip
     add("--preset", choices=sorted(PRESETS), help="datacomp-basic: DataComp's basic filter; flags override")
