@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo-data
 
-.PHONY: setup slurm-deps demo demo-coca test test-fast test-slow lint format clean
+.PHONY: setup slurm-deps browser-deps demo demo-coca test test-fast test-slow lint format clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,15 @@ slurm-deps:
 	    slurm-wlm munge) >/dev/null 2>&1; } || \
 	  echo "note: slurm-wlm/munge not installed (needs root and apt-get): the real-Slurm test will be skipped"
 
+# tests/data_tools/test_report.py loads the report page in a real headless browser: Debian's chromium, installed
+# here when missing and possible (root with apt-get). Otherwise that test is skipped and says why.
+browser-deps:
+	@command -v chromium >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo "installing chromium" && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium) >/dev/null 2>&1; } || \
+	  echo "note: chromium not installed (needs root and apt-get): the report's browser test will be skipped"
+
 demo: setup
 	$(PY) -m pretrain.demo --data $(DEMO_DIR) --config configs/demo.yaml
 
@@ -41,10 +50,10 @@ demo-coca: setup
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 
-test: setup slurm-deps
+test: setup slurm-deps browser-deps
 	$(PY) -m pytest -q $(XDIST) --durations=25 tests
 
-test-fast: setup
+test-fast: setup browser-deps
 	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 test-slow: setup slurm-deps

@@ -6,7 +6,20 @@ import argparse
 import logging
 import sys
 
-from data_tools.commands import build, dedup, demo_data, embed, eval_set, filter, keep, reshard, stats
+from data_tools.commands import (
+    build,
+    decontaminate,
+    dedup,
+    demo_data,
+    embed,
+    eval_set,
+    filter,
+    keep,
+    metaclip,
+    report,
+    reshard,
+    stats,
+)
 from data_tools.phases import JobFailed
 from data_tools.runner import RunSummary
 from webshards.args import CommandLine
@@ -36,7 +49,20 @@ def job_status(summary: RunSummary) -> int:
 COMMAND_LINE = CommandLine(
     prog=PROG,
     description="Curate image-text data into WebDataset shards.",
-    commands=(demo_data, build, reshard, stats, embed, filter, dedup, keep, eval_set),  # in --help order
+    commands=(
+        demo_data,
+        build,
+        reshard,
+        stats,
+        embed,
+        filter,
+        dedup,
+        keep,
+        decontaminate,
+        metaclip,
+        eval_set,
+        report,
+    ),  # in --help order
     # JobFailed: the job ran and failed (which task, or which rank's work never arrived); StoreUnreachable: a
     # store stayed down through every retry (a rerun may succeed); a ValueError: invalid inputs, found before
     # or while running

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from data_tools import models
-from data_tools.embeddings import METADATA_SCHEMA, embedding_files, model_record, record_model
+from data_tools.embeddings import METADATA_SCHEMA, embedding_files, model_file
 from data_tools.engine_ray import ActorSpec
 from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import outputs
 from webshards.layout import iter_shard
 from webshards.outputs import Location
 from webshards.samples import BadSample
+from webshards.tasks import check_settings
 from webshards.urls import open_url
 
 log = logging.getLogger("data_tools")
@@ -95,7 +97,7 @@ def embed_shards(
         load_embedder(cfg.model, cfg.pretrained, cfg.device)  # a bad weights file fails here, once
     for sub in ("img_emb", "text_emb", "metadata"):
         outputs.make_folder(outputs.join(output, sub))
-    record_model(output, model_record(cfg.model, cfg.pretrained))  # filter --target embeds with it again
+    record_model(output, cfg)
     threads, actors = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0, None
     if not local:
         setup = partial(load_embedder, cfg.model, cfg.pretrained, cfg.device)
@@ -103,6 +105,16 @@ def embed_shards(
         threads = max(1, int(ray_cpus_per_actor))
     tasks = embed_tasks(urls, output, cfg, threads)
     return run_tasks(tasks, embed_shard, options, desc="embed", actors=actors)
+
+
+def record_model(output: Location, cfg: EmbedConfig) -> None:
+    """Write which model embeds into ``output`` (``embed.json``), so later steps can embed other images
+    with the same one (decontaminate); refuse a folder another model embedded into (their rows do not
+    compare)."""
+    model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+    settings = {"model": model, "pretrained": cfg.pretrained}
+    if not check_settings(model_file(output), settings, "embeddings"):
+        outputs.write_json(model_file(output), settings)
 
 
 def embed_shard(task: Task) -> int:

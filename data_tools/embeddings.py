@@ -5,7 +5,7 @@
     img_emb/img_emb_{i}.npy          float16, L2-normalised, one row per embedded sample of shard i
     text_emb/text_emb_{i}.npy        float16, L2-normalised, rows aligned with the images
     metadata/metadata_{i}.parquet    key, uid, caption, clip_score (+ image sizes), rows aligned
-    model.json                       the model that embedded them (``--model``, ``--pretrained``)
+    embed.json                       the model that made them: {"model", "pretrained"}
 
 ``i`` is the input shard's position in the expanded shard spec; the metadata parquet is written last, so
 its presence marks shard ``i`` complete. The folder may be an fsspec URL (``s3://bucket/emb``): paths are
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -38,7 +37,7 @@ METADATA_SCHEMA = pa.schema(
 )
 
 
-MODEL_FILE = "model.json"
+MODEL_FILE = "embed.json"
 
 
 @dataclass(frozen=True)
@@ -71,27 +70,13 @@ def metadata_files(folder: Location) -> list[Location]:
     return sorted((p for p, stem in stems if stem.isdigit()), key=shard_index)
 
 
-def model_record(model: str, pretrained: str | None) -> dict[str, Any]:
-    """What ``model.json`` holds: the model as ``embed`` loads it, a local path made absolute (so a later
-    job started elsewhere finds the same files)."""
-
-    def absolute(text: str | None) -> str | None:
-        return str(Path(text).resolve()) if text is not None and Path(text).exists() else text
-
-    return {"model": absolute(model), "pretrained": absolute(pretrained)}
+def model_file(folder: Location) -> Location:
+    """Where an embeddings folder records its model (``embed.json``)."""
+    return outputs.join(folder, MODEL_FILE)
 
 
-def record_model(folder: Location, record: dict[str, Any]) -> None:
-    """Write ``model.json``; a folder that already holds embeddings of another model is a ValueError (its
-    rows would mix two embedding spaces)."""
-    found = read_model(folder)
-    if found is not None and found != record:
-        raise ValueError(f"{outputs.join(folder, MODEL_FILE)}: embedded with {found}, not {record}")
-    if found is None:
-        outputs.write_json(outputs.join(folder, MODEL_FILE), record)
-
-
-def read_model(folder: Location) -> dict[str, Any] | None:
-    """The model record of an embeddings folder, or None when it has none (made before embed wrote one)."""
-    path = outputs.join(folder, MODEL_FILE)
+def recorded_model(folder: Location) -> dict[str, Any] | None:
+    """``{"model", "pretrained"}`` of the model that embedded ``folder``, or None when it does not say
+    (embeddings written before the model was recorded)."""
+    path = model_file(folder)
     return json.loads(outputs.read_bytes(path)) if outputs.exists(path) else None

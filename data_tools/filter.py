@@ -1,4 +1,5 @@
-"""Keep lists from CLIP scores and basic image/caption rules, over an embeddings folder (see embed.py).
+"""Keep lists from CLIP scores and basic image/caption rules, over an embeddings folder (see embed.py) or,
+for rules that need no scores, straight over the shards (filter_shards.py).
 
 The CLIP-score threshold is global: either given (``min_score``) or the score that keeps the top
 ``keep_fraction`` of all samples. The quantile is exact without holding every score at once: pass one
@@ -7,7 +8,8 @@ holds the quantile and sorts those. Both passes read just the ``clip_score`` col
 parquet, so memory is the histogram plus one bin's scores, whatever the number of samples.
 
 The embeddings folder and the keep list may be fsspec URLs (``s3://…``); the summary json, histogram png and
-datacomp ``.npy`` go beside the keep list, on the same storage.
+datacomp ``.npy`` go beside the keep list, on the same storage. The caption rules (language ID, vocabulary)
+live in text_filters.py; ``rule_masks`` is the one place that applies every rule.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from data_tools import text_filters
 from data_tools.embeddings import metadata_files, shard_index
+from data_tools.filter_shards import shard_table
 from webshards import outputs
 from webshards.layout import iter_shard
 from webshards.outputs import Location
@@ -31,6 +35,18 @@ QUANTILE_BINS = 65536
 PLOT_BINS = 100
 FORMATS = ("parquet", "datacomp")
 KEEP_SCHEMA = pa.schema([("uid", pa.string())])
+PRESETS: dict[str, dict[str, Any]] = {
+    # DataComp's basic filter (baselines/apply_filter.py, load_uids_with_basic_filter_helper): fastText says
+    # "en", caption > 2 words (str.split) and > 5 characters, min(original w, h) >= 200, max/min <= 3.0.
+    "datacomp-basic": {
+        "languages": ("en",),
+        "min_words": 3,
+        "min_chars": 6,
+        "min_side": 200,
+        "max_aspect_ratio": 3.0,
+    },
+}
+"""Named rule sets (``--preset``); flags given beside a preset override its values."""
 
 
 @dataclass(frozen=True)
@@ -47,13 +63,29 @@ class FilterConfig:
     """Largest long side / short side."""
     min_words: int | None = None
     """Least number of whitespace-separated words in the caption."""
-    targets: tuple[str, ...] = ()
+    min_chars: int | None = None
+    """Least number of characters in the caption."""
+    languages: tuple[str, ...] | None = None
+    """Keep captions whose most likely language (py3langid) is one of these ISO 639 codes (mostly 639-1)."""
+    language_min_confidence: float | None = None
+    """With ``languages``: least probability of that language (py3langid's normalised one)."""
+    vocabulary: str | None = None
+    """Keep captions holding a term (whole words, any case) of this file, one term per line, or of
+    ``imagenet`` (open_clip's ImageNet-1k class names)."""
+    targets: tuple[str, ...] | None = None
     """Eval sets or image folders: keep samples in the k-means clusters nearest to their images
-    (DataComp's image-based filter, image_filter.py); empty: the rule is off."""
+    (DataComp's image-based filter, image_filter.py)."""
     clusters: int | None = None
     """k-means clusters of the image-based rule; None: pool size / 128 (DataComp's ratio)."""
 
     def __post_init__(self) -> None:
+        if self.languages is not None:  # a list from json (``FilterConfig(**summary["config"])``) or flags
+            object.__setattr__(self, "languages", tuple(code.strip().lower() for code in self.languages))
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
         if self.min_score is not None and self.keep_fraction is not None:
             raise ValueError("give min_score or keep_fraction, not both")
         if self.keep_fraction is not None and not 0.0 <= self.keep_fraction <= 1.0:
@@ -64,12 +96,54 @@ class FilterConfig:
             raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
         if self.min_words is not None and self.min_words < 0:
             raise ValueError(f"min_words must be at least 0, got {self.min_words}")
+        if self.min_chars is not None and self.min_chars < 0:
+            raise ValueError(f"min_chars must be at least 0, got {self.min_chars}")
+        if self.languages is not None and (not self.languages or "" in self.languages):
+            raise ValueError(f"languages must be non-empty codes, got {self.languages}")
+        confidence = self.language_min_confidence
+        if confidence is not None and (self.languages is None or not 0.0 <= confidence <= 1.0):
+            raise ValueError(f"language_min_confidence must be in [0, 1] with languages, got {confidence}")
         if self.clusters is not None and (self.clusters < 1 or not self.targets):
             raise ValueError(f"clusters must be at least 1 and come with targets, got {self.clusters}")
 
     @property
+    def has_rule(self) -> bool:
+        """Whether any rule is on (a filter without one would keep everything)."""
+        return any(value is not None for value in asdict(self).values())
+
+    @property
+    def has_score_rule(self) -> bool:
+        return self.min_score is not None or self.keep_fraction is not None
+
+    @property
     def needs_sizes(self) -> bool:
         return self.min_side is not None or self.max_aspect_ratio is not None
+
+
+def preset_config(preset: str | None, **flags: Any) -> FilterConfig:
+    """The rules of ``preset`` (None: none) with every flag that is not None put over them."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    given = {name: value for name, value in flags.items() if value is not None}
+    return FilterConfig(**{**PRESETS.get(preset, {}), **given})
+
+
+def check_rules(cfg: FilterConfig, scored: bool) -> None:
+    """Before any task runs, one ValueError for a job that cannot work: no rule, a score rule without
+    scores, an unknown language code, a vocabulary that is missing or empty."""
+    if not cfg.has_rule:
+        raise ValueError(
+            "filter: no rule given (pass --min-score, --keep-fraction, --min-side, --max-aspect-ratio, "
+            "--min-words, --min-chars, --language, --vocabulary, --target or --preset)"
+        )
+    if cfg.has_score_rule and not scored:
+        raise ValueError("--min-score and --keep-fraction need clip scores: pass --embeddings")
+    if cfg.targets is not None and not scored:
+        raise ValueError("--target needs the image embeddings: pass --embeddings")
+    if cfg.languages is not None:
+        text_filters.check_languages(cfg.languages)
+    if cfg.vocabulary is not None:
+        text_filters.read_vocabulary(cfg.vocabulary)
 
 
 def read_scores(path: Location) -> np.ndarray:
@@ -137,10 +211,12 @@ def rule_masks(
     sizes: tuple[np.ndarray, np.ndarray] | None,
     image_based: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """One boolean 'passes' mask per active rule (score, min_side, max_aspect_ratio, min_words, image_based).
+    """One boolean 'passes' mask per active rule (score, min_side, max_aspect_ratio, min_words, min_chars,
+    language, vocabulary, image_based).
 
-    ``sizes`` (width, height per row) is needed, and must be complete, when a size rule is on;
-    ``image_based`` (``image_filter.ImageRule.mask``) when ``cfg.targets`` is.
+    ``sizes`` (width, height per row) is needed, and must be complete, when a size rule is on. Languages are
+    read from the table's ``language`` columns when it has them (``text_filters.with_languages``), else
+    identified here. ``image_based`` (``image_filter.ImageRule.mask``) is given when ``cfg.targets`` is.
     """
     masks = {}
     if threshold > -math.inf:
@@ -155,9 +231,26 @@ def rule_masks(
     if cfg.min_words is not None:
         words = [len((c or "").split()) for c in table["caption"].to_pylist()]
         masks["min_words"] = np.array(words, dtype=np.int64) >= cfg.min_words
+    if cfg.min_chars is not None:
+        chars = [len(c or "") for c in table["caption"].to_pylist()]
+        masks["min_chars"] = np.array(chars, dtype=np.int64) >= cfg.min_chars
+    if cfg.languages is not None:
+        masks["language"] = _language_mask(text_filters.with_languages(table), cfg)
+    if cfg.vocabulary is not None:
+        masks["vocabulary"] = text_filters.vocabulary_mask(table["caption"].to_pylist(), cfg.vocabulary)
     if image_based is not None:
         masks["image_based"] = image_based
     return masks
+
+
+def _language_mask(table: pa.Table, cfg: FilterConfig) -> np.ndarray:
+    """Whether each caption's language is one of ``cfg.languages``, as likely as asked."""
+    languages = np.array(table["language"].to_pylist(), dtype=object)
+    passes = np.isin(languages, list(cfg.languages))
+    if cfg.language_min_confidence is not None:
+        confidence = table["language_confidence"].to_numpy(zero_copy_only=False)
+        passes &= confidence >= cfg.language_min_confidence
+    return passes
 
 
 def datacomp_uids(uids: list[str] | np.ndarray) -> np.ndarray:
@@ -181,19 +274,38 @@ def _shard_url(metadata: Location, urls: list[str] | None) -> str:
 
 
 def filtered_tables(
-    files: list[Location], cfg: FilterConfig, threshold: float, urls: list[str] | None, image_rule: Any = None
+    files: list[Location],
+    cfg: FilterConfig,
+    threshold: float,
+    urls: list[str] | None,
+    from_shards: bool = False,
+    image_rule: Any = None,
 ) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
-    """Each metadata table with its rule masks, sizes looked up in the shards only when needed, the
+    """Each input table (a metadata parquet, or with ``from_shards`` the rows of a shard) with its rule masks;
+    sizes looked up in the shards only when needed, languages identified once and kept as columns, the
     image-based mask from ``image_rule`` (an ``image_filter.ImageRule``) when given."""
     for path in files:
-        table = outputs.read_parquet(path)
-        sizes = _sizes(table) if cfg.needs_sizes else None
-        if cfg.needs_sizes and (sizes is None or np.isnan(sizes[0]).any()):
-            sizes = _sizes_from_shard(_shard_url(path, urls), table["key"].to_pylist())
-            if np.isnan(sizes[0]).any():
-                raise ValueError(f"size rules: some samples of {outputs.name(path)} are not in its shard")
+        table = shard_table(path) if from_shards else outputs.read_parquet(path)
+        if cfg.languages is not None:
+            table = text_filters.with_languages(table)
+        sizes = _table_sizes(table, path, cfg, urls, from_shards) if cfg.needs_sizes else None
         image_based = image_rule.mask(path) if image_rule is not None else None
         yield table, rule_masks(table, cfg, threshold, sizes, image_based)
+
+
+def _table_sizes(
+    table: pa.Table, path: Location, cfg: FilterConfig, urls: list[str] | None, from_shards: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Width and height of every row: the table's own, else (metadata tables) the shard's KEY.json."""
+    sizes = _sizes(table)
+    if sizes is not None and not np.isnan(sizes[0]).any():
+        return sizes
+    if from_shards:
+        raise ValueError(f"size rules: some samples of {path} have no width/height in their json")
+    sizes = _sizes_from_shard(_shard_url(path, urls), table["key"].to_pylist())
+    if np.isnan(sizes[0]).any():
+        raise ValueError(f"size rules: some samples of {outputs.name(path)} are not in its shard")
+    return sizes
 
 
 def input_files(embeddings: Location, fmt: str) -> list[Location]:
@@ -217,16 +329,17 @@ def keep_list_location(output: Location) -> Location:
 
 
 def write_outputs(
-    output: Location, fmt: str, tally: Tally, cfg: FilterConfig, threshold: float
+    output: Location, fmt: str, tally: Tally, cfg: FilterConfig, threshold: float, scored: bool = True
 ) -> dict[str, Any]:
-    """After the keep list ``output``: the datacomp ``.npy`` (if asked), the summary json and the PNG, all
-    beside it (the same storage, local or remote)."""
+    """After the keep list ``output``: the datacomp ``.npy`` (if asked), the summary json and (with ``scored``
+    inputs) the PNG of scores, all beside it (the same storage, local or remote)."""
     if fmt == "datacomp":
         kept = outputs.read_parquet(output, ["uid"])["uid"].to_pylist()
         outputs.save_npy(outputs.beside(output, ".npy"), datacomp_uids(kept))
     summary = tally.summary(cfg, threshold, output, fmt)
     outputs.write_json(summary_path(output), summary)
-    plot_histogram(tally, threshold, histogram_path(output))
+    if scored:
+        plot_histogram(tally, threshold, histogram_path(output))
     return summary
 
 
@@ -238,12 +351,18 @@ def histogram_path(output: Location) -> Location:
     return outputs.beside(output, "_scores.png")
 
 
+def languages_path(output: Location) -> Location:
+    """Per sample its language and confidence (``--language``): uid, language, language_confidence."""
+    return outputs.beside(output, "_languages.parquet")
+
+
 class Tally:
-    """Counts and score histograms gathered while streaming the tables."""
+    """Counts, score histograms and languages gathered while streaming the tables."""
 
     def __init__(self) -> None:
         self.samples = self.kept = 0
         self.removed: dict[str, int] = {}
+        self.languages: dict[str, int] = {}
         self.edges = np.linspace(-1.0, 1.0, PLOT_BINS + 1)
         self.all_hist = np.zeros(PLOT_BINS, dtype=np.int64)
         self.kept_hist = np.zeros(PLOT_BINS, dtype=np.int64)
@@ -254,9 +373,13 @@ class Tally:
         for rule, passes in masks.items():
             self.removed[rule] = self.removed.get(rule, 0) + int((~passes).sum())
             keep &= passes
-        scores = np.clip(table["clip_score"].to_numpy(zero_copy_only=False), -1.0, 1.0)
-        self.all_hist += np.histogram(scores, self.edges)[0]
-        self.kept_hist += np.histogram(scores[keep], self.edges)[0]
+        if "clip_score" in table.column_names:  # (rows read straight from shards have no scores)
+            scores = np.clip(table["clip_score"].to_numpy(zero_copy_only=False), -1.0, 1.0)
+            self.all_hist += np.histogram(scores, self.edges)[0]
+            self.kept_hist += np.histogram(scores[keep], self.edges)[0]
+        if "language" in table.column_names:
+            for language in table["language"].to_pylist():
+                self.languages[language] = self.languages.get(language, 0) + 1
         self.samples += table.num_rows
         self.kept += int(keep.sum())
         return keep
@@ -264,7 +387,8 @@ class Tally:
     def as_dict(self) -> dict[str, Any]:
         """The counts as JSON-friendly values (one shard's tally, merged later with ``merge``)."""
         hists = {"all_hist": self.all_hist.tolist(), "kept_hist": self.kept_hist.tolist()}
-        return {"samples": self.samples, "kept": self.kept, "removed": self.removed, **hists}
+        counts = {"samples": self.samples, "kept": self.kept, "removed": self.removed}
+        return {**counts, "languages": self.languages, **hists}
 
     def merge(self, other: dict[str, Any]) -> None:
         """Add a tally written by ``as_dict`` (rules in their first-seen order, as one pass counts them)."""
@@ -272,6 +396,8 @@ class Tally:
         self.kept += other["kept"]
         for rule, count in other["removed"].items():
             self.removed[rule] = self.removed.get(rule, 0) + count
+        for language, count in other["languages"].items():
+            self.languages[language] = self.languages.get(language, 0) + count
         self.all_hist += np.asarray(other["all_hist"], dtype=np.int64)
         self.kept_hist += np.asarray(other["kept_hist"], dtype=np.int64)
 
@@ -282,6 +408,7 @@ class Tally:
             "kept_fraction": self.kept / self.samples if self.samples else 0.0,
             "score_threshold": threshold if math.isfinite(threshold) else None,
             "failed_rule": self.removed,
+            "languages": dict(sorted(self.languages.items(), key=lambda item: (-item[1], item[0]))),
             "config": asdict(cfg),
             "keep_list": str(output),
             "format": fmt,

@@ -5,9 +5,12 @@ Phases, each a list of idempotent tasks over the metadata parquets:
 1. ``counts`` (only for ``keep_fraction``): each shard's clip_score counts in the 65,536 quantile bins;
 2. ``bin``: each shard's scores inside the one bin that holds the threshold (found from the summed counts);
    sorting those gives the threshold bit for bit as sorting every score would, ties included;
-3. ``keep``: each shard's kept uids (parquet) and counts (json, the marker);
+3. ``keep``: each shard's kept uids (parquet), with ``--language`` its samples' languages (parquet), and
+   counts (json, the marker);
 
-then rank 0 streams the kept uids into the keep list shard by shard and writes the summary and histogram.
+then rank 0 streams the kept uids into the keep list shard by shard (and the languages into
+``STEM_languages.parquet``, in the same order) and writes the summary and histogram. Without an embeddings
+folder the tasks are the shards themselves (filter_shards.py): only rules that need no score can run.
 Memory: a task holds one shard's metadata; the merge holds the histogram, one shard's uids, and (only
 for ``--format datacomp``) all kept uids. Scratch files live in ``FILE_work/`` next to
 the keep list, on the same storage (with ``--output s3://…`` on the object store, where every node sees
@@ -29,10 +32,12 @@ from data_tools.filter import (
     QUANTILE_BINS,
     FilterConfig,
     Tally,
+    check_rules,
     filtered_tables,
     input_files,
     keep_list_location,
     kept_uids,
+    languages_path,
     pick_threshold,
     quantile_bin,
     quantile_plan,
@@ -43,47 +48,82 @@ from data_tools.filter import (
 from data_tools.image_filter import image_rule_job, write_clusters
 from data_tools.phases import input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import RunnerOptions, Task
+from data_tools.text_filters import IMAGENET, LANGUAGE_SCHEMA, language_rows
 from webshards import outputs
 from webshards.outputs import Location
 
 
 def filter_job(
-    embeddings: Location,
+    embeddings: Location | None,
     output: Location,
     cfg: FilterConfig,
     options: RunnerOptions,
     fmt: str = "parquet",
     shard_urls: list[str] | None = None,
 ) -> dict[str, Any] | None:
-    """Write the keep list ``output`` (+ ``.npy`` for datacomp, summary json and histogram png), with every
-    pass as runner tasks; returns the summary, or None on ranks other than 0."""
-    files = input_files(embeddings, fmt)
+    """Write the keep list ``output`` (+ ``.npy`` for datacomp, summary json, histogram png, languages), with
+    every pass as runner tasks; returns the summary, or None on ranks other than 0. Without ``embeddings``
+    the rows come from the shards ``shard_urls``."""
+    from_shards = embeddings is None
+    files = _inputs(embeddings, fmt, shard_urls)
+    check_rules(cfg, scored=not from_shards)
     output = keep_list_location(output)
     scratch = outputs.beside(output, "_work")
     work = outputs.join(scratch, settings_key({"inputs": input_fingerprint(files)}))
     threshold = _threshold(files, cfg, work, options)
     image_rule = image_rule_job(embeddings, cfg.targets, cfg.clusters, work, options) if cfg.targets else None
-    rules = settings_key({"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls})
+    vocabulary = _vocabulary_fingerprint(cfg)
+    rules = settings_key(
+        {"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls, "vocabulary": vocabulary}
+    )
     parts = outputs.join(work, f"keep-{rules}")
+    payload = (cfg, threshold, None if from_shards else shard_urls, from_shards, image_rule)
     tasks = [
-        Task(f"keep:{i}", outputs.join(parts, f"{i:05d}.json"), (p, cfg, threshold, shard_urls, image_rule))
-        for i, p in enumerate(files)
+        Task(f"keep:{i}", outputs.join(parts, f"{i:05d}.json"), (p, *payload)) for i, p in enumerate(files)
     ]
     run_phase(tasks, keep_task, options, "filter (keep)", last=True)
     if not options.is_merger:
         release_scratch(scratch, work, options)
         return None
-    tally = Tally()
-    with outputs.staged(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
-        for task in tasks:
-            tally.merge(json.loads(outputs.read_bytes(task.output)))
-            writer.write_table(outputs.read_parquet(_uids_file(task.output)))
-    summary = write_outputs(output, fmt, tally, cfg, threshold)
+    tally = _merge_parts(tasks, output, cfg)
+    summary = write_outputs(output, fmt, tally, cfg, threshold, scored=not from_shards)
     if image_rule is not None:
         summary["image_based"] = write_clusters(output, image_rule, cfg.targets)
         outputs.write_json(summary_path(output), summary)
     release_scratch(scratch, work, options)
     return summary
+
+
+def _inputs(embeddings: Location | None, fmt: str, shard_urls: list[str] | None) -> list[Location]:
+    """The tasks' inputs: the metadata parquets of ``embeddings``, else the shards themselves."""
+    if embeddings is not None:
+        return input_files(embeddings, fmt)
+    if not shard_urls:
+        raise ValueError("filter needs --embeddings DIR or --shards SPEC (caption and size rules only)")
+    return list(shard_urls)
+
+
+def _vocabulary_fingerprint(cfg: FilterConfig) -> Any:
+    """The vocabulary file's version, so an edited file gets fresh keep parts (None for none or imagenet)."""
+    if cfg.vocabulary is None or cfg.vocabulary == IMAGENET:
+        return None
+    return outputs.fingerprint(cfg.vocabulary)
+
+
+def _merge_parts(tasks: list[Task], output: Location, cfg: FilterConfig) -> Tally:
+    """Rank 0's merge: the keep list (and the languages, with ``--language``) streamed part by part in shard
+    order; returns the summed counts."""
+    tally = Tally()
+    with outputs.staged(output) as tmp, pq.ParquetWriter(tmp, KEEP_SCHEMA) as writer:
+        for task in tasks:
+            tally.merge(json.loads(outputs.read_bytes(task.output)))
+            writer.write_table(outputs.read_parquet(_uids_file(task.output)))
+    if cfg.languages is not None:
+        target = languages_path(output)
+        with outputs.staged(target) as tmp, pq.ParquetWriter(tmp, LANGUAGE_SCHEMA) as writer:
+            for task in tasks:
+                writer.write_table(outputs.read_parquet(_languages_file(task.output)))
+    return tally
 
 
 def _threshold(files: list[Location], cfg: FilterConfig, work: Location, options: RunnerOptions) -> float:
@@ -127,12 +167,15 @@ def bin_task(task: Task) -> int:
 
 def keep_task(task: Task) -> int:
     """One shard's kept uids (``.parquet``) and counts (``.json``, written last: the marker)."""
-    path, cfg, threshold, urls, image_rule = task.payload
+    path, cfg, threshold, urls, from_shards, image_rule = task.payload
     tally = Tally()
-    for table, masks in filtered_tables([path], cfg, threshold, urls, image_rule):
+    for table, masks in filtered_tables([path], cfg, threshold, urls, from_shards, image_rule):
         kept = kept_uids(table, tally.add(table, masks))
         with outputs.staged(_uids_file(task.output)) as tmp:
             pq.write_table(kept, tmp)
+        if cfg.languages is not None:
+            with outputs.staged(_languages_file(task.output)) as tmp:
+                pq.write_table(language_rows(table), tmp)
     outputs.write_json(task.output, tally.as_dict())
     return tally.samples
 
@@ -140,3 +183,8 @@ def keep_task(task: Task) -> int:
 def _uids_file(marker: Location) -> Location:
     """The kept uids (``NNNNN.parquet``) beside a keep task's marker (``NNNNN.json``)."""
     return outputs.with_name(marker, outputs.name(marker).removesuffix(".json") + ".parquet")
+
+
+def _languages_file(marker: Location) -> Location:
+    """The samples' languages (``NNNNN.languages.parquet``) beside a keep task's marker."""
+    return outputs.with_name(marker, outputs.name(marker).removesuffix(".json") + ".languages.parquet")

@@ -6,9 +6,9 @@ DataComp (arXiv 2304.14108, ``baselines/apply_filter.py``) clusters the L/14 ima
 12.8M-sample pool into 100K clusters (128 samples per cluster), assigns each ImageNet-1k training image to
 its nearest centroid and keeps the pool samples of those clusters. Here, as task phases (phases.py):
 
-1. ``targets``: one task per eval-set tar or per ``IMAGES_PER_TASK`` files of an image folder embeds the
-   images with the model that made the embeddings folder (its ``model.json``, written by embed) and that
-   model's validation transform, decoded as embed decodes them;
+1. ``targets``: one task per eval-set tar (or per image folder) embeds the images with the model that
+   made the embeddings folder (its ``embed.json``, written by embed), decoded and transformed as embed does
+   (decontamination's eval-set reading and ``EvalEmbedder``, data_tools/decontam/);
 2. ``sample`` and ``k-means``: semantic dedup's clustering (``dedup.semantic_job.centroid_phases``:
    spherical k-means, seeded, the same centroids on any split of the tasks), K = pool size / 128 unless
    given;
@@ -28,18 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from data_tools.decontam.embedder import EvalEmbedder
+from data_tools.decontam.evalimages import iter_images, open_eval_set
 from data_tools.dedup.semantic import SemanticConfig, embedding_parts, part_rows, read_part
 from data_tools.dedup.semantic_job import centroid_phases
-from data_tools.embeddings import MODEL_FILE, embedding_files, read_model, shard_index
-from data_tools.inputs import IMAGE_EXTENSIONS
+from data_tools.embeddings import MODEL_FILE, embedding_files, model_file, recorded_model, shard_index
 from data_tools.phases import run_phase, settings_key
 from data_tools.runner import RunnerOptions, Task
-from webshards import evalset, outputs
+from webshards import outputs
 from webshards.outputs import Location
 
 CLUSTER_SIZE = 128  # DataComp: 100K clusters for the 12.8M samples of its small pool
-IMAGES_PER_TASK = 1000  # image-folder files embedded per targets task
-BATCH_SIZE = 64
 SEED = 0
 ASSIGN_VALUES = 2**26  # floats of one block of the row-centroid similarity matrix (256 MiB)
 
@@ -60,12 +59,12 @@ def nearest_centroid(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
-def target_model(embeddings: Location) -> tuple[str, str | None]:
-    """(model, pretrained) that made the embeddings folder; a ValueError when it cannot be known or cannot
-    be loaded again with the same weights."""
-    record = read_model(embeddings)
+def target_embedder(embeddings: Location) -> EvalEmbedder:
+    """The image tower of the model that made the embeddings folder; a ValueError when that model cannot be
+    known or cannot be loaded again with the same weights."""
+    record = recorded_model(embeddings)
     if record is None:
-        where = outputs.join(embeddings, MODEL_FILE)
+        where = model_file(embeddings)
         raise ValueError(f"--target: {where} not found: which model made these embeddings is unknown")
     model, pretrained = record["model"], record.get("pretrained")
     if pretrained is None and not Path(model).exists() and not model.startswith("hf-hub:"):
@@ -73,27 +72,17 @@ def target_model(embeddings: Location) -> tuple[str, str | None]:
             f"--target: {embeddings} was embedded by {model} with random weights (no --pretrained), "
             "so the target images cannot be embedded by the same model"
         )
-    return model, pretrained
+    return EvalEmbedder(model, pretrained)
 
 
-def target_sources(root: str) -> list[tuple[str, ...]]:
-    """The units of work of one target: ``("tar", url)`` per tar of an eval set (clip_benchmark's layout),
-    ``("files", path, ...)`` per chunk of an image folder."""
-    if outputs.is_remote(root) or Path(root, evalset.SPLIT, evalset.NSHARDS_FILE).is_file():
-        try:
-            return [("tar", url) for url in evalset.shard_urls(root)]
-        except FileNotFoundError as error:
-            raise ValueError(f"--target {root}: {error}") from None
-    if not Path(root).is_dir():
-        raise ValueError(f"--target {root}: no such eval set or image folder")
-    files = sorted(
-        str(p)
-        for p in Path(root).rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
-    if not files:
-        raise ValueError(f"--target {root}: no images (and not an eval set: no {evalset.SPLIT}/nshards.txt)")
-    return [("files", *files[i : i + IMAGES_PER_TASK]) for i in range(0, len(files), IMAGES_PER_TASK)]
+def target_parts(root: str) -> list[tuple[str, str]]:
+    """(part, kind) of one target: each tar of an eval set (clip_benchmark's layout), or an image folder
+    whole; decontamination's reading of ``--eval-set``, its errors naming ``--target``."""
+    try:
+        source = open_eval_set(root)
+    except ValueError as error:
+        raise ValueError(str(error).replace("--eval-set", "--target", 1)) from None
+    return [(part, source.kind) for part in source.parts]
 
 
 @lru_cache(maxsize=2)
@@ -125,19 +114,17 @@ def image_rule_job(
     options: RunnerOptions,
 ) -> ImageRule:
     """Embed the targets, cluster the pool and choose the clusters, as task phases; the rule on every rank."""
-    model, pretrained = target_model(embeddings)
+    embedder = target_embedder(embeddings)
     parts = embedding_parts(embeddings)
     rows = part_rows(parts)
     k = clusters or default_clusters(sum(rows))
     if k > sum(rows):
         raise ValueError(f"--clusters {k} is more than the {sum(rows)} samples of {embeddings}")
-    sources = [source for root in targets for source in target_sources(root)]
-    work = outputs.join(
-        work, "image-" + settings_key({"targets": targets, "k": k, "model": [model, pretrained]})
-    )
+    sources = [part for root in targets for part in target_parts(root)]
+    work = outputs.join(work, "image-" + settings_key({"targets": targets, "k": k, "model": embedder}))
     tasks = [
-        Task(f"targets:{i}", outputs.join(work, f"targets/{i:05d}.npy"), (source, model, pretrained))
-        for i, source in enumerate(sources)
+        Task(f"targets:{i}", outputs.join(work, f"targets/{i:05d}.npy"), (part, kind, embedder))
+        for i, (part, kind) in enumerate(sources)
     ]
     run_phase(tasks, embed_targets_task, options, "filter image-based (targets)")
     _check_dims([t.output for t in tasks], parts[0][1], embeddings)
@@ -150,7 +137,7 @@ def image_rule_job(
 
 
 def _check_dims(target_files: list[Location], pool_file: Location, embeddings: Location) -> None:
-    """The targets' embeddings must have the pool's width (else model.json does not describe the pool)."""
+    """The targets' embeddings must have the pool's width (else embed.json does not describe the pool)."""
     width, pool = outputs.npy_shape(target_files[0])[1], outputs.npy_shape(pool_file)[1]
     if width != pool:
         raise ValueError(
@@ -160,12 +147,11 @@ def _check_dims(target_files: list[Location], pool_file: Location, embeddings: L
 
 
 def embed_targets_task(task: Task) -> int:
-    """One unit of target images as fp32 unit rows (``.npy``)."""
-    source, model, pretrained = task.payload
-    from data_tools.target_images import embed_images, raw_images  # torch, only for a filter with targets
-
-    outputs.save_npy(task.output, embed_images(raw_images(source), model, pretrained, BATCH_SIZE))
-    return int(outputs.npy_shape(task.output)[0])
+    """One part of the targets (an eval-set tar or an image folder) as fp32 unit rows (``.npy``)."""
+    part, kind, embedder = task.payload
+    _, rows = embedder.embed(iter_images(part, kind), part)
+    outputs.save_npy(task.output, rows)
+    return len(rows)
 
 
 def choose_task(task: Task) -> int:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from pretrain.config import ModelConfig
-from pretrain.data.decode import decode_cpu, open_image
+from pretrain.data.decode import decode_cpu
 from pretrain.data.transform import split_transform
 from pretrain.models.build import (
     ModelBundle,
@@ -24,7 +24,7 @@ from pretrain.models.build import (
     resolve_model_name,
 )
 
-__all__ = ["check_model", "decode_cpu", "image_size", "load_model", "open_image", "split_transform"]
+__all__ = ["check_model", "decode_cpu", "image_size", "load_model", "split_transform"]
 log = logging.getLogger("data_tools")
 
 

@@ -92,6 +92,36 @@ def near_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
     return np.unique(np.concatenate(found), axis=0)
 
 
+class BandIndex:
+    """Hashes indexed by bands once, then queried in batches: every (query, item) pair within
+    ``threshold`` bits. ``near_pairs``'s search with the two sides apart, for a small fixed set (an eval
+    set's hashes) probed by many batches (training shards); exact, like ``near_pairs``."""
+
+    def __init__(self, hashes: np.ndarray, threshold: int) -> None:
+        self.values = np.asarray(hashes, dtype=np.uint64)
+        self.threshold = threshold
+        widths, radius = plan_bands(len(self.values), threshold)
+        self.bands, shift = [], 0
+        for width in widths:
+            band = (self.values >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+            order = np.argsort(band, kind="stable")
+            bounds = _bucket_bounds(band[order], width)
+            self.bands.append((shift, width, order, bounds, _xor_masks(width, radius)))
+            shift += width
+
+    def query(self, queries: np.ndarray) -> np.ndarray:
+        """``(query index, item index)`` pairs within the threshold, sorted, each once."""
+        values = np.asarray(queries, dtype=np.uint64)
+        found = [np.zeros((0, 2), dtype=np.int64)]
+        for shift, width, order, bounds, masks in self.bands:
+            band = (values >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+            for mask in masks:
+                for i, j in _bucket_candidates(bounds, order, band ^ mask):
+                    close = popcount(values[i] ^ self.values[j]) <= self.threshold
+                    found.append(np.stack([i[close], j[close]], axis=1))
+        return np.unique(np.concatenate(found), axis=0)
+
+
 def _bucket_bounds(sorted_band: np.ndarray, width: int) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
     """A function from band values to their (start, stop) in ``sorted_band``.
 

@@ -122,7 +122,7 @@ def sample_task(task: Task) -> int:
 def centroids_task(task: Task) -> int:
     """k-means on the whole sample, shards in order."""
     files, k, cfg = task.payload
-    _fork_safe_faiss()
+    fork_safe_faiss()
     sample = np.concatenate([outputs.load_npy(f) for f in files])
     outputs.save_npy(task.output, kmeans_centroids(sample, k, cfg))
     return len(sample)
@@ -131,7 +131,7 @@ def centroids_task(task: Task) -> int:
 def assign_task(task: Task) -> int:
     """One shard's bucket entries, split by partition, and each row's similarity to its own centroid."""
     image_file, offset, centroids, cfg, partitions = task.payload
-    _fork_safe_faiss()
+    fork_safe_faiss()
     raw = np.asarray(read_part(image_file))
     own_sim, unchecked, (clusters, rows, member) = nearest_clusters(outputs.load_npy(centroids), cfg)(raw)
     dtype = np.dtype(
@@ -150,7 +150,7 @@ def assign_task(task: Task) -> int:
     return len(raw)
 
 
-def _fork_safe_faiss() -> None:
+def fork_safe_faiss() -> None:
     """In a forked pool worker, one OpenMP thread for faiss: the parent's OpenMP pool does not survive a
     fork, and faiss would wait for it forever. The results do not depend on the thread count."""
     if multiprocessing.parent_process() is not None:

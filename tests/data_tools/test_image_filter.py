@@ -1,7 +1,7 @@
 """filter --target (DataComp's image-based rule, data_tools/image_filter.py) and data-tools keep.
 
 The pool is a synthetic embeddings folder: four tight clusters around planted unit directions, one of them
-the embedding of the target image (by the export model the folder's model.json names), so the rule must
+the embedding of the target image (by the export model the folder's embed.json names), so the rule must
 keep exactly that cluster. References are computed here: the target embedded by open_clip alone, and a
 numpy argmax over the centroids the job wrote; keep-list algebra against collections.Counter.
 """
@@ -23,7 +23,7 @@ from helpers import write_export
 from PIL import Image, ImageDraw
 
 from data_tools.cli import main
-from data_tools.embeddings import METADATA_SCHEMA, MODEL_FILE, embedding_files, model_record
+from data_tools.embeddings import METADATA_SCHEMA, MODEL_FILE, embedding_files
 from data_tools.filter import FilterConfig
 from data_tools.filter_tasks import filter_job
 from data_tools.image_filter import default_clusters
@@ -67,6 +67,11 @@ def write_pool(folder: Path, centres: np.ndarray, export: Path | None, seed: int
     if export is not None:
         (folder / MODEL_FILE).write_text(json.dumps(model_record(str(export), None)))
     return labels
+
+
+def model_record(model: str, pretrained: str | None) -> dict:
+    """What embed writes in embed.json (a local path made absolute)."""
+    return {"model": str(Path(model).resolve()) if Path(model).exists() else model, "pretrained": pretrained}
 
 
 def uids(path: Path) -> list[str]:
@@ -161,9 +166,7 @@ def one_line_error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
 def test_refusals_are_one_line(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root, out = setup["root"], str(tmp_path / "keep.parquet")
     base = ["filter", "--embeddings", str(root / "pool"), "--output", out]
-    assert "no such eval set or image folder" in one_line_error(
-        capsys, [*base, "--target", str(tmp_path / "no")]
-    )
+    assert "--target" in one_line_error(capsys, [*base, "--target", str(tmp_path / "no")])
     err = one_line_error(capsys, [*base, "--target", str(root / "folder"), "--clusters", "1000"])
     assert "--clusters 1000 is more than the 240 samples" in err
     unknown = tmp_path / "unknown"

@@ -1,7 +1,7 @@
 """The Ray engine on a real two-node Ray cluster (tests/ray_cluster.py, the session fixture of conftest.py):
-the whole curation chain, build → embed → filter → dedup (exact, perceptual, semantic) → reshard, each stage
-on the previous stage's output of the same engine, writes the same files as the local engine; so do a build
-and a reshard to S3; and a build survives the loss of a node.
+the whole curation chain, build → embed → filter (by score; by caption and size from the shards) → dedup (exact,
+perceptual, semantic) → metaclip → reshard, each stage on the previous stage's output of the same engine, writes
+the same files as the local engine; so do a build and a reshard to S3; and a build survives the loss of a node.
 
 Everything that needs the cluster is in this one module: `pytest -n 2 --dist loadfile` then starts one."""
 
@@ -116,15 +116,21 @@ def curate(
     with its stderr."""
     shards = str(root / "build" / f"{{00000..{SHARDS - 1:05d}}}.tar")
     emb, phases = root / "emb", ["--partitions", str(PARTITIONS)]
+    entries = inputs.parent / "entries.txt"
+    entries.write_text("word\nword word word\nnear\n")  # captions are "word" x (i + 1) and "a near copy"
     stages = [
         ["build", "--input", str(inputs), "--output", str(root / "build"), "--samples-per-shard", "3",
          "--image-size", "32"],
         ["embed", "--shards", shards, "--model", str(model), "--batch-size", "4", "--output", str(emb)],
         ["filter", "--embeddings", str(emb), "--keep-fraction", "0.7", "--output", str(root / "keep.parquet")],
+        ["filter", "--shards", shards, "--language", "en,de", "--min-chars", "6", "--max-aspect-ratio", "1.5",
+         "--output", str(root / "text_keep.parquet")],
         ["dedup", "--method", "exact", "--shards", shards, "--output", str(root / "exact"), *phases],
         ["dedup", "--method", "perceptual", "--shards", shards, "--output", str(root / "phash"), *phases],
         ["dedup", "--method", "semantic", "--embeddings", str(emb), "--clusters", "2", "--threshold", "0.001",
          "--output", str(root / "semantic"), *phases],
+        ["metaclip", "--shards", shards, "--entries", str(entries), "--t", "3", "--output",
+         str(root / "metaclip.parquet")],
         ["reshard", "--shards", shards, "--keep", str(root / "keep.parquet"), "--samples-per-shard", "2",
          "--shuffle-buffer", "3", "--seed", "7", "--output", str(root / "curated")],
     ]  # fmt: skip
@@ -169,6 +175,14 @@ def test_curation_pipeline_on_ray_equals_local(cluster: RayCluster, tmp_path: Pa
     kept = pq.read_table(ray / "keep.parquet").num_rows
     assert kept == round(0.7 * 11)
     assert sum(json.loads((ray / "curated" / "sizes.json").read_text()).values()) == kept
+    balanced = json.loads((ray / "metaclip_entry_counts.json").read_text())["entry_counts"]
+    assert {e: c["before"] for e, c in balanced.items()} == {"word": 10, "word word word": 7, "near": 1}
+    text = json.loads((ray / "text_keep_summary.json").read_text())  # "word" (4 characters) fails
+    assert (
+        text["samples"] == 11
+        and text["failed_rule"]["min_chars"] == 1
+        and sum(text["languages"].values()) == 11
+    )
 
 
 SERVER = """
