@@ -86,24 +86,37 @@ def target_parts(root: str) -> list[tuple[str, str]]:
 
 
 @lru_cache(maxsize=2)
-def _load_npy(location: str) -> np.ndarray:
-    """An ``.npy`` read once per process (every keep task of a worker uses the same centroids)."""
-    return np.asarray(outputs.load_npy(location))
+def load_clusters(location: str) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, target images per cluster) of a clusters ``.npz``, read once per process (every keep
+    task of a worker uses the same)."""
+    found = outputs.load_npy(location)
+    return np.asarray(found["centroids"]), np.asarray(found["target_images"])
 
 
 @dataclass(frozen=True)
 class ImageRule:
-    """What the keep tasks need for the ``image_based`` mask: files, so a task payload stays small."""
+    """What the keep tasks need for the ``image_based`` mask: file names, so a task payload stays small."""
 
     embeddings: str
-    centroids: str
-    counts: str
-    """Target images per cluster (int64); a cluster is kept when its count is above 0."""
+    clusters: str
+    """``.npz``: ``centroids``, ``target_images`` per cluster, ``kept`` (a cluster with a target image)."""
 
     def mask(self, metadata: Location) -> np.ndarray:
         """Whether each row of the shard of ``metadata`` lies in a chosen cluster."""
         rows = read_part(embedding_files(self.embeddings, shard_index(metadata)).image)
-        return _load_npy(self.counts)[nearest_centroid(rows, _load_npy(self.centroids))] > 0
+        centroids, counts = load_clusters(self.clusters)
+        return counts[nearest_centroid(rows, centroids)] > 0
+
+
+def rule_of_keep_list(keep_list: Location, metadata: Location) -> ImageRule | None:
+    """The rule a filter with ``--target`` applied, from the ``STEM_clusters.npz`` beside its keep list and
+    the embeddings folder holding ``metadata`` (a ``metadata/metadata_{i}.parquet``); None without one. For
+    the report, which recomputes a filter's decisions."""
+    clusters = outputs.beside(keep_list, "_clusters.npz")
+    if not outputs.exists(clusters):
+        return None
+    root = str(metadata).rstrip("/").rsplit("/", 2)[0]  # DIR of DIR/metadata/metadata_{i}.parquet
+    return ImageRule(root, str(clusters))
 
 
 def image_rule_job(
@@ -131,9 +144,9 @@ def image_rule_job(
     offsets = np.cumsum([0, *rows])
     semantic = SemanticConfig(clusters=k, seed=SEED)
     centroids = centroid_phases(parts, offsets, k, semantic, work, options, "filter image-based")
-    choose = Task("choose", outputs.join(work, "counts.npy"), (centroids, [t.output for t in tasks]))
+    choose = Task("choose", outputs.join(work, "clusters.npz"), (centroids, [t.output for t in tasks]))
     run_phase([choose], choose_task, options, "filter image-based (choose)")
-    return ImageRule(str(embeddings), str(centroids), str(choose.output))
+    return ImageRule(str(embeddings), str(choose.output))
 
 
 def _check_dims(target_files: list[Location], pool_file: Location, embeddings: Location) -> None:
@@ -159,17 +172,17 @@ def choose_task(task: Task) -> int:
     centroids_file, target_files = task.payload
     centroids = np.asarray(outputs.load_npy(centroids_file))
     targets = np.concatenate([outputs.load_npy(f) for f in target_files])
-    counts = np.bincount(nearest_centroid(targets, centroids), minlength=len(centroids))
-    outputs.save_npy(task.output, counts.astype(np.int64))
+    counts = np.bincount(nearest_centroid(targets, centroids), minlength=len(centroids)).astype(np.int64)
+    with outputs.staged(task.output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, centroids=centroids, target_images=counts, kept=counts > 0)
     return len(targets)
 
 
 def write_clusters(output: Location, rule: ImageRule, targets: tuple[str, ...]) -> dict[str, Any]:
     """Beside the keep list: ``STEM_clusters.npz`` (centroids, target images per cluster, kept flags) and
     ``STEM_clusters.json`` (the kept clusters, most-chosen first); returns the json's counts."""
-    centroids, counts = _load_npy(rule.centroids), _load_npy(rule.counts)
-    with outputs.staged(outputs.beside(output, "_clusters.npz")) as tmp, open(tmp, "wb") as f:
-        np.savez(f, centroids=centroids, target_images=counts, kept=counts > 0)
+    centroids, counts = load_clusters(rule.clusters)
+    outputs.write_bytes(outputs.beside(output, "_clusters.npz"), outputs.read_bytes(rule.clusters))
     kept = np.flatnonzero(counts)
     order = kept[np.argsort(-counts[kept], kind="stable")]
     info = {"clusters": len(centroids), "kept_clusters": len(kept), "target_images": int(counts.sum())}

@@ -23,10 +23,11 @@ from helpers import write_export
 from PIL import Image, ImageDraw
 
 from data_tools.cli import main
-from data_tools.embeddings import METADATA_SCHEMA, MODEL_FILE, embedding_files
+from data_tools.embeddings import METADATA_SCHEMA, MODEL_FILE, embedding_files, metadata_files
 from data_tools.filter import FilterConfig
 from data_tools.filter_tasks import filter_job
 from data_tools.image_filter import default_clusters
+from data_tools.report.sampling import check_keep_list, sample_decisions
 from data_tools.runner import RunnerOptions
 
 PER_CLUSTER = 60
@@ -218,3 +219,14 @@ def test_keep_list_algebra_matches_counters(tmp_path: Path) -> None:
         main(["keep", "--union", str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "x.parquet")])
         == 2
     )
+
+
+def test_report_recomputes_image_based_decisions(setup: dict) -> None:
+    """data-tools report rebuilds the rule from STEM_clusters.npz: its shown decisions agree with the list."""
+    output = run_filter(setup, "report", "--target", str(setup["root"] / "folder"), "--clusters", "4")
+    summary = json.loads((output.parent / "keep_summary.json").read_text())
+    files = metadata_files(setup["root"] / "pool")
+    decisions = sample_decisions(files, summary, output, None, 5, np.random.default_rng(0))
+    check_keep_list(output, decisions)
+    assert {name: len(tiles) for name, tiles in decisions.groups.items()} == {"kept": 5, "image_based": 5}
+    assert decisions.disagree == 0
