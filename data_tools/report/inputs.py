@@ -19,7 +19,6 @@ from data_tools.report.tiles import Tile
 from webshards import outputs
 from webshards.outputs import Location
 
-LANGUAGE_KEYS = ("languages", "language_counts", "language")
 """Where a filter summary may hold its counts per language."""
 
 
@@ -121,25 +120,10 @@ def dedup_groups(report: dict[str, Any], per_group: int) -> list[list[Tile]]:
     return rows
 
 
-def language_counts(keep_list: Location, summary: dict[str, Any]) -> Counter[str] | None:
-    """Samples per language: from ``STEM_languages.parquet`` beside the keep list (streamed, one column),
-    else from the summary's counts; None when neither is there."""
-    table = outputs.beside(keep_list, "_languages.parquet")
-    if outputs.exists(table):
-        import pyarrow.parquet as pq
-
-        from webshards.urls import open_url
-
-        counts: Counter[str] = Counter()
-        with open_url(str(table)) as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=["language"]):
-                counts.update(str(x) for x in batch.column(0).to_pylist())
-        return counts
-    for key in LANGUAGE_KEYS:
-        found = summary.get(key)
-        if isinstance(found, dict) and all(_number(v) is not None for v in found.values()):
-            return Counter({str(k): int(v) for k, v in found.items()})
-    return None
+def language_counts(summary: dict[str, Any]) -> Counter[str] | None:
+    """Samples per language, as a filter with ``--language`` counts them in its summary; None without."""
+    found = summary.get("languages")
+    return Counter(found) if found else None
 
 
 def entry_counts(keep_list: Location) -> tuple[list[tuple[str, int, int]], int] | None:

@@ -59,17 +59,19 @@ def sample_decisions(
     urls: list[str] | None,
     per_group: int,
     rng: np.random.Generator,
+    from_shards: bool = False,
 ) -> Decisions:
     """Up to ``per_group`` kept samples and, per rule, samples that rule removes (labelled with every rule
-    each one fails)."""
+    each one fails). ``files`` are metadata parquets, or with ``from_shards`` (a filter run without
+    embeddings) the shards themselves."""
     cfg, threshold = filter_config(summary, where)
     expected = {"kept": summary.get("kept", 1), **summary.get("failed_rule", {})}
     decisions = Decisions({name: [] for name, count in expected.items() if count})
     order = [files[i] for i in rng.permutation(len(files))]
     image_rule = rule_of_keep_list(where, files[0]) if cfg.targets and files else None  # filter --target
-    recomputed = filtered_tables(order, cfg, threshold, urls, image_rule=image_rule)
-    for path, (table, masks) in zip(order, recomputed):
-        source = _source(path, urls)
+    tables = filtered_tables(order, cfg, threshold, urls, from_shards=from_shards, image_rule=image_rule)
+    for path, (table, masks) in zip(order, tables):
+        source = str(path) if from_shards else _source(path, urls)
         keep = np.logical_and.reduce(list(masks.values())) if masks else np.ones(table.num_rows, bool)
         for name, chosen in [("kept", keep), *((rule, ~passes) for rule, passes in masks.items())]:
             if "failed_rule" not in summary:  # a summary without counts: show every rule
@@ -121,6 +123,17 @@ def _why(rule: str, values: dict[str, Any], cfg: FilterConfig, threshold: float)
         return f": {min(width, height)} px < {cfg.min_side}"
     if width and height and rule == "max_aspect_ratio":
         return f": {max(width, height) / min(width, height):.2f} > {cfg.max_aspect_ratio}"
+    return _why_caption(rule, values, cfg)
+
+
+def _why_caption(rule: str, values: dict[str, Any], cfg: FilterConfig) -> str:
+    """The value that failed a caption rule (length, language, vocabulary)."""
+    if rule == "min_chars":
+        return f": {len(values.get('caption') or '')} < {cfg.min_chars} characters"
+    if rule == "language" and values.get("language") is not None:
+        return f": {values['language']} ({values['language_confidence']:.2f})"
+    if rule == "vocabulary":
+        return f": no term of {cfg.vocabulary}"
     return ""
 
 

@@ -77,12 +77,14 @@ def filter_section(
     section = Section(f"filter-{index}", f"Filter: {outputs.name(keep_list)}")
     config = {k: v for k, v in (summary.get("config") or {}).items() if v is not None}
     section.blocks.append(f'<p class="note">{escape(json.dumps(config))}</p>')
-    if not files:
+    config_has_score = config.get("min_score") is not None or config.get("keep_fraction") is not None
+    if not files and config_has_score:
         section.blocks.append(
             '<p class="warn">pass --embeddings (the filter\'s input) to see its decisions</p>'
         )
-    else:
-        decisions = sample_decisions(files, summary, keep_list, urls, cfg.per_group, rng)
+    else:  # a filter without a score rule may have run on the shards alone
+        rows = (files, False) if files else (urls, True)
+        decisions = sample_decisions(rows[0], summary, keep_list, urls, cfg.per_group, rng, rows[1])
         check_keep_list(keep_list, decisions)
         if decisions.disagree:
             note = f"{decisions.disagree} shown sample(s) disagree with the keep list: was it written with other inputs?"
@@ -96,7 +98,7 @@ def filter_section(
                     title, tiles, "" if total is None else f"{total:,} of {summary.get('samples', '?'):,}"
                 )
             )
-    languages = inputs.language_counts(keep_list, summary)
+    languages = inputs.language_counts(summary)
     if languages:
         rows = [(lang, n, None) for lang, n in languages.most_common(TOP_LANGUAGES)]
         section.blocks.append(bar_chart(rows, f"languages (top {len(rows)} of {len(languages)})"))

@@ -20,8 +20,18 @@ from data_tools.cli import main
 from webshards.layout import ShardWriter, iter_shard, key_for
 
 MIN_SIDE, MAX_ASPECT = 32, 2.0
+MIN_CHARS, MIN_CONFIDENCE = 30, 0.9
 PER_GROUP = 6
-SECTIONS = ["counts", "filter-0", "deciles", "dedup-0", "dedup-1", "decontaminate-0", "metaclip-0"]
+SECTIONS = [
+    "counts",
+    "filter-0",
+    "filter-1",
+    "deciles",
+    "dedup-0",
+    "dedup-1",
+    "decontaminate-0",
+    "metaclip-0",
+]
 
 
 def resized(data: bytes, size: tuple[int, int]) -> bytes:
@@ -125,7 +135,7 @@ def run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         str(root / "decontam"),
     ]
     args += ["--metaclip", str(root / "metaclip.parquet"), "--samples-per-group", str(PER_GROUP)]
-    args += ["--reshard", str(root / "curated")]
+    args += ["--reshard", str(root / "curated"), "--filter", str(root / "text_keep.parquet")]
     return {
         "root": root,
         "records": records,
@@ -146,12 +156,9 @@ def write_other_stages(root: Path, demo_data: Path, metadata: pa.Table, spec: st
         (root / "eval-folder" / f"copy{sample['__key__']}.{ext}").write_bytes(sample[ext])
     args = ["decontaminate", "--shards", spec, "--eval-set", str(root / "eval-folder"), "--method", "exact"]
     assert main([*args, "--output", str(root / "decontam")]) == 0
-    uids = metadata["uid"].to_pylist()
-    languages = ["en"] * (len(uids) - 10) + ["de"] * 6 + ["fr"] * 4
-    pq.write_table(
-        pa.table({"uid": uids, "language": languages, "language_confidence": [0.9] * len(uids)}),
-        root / "clip_keep_languages.parquet",
-    )
+    text = ["filter", "--shards", spec, "--language", "en", "--language-min-confidence", str(MIN_CONFIDENCE)]
+    text += ["--min-chars", str(MIN_CHARS), "--output", str(root / "text_keep.parquet")]
+    assert main(text) == 0  # on the shards alone: no score rule
     entries = root / "entries.txt"
     entries.write_text("\n".join(["a", "e", "o", "red", "blue", "circle", "square"]) + "\n")
     args = ["metaclip", "--shards", spec, "--entries", str(entries), "--t", "5"]
@@ -204,6 +211,28 @@ def test_removed_samples_are_labelled_with_the_rules_they_fail(run: dict, page: 
     assert rows[0].startswith("kept") and {r.split()[2] for r in rows[1:]} == seen - {"kept"}
 
 
+def test_caption_rules_of_a_filter_on_the_shards_alone(run: dict, page: dict) -> None:
+    """A filter without embeddings (language, caption length): each removed tile names the rules that
+    py3langid itself and the caption's length say it fails."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    tiles = [t for t in page["parsed"].tiles if t["section"] == "filter-1"]
+    seen = set()
+    for tile in tiles:
+        caption = run["records"][tile["data-key"]]["caption"]
+        language, confidence = identifier.classify(caption)
+        fails = {
+            "min_chars": len(caption) < MIN_CHARS,
+            "language": language != "en" or confidence < MIN_CONFIDENCE,
+        }
+        expected = {rule for rule, failed in fails.items() if failed}
+        assert set(tile.get("data-rules", "").split()) == expected, tile
+        seen |= expected or {"kept"}
+    assert {"min_chars", "language"} <= seen
+    assert any(label.startswith("languages (top") for label in page["parsed"].svgs)
+
+
 def test_deciles_agree_with_numpy(run: dict, page: dict) -> None:
     """Ten rows; every sample shown lies in its row's score range, and the ranges cut the scores in tenths."""
     scores = run["metadata"]["clip_score"].to_numpy().astype(np.float64)
@@ -231,7 +260,6 @@ def test_duplicates_decontamination_and_distributions(run: dict, page: dict) -> 
             assert states[0] == "kept" and set(states[1:]) <= {"removed"}
     pairs = [t["data-state"] for t in parsed.tiles if t["section"] == "decontaminate-0"]
     assert pairs == ["eval", "train", "eval", "train"]
-    assert any(label.startswith("languages (top 3 of 3)") for label in parsed.svgs)
     assert any(label.startswith("top 7 of 7 entries") for label in parsed.svgs)
     assert "lineage:" in page["html"]
 
@@ -239,14 +267,20 @@ def test_duplicates_decontamination_and_distributions(run: dict, page: dict) -> 
 def test_counts_per_stage(run: dict, page: dict) -> None:
     """Each stage's row: samples in and kept, as the stage's own outputs count them."""
     table = page["html"].split('<section id="counts">', 1)[1].split("</table>", 1)[0]
-    cells = {
-        row.split("</td>")[0].split(">")[-1]: re.findall(r'class="n">([\d,]*)<', row)
-        for row in table.split("<tr>")[2:]
-    }
+    cells: dict[str, list] = {}
+    for row in table.split("<tr>")[2:]:
+        cells.setdefault(row.split("</td>")[0].split(">")[-1], []).append(
+            re.findall(r'class="n">([\d,]*)<', row)
+        )
     kept, total = pq.read_metadata(run["keep"]).num_rows, run["metadata"].num_rows
-    assert cells["filter"][:2] == [f"{total:,}", f"{kept:,}"]
+    text_kept = pq.read_metadata(run["root"] / "text_keep.parquet").num_rows
+    assert [c[:2] for c in cells.pop("filter")] == [
+        [f"{total:,}", f"{kept:,}"],
+        [f"{len(run['records']):,}", f"{text_kept:,}"],
+    ]
+    cells = {name: rows[0] for name, rows in cells.items()}
     assert cells["reshard"][1] == f"{kept:,}" and cells["shards"][1] == f"{total:,}"
-    assert set(cells) == {"shards", "embed", "filter", "metaclip", "dedup", "decontaminate", "reshard"}
+    assert set(cells) == {"shards", "embed", "metaclip", "dedup", "decontaminate", "reshard"}
 
 
 def test_bad_inputs_are_one_line(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
