@@ -72,10 +72,17 @@ class FilterConfig:
     vocabulary: str | None = None
     """Keep captions holding a term (whole words, any case) of this file, one term per line, or of
     ``imagenet`` (open_clip's ImageNet-1k class names)."""
+    targets: tuple[str, ...] | None = None
+    """Eval sets or image folders: keep samples in the k-means clusters nearest to their images
+    (DataComp's image-based filter, image_filter.py)."""
+    clusters: int | None = None
+    """k-means clusters of the image-based rule; None: pool size / 128 (DataComp's ratio)."""
 
     def __post_init__(self) -> None:
         if self.languages is not None:  # a list from json (``FilterConfig(**summary["config"])``) or flags
             object.__setattr__(self, "languages", tuple(code.strip().lower() for code in self.languages))
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
         self._check_ranges()
 
     def _check_ranges(self) -> None:
@@ -96,6 +103,8 @@ class FilterConfig:
         confidence = self.language_min_confidence
         if confidence is not None and (self.languages is None or not 0.0 <= confidence <= 1.0):
             raise ValueError(f"language_min_confidence must be in [0, 1] with languages, got {confidence}")
+        if self.clusters is not None and (self.clusters < 1 or not self.targets):
+            raise ValueError(f"clusters must be at least 1 and come with targets, got {self.clusters}")
 
     @property
     def has_rule(self) -> bool:
@@ -125,10 +134,12 @@ def check_rules(cfg: FilterConfig, scored: bool) -> None:
     if not cfg.has_rule:
         raise ValueError(
             "filter: no rule given (pass --min-score, --keep-fraction, --min-side, --max-aspect-ratio, "
-            "--min-words, --min-chars, --language, --vocabulary or --preset)"
+            "--min-words, --min-chars, --language, --vocabulary, --target or --preset)"
         )
     if cfg.has_score_rule and not scored:
         raise ValueError("--min-score and --keep-fraction need clip scores: pass --embeddings")
+    if cfg.targets is not None and not scored:
+        raise ValueError("--target needs the image embeddings: pass --embeddings")
     if cfg.languages is not None:
         text_filters.check_languages(cfg.languages)
     if cfg.vocabulary is not None:
@@ -194,14 +205,18 @@ def _sizes_from_shard(url: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray
 
 
 def rule_masks(
-    table: pa.Table, cfg: FilterConfig, threshold: float, sizes: tuple[np.ndarray, np.ndarray] | None
+    table: pa.Table,
+    cfg: FilterConfig,
+    threshold: float,
+    sizes: tuple[np.ndarray, np.ndarray] | None,
+    image_based: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One boolean 'passes' mask per active rule (score, min_side, max_aspect_ratio, min_words, min_chars,
-    language, vocabulary).
+    language, vocabulary, image_based).
 
     ``sizes`` (width, height per row) is needed, and must be complete, when a size rule is on. Languages are
     read from the table's ``language`` columns when it has them (``text_filters.with_languages``), else
-    identified here.
+    identified here. ``image_based`` (``image_filter.ImageRule.mask``) is given when ``cfg.targets`` is.
     """
     masks = {}
     if threshold > -math.inf:
@@ -223,6 +238,8 @@ def rule_masks(
         masks["language"] = _language_mask(text_filters.with_languages(table), cfg)
     if cfg.vocabulary is not None:
         masks["vocabulary"] = text_filters.vocabulary_mask(table["caption"].to_pylist(), cfg.vocabulary)
+    if image_based is not None:
+        masks["image_based"] = image_based
     return masks
 
 
@@ -262,15 +279,18 @@ def filtered_tables(
     threshold: float,
     urls: list[str] | None,
     from_shards: bool = False,
+    image_rule: Any = None,
 ) -> Iterator[tuple[pa.Table, dict[str, np.ndarray]]]:
     """Each input table (a metadata parquet, or with ``from_shards`` the rows of a shard) with its rule masks;
-    sizes looked up in the shards only when needed, languages identified once and kept as columns."""
+    sizes looked up in the shards only when needed, languages identified once and kept as columns, the
+    image-based mask from ``image_rule`` (an ``image_filter.ImageRule``) when given."""
     for path in files:
         table = shard_table(path) if from_shards else outputs.read_parquet(path)
         if cfg.languages is not None:
             table = text_filters.with_languages(table)
         sizes = _table_sizes(table, path, cfg, urls, from_shards) if cfg.needs_sizes else None
-        yield table, rule_masks(table, cfg, threshold, sizes)
+        image_based = image_rule.mask(path) if image_rule is not None else None
+        yield table, rule_masks(table, cfg, threshold, sizes, image_based)
 
 
 def _table_sizes(

@@ -42,8 +42,10 @@ from data_tools.filter import (
     quantile_bin,
     quantile_plan,
     read_scores,
+    summary_path,
     write_outputs,
 )
+from data_tools.image_filter import image_rule_job, write_clusters
 from data_tools.phases import input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import RunnerOptions, Task
 from data_tools.text_filters import IMAGENET, LANGUAGE_SCHEMA, language_rows
@@ -69,12 +71,13 @@ def filter_job(
     scratch = outputs.beside(output, "_work")
     work = outputs.join(scratch, settings_key({"inputs": input_fingerprint(files)}))
     threshold = _threshold(files, cfg, work, options)
+    image_rule = image_rule_job(embeddings, cfg.targets, cfg.clusters, work, options) if cfg.targets else None
     vocabulary = _vocabulary_fingerprint(cfg)
     rules = settings_key(
         {"threshold": repr(threshold), "config": asdict(cfg), "urls": shard_urls, "vocabulary": vocabulary}
     )
     parts = outputs.join(work, f"keep-{rules}")
-    payload = (cfg, threshold, None if from_shards else shard_urls, from_shards)
+    payload = (cfg, threshold, None if from_shards else shard_urls, from_shards, image_rule)
     tasks = [
         Task(f"keep:{i}", outputs.join(parts, f"{i:05d}.json"), (p, *payload)) for i, p in enumerate(files)
     ]
@@ -84,6 +87,9 @@ def filter_job(
         return None
     tally = _merge_parts(tasks, output, cfg)
     summary = write_outputs(output, fmt, tally, cfg, threshold, scored=not from_shards)
+    if image_rule is not None:
+        summary["image_based"] = write_clusters(output, image_rule, cfg.targets)
+        outputs.write_json(summary_path(output), summary)
     release_scratch(scratch, work, options)
     return summary
 
@@ -161,9 +167,9 @@ def bin_task(task: Task) -> int:
 
 def keep_task(task: Task) -> int:
     """One shard's kept uids (``.parquet``) and counts (``.json``, written last: the marker)."""
-    path, cfg, threshold, urls, from_shards = task.payload
+    path, cfg, threshold, urls, from_shards, image_rule = task.payload
     tally = Tally()
-    for table, masks in filtered_tables([path], cfg, threshold, urls, from_shards):
+    for table, masks in filtered_tables([path], cfg, threshold, urls, from_shards, image_rule):
         kept = kept_uids(table, tally.add(table, masks))
         with outputs.staged(_uids_file(task.output)) as tmp:
             pq.write_table(kept, tmp)

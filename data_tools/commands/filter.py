@@ -14,7 +14,7 @@ from data_tools.commands.options import (
 )
 from data_tools.filter import PRESETS
 
-HELP = "keep list by clip score, size/aspect, caption, language and vocabulary rules"
+HELP = "keep list by clip score, size/aspect, caption, language, vocabulary and image-based rules"
 DESCRIPTION = (
     "Write a keep list (parquet with uid) of the samples of an embeddings folder (or, for rules that need "
     "no clip score, of the shards themselves) that pass every rule, a summary json, a PNG histogram of "
@@ -48,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--preset", choices=sorted(PRESETS), help="datacomp-basic: DataComp's basic filter; flags override")
     add("--shards", metavar="SPEC",
         help="the shards: filtered straight from them without --embeddings, else where sizes come from")  # fmt: skip
+    add("--target", action="append", metavar="ROOT",
+        help="image-based: keep the k-means clusters nearest to the images of this eval set or image folder (repeatable)")  # fmt: skip
+    add(
+        "--clusters",
+        type=int_at_least(1),
+        metavar="K",
+        help="image-based: k-means clusters (None: samples / 128)",
+    )
     add_runner_args(parser)
     add_phase_args(parser, partitions=False)
 
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
     rules = dict(min_score=args.min_score, keep_fraction=args.keep_fraction, min_side=args.min_side,
                  max_aspect_ratio=args.max_aspect_ratio, min_words=args.min_words, min_chars=args.min_chars,
                  languages=languages, language_min_confidence=args.language_min_confidence,
-                 vocabulary=args.vocabulary)  # fmt: skip
+                 vocabulary=args.vocabulary, targets=args.target, clusters=args.clusters)  # fmt: skip
     urls = expand_urls(args.shards) if args.shards else None
     cfg, options = preset_config(args.preset, **rules), runner_options(args)
     summary = filter_job(args.embeddings, args.output, cfg, options, args.format, urls)
@@ -93,3 +101,7 @@ def run(args: argparse.Namespace) -> None:
         f"filter: kept {summary['kept']} of {summary['samples']} samples ({summary['kept_fraction']:.1%}), "
         f"score threshold {threshold if threshold is None else round(threshold, 4)} -> {args.output}"
     )
+    if "image_based" in summary:
+        info = summary["image_based"]
+        print(f"filter: image-based: {info['kept_clusters']} of {info['clusters']} clusters chosen by "
+              f"{info['target_images']} target images")  # fmt: skip

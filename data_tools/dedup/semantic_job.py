@@ -63,7 +63,7 @@ def semantic_job(embeddings: Location, output: Location, cfg: SemanticConfig, op
         scratch, settings_key({"cfg": asdict(cfg), "P": options.partitions, "inputs": fingerprint})
     )
     offsets = np.cumsum([0, *rows])
-    centroids = _centroids(parts, offsets, k, cfg, work, options)
+    centroids = centroid_phases(parts, offsets, k, cfg, work, options)
     folder = outputs.join(work, "assign")
     payload = (centroids, cfg, options.partitions)
     tasks = [
@@ -86,23 +86,25 @@ def semantic_job(embeddings: Location, output: Location, cfg: SemanticConfig, op
     return result
 
 
-def _centroids(
+def centroid_phases(
     parts: list[tuple[Location, Location]],
     offsets: np.ndarray,
     k: int,
     cfg: SemanticConfig,
     work: Location,
     options: RunnerOptions,
+    desc: str = "dedup semantic",
 ) -> Location:
-    """The sample phase, then the one k-means task; returns the centroids file."""
+    """The sample phase, then the one k-means task (seeded: the same centroids on any split of the
+    tasks); returns the centroids file. Also the clustering of ``filter --target`` (image_filter.py)."""
     rate = sample_rate(int(offsets[-1]), k)
     tasks = [
         Task(f"sample:{i}", outputs.join(work, f"sample/{i:05d}.npy"), (p, rate, cfg.seed, int(offsets[i])))
         for i, (_, p) in enumerate(parts)
     ]
-    run_phase(tasks, sample_task, options, "dedup semantic (sample)")
+    run_phase(tasks, sample_task, options, f"{desc} (sample)")
     train = Task("centroids", outputs.join(work, "centroids.npy"), ([t.output for t in tasks], k, cfg))
-    run_phase([train], centroids_task, options, "dedup semantic (k-means)")
+    run_phase([train], centroids_task, options, f"{desc} (k-means)")
     return train.output
 
 

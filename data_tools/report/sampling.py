@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from data_tools.embeddings import shard_index
 from data_tools.filter import QUANTILE_BINS, FilterConfig, filtered_tables, quantile_bin, read_scores
+from data_tools.image_filter import rule_of_keep_list
 from data_tools.report.tiles import Tile
 from webshards import outputs
 from webshards.outputs import Location
@@ -67,7 +68,8 @@ def sample_decisions(
     expected = {"kept": summary.get("kept", 1), **summary.get("failed_rule", {})}
     decisions = Decisions({name: [] for name, count in expected.items() if count})
     order = [files[i] for i in rng.permutation(len(files))]
-    tables = filtered_tables(order, cfg, threshold, urls, from_shards=from_shards)
+    image_rule = rule_of_keep_list(where, files[0]) if cfg.targets and files else None  # filter --target
+    tables = filtered_tables(order, cfg, threshold, urls, from_shards=from_shards, image_rule=image_rule)
     for path, (table, masks) in zip(order, tables):
         source = str(path) if from_shards else _source(path, urls)
         keep = np.logical_and.reduce(list(masks.values())) if masks else np.ones(table.num_rows, bool)
