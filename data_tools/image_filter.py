@@ -77,11 +77,8 @@ def target_embedder(embeddings: Location) -> EvalEmbedder:
 
 def target_parts(root: str) -> list[tuple[str, str]]:
     """(part, kind) of one target: each tar of an eval set (clip_benchmark's layout), or an image folder
-    whole; decontamination's reading of ``--eval-set``, its errors naming ``--target``."""
-    try:
-        source = open_eval_set(root)
-    except ValueError as error:
-        raise ValueError(str(error).replace("--eval-set", "--target", 1)) from None
+    whole: decontamination's reading of an eval set."""
+    source = open_eval_set(root, "--target")
     return [(part, source.kind) for part in source.parts]
 
 

@@ -42,19 +42,19 @@ class EvalSource:
     parts: tuple[str, ...]
 
 
-def open_eval_set(root: str) -> EvalSource:
-    """Describe the eval set at ``root``; a ValueError names it when it is neither an eval set (no
-    ``test/nshards.txt``) nor a local folder holding images."""
+def open_eval_set(root: str, flag: str = "--eval-set") -> EvalSource:
+    """Describe the eval set at ``root``; a ValueError names it (as given to ``flag``) when it is neither an
+    eval set (no ``test/nshards.txt``) nor a local folder holding images."""
     folder = local_path(root)
     has_layout = evalset.read_text(evalset.join(root, evalset.SPLIT, evalset.NSHARDS_FILE)) is not None
     if folder is not None and Path(folder).is_dir() and not has_layout:
         if next(folder_images(Path(folder)), None) is None:
-            raise ValueError(f"--eval-set {root}: no eval set (test/nshards.txt) and no images in the folder")
+            raise ValueError(f"{flag} {root}: no eval set (test/nshards.txt) and no images in the folder")
         return EvalSource(root, FOLDER, (root,))
     try:
         found = evalset.read_eval_set(root)
     except FileNotFoundError as error:
-        raise ValueError(f"--eval-set {root}: {error}") from None
+        raise ValueError(f"{flag} {root}: {error}") from None
     return EvalSource(root, found.task, found.shards)
 
 
