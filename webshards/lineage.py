@@ -82,7 +82,7 @@ def write_lineage(
         "ended": _iso(time.time()),
         "run": _run_info(runner),
         "params": jsonable(params) if params is not None else {},
-        "inputs": [_input(role, value, ancestors) for role, value in _each(inputs or {})],
+        "inputs": [describe_input(role, value, ancestors) for role, value in _each(inputs or {})],
         "outputs": [describe(role, value)[0] for role, value in _each(outputs or {"output": output})],
         "counts": jsonable(counts or {}),
     }
@@ -135,8 +135,9 @@ def parent_lineage(kind: str, places: list[str]) -> list[dict[str, Any]]:
     return docs
 
 
-def _input(role: str, value: Any, ancestors: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One input's record, its parents' stages added to ``ancestors`` (each once)."""
+def describe_input(role: str, value: Any, ancestors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One input's record (see ``webshards.fingerprints``) with the ids of its parents' stages, which are
+    added to ``ancestors`` (each once), and whether its fingerprint is one those stages recorded writing."""
     record, places = describe(role, value)
     parents = link_parents(parent_lineage(record["kind"], places), ancestors)
     if parents:

@@ -71,6 +71,14 @@ class DedupConfig:
         return SemanticConfig(eps=eps, clusters=self.clusters, probes=self.probes, seed=self.seed)
 
 
+METHOD_PARAMS = {
+    "exact": lambda cfg: {"with_caption": cfg.with_caption},
+    "perceptual": lambda cfg: {"threshold_bits": cfg.bits},
+    "semantic": lambda cfg: asdict(cfg.semantic()),
+}
+"""The settings of each method that decide its groups, as its lineage records them."""
+
+
 def find_duplicates(
     output: Location,
     cfg: DedupConfig,
@@ -106,14 +114,13 @@ def record_lineage(
     report: dict[str, Any],
 ) -> None:
     """The output folder's lineage: the method's settings and the report's counts (groups, removed, ...)."""
-    counts = {
-        key: report[key] for key in ("items", "groups", "in_groups", "kept", "removed") if key in report
+    counts = {"samples_in": report["items"], "samples_out": report["kept"]}
+    counts |= {
+        key: report[key] for key in ("groups", "in_groups", "removed", "exact", "unchecked") if key in report
     }
-    counts |= {"samples_in": report["items"], "samples_out": report["kept"]}
-    counts |= {key: report[key] for key in ("exact", "unchecked") if key in report}
     inputs = {"embeddings": embeddings} if cfg.method == "semantic" else {"shards": shard_urls}
     made = {"keep": outputs.join(output, "keep.parquet")}
-    params = {**asdict(cfg), "keep_policy": cfg.policy}
+    params = {"method": cfg.method, "keep_policy": cfg.policy, **METHOD_PARAMS[cfg.method](cfg)}
     write_lineage(output, "dedup", params=params, inputs=inputs, counts=counts, outputs=made, runner=options)
 
 
