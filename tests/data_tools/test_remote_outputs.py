@@ -195,6 +195,7 @@ def test_filter_from_and_to_s3_equals_local_and_leaves_no_scratch(tmp_path: Path
     assert sorted(files) == [
         "keep.npy",
         "keep.parquet",
+        "keep_lineage.json",
         "keep_scores.png",
         "keep_summary.json",
     ]  # no keep_work/

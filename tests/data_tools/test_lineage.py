@@ -1,0 +1,155 @@
+"""Lineage: demo-data -> embed -> filter -> dedup -> reshard leaves one chained lineage.json beside the final
+shards, each stage once, with the counts the stages' own outputs report and fingerprints that follow the data.
+
+Fingerprints are checked against the method their records name, computed here from the files (not by the code
+under test); counts against filter's summary, dedup's report.json and the shards' sizes.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import one_torch_thread
+
+from data_tools.cli import main
+from webshards.demo_data import write_demo_data
+from webshards.fingerprints import describe
+from webshards.layout import list_shards, read_sizes
+from webshards.lineage import chain, read_lineage
+
+SPEC = "{00000..00002}.tar"
+STAGES = ["demo-data", "embed", "filter", "dedup", "reshard"]
+
+
+def run(*args: str) -> None:
+    assert main(list(args)) == 0, args
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The chain on 48 demo samples in 3 shards; returns the folder of each stage's output."""
+    root = tmp_path_factory.mktemp("lineage")
+    write_demo_data(root / "demo", samples=48, eval_samples=0, image_size=16, samples_per_shard=16, workers=1)
+    shards = str(root / "demo" / "train" / SPEC)
+    with one_torch_thread():
+        run(
+            "embed",
+            "--shards",
+            shards,
+            "--model",
+            "tiny-clip",
+            "--output",
+            str(root / "emb"),
+            "--batch-size",
+            "48",
+        )
+    run("filter", "--embeddings", str(root / "emb"), "--keep-fraction", "0.5", "--min-words", "3",
+        "--output", str(root / "keep.parquet"))  # fmt: skip
+    run("dedup", "--shards", shards, "--method", "perceptual", "--output", str(root / "dedup"))
+    reshard = ["reshard", "--shards", shards, "--keep", str(root / "keep.parquet")]
+    run(*reshard, "--keep", str(root / "dedup" / "keep.parquet"), "--output", str(root / "curated"))
+    return {"root": root, "train": root / "demo" / "train", "reshard": reshard}
+
+
+def stages_by_name(folder: Path) -> dict[str, dict]:
+    doc = json.loads((folder / "lineage.json").read_text())
+    names = [stage["name"] for stage in chain(doc)]
+    assert Counter(names) == Counter(set(names)), names  # each stage once
+    return {stage["name"]: stage for stage in chain(doc)}
+
+
+def shards_fingerprint(folder: Path) -> str:
+    """The documented shards method, from the files: sha256 over `name<TAB>tar bytes<TAB>samples` lines."""
+    sizes = read_sizes(folder)
+    lines = "".join(f"{tar.name}\t{tar.stat().st_size}\t{sizes[tar.name]}\n" for tar in list_shards(folder))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_final_shards_carry_the_whole_chain_with_the_stages_counts(made: dict) -> None:
+    root = made["root"]
+    stages = stages_by_name(root / "curated")
+    assert (
+        list(stages) == STAGES
+    )  # parents first: demo-data, then embed, filter, dedup (either order), reshard
+    summary = json.loads((root / "keep_summary.json").read_text())
+    report = json.loads((root / "dedup" / "report.json").read_text())
+    counts = {name: stage["counts"] for name, stage in stages.items()}
+    assert counts["demo-data"]["samples_out"] == 48 and counts["embed"] == {
+        "samples_in": 48,
+        "samples_out": 48,
+    }
+    assert counts["filter"]["samples_in"] == summary["samples"] == 48
+    assert (
+        counts["filter"]["samples_out"] == summary["kept"]
+        and counts["filter"]["removed"] == summary["failed_rule"]
+    )
+    assert counts["filter"]["score_threshold"] == summary["score_threshold"]
+    assert {k: counts["dedup"][k] for k in ("groups", "removed")} == {
+        k: report[k] for k in ("groups", "removed")
+    }
+    assert counts["dedup"]["samples_out"] == report["kept"]
+    assert counts["reshard"]["samples_in"] == 48
+    assert counts["reshard"]["samples_out"] == sum(read_sizes(root / "curated").values())
+    assert (
+        stages["filter"]["params"]["keep_fraction"] == 0.5
+        and stages["dedup"]["params"]["threshold_bits"] == 10
+    )
+    assert stages["reshard"]["command"][:2] == ["data-tools", "reshard"]
+
+
+def test_inputs_are_fingerprinted_by_their_documented_method_and_linked_to_their_parents(made: dict) -> None:
+    root = made["root"]
+    stages = stages_by_name(root / "curated")
+    ids = {name: stage["id"] for name, stage in stages.items()}
+    train, keep, dedup_keep = stages["reshard"]["inputs"]  # in the order of the command line
+    assert (train["role"], train["kind"], train["samples"]) == ("shards", "shards", 48)
+    assert train["fingerprint"] == shards_fingerprint(made["train"])
+    assert train["parents"] == [ids["demo-data"]] and train["matches_parent"]
+    assert keep["fingerprint"] == file_fingerprint(root / "keep.parquet") and keep["parents"] == [
+        ids["filter"]
+    ]
+    assert dedup_keep["fingerprint"] == file_fingerprint(root / "dedup" / "keep.parquet")
+    assert dedup_keep["parents"] == [ids["dedup"]] and keep["matches_parent"] and dedup_keep["matches_parent"]
+    assert stages["filter"]["inputs"][0]["parents"] == [ids["embed"]]
+    assert stages["reshard"]["parents"] == [ids["demo-data"], ids["filter"], ids["dedup"]]
+
+
+def test_a_changed_input_changes_its_fingerprint(made: dict, tmp_path: Path) -> None:
+    copy = tmp_path / "train"
+    shutil.copytree(made["train"], copy)
+    before = describe("shards", str(copy / SPEC))[0]["fingerprint"]
+    assert before == shards_fingerprint(made["train"])  # the content, not the place
+    with (copy / "00001.tar").open("ab") as f:
+        f.write(b"\0" * 512)  # one more (empty) tar block: the same samples, other bytes
+    assert describe("shards", str(copy / SPEC))[0]["fingerprint"] != before
+    keep = tmp_path / "keep.parquet"
+    uids = pq.read_table(made["root"] / "keep.parquet")["uid"].to_pylist()
+    pq.write_table(pa.table({"uid": uids[1:]}), keep)
+    assert (
+        describe("keep", keep)[0]["fingerprint"]
+        == file_fingerprint(keep)
+        != file_fingerprint(made["root"] / "keep.parquet")
+    )
+
+
+def test_rerunning_stages_keeps_one_entry_each(made: dict) -> None:
+    root = made["root"]
+    before = stages_by_name(root / "curated")
+    run("filter", "--embeddings", str(root / "emb"), "--keep-fraction", "0.5", "--min-words", "3",
+        "--output", str(root / "keep.parquet"))  # fmt: skip
+    run(*made["reshard"], "--keep", str(root / "dedup" / "keep.parquet"), "--output", str(root / "curated"))
+    after = stages_by_name(root / "curated")
+    assert {n: s["id"] for n, s in after.items()} == {n: s["id"] for n, s in before.items()}
+    doc = read_lineage(root / "curated" / "lineage.json")
+    assert len(doc["ancestors"]) == len(STAGES) - 1  # demo-data reached three times, stored once
