@@ -337,3 +337,13 @@ def lineage_identity(data: bytes) -> dict:
     what it read and wrote), its counts, and its ancestors' ids; not when, where, or on which engine."""
     doc = json.loads(data)
     return {"id": doc["stage"]["id"], "counts": doc["stage"]["counts"], "ancestors": sorted(doc["ancestors"])}
+
+
+def shards_fingerprint(folder: Path) -> str:
+    """The shards fingerprint by its documented method (webshards/fingerprints.py), computed from the files:
+    sha256 over one `NAME<TAB>TAR BYTES<TAB>SAMPLES` line per shard of the folder, samples from sizes.json."""
+    import hashlib
+
+    sizes = json.loads((folder / "sizes.json").read_text())
+    lines = "".join(f"{name}\t{(folder / name).stat().st_size}\t{sizes[name]}\n" for name in sorted(sizes))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()

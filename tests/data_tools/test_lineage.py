@@ -16,12 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import one_torch_thread
+from helpers import one_torch_thread, shards_fingerprint
 
 from data_tools.cli import main
 from webshards.demo_data import write_demo_data
 from webshards.fingerprints import describe
-from webshards.layout import list_shards, read_sizes
+from webshards.layout import read_sizes
 from webshards.lineage import chain, read_lineage
 
 SPEC = "{00000..00002}.tar"
@@ -63,13 +63,6 @@ def stages_by_name(folder: Path) -> dict[str, dict]:
     names = [stage["name"] for stage in chain(doc)]
     assert Counter(names) == Counter(set(names)), names  # each stage once
     return {stage["name"]: stage for stage in chain(doc)}
-
-
-def shards_fingerprint(folder: Path) -> str:
-    """The documented shards method, from the files: sha256 over `name<TAB>tar bytes<TAB>samples` lines."""
-    sizes = read_sizes(folder)
-    lines = "".join(f"{tar.name}\t{tar.stat().st_size}\t{sizes[tar.name]}\n" for tar in list_shards(folder))
-    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
 def file_fingerprint(path: Path) -> str:
