@@ -44,9 +44,10 @@ def describe(role: str, value: Any) -> tuple[dict[str, Any], list[str]]:
     file), and the folders or files whose lineage its parents' would be, in order."""
     if isinstance(value, (list, tuple)) or _is_spec(str(value)):
         urls = list(value) if isinstance(value, (list, tuple)) else expand_urls(str(value))
-        return shards_record(role, urls, _shown(value)), sorted({posixpath.dirname(str(u)) for u in urls})
+        folders = {posixpath.dirname(str(u)) for u in urls if not str(u).startswith("pipe:")}
+        return shards_record(role, urls, _shown(value)), sorted(folders)
     location = outputs.resolve(value)
-    if _is_folder(location):
+    if is_folder(location):
         tars = outputs.list_files(location, "*.tar")
         if tars:
             return shards_record(role, [str(t) for t in tars], _shown(location)), [str(location)]
@@ -66,7 +67,8 @@ def _shown(value: Any) -> str:
     return redact_url(str(value))
 
 
-def _is_folder(location: Location) -> bool:
+def is_folder(location: Location) -> bool:
+    """Whether ``location`` is a folder (on an object store: a prefix holding objects)."""
     if not outputs.is_remote(location):
         return Path(location).is_dir()
     fs, path = url_to_fs(str(location))

@@ -37,7 +37,7 @@ from typing import Any
 
 from webshards import outputs as store
 from webshards.args import invocation
-from webshards.fingerprints import describe
+from webshards.fingerprints import describe, is_folder
 from webshards.outputs import Location
 from webshards.urls import redact_url
 
@@ -95,12 +95,9 @@ def write_lineage(
 
 def lineage_file(output: Location) -> Location:
     """Where the lineage of ``output`` lives: ``DIR/lineage.json`` for a folder, ``STEM_lineage.json`` beside
-    a file (a local path that is not a folder, or a URL whose last part has a suffix, counts as a file)."""
+    a file (what is not a folder and whose name has a suffix, such as ``keep.parquet``)."""
     output = store.resolve(output)
-    if store.is_remote(output):
-        is_file = bool(Path(store.name(output)).suffix)
-    else:
-        is_file = not Path(output).is_dir() and bool(Path(output).suffix)
+    is_file = not is_folder(output) and bool(Path(store.name(output)).suffix)
     return store.beside(output, FILE_SUFFIX) if is_file else store.join(output, FOLDER_FILE)
 
 
