@@ -146,3 +146,19 @@ def test_rerunning_stages_keeps_one_entry_each(made: dict) -> None:
     assert {n: s["id"] for n, s in after.items()} == {n: s["id"] for n, s in before.items()}
     doc = read_lineage(root / "curated" / "lineage.json")
     assert len(doc["ancestors"]) == len(STAGES) - 1  # demo-data reached three times, stored once
+
+
+def test_the_lineage_command_prints_the_chain(made: dict, tmp_path: Path, capsys) -> None:
+    root = made["root"]
+    capsys.readouterr()
+    assert main(["lineage", str(root / "curated")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"{i}. {name}" for i, name in enumerate(STAGES, 1)]
+    summary = json.loads((root / "keep_summary.json").read_text())
+    assert f"3. filter: 48 -> {summary['kept']} samples; keep_fraction=0.5, min_words=3" in lines[2]
+    assert main(["lineage", str(root / "keep.parquet"), "--json"]) == 0  # a file: STEM_lineage.json beside it
+    assert json.loads(capsys.readouterr().out) == json.loads((root / "keep_lineage.json").read_text())
+    assert main(["lineage", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"data-tools: error: no lineage recorded for {tmp_path} (looked for {tmp_path / 'lineage.json'})"
+    ]
