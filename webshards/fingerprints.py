@@ -56,7 +56,9 @@ def describe(role: str, value: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def _is_spec(text: str) -> bool:
-    return "::" in text or "{" in text or text.startswith("pipe:") or text.endswith(".tar")
+    """Whether ``text`` names shards: braces, ``::`` sources, ``pipe:``, or a ``.tar`` (a signed URL's
+    ``?query`` aside)."""
+    return "::" in text or "{" in text or text.startswith("pipe:") or text.partition("?")[0].endswith(".tar")
 
 
 def _shown(value: Any) -> str:
@@ -71,8 +73,11 @@ def is_folder(location: Location) -> bool:
     """Whether ``location`` is a folder (on an object store: a prefix holding objects)."""
     if not outputs.is_remote(location):
         return Path(location).is_dir()
-    fs, path = url_to_fs(str(location))
-    return fs.isdir(path)
+    try:
+        fs, path = url_to_fs(str(location))
+        return fs.isdir(path)
+    except (OSError, ValueError, ImportError):  # e.g. a store that may read objects but not list them
+        return False
 
 
 def shards_record(role: str, urls: list[str], shown: str) -> dict[str, Any]:
@@ -81,7 +86,7 @@ def shards_record(role: str, urls: list[str], shown: str) -> dict[str, Any]:
     counts, sizes = _sample_counts(urls), _byte_sizes(urls)
     digest = hashlib.sha256()
     for url, count, size in zip(urls, counts, sizes):
-        digest.update(f"{posixpath.basename(url)}\t{size}\t{count}\n".encode())
+        digest.update(f"{posixpath.basename(url.partition('?')[0])}\t{size}\t{count}\n".encode())
     known = None if None in counts else sum(counts)
     return {"role": role, "kind": "shards", "location": shown, "shards": len(urls), "samples": known,
             "fingerprint": f"sha256:{digest.hexdigest()}", "method": METHODS["shards"]}  # fmt: skip
@@ -121,11 +126,20 @@ def _byte_sizes(urls: list[str]) -> list[int | None]:
             sizes.append(None)
             continue
         if folder not in listed:
-            fs, base = url_to_fs(folder)
-            fs.invalidate_cache(base)
-            listed[folder] = {posixpath.basename(e["name"]): int(e["size"]) for e in fs.ls(base, detail=True)}
+            listed[folder] = _listing(folder)
         sizes.append(listed[folder].get(name))
     return sizes
+
+
+def _listing(folder: str) -> dict[str, int]:
+    """Name -> size of a remote folder's objects; empty when it cannot be listed (a reader may be allowed to
+    get objects but not to list them: the fingerprint then holds no sizes, and training still starts)."""
+    try:
+        fs, base = url_to_fs(folder)
+        fs.invalidate_cache(base)
+        return {posixpath.basename(e["name"]): int(e["size"]) for e in fs.ls(base, detail=True)}
+    except (OSError, ValueError, ImportError):
+        return {}
 
 
 def _read_json(url: str) -> dict | None:

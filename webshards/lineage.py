@@ -65,8 +65,9 @@ def write_lineage(
 
     - ``stage``: the stage's name (``build``, ``embed``, ``filter``, ``dedup``, ``reshard``, ...).
     - ``params``: its config (a dataclass or a dict), recorded as a dict.
-    - ``inputs``: role -> what was read: a shard spec or list of shard URLs, a folder, a file, or a list of
-      files (each its own input); each is fingerprinted and its lineage, if any, chained as a parent.
+    - ``inputs``: role -> what was read: a shard spec, a folder, a file, or a list (for the role ``shards``
+      one input of shard URLs, else one input per item, e.g. several keep lists); each is fingerprinted
+      and its lineage, if any, chained as a parent.
     - ``counts``: the stage's numbers, e.g. ``{"samples_in": 512, "samples_out": 307, "removed": {...}}``;
       ``samples_in``/``samples_out`` are what the model card's summary shows.
     - ``outputs``: role -> what was written (default ``{"output": output}``), fingerprinted alike.
@@ -111,7 +112,7 @@ def read_lineage(location: Location) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         log.warning("lineage %s left out: %s", redact_url(str(location)), error)
         return None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "stage" not in doc:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "id" not in doc.get("stage", {}):
         log.warning("lineage %s left out: not lineage format %d", redact_url(str(location)), FORMAT)
         return None
     return doc
@@ -156,14 +157,13 @@ def link_parents(docs: list[dict[str, Any]], ancestors: dict[str, dict[str, Any]
 
 
 def _each(named: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(role, value) pairs: a list of files becomes one pair each; a list of shards stays one; None is left out."""
+    """(role, value) pairs: a list is one pair per item, but a list of ``shards`` is one; None is left out."""
     pairs = []
     for role, value in named.items():
         if value is None:
             continue
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-        if isinstance(value, (list, tuple)) and not all(str(v).endswith(".tar") for v in items):
-            pairs += [(role, item) for item in items]
+        if isinstance(value, (list, tuple)) and role != "shards":
+            pairs += [(role, item) for item in value]
         else:
             pairs.append((role, value))
     return pairs
