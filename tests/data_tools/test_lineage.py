@@ -17,11 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import one_torch_thread, shards_fingerprint
+from PIL import Image
 
 from data_tools.cli import main
 from webshards.demo_data import write_demo_data
 from webshards.fingerprints import describe
-from webshards.layout import read_sizes
+from webshards.layout import iter_shard, read_sizes
 from webshards.lineage import chain, read_lineage
 
 SPEC = "{00000..00002}.tar"
@@ -162,3 +163,35 @@ def test_the_lineage_command_prints_the_chain(made: dict, tmp_path: Path, capsys
     assert capsys.readouterr().err.strip().splitlines() == [
         f"data-tools: error: no lineage recorded for {tmp_path} (looked for {tmp_path / 'lineage.json'})"
     ]
+
+
+def test_eval_set_decontaminate_and_metaclip_record_themselves(made: dict, tmp_path: Path) -> None:
+    """Two training images copied into an eval set: decontaminate's lineage says so, with the eval set's own
+    lineage as a parent; metaclip's counts are its report's."""
+    shards, tree = made["reshard"][2], tmp_path / "tree"
+    for i, sample in enumerate(list(iter_shard(made["train"] / "00000.tar"))[:2]):
+        (tree / "seen").mkdir(parents=True, exist_ok=True)
+        (tree / "seen" / f"{i}.jpg").write_bytes(sample["jpg"])
+    (tree / "unseen").mkdir()
+    Image.new("RGB", (20, 20), "white").save(tree / "unseen" / "white.png")
+    run("eval-set", "--input", str(tree), "--output", str(tmp_path / "evalset"))
+    run("decontaminate", "--shards", shards, "--eval-set", str(tmp_path / "evalset"), "--method", "exact",
+        "--output", str(tmp_path / "clean"))  # fmt: skip
+    stages = stages_by_name(tmp_path / "clean")
+    report = json.loads((tmp_path / "clean" / "report.json").read_text())
+    counts = stages["decontaminate"]["counts"]
+    assert counts["eval_images_in_training"] == {str(tmp_path / "evalset"): 2} and report["removed"] >= 2
+    assert (counts["removed"], counts["samples_out"]) == (report["removed"], report["kept"])
+    assert stages["eval-set"]["counts"]["samples_out"] == 3
+    assert stages["decontaminate"]["inputs"][1]["parents"] == [stages["eval-set"]["id"]]
+
+    (tmp_path / "entries.txt").write_text("red\nblue\nsquare\n")
+    run("metaclip", "--shards", shards, "--entries", str(tmp_path / "entries.txt"), "--t", "4",
+        "--output", str(tmp_path / "mc.parquet"))  # fmt: skip
+    summary = json.loads((tmp_path / "mc_entry_counts.json").read_text())
+    metaclip = read_lineage(tmp_path / "mc_lineage.json")["stage"]
+    assert (
+        metaclip["counts"]["samples_out"] == summary["kept"]
+        and metaclip["counts"]["matched"] == summary["matched"]
+    )
+    assert metaclip["inputs"][1]["fingerprint"] == file_fingerprint(tmp_path / "entries.txt")
