@@ -43,11 +43,15 @@ def data_card(train: str, weights: list[float] | None = None) -> dict[str, Any]:
     return {"format": FORMAT, "synthetic": False, "sources": sources, "ancestors": ancestors}
 
 
-def record_data_card(train: str, weights: list[float] | None, run_dir: Path) -> dict[str, Any]:
+def record_data_card(
+    train: str, weights: list[float] | None, run_dir: Path, resumed: bool = False
+) -> dict[str, Any]:
     """Write `run_dir/data_card.json` at the start of a run, or check the one a resumed run has (see the
-    module docstring); returns the card as written."""
+    module docstring); returns the card as written. A resumed run without one (it began before data cards)
+    gets one marked `recorded_on_resume`: what the steps before read is not known."""
     card, path = data_card(train, weights), Path(run_dir) / CARD_FILE
     if not path.exists():
+        card = {**card, "recorded_on_resume": True} if resumed else card
         write_json_atomic(path, card)
         return card
     first = json.loads(path.read_text())

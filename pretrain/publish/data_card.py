@@ -33,6 +33,8 @@ def training_data_section(card: dict[str, Any] | None) -> str:
         lines += stages
     else:
         lines += ["", "No lineage was recorded with these shards, so their curation is not known."]
+    if card.get("recorded_on_resume"):
+        lines += ["", "Recorded when the run resumed: what the steps before that read is not recorded."]
     if card.get("changed_on_resume"):
         lines += [
             "",

@@ -151,7 +151,7 @@ class CheckpointManager:
         if self.info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
-            record_data_card(self.cfg.data.train, self.cfg.data.train_weights, run_dir)
+            record_data_card(self.cfg.data.train, self.cfg.data.train_weights, run_dir, folder is not None)
             restart.record_launch(self.cfg)
         return folder
 

@@ -73,6 +73,11 @@ def test_a_resume_on_other_shards_is_recorded_not_hidden(curated: Path, tmp_path
     (change,) = card["changed_on_resume"]
     assert change["sources"][0]["fingerprint"] == shards_fingerprint(Path(other))
     assert record_data_card(other, None, tmp_path) == card  # the same change is recorded once
+    older = tmp_path / "older"  # a run begun before data cards, resumed
+    assert record_data_card(first, None, older, resumed=True)["recorded_on_resume"] is True
+    assert "Recorded when the run resumed" in training_data_section(
+        json.loads((older / CARD_FILE).read_text())
+    )
 
 
 def test_synthetic_and_missing_cards_say_so() -> None:
