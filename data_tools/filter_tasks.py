@@ -144,7 +144,12 @@ def record_lineage(
     if summary["languages"]:
         counts["languages"] = dict(list(summary["languages"].items())[:10])  # the most common ten
     vocabulary = None if cfg.vocabulary in (None, IMAGENET) else cfg.vocabulary
-    inputs = {"embeddings": embeddings, "shards": shard_urls, "vocabulary": vocabulary}
+    inputs = {
+        "embeddings": embeddings,
+        "shards": shard_urls,
+        "vocabulary": vocabulary,
+        "targets": cfg.targets,
+    }
     params = {**asdict(cfg), "format": fmt}
     write_lineage(output, "filter", params=params, inputs=inputs, counts=counts, outputs=made, runner=options)
 
