@@ -37,7 +37,8 @@ from data_tools.images import (
 from data_tools.inputs import MISSING_CAPTION, InputRow, InputSpec, iter_rows, resolve_input
 from data_tools.runner import RunnerOptions, RunSummary, Task, owns, run_tasks
 from webshards import outputs
-from webshards.layout import ShardWriter, key_for, make_uid, shard_name, stats_name
+from webshards.layout import SUCCESS, ShardWriter, key_for, make_uid, shard_name, stats_name
+from webshards.lineage import write_lineage
 from webshards.outputs import Location, join
 from webshards.tasks import check_settings
 
@@ -103,15 +104,26 @@ def build(
     spec = resolve_input(input_path, source_col, caption_col)
     output = outputs.resolve(output)
     outputs.make_folder(output)
-    _check_settings(output, {**_settings(spec, samples_per_shard, image), "missing_caption": missing_caption})
+    settings = {**_settings(spec, samples_per_shard, image), "missing_caption": missing_caption}
+    _check_settings(output, settings)
     options = options or RunnerOptions()
     shards = _split_rows(spec, output, samples_per_shard, *options.ranks())
     digits = max(4, len(str(samples_per_shard - 1)))
     keep = missing_caption == "keep"
     tasks = [_task(output, i, spec.base, digits, image, fetching, keep) for i in range(shards)]
     summary = run_tasks(tasks, write_shard, options, desc="build")
-    _finish(output, tasks)
+    if _finish(output, tasks):
+        params = {**settings, "fetching": dataclasses.asdict(fetching)}
+        write_lineage(output, "build", params=params, inputs={"input": spec.path}, counts=_counts(output),
+                      runner=options)  # fmt: skip
     return summary
+
+
+def _counts(output: Location) -> dict[str, Any]:
+    """Input rows in, samples out, and the rows of each failure status."""
+    rows = outputs.status_counts(output)
+    failed = {status: n for status, n in rows.items() if status != SUCCESS and n}
+    return {"samples_in": sum(rows.values()), "samples_out": rows[SUCCESS], "failed": failed}
 
 
 def _settings(spec: InputSpec, samples_per_shard: int, image: ImageConfig) -> dict[str, Any]:
@@ -238,12 +250,13 @@ def _add(writer: ShardWriter, key: str, row: InputRow, result: tuple) -> None:
     writer.add(key, data, row.caption, meta)
 
 
-def _finish(output: Location, tasks: list[Task]) -> None:
-    """Drop leftover row files of complete shards; write sizes.json once every shard is complete."""
+def _finish(output: Location, tasks: list[Task]) -> bool:
+    """Drop leftover row files of complete shards; write sizes.json once every shard is complete (returns
+    whether it did: this process then writes the lineage)."""
     for task in tasks:
         if outputs.exists(task.output):
             outputs.remove(task.payload.rows_file)
     if not outputs.is_remote(output):
         with contextlib.suppress(OSError):  # not empty: other nodes' shards are still pending
             (output / ROWS_DIR).rmdir()
-    outputs.write_sizes_when_complete(output, [task.output for task in tasks])
+    return outputs.write_sizes_when_complete(output, [task.output for task in tasks])

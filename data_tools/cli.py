@@ -15,6 +15,7 @@ from data_tools.commands import (
     eval_set,
     filter,
     keep,
+    lineage,
     metaclip,
     report,
     reshard,
@@ -62,6 +63,7 @@ COMMAND_LINE = CommandLine(
         metaclip,
         eval_set,
         report,
+        lineage,
     ),  # in --help order
     # JobFailed: the job ran and failed (which task, or which rank's work never arrived); StoreUnreachable: a
     # store stayed down through every retry (a rerun may succeed); a ValueError: invalid inputs, found before

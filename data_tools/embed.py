@@ -34,8 +34,10 @@ from data_tools.engine_ray import ActorSpec
 from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import outputs
 from webshards.layout import iter_shard
+from webshards.lineage import write_lineage
 from webshards.outputs import Location
 from webshards.samples import BadSample
+from webshards.spec import count_samples
 from webshards.tasks import check_settings
 from webshards.urls import open_url
 
@@ -104,7 +106,20 @@ def embed_shards(
         actors = ActorSpec(setup, num_cpus=ray_cpus_per_actor, num_gpus=1.0 if on_cuda else 0.0)
         threads = max(1, int(ray_cpus_per_actor))
     tasks = embed_tasks(urls, output, cfg, threads)
-    return run_tasks(tasks, embed_shard, options, desc="embed", actors=actors)
+    summary = run_tasks(tasks, embed_shard, options, desc="embed", actors=actors)
+    record_lineage(urls, output, cfg, options, tasks)
+    return summary
+
+
+def record_lineage(urls: list[str], output: Location, cfg: EmbedConfig, options: RunnerOptions,
+                   tasks: list[Task]) -> None:  # fmt: skip
+    """Once every shard is embedded (whichever node sees that first): the folder's lineage, with the
+    samples of the input shards and the rows embedded."""
+    if not all(outputs.exists(task.output) for task in tasks):
+        return
+    embedded = sum(outputs.parquet_rows(task.output) for task in tasks)
+    counts = {"samples_in": count_samples(urls), "samples_out": embedded}
+    write_lineage(output, "embed", params=cfg, inputs={"shards": urls}, counts=counts, runner=options)
 
 
 def record_model(output: Location, cfg: EmbedConfig) -> None:

@@ -26,6 +26,7 @@ from data_tools.inputs import IMAGE_EXTENSIONS, iter_rows, resolve_input
 from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import evalset as layout
 from webshards.atomic import write_json_atomic
+from webshards.lineage import write_lineage
 from webshards.tasks import check_settings
 
 KEPT_FORMATS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
@@ -149,6 +150,8 @@ def build_eval_set(
     if summary.ok():
         layout.write_metadata(output, kind, classnames, templates)
         layout.finish(output, len(jobs))
+        counts = {"samples_out": len(items), "classes": len(classnames) or None, "shards_out": len(jobs)}
+        write_lineage(output, "eval-set", params=settings, inputs={"input": input_path}, counts=counts)
     return summary
 
 

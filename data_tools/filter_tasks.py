@@ -50,6 +50,7 @@ from data_tools.phases import input_fingerprint, release_scratch, run_phase, set
 from data_tools.runner import RunnerOptions, Task
 from data_tools.text_filters import IMAGENET, LANGUAGE_SCHEMA, language_rows
 from webshards import outputs
+from webshards.lineage import write_lineage
 from webshards.outputs import Location
 
 
@@ -91,6 +92,7 @@ def filter_job(
         summary["image_based"] = write_clusters(output, image_rule, cfg.targets)
         outputs.write_json(summary_path(output), summary)
     release_scratch(scratch, work, options)
+    record_lineage(embeddings, output, cfg, options, fmt, shard_urls, summary)
     return summary
 
 
@@ -124,6 +126,32 @@ def _merge_parts(tasks: list[Task], output: Location, cfg: FilterConfig) -> Tall
             for task in tasks:
                 writer.write_table(outputs.read_parquet(_languages_file(task.output)))
     return tally
+
+
+def record_lineage(
+    embeddings: Location | None,
+    output: Location,
+    cfg: FilterConfig,
+    options: RunnerOptions,
+    fmt: str,
+    shard_urls: list[str] | None,
+    summary: dict[str, Any],
+) -> None:
+    """The keep list's lineage (``STEM_lineage.json``): the rules, threshold and counts of the summary."""
+    made = {"keep": output, "datacomp": outputs.beside(output, ".npy") if fmt == "datacomp" else None}
+    counts = {"samples_in": summary["samples"], "samples_out": summary["kept"],
+              "score_threshold": summary["score_threshold"], "removed": summary["failed_rule"]}  # fmt: skip
+    if summary["languages"]:
+        counts["languages"] = dict(list(summary["languages"].items())[:10])  # the most common ten
+    vocabulary = None if cfg.vocabulary in (None, IMAGENET) else cfg.vocabulary
+    inputs = {
+        "embeddings": embeddings,
+        "shards": shard_urls,
+        "vocabulary": vocabulary,
+        "targets": cfg.targets,
+    }
+    params = {**asdict(cfg), "format": fmt}
+    write_lineage(output, "filter", params=params, inputs=inputs, counts=counts, outputs=made, runner=options)
 
 
 def _threshold(files: list[Location], cfg: FilterConfig, work: Location, options: RunnerOptions) -> float:

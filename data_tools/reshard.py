@@ -29,9 +29,10 @@ from data_tools.build import remove_stale_temps
 from data_tools.runner import RunnerOptions, RunSummary, Task, run_tasks
 from webshards import outputs
 from webshards.layout import SUCCESS, ShardWriter, iter_shard, key_for, shard_name, stats_name
+from webshards.lineage import write_lineage
 from webshards.outputs import Location, join
 from webshards.samples import image_extension
-from webshards.spec import expand_urls
+from webshards.spec import count_samples, expand_urls
 from webshards.tasks import check_settings
 from webshards.urls import open_url, redact_url
 
@@ -88,9 +89,28 @@ def reshard(
     _check_settings(output, settings)
     inputs = _select(tars, keep, join(output, SELECTION_DIR))
     tasks = plan(output, inputs, samples_per_shard, shuffle_buffer, seed)
-    summary = run_tasks(tasks, write_output_shard, options or RunnerOptions(), desc="reshard")
-    _finish(output, tasks, inputs)
+    options = options or RunnerOptions()
+    summary = run_tasks(tasks, write_output_shard, options, desc="reshard")
+    if _finish(output, tasks, inputs):
+        _record_lineage(output, shards, keep_files, settings, options, inputs, len(keep))
     return summary
+
+
+def _record_lineage(
+    output: Location,
+    shards: str,
+    keep_files: list[Location],
+    settings: dict[str, Any],
+    options: RunnerOptions,
+    inputs: list[InputShard],
+    uids: int,
+) -> None:
+    """The output folder's lineage: the settings (inputs apart: they are fingerprinted), samples in and out."""
+    params = {key: value for key, value in settings.items() if key not in ("shards", "keep")}
+    counts = {"samples_in": count_samples(expand_urls(shards)), "samples_out": sum(s.count for s in inputs),
+              "uids_kept": uids}  # fmt: skip
+    read = {"shards": shards, "keep": list(keep_files)}
+    write_lineage(output, "reshard", params=params, inputs=read, counts=counts, runner=options)
 
 
 def _input_tars(spec: str) -> list[Location]:
@@ -251,12 +271,14 @@ def _add(writer: ShardWriter, key: str, sample: dict) -> None:
     writer.add(key, sample[ext], sample["txt"], sample["json"], ext=ext, extras=extras)
 
 
-def _finish(output: Location, tasks: list[Task], inputs: list[InputShard]) -> None:
-    """Once every output shard is complete: write sizes.json and drop the selection files."""
+def _finish(output: Location, tasks: list[Task], inputs: list[InputShard]) -> bool:
+    """Once every output shard is complete: write sizes.json and drop the selection files; returns whether
+    it was (this process then writes the lineage)."""
     if not outputs.write_sizes_when_complete(output, [task.output for task in tasks]):
-        return
+        return False
     for shard in inputs:
         outputs.remove(shard.selection)
     if not outputs.is_remote(output):
         with contextlib.suppress(OSError):
             (output / SELECTION_DIR).rmdir()
+    return True

@@ -329,3 +329,21 @@ def selected(request, marker: str) -> bool:
     return any(
         item.path == request.path and item.get_closest_marker(marker) for item in request.session.items
     )
+
+
+def lineage_identity(data: bytes) -> dict:
+    """What two runs of one stage on the same data agree on in its lineage file (tests/data_tools/
+    test_lineage.py tests the rest): the stage's id (a digest of its name, settings and the fingerprints of
+    what it read and wrote), its counts, and its ancestors' ids; not when, where, or on which engine."""
+    doc = json.loads(data)
+    return {"id": doc["stage"]["id"], "counts": doc["stage"]["counts"], "ancestors": sorted(doc["ancestors"])}
+
+
+def shards_fingerprint(folder: Path) -> str:
+    """The shards fingerprint by its documented method (webshards/fingerprints.py), computed from the files:
+    sha256 over one `NAME<TAB>TAR BYTES<TAB>SAMPLES` line per shard of the folder, samples from sizes.json."""
+    import hashlib
+
+    sizes = json.loads((folder / "sizes.json").read_text())
+    lines = "".join(f"{name}\t{(folder / name).stat().st_size}\t{sizes[name]}\n" for name in sorted(sizes))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()

@@ -6,10 +6,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NoReturn
+
+_INVOCATION: dict[str, Any] = {}
+
+
+def invocation() -> tuple[list[str], float] | None:
+    """The command line (``PROG ARG ...``) and start time (epoch seconds) of the command this process runs, as
+    ``CommandLine.main`` noted them; None outside a command (a library call). Lineage records carry them."""
+    return (_INVOCATION["argv"], _INVOCATION["started"]) if _INVOCATION else None
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -65,6 +74,7 @@ class CommandLine:
 
     def main(self, argv: list[str] | None = None) -> int:
         """Parse ``argv`` (default: the process's), run the subcommand; returns the exit status."""
+        _INVOCATION.update(argv=[self.prog, *(sys.argv[1:] if argv is None else argv)], started=time.time())
         try:
             args = self.build_parser().parse_args(argv)
         except SystemExit as exit_:  # --help (0) or a bad argument (2): already printed

@@ -32,6 +32,7 @@ from webshards.layout import (
     stats_name,
     write_sizes,
 )
+from webshards.lineage import write_lineage
 from webshards.tasks import RunSummary, Task, check_settings, in_pool, run_incomplete
 
 # Saturated, far-apart colours so the colour word is unambiguous at 64 px.
@@ -152,6 +153,9 @@ def write_demo_data(
         "eval_sets": eval_sets,
     }
     write_json_atomic(output / "demo.json", info)  # last: demo.json appears only when all is written
+    counts = {"samples_out": settings["samples"], "eval_samples": settings["eval_samples"]}
+    for folder in (output / split for split in SPLIT_STREAMS if (output / split).is_dir()):
+        write_lineage(folder, "demo-data", params=settings, counts=counts)
     return {**info, "shards_written": len(summary.done), "shards_skipped": len(summary.skipped)}
 
 

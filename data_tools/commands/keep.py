@@ -34,11 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Combine the lists and print the counts of each and of the result."""
     from data_tools.keeplists import combine, read_keep_list, write_keep_list
+    from webshards.lineage import write_lineage
 
     operation = next(name for name in ("union", "intersect", "subtract") if getattr(args, name))
     files = getattr(args, operation)
     lists = [read_keep_list(f) for f in files]
     values, counts = combine(operation, lists)
     rows = write_keep_list(args.output, values, counts, args.format)
+    tally = {"samples_out": rows, "distinct": len(values), "lists": [int(c.sum()) for _, c in lists]}
+    write_lineage(args.output, "keep", params={"operation": operation}, inputs={"keep": files}, counts=tally)
     sizes = ", ".join(f"{f}: {int(c.sum())} uids ({len(v)} distinct)" for f, (v, c) in zip(files, lists))
     print(f"keep: {operation} of {sizes} -> {rows} uids ({len(values)} distinct) -> {args.output}")

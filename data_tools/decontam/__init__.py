@@ -29,6 +29,7 @@ from data_tools.embeddings import metadata_files, shard_index
 from data_tools.phases import input_fingerprint, release_scratch, run_phase, settings_key
 from data_tools.runner import RunnerOptions, Task
 from webshards import outputs
+from webshards.lineage import write_lineage
 from webshards.outputs import Location
 
 METHODS = ("exact", "perceptual", "semantic")
@@ -114,7 +115,29 @@ def decontaminate(
         report["seconds"] = round(time.perf_counter() - start, 3)
         outputs.write_json(outputs.join(output, "report.json"), report)
     release_scratch(scratch, work, options)
+    if report is not None:
+        record_lineage(output, shard_urls, eval_roots, embeddings, cfg, options, report)
     return report
+
+
+def record_lineage(
+    output: Location,
+    shard_urls: list[str],
+    eval_roots: list[str],
+    embeddings: Location | None,
+    cfg: DecontamConfig,
+    options: RunnerOptions,
+    report: dict[str, Any],
+) -> None:
+    """The output folder's lineage: the eval sets (inputs), training items removed, eval images found."""
+    found = {s["root"]: s["images_in_training"] for s in report["eval_sets"]}
+    counts = {"samples_in": report["items"], "samples_out": report["kept"], "removed": report["removed"],
+              "eval_images": report["eval_images"], "eval_images_in_training": found}  # fmt: skip
+    inputs = {"shards": shard_urls, "eval_sets": list(eval_roots), "embeddings": embeddings}
+    params = {"method": cfg.method, "threshold": None if cfg.method == "exact" else cfg.value}
+    made = {"keep": outputs.join(output, "keep.parquet")}
+    write_lineage(output, "decontaminate", params=params, inputs=inputs, counts=counts, outputs=made,
+                  runner=options)  # fmt: skip
 
 
 def _check_embedded(embeddings: Location, shard_urls: list[str]) -> None:

@@ -7,7 +7,7 @@ per group by a keep policy, ``duplicates.parquet`` + ``keep.parquet`` + ``report
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,8 @@ from data_tools.dedup.perceptual import DEFAULT_THRESHOLD
 from data_tools.dedup.semantic import DEFAULT_EPS, SemanticConfig, SemanticResult, metadata_tables
 from data_tools.dedup.semantic_job import semantic_job
 from data_tools.runner import RunnerOptions
+from webshards import outputs
+from webshards.lineage import write_lineage
 from webshards.outputs import Location
 
 METHODS = ("exact", "perceptual", "semantic")
@@ -69,6 +71,14 @@ class DedupConfig:
         return SemanticConfig(eps=eps, clusters=self.clusters, probes=self.probes, seed=self.seed)
 
 
+METHOD_PARAMS = {
+    "exact": lambda cfg: {"with_caption": cfg.with_caption},
+    "perceptual": lambda cfg: {"threshold_bits": cfg.bits},
+    "semantic": lambda cfg: asdict(cfg.semantic()),
+}
+"""The settings of each method that decide its groups, as its lineage records them."""
+
+
 def find_duplicates(
     output: Location,
     cfg: DedupConfig,
@@ -88,7 +98,30 @@ def find_duplicates(
         if not shard_urls:
             raise ValueError(f"--method {cfg.method} needs --shards")
         found = run_hashed(output, cfg, shard_urls, options)
-    return None if found is None else write_report(output, cfg, found, start)
+    if found is None:
+        return None
+    report = write_report(output, cfg, found, start)
+    record_lineage(output, cfg, options, shard_urls, embeddings, report)
+    return report
+
+
+def record_lineage(
+    output: Location,
+    cfg: DedupConfig,
+    options: RunnerOptions,
+    shard_urls: list[str] | None,
+    embeddings: Location | None,
+    report: dict[str, Any],
+) -> None:
+    """The output folder's lineage: the method's settings and the report's counts (groups, removed, ...)."""
+    counts = {"samples_in": report["items"], "samples_out": report["kept"]}
+    counts |= {
+        key: report[key] for key in ("groups", "in_groups", "removed", "exact", "unchecked") if key in report
+    }
+    inputs = {"embeddings": embeddings} if cfg.method == "semantic" else {"shards": shard_urls}
+    made = {"keep": outputs.join(output, "keep.parquet")}
+    params = {"method": cfg.method, "keep_policy": cfg.policy, **METHOD_PARAMS[cfg.method](cfg)}
+    write_lineage(output, "dedup", params=params, inputs=inputs, counts=counts, outputs=made, runner=options)
 
 
 def write_report(output: Location, cfg: DedupConfig, found: tuple[Any, ...], start: float) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from data_tools.metaclip.report import write_report
 from data_tools.phases import release_scratch, run_phase, settings_key
 from data_tools.runner import RunnerOptions, Task
 from webshards import outputs
+from webshards.lineage import write_lineage
 from webshards.outputs import Location
 
 MATCH_SCHEMA = pa.schema([("uid", pa.string()), ("entries", pa.list_(pa.int32()))])
@@ -71,7 +72,22 @@ def metaclip_job(
     pool = json.loads(outputs.read_bytes(outputs.with_name(count.output, "totals.json")))
     report = write_report(output, entries, cfg, outputs.load_npy(count.output), {**pool, **kept})
     release_scratch(scratch, work, options)
+    record_lineage(inputs, output, cfg, options, report)
     return report
+
+
+def record_lineage(
+    inputs: list[str], output: Location, cfg: MetaclipConfig, options: RunnerOptions, report: dict[str, Any]
+) -> None:
+    """The keep list's lineage: the entries file and the pool (shards, or the embeddings folder whose
+    metadata parquets were read), t and the match rule, pairs matched and kept."""
+    parquets = inputs and all(str(i).endswith(".parquet") for i in inputs)
+    pool = {"embeddings": str(inputs[0]).rsplit("/", 2)[0]} if parquets else {}  # DIR of DIR/metadata/x
+    read = {**pool, "shards": None if parquets else inputs, "entries": cfg.entries}
+    counts = {"samples_in": report["pool"], "samples_out": report["kept"]}
+    counts |= {key: report[key] for key in ("matched", "entries", "entries_matched", "head_entries")}
+    params = {"t": cfg.t, "seed": cfg.seed, "match": cfg.match}
+    write_lineage(output, "metaclip", params=params, inputs=read, counts=counts, runner=options)
 
 
 def match_task(task: Task) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import open_clip
 from safetensors.torch import save_file
 
+from pretrain.data.card import CARD_FILE
 from pretrain.models.build import load_checkpoint_model, resolve_model_name
 from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint, verify_checkpoint
 from pretrain.publish.model_card import model_card
@@ -31,8 +32,19 @@ def preprocess_cfg(model) -> dict:
     return cfg
 
 
+def copy_data_card(run_dir: Path, export_dir: Path) -> dict | None:
+    """Copy the run's `data_card.json` (which shards it read, how they were made) into the export; returns
+    it, or None when the run has none (the card then says the data's curation is not recorded)."""
+    card = run_dir / CARD_FILE
+    if not card.is_file():
+        return None
+    shutil.copyfile(card, export_dir / CARD_FILE)
+    return json.loads(card.read_text())
+
+
 def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -> Path:
-    """Write open_clip_config.json, open_clip_model.safetensors, tokenizer files and README.md to `output`;
+    """Write open_clip_config.json, open_clip_model.safetensors, tokenizer files, README.md and the run's
+    data_card.json (when it has one) to `output`;
     `weights="ensemble"` exports the checkpoint's running weight average instead of its weights."""
     folder = resolve_checkpoint(checkpoint)
     verify_checkpoint(folder)  # before any file of it is read
@@ -53,7 +65,8 @@ def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -
     if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers; open_clip's BPE needs no files
         bundle.tokenizer.save_pretrained(str(tmp))
     rows = read_metrics(folder.parent.parent / "metrics.jsonl")
-    card = model_card(name, config["model_cfg"], cfg, rows, state["step"], str(folder))
+    data = copy_data_card(folder.parent.parent, tmp)
+    card = model_card(name, config["model_cfg"], cfg, rows, state["step"], str(folder), data)
     (tmp / "README.md").write_text(card)
     if out.exists():
         shutil.rmtree(out)

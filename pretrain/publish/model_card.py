@@ -14,6 +14,7 @@ import json
 
 import yaml
 
+from pretrain.publish.data_card import training_data_section
 from pretrain.training.metrics import EVAL_NOT_METRICS
 
 # Eval task kind -> (model-index task type, human name). The Hub has no pipeline tag for image-text
@@ -100,11 +101,14 @@ def eval_table(evals: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def model_card(name: str, model_cfg: dict, cfg: dict, rows: list[dict], step: int, source: str) -> str:
-    """README.md of an export: front matter, usage, data, samples seen, eval table, training config.
+def model_card(
+    name: str, model_cfg: dict, cfg: dict, rows: list[dict], step: int, source: str, data: dict | None = None
+) -> str:
+    """README.md of an export: front matter, usage, data, samples seen, training data, eval table, config.
 
     `name` is the open_clip architecture, `cfg` the run's (redacted) config, `rows` its metrics.jsonl
-    lines, `step` the exported checkpoint's step and `source` the checkpoint it came from.
+    lines, `step` the exported checkpoint's step, `source` the checkpoint it came from and `data` the run's
+    data card (`data_card.json`; None: the section says the curation is not recorded).
     """
     evals = latest_evals(rows, step)
     run_cfg = cfg.get("run", {})
@@ -129,6 +133,9 @@ tokenizer = open_clip.get_tokenizer("local-dir:PATH_TO_THIS_FOLDER")
 - data: `{cfg.get("data", {}).get("train", "unknown")}`
 - steps: {step}
 - samples seen: {seen if seen is not None else "unknown"}
+
+## Training data
+{training_data_section(data)}
 
 ## Evaluation
 {eval_table(evals)}

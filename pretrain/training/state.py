@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config, redacted, save_config
+from pretrain.data.card import record_data_card
 from pretrain.models import checkpoint as ckpt
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.distributed import DistInfo, barrier, gather_objects, world
@@ -129,7 +130,7 @@ class CheckpointManager:
         self.remote = remote.build_uploader(self.cfg, self.info.is_main)
 
     def _prepare_run_dir(self) -> Path | None:
-        """Create the run directory, write the resolved config, and pick the checkpoint to resume."""
+        """Create the run directory, write the resolved config and the data card, and pick the checkpoint to resume."""
         run_dir = self.cfg.run_dir
         # Workers torchrun restarted after a failure continue the newest checkpoint (restart.py)
         self.cfg = restart.resume_after_restart(self.cfg, self.info.is_main, self.device)
@@ -150,6 +151,7 @@ class CheckpointManager:
         if self.info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
+            record_data_card(self.cfg.data.train, self.cfg.data.train_weights, run_dir, folder is not None)
             restart.record_launch(self.cfg)
         return folder
 

@@ -69,6 +69,9 @@ def outputs(keep: Path) -> dict[str, bytes]:
     files = {p.name.replace(keep.stem, "KEEP"): p.read_bytes() for p in keep.parent.iterdir() if p.is_file()}
     summary = json.loads(files.pop("KEEP_summary.json"))
     summary["keep_list"] = Path(summary["keep_list"]).name
+    files.pop(
+        "KEEP_lineage.json", None
+    )  # the job's record of itself (test_lineage.py); references write none
     return {**files, "summary": json.dumps(summary).encode()}
 
 

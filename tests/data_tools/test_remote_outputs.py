@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import moto_s3, write_image_folder
+from helpers import lineage_identity, moto_s3, write_image_folder
 
 import data_tools.phases
 import webshards.outputs
@@ -35,6 +35,8 @@ VARYING_KEYS = {
 
 
 def comparable(name: str, data: bytes) -> bytes | dict:
+    if name.endswith("lineage.json"):  # names its locations and times: compared by what the stage did
+        return lineage_identity(data)
     for suffix, varying in VARYING_KEYS.items():
         if name.endswith(suffix):
             return {k: v for k, v in json.loads(data).items() if k not in varying}
@@ -193,6 +195,7 @@ def test_filter_from_and_to_s3_equals_local_and_leaves_no_scratch(tmp_path: Path
     assert sorted(files) == [
         "keep.npy",
         "keep.parquet",
+        "keep_lineage.json",
         "keep_scores.png",
         "keep_summary.json",
     ]  # no keep_work/

@@ -208,6 +208,7 @@ def test_two_ranks_write_the_local_files(demo, local_run, tmp_path: Path) -> Non
     assert sorted(p.name for p in output.parent.iterdir()) == [
         "keep.parquet",
         "keep_languages.parquet",
+        "keep_lineage.json",
         "keep_summary.json",
     ]
 
