@@ -19,6 +19,7 @@ OPERATIONAL = {
 }  # fmt: skip
 """Settings that change how a stage runs or stores, not which samples survive: left out of the summary."""
 IN_OUT = ("samples_in", "samples_out")
+LIST_SHOWN = 5
 
 
 def summary_lines(doc: dict[str, Any], markdown: bool = True) -> list[str]:
@@ -51,10 +52,14 @@ def _flow(into: Any, out: Any) -> str:
 
 
 def _pairs(values: dict[str, Any]) -> str:
-    """`key=value` for scalars that are set, `key: a 1, b 2` for a dict of counts."""
+    """`key=value` for scalars that are set, `key=a,b` for a list of scalars (the first few), `key: a 1, b 2`
+    for a dict of counts."""
     shown = []
     for key, value in values.items():
-        if isinstance(value, dict):
+        if isinstance(value, list) and value and not any(isinstance(v, (dict, list)) for v in value):
+            more = ",…" if len(value) > LIST_SHOWN else ""
+            shown.append(f"{key}={','.join(_value(v) for v in value[:LIST_SHOWN])}{more}")
+        elif isinstance(value, dict):
             inner = ", ".join(f"{k} {_value(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
             shown += [f"{key}: {inner}"] if inner else []
         elif value is not None and not isinstance(value, list) and value is not False:
