@@ -16,7 +16,6 @@ fingerprint of what it describes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 from collections.abc import Iterable
@@ -24,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from webshards import outputs
-from webshards.layout import SIZES_FILE, stats_name
 from webshards.outputs import Location
-from webshards.spec import expand_urls
+from webshards.spec import expand_urls, shard_sample_counts
 from webshards.urls import local_path, open_url, redact_url, url_to_fs
 
 METHODS = {
@@ -83,32 +81,13 @@ def is_folder(location: Location) -> bool:
 def shards_record(role: str, urls: list[str], shown: str) -> dict[str, Any]:
     """A shards input: how many, their samples (None when a count is unknown) and their fingerprint."""
     urls = [str(u) for u in urls]
-    counts, sizes = _sample_counts(urls), _byte_sizes(urls)
+    counts, sizes = shard_sample_counts(urls), _byte_sizes(urls)
     digest = hashlib.sha256()
     for url, count, size in zip(urls, counts, sizes):
         digest.update(f"{posixpath.basename(url.partition('?')[0])}\t{size}\t{count}\n".encode())
     known = None if None in counts else sum(counts)
     return {"role": role, "kind": "shards", "location": shown, "shards": len(urls), "samples": known,
             "fingerprint": f"sha256:{digest.hexdigest()}", "method": METHODS["shards"]}  # fmt: skip
-
-
-def _sample_counts(urls: list[str]) -> list[int | None]:
-    """Samples per shard: from its folder's sizes.json (read once per folder), else its _stats.json."""
-    sizes: dict[str, dict] = {}
-    counts = []
-    for url in urls:
-        folder, name = posixpath.split(url)
-        if url.startswith("pipe:"):
-            counts.append(None)
-            continue
-        if folder not in sizes:
-            sizes[folder] = _read_json(posixpath.join(folder, SIZES_FILE)) or {}
-        count = sizes[folder].get(name)
-        if count is None:
-            stats = _read_json(posixpath.join(folder, stats_name(name))) or {}
-            count = stats.get("successes", stats.get("count"))
-        counts.append(None if count is None else int(count))
-    return counts
 
 
 def _byte_sizes(urls: list[str]) -> list[int | None]:
@@ -140,14 +119,6 @@ def _listing(folder: str) -> dict[str, int]:
         return {posixpath.basename(e["name"]): int(e["size"]) for e in fs.ls(base, detail=True)}
     except (OSError, ValueError, ImportError):
         return {}
-
-
-def _read_json(url: str) -> dict | None:
-    try:
-        with open_url(url, retries=0) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
 
 
 def folder_record(role: str, location: Location) -> dict[str, Any]:

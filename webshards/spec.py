@@ -68,23 +68,29 @@ def _read_json(url: str) -> dict | None:
         return None
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Samples in these shards from `sizes.json` (one read per folder) or each shard's `_stats.json`."""
-    total, sizes_by_dir = 0, {}
+def shard_sample_counts(urls: list[str]) -> list[int | None]:
+    """Samples per shard from its folder's `sizes.json` (one read per folder), else its `_stats.json`; None
+    where neither says (and for `pipe:` sources)."""
+    counts, sizes_by_dir = [], {}
     for url in urls:
         folder, name = _shard_dir_and_name(url)
         if not name:
-            return None
+            counts.append(None)
+            continue
         if folder not in sizes_by_dir:
             sizes_by_dir[folder] = _read_json(posixpath.join(folder, SIZES_FILE)) or {}
         n = sizes_by_dir[folder].get(name)
         if n is None:
-            stats = _read_json(posixpath.join(folder, stats_name(name)))
-            n = None if stats is None else stats.get("successes", stats.get("count"))
-        if n is None:
-            return None
-        total += int(n)
-    return total
+            stats = _read_json(posixpath.join(folder, stats_name(name))) or {}
+            n = stats.get("successes", stats.get("count"))
+        counts.append(None if n is None else int(n))
+    return counts
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in these shards (see ``shard_sample_counts``); None when any shard's count is unknown."""
+    counts = shard_sample_counts(urls)
+    return None if None in counts else sum(counts)
 
 
 def parse_spec(spec: str, weights: list[float] | None = None, need_counts: bool = False) -> list[Source]:
