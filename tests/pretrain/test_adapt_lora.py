@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from pretrain.adapt.glad import GLADConfig, glad_objective
 from pretrain.adapt.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora
-from pretrain.models.build import register_model_configs
+from pretrain.models.build import MODEL_CONFIG_DIR, register_model_configs
 from pretrain.publish.export import preprocess_cfg
 
 ALL = ("q", "k", "v", "out", "mlp")
@@ -32,6 +32,7 @@ def base() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """8 images of 4 classes, and the classes' prompts tokenized by open_clip."""
+    register_model_configs()
     g = torch.Generator().manual_seed(1)
     labels = torch.arange(8) % 4
     images = torch.randn(8, 3, 64, 64, generator=g) + labels.view(-1, 1, 1, 1).float()
@@ -189,3 +190,26 @@ def test_bad_lora_config_names_the_field(kwargs, key) -> None:
 def test_layers_out_of_range_name_the_field(base) -> None:
     with pytest.raises(ValueError, match="lora.layers"):
         apply_lora(copy.deepcopy(base), LoRAConfig(layers=(5,)))
+
+
+def test_custom_blocks_and_custom_text_tower(batch, tmp_path) -> None:
+    """open_clip's own `Attention` (a bare packed in_proj_weight) in a CustomTextCLIP: adapted and merged
+    the same way."""
+    cfg = json.loads((MODEL_CONFIG_DIR / "tiny-clip.json").read_text())
+    cfg["custom_text"] = True
+    cfg["vision_cfg"]["block_type"] = cfg["text_cfg"]["block_type"] = "custom"
+    (tmp_path / "tiny-clip-custom.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-clip-custom.json")
+    torch.manual_seed(0)
+    base = open_clip.create_model("tiny-clip-custom").eval().requires_grad_(False)
+    model = copy.deepcopy(base)
+    apply_lora(model, LoRAConfig(targets=ALL))
+    assert isinstance(model.text.transformer.resblocks[0].attn, open_clip.transformer.Attention)
+    for ours, theirs in zip(embeddings(model, batch), embeddings(base, batch)):
+        assert torch.equal(ours, theirs)
+    train(model, batch, steps=2)
+    unmerged = embeddings(model, batch)
+    merge_lora(model)
+    assert set(model.state_dict()) == set(base.state_dict())
+    for ours, ref in zip(embeddings(model, batch), unmerged):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
