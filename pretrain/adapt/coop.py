@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.adapt.prompts import POSITIONS, build_layout, context_from_text, encode_embeddings, text_tower
+from pretrain.adapt.prompts import (
+    POSITIONS,
+    build_layout,
+    context_from_text,
+    encode_embeddings,
+    insert_context,
+    text_tower,
+)
 
 DEFAULT_N_CTX = 16
 """The paper's number of context vectors for a random initialisation."""
@@ -82,6 +89,7 @@ class PromptLearner(nn.Module):
         super().__init__()
         self.clip = model.eval().requires_grad_(False)
         self.classnames = list(classnames)
+        self.tokenizer, self.position = tokenizer, cfg.class_token_position
         tower = text_tower(model)  # looked up again at each use: moving the model replaces its buffers
         context = _initial_context(tower, tokenizer, cfg, len(self.classnames), generator)
         layout = build_layout(tokenizer, self.classnames, context.shape[-2], cfg.class_token_position)
@@ -98,15 +106,28 @@ class PromptLearner(nn.Module):
 
     def prompts(self) -> torch.Tensor:
         """Token embeddings `[C, L, width]` of the class prompts with the context in its slots."""
-        ctx = self.context()
-        classes, width = len(self.classnames), self.base.shape[-1]
-        ctx = ctx.expand(classes, -1, -1) if ctx.dim() == 2 else ctx
-        index = self.context_index.unsqueeze(-1).expand(-1, -1, width)
-        return self.base.scatter(1, index, ctx.to(self.base.dtype))
+        return insert_context(self.base, self.context_index, self.context())
 
     def text_features(self) -> torch.Tensor:
         """Normalised class text features `[C, D]`: the classifier's weights."""
         return F.normalize(encode_embeddings(text_tower(self.clip), self.prompts(), self.tokens), dim=-1)
+
+    @torch.no_grad()
+    def classifier(self, classnames: Sequence[str]) -> torch.Tensor:
+        """The classifier `[D, C]` (as open_clip's `build_zero_shot_classifier` returns it) for any class
+        names with the learned context: base-to-novel and cross-dataset evaluation. Class-specific context
+        exists only for the classes it was trained on (a one-line ValueError otherwise)."""
+        if list(classnames) == self.classnames:
+            return self.text_features().t()
+        if self.ctx.dim() == 3:
+            raise ValueError("class_specific: a class-specific context has no vectors for other classes")
+        tower, context = text_tower(self.clip), self.context()
+        layout = build_layout(self.tokenizer, list(classnames), context.shape[-2], self.position)
+        tokens = layout.tokens.to(self.tokens.device)
+        prompts = insert_context(
+            tower.token_embedding(tokens), layout.context_index.to(tokens.device), context
+        )
+        return F.normalize(encode_embeddings(tower, prompts, tokens), dim=-1).t()
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """Logits `[B, C]` = logit_scale * cos(image features, class text features)."""
@@ -151,6 +172,18 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
 def prompt_state(learner: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors only (context, encoder): what a saved prompt learner needs beyond the model."""
     return {n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad}
+
+
+def load_prompt_state(learner: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put `prompt_state`'s tensors back into a learner built with the same config and classes; a missing or
+    extra name is a one-line ValueError."""
+    own = dict(learner.named_parameters())
+    wanted = {n for n, p in own.items() if p.requires_grad}
+    if set(state) != wanted:
+        raise ValueError(f"prompt state: holds {sorted(state)}, the learner trains {sorted(wanted)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
 
 
 def build_optimizer(learner: nn.Module, cfg: CoOpConfig, steps: int, warmup_steps: int = 0):

@@ -93,6 +93,15 @@ class PromptLayout:
     context_index: torch.Tensor
 
 
+def insert_context(base: torch.Tensor, context_index: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Prompt embeddings `[C, L, width]`: `base` (the tokens' own embeddings) with the context vectors
+    (`[M, width]` shared, or `[C, M, width]` per class) in the slots `context_index` `[C, M]`."""
+    classes, width = base.shape[0], base.shape[-1]
+    context = context.expand(classes, -1, -1) if context.dim() == 2 else context
+    index = context_index.unsqueeze(-1).expand(-1, -1, width)
+    return base.scatter(1, index, context.to(base.dtype))
+
+
 def name_length(tokenizer, name: str) -> int:
     """How many tokens `name` takes (open_clip's tokenizers add start and end tokens and pad with 0)."""
     return int((tokenizer([name])[0] != 0).sum()) - 2

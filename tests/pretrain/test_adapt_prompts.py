@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from open_clip import build_zero_shot_classifier
 
-from pretrain.adapt.coop import CoOpConfig, build_coop, fit_prompts, parameter_counts, prompt_state
+from pretrain.adapt.coop import (
+    CoOpConfig,
+    build_coop,
+    fit_prompts,
+    load_prompt_state,
+    parameter_counts,
+    prompt_state,
+)
 from pretrain.adapt.pre import PREConfig, build_pre
 from pretrain.config import ModelConfig
 from pretrain.models.build import build_model
@@ -68,6 +75,31 @@ def test_class_name_positions_spell_the_sentence(clip, position, sentence):
         ours = build_coop(model, tokenizer, CLASSES, cfg).text_features()
         reference = model.encode_text(tokenizer([sentence.format(c) for c in CLASSES]), normalize=True)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+
+
+def test_classifier_for_novel_classes_uses_the_learned_context(clip, features):
+    """Base-to-novel: the context from "a photo of a" on names it was not built with is open_clip's zero-shot
+    classifier of those names; after training, the classifier of the training names gives the learner's own
+    logits, and a saved prompt state put into a fresh learner gives them again."""
+    model, tokenizer = clip
+    novel = ["green triangle", "cat", "yellow star"]
+    learner = build_coop(model, tokenizer, CLASSES[:2], CoOpConfig(ctx_init="a photo of a"))
+    reference = build_zero_shot_classifier(model, tokenizer, novel, ["a photo of a {}."])
+    torch.testing.assert_close(learner.classifier(novel), reference, atol=1e-6, rtol=0)
+    cfg = PREConfig(lr=0.05, batch_size=20)
+    torch.manual_seed(4)
+    trained = build_pre(model, tokenizer, CLASSES, cfg)
+    fit_prompts(trained, *features, cfg, steps=2)
+    image = F.normalize(features[0], dim=-1)
+    with torch.no_grad():
+        logits = trained(features[0])
+        torch.testing.assert_close(model.logit_scale.exp() * image @ trained.classifier(CLASSES), logits)
+        fresh = build_pre(model, tokenizer, CLASSES, cfg)
+        load_prompt_state(fresh, prompt_state(trained))
+        torch.testing.assert_close(fresh(features[0]), logits)
+    csc = build_coop(model, tokenizer, CLASSES, CoOpConfig(class_specific=True))
+    with pytest.raises(ValueError, match="^class_specific: "):
+        csc.classifier(novel)
 
 
 def lstm_direction(x: torch.Tensor, w_ih, w_hh, b_ih, b_hh) -> torch.Tensor:
