@@ -78,6 +78,11 @@ class CoOpConfig:
             return self.epochs
         return 200 if shots >= 8 else 100 if shots >= 2 else 50
 
+    def steps_for(self, samples: int, shots: int) -> int:
+        """Optimizer steps for `epochs_for(shots)` passes over `samples` training images in batches of
+        `batch_size` (for a loop that counts steps)."""
+        return self.epochs_for(shots) * math.ceil(samples / min(self.batch_size, samples))
+
 
 class PromptLearner(nn.Module):
     """Learned prompts for `classnames` in front of a frozen open_clip model: `forward(image_features)`

@@ -185,6 +185,13 @@ def test_bad_config_names_the_field(kwargs, field):
         CoOpConfig(**kwargs)
 
 
+def test_schedules_follow_the_papers():
+    """CoOp: 200 epochs for 8-16 shots, 100 for 2-4, 50 for 1; PRE: 50. 16 shots x 10 classes in batches of 32
+    is 5 steps an epoch."""
+    assert [CoOpConfig().epochs_for(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert CoOpConfig().steps_for(160, 16) == 1000 and PREConfig().steps_for(160, 16) == 250
+
+
 def test_refusals_name_the_problem(clip):
     model, tokenizer = clip
     with pytest.raises(ValueError, match="^n_ctx: 16 differs from the 4 tokens"):
