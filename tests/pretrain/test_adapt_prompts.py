@@ -6,6 +6,9 @@ from its equations; a few steps lower the loss and move only the prompt paramete
 
 from __future__ import annotations
 
+import json
+
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ from pretrain.adapt.coop import (
 )
 from pretrain.adapt.pre import PREConfig, build_pre
 from pretrain.config import ModelConfig
-from pretrain.models.build import build_model
+from pretrain.models.build import MODEL_CONFIG_DIR, build_model
 
 # One-token and several-token names, and one the tokenizer splits at a hyphen.
 CLASSES = ["dog", "red square", "hot air balloon", "x-ray", "blue circle"]
@@ -45,6 +48,19 @@ def features(clip):
         return model.encode_image(images), torch.arange(20) % len(CLASSES)
 
 
+@pytest.fixture(scope="module")
+def custom_text_clip(tmp_path_factory):
+    """tiny-clip as open_clip's `CustomTextCLIP` (`custom_text`: the text tower is a `TextTransformer` held as
+    `model.text`, the layout of many open_clip models)."""
+    config = json.loads((MODEL_CONFIG_DIR / "tiny-clip.json").read_text()) | {"custom_text": True}
+    path = tmp_path_factory.mktemp("models") / "tiny-clip-custom-text.json"
+    path.write_text(json.dumps(config))
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name=str(path)))
+    assert isinstance(bundle.model, open_clip.CustomTextCLIP)
+    return bundle.model.eval(), bundle.tokenizer
+
+
 def zero_shot_logits(model, tokenizer, image_features: torch.Tensor, template: str) -> torch.Tensor:
     """The reference: open_clip's zero-shot classifier of one template, times the model's logit scale."""
     classifier = build_zero_shot_classifier(model, tokenizer, CLASSES, [template])
@@ -62,6 +78,15 @@ def test_coop_from_a_photo_of_a_is_the_zero_shot_classifier(clip, features, clas
     reference = zero_shot_logits(model, tokenizer, features[0], "a photo of a {}.")
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
     assert learner.ctx.shape == ((len(CLASSES), 4, WIDTH) if class_specific else (4, WIDTH))
+
+
+def test_custom_text_towers_too(custom_text_clip, features):
+    model, tokenizer = custom_text_clip
+    learner = build_coop(model, tokenizer, CLASSES, CoOpConfig(ctx_init="a photo of a"))
+    with torch.no_grad():
+        logits = learner(features[0])
+    reference = zero_shot_logits(model, tokenizer, features[0], "a photo of a {}.")
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
