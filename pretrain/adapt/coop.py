@@ -121,7 +121,8 @@ class PromptLearner(nn.Module):
     def classifier(self, classnames: Sequence[str]) -> torch.Tensor:
         """The classifier `[D, C]` (as open_clip's `build_zero_shot_classifier` returns it) for any class
         names with the learned context: base-to-novel and cross-dataset evaluation. Class-specific context
-        exists only for the classes it was trained on (a one-line ValueError otherwise)."""
+        exists only for the classes it was trained on (a one-line ValueError otherwise). Call it in eval mode
+        (PRE with 2 LSTM layers has dropout)."""
         if list(classnames) == self.classnames:
             return self.text_features().t()
         if self.ctx.dim() == 3:
