@@ -1,7 +1,7 @@
 """The Ray engine on a real two-node Ray cluster (tests/ray_cluster.py, the session fixture of conftest.py):
 the whole curation chain, build → embed → filter (by score; by caption and size from the shards) → dedup (exact,
-perceptual, semantic) → metaclip → reshard, each stage on the previous stage's output of the same engine, writes
-the same files as the local engine; so do a build and a reshard to S3; and a build survives the loss of a node.
+perceptual, semantic) → image-based filter → decontaminate → metaclip → reshard, each stage on the previous
+stage's output of the same engine, writes the same files as the local engine; so do a build and a reshard to S3; and a build survives the loss of a node.
 
 Everything that needs the cluster is in this one module: `pytest -n 2 --dist loadfile` then starts one."""
 
@@ -120,6 +120,9 @@ def curate(
     emb, phases = root / "emb", ["--partitions", str(PARTITIONS)]
     entries = inputs.parent / "entries.txt"
     entries.write_text("word\nword word word\nnear\n")  # captions are "word" x (i + 1) and "a near copy"
+    targets = inputs.parent / "targets"  # an eval "set" for the image-based filter and decontamination
+    targets.mkdir(exist_ok=True)
+    shutil.copy(inputs / "img001.png", targets / "img001.png")
     stages = [
         ["build", "--input", str(inputs), "--output", str(root / "build"), "--samples-per-shard", "3",
          "--image-size", "32"],
@@ -131,6 +134,10 @@ def curate(
         ["dedup", "--method", "perceptual", "--shards", shards, "--output", str(root / "phash"), *phases],
         ["dedup", "--method", "semantic", "--embeddings", str(emb), "--clusters", "2", "--threshold", "0.001",
          "--output", str(root / "semantic"), *phases],
+        ["filter", "--embeddings", str(emb), "--target", str(targets), "--clusters", "3", "--output",
+         str(root / "image_keep.parquet")],
+        ["decontaminate", "--shards", shards, "--eval-set", str(targets), "--method", "perceptual", "--output",
+         str(root / "decontam")],
         ["metaclip", "--shards", shards, "--entries", str(entries), "--t", "3", "--output",
          str(root / "metaclip.parquet")],
         ["reshard", "--shards", shards, "--keep", str(root / "keep.parquet"), "--samples-per-shard", "2",
@@ -179,6 +186,10 @@ def test_curation_pipeline_on_ray_equals_local(cluster: RayCluster, tmp_path: Pa
     assert sum(json.loads((ray / "curated" / "sizes.json").read_text()).values()) == kept
     balanced = json.loads((ray / "metaclip_entry_counts.json").read_text())["entry_counts"]
     assert {e: c["before"] for e, c in balanced.items()} == {"word": 10, "word word word": 7, "near": 1}
+    decontam = json.loads((ray / "decontam" / "report.json").read_text())  # img001 and its copy img901
+    assert decontam["eval_sets"][0]["training_removed"] >= 2, decontam
+    image_based = json.loads((ray / "image_keep_summary.json").read_text())
+    assert 0 < image_based["kept"] < 11, image_based  # the target's cluster, not all three
     text = json.loads((ray / "text_keep_summary.json").read_text())  # "word" (4 characters) fails
     assert (
         text["samples"] == 11
