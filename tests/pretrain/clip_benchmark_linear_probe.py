@@ -4,7 +4,8 @@ open_clip's model and transform, for the images `pretrain adapt` chose (its shot
 
 Run in a subprocess with clip_benchmark on PYTHONPATH. clip_benchmark asserts CUDA and moves tensors with
 `.cuda()` / `.to("cuda")`: on a CPU-only machine those are made no-ops below, which changes where, not what, it
-computes (amp off). Prints one JSON object: clip_benchmark's result dict.
+computes (amp off). Prints clip_benchmark's result dict as a JSON line: without a validation split (weight
+decay 0), then, with VAL_JSON (a list of train-split keys), with its weight-decay sweep on those images.
 
     python clip_benchmark_linear_probe.py EXPORT_DIR SET_ROOT SHOTS_JSON WORK_DIR [VAL_JSON]
 """
@@ -70,12 +71,13 @@ def main(export: str, root: str, shots_json: str, work: str, val_json: str | Non
         features, targets = featurize(featurizer, preprocess, items)
         torch.save(features, feature_dir / f"features_{name}.pt")
         torch.save(targets, feature_dir / f"targets_{name}.pt")
-    result = linear_probe.evaluate(
-        model, None, None, fewshot_k=shots["shots"], batch_size=64, num_workers=0, lr=0.1, epochs=10,
-        model_id="model", seed=0, feature_root=work, device="cuda", val_dataloader=[] if val_json else None,
-        normalize=True, amp=False,
-    )  # fmt: skip
-    print(json.dumps(result))
+    for val in [None, []] if val_json else [None]:  # any val_dataloader but None: read features_val.pt
+        result = linear_probe.evaluate(
+            model, None, None, fewshot_k=shots["shots"], batch_size=64, num_workers=0, lr=0.1, epochs=10,
+            model_id="model", seed=0, feature_root=work, device="cuda", val_dataloader=val, normalize=True,
+            amp=False,
+        )  # fmt: skip
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

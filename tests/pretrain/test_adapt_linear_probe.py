@@ -72,24 +72,26 @@ def row(output: Path) -> dict:
     return json.loads((output / "results.jsonl").read_text().splitlines()[0])
 
 
-@pytest.mark.parametrize("search", [False, True], ids=["weight-decay-0", "weight-decay-sweep"])
-def test_accuracy_and_weight_decay_equal_clip_benchmark(setup, tmp_path, search):
-    assert adapt(setup, tmp_path / "ours", f"search_weight_decay={str(search).lower()}") == 0
-    ours = row(tmp_path / "ours")
-    args = [str(setup[0]), str(setup[1]), str(tmp_path / "ours" / "shots.json"), str(tmp_path / "reference")]
-    if search:  # clip_benchmark sweeps on the validation images we chose (they are not shots)
-        pool = read_labels(str(setup[1]), "train")
-        shots = sample_shots(pool, SHOTS, [str(i) for i in range(16)], seed=0)
-        (tmp_path / "val.json").write_text(json.dumps(list(validation_split(pool, shots, 16, 0).keys)))
-        args.append(str(tmp_path / "val.json"))
+def test_accuracy_and_weight_decay_equal_clip_benchmark(setup, tmp_path):
+    """Weight decay 0 (no validation split), then clip_benchmark's sweep on the same validation images."""
+    ours = {}
+    for search in ("false", "true"):
+        assert adapt(setup, tmp_path / search, f"search_weight_decay={search}") == 0
+        adapter = json.loads((tmp_path / search / "model" / "adapter.json").read_text())
+        ours[search] = {**row(tmp_path / search), "weight_decay": adapter["weight_decay"]}
+    pool = read_labels(str(setup[1]), "train")
+    shots = sample_shots(pool, SHOTS, [str(i) for i in range(16)], seed=0)
+    (tmp_path / "val.json").write_text(json.dumps(list(validation_split(pool, shots, 16, 0).keys)))
+    args = [*map(str, setup), str(tmp_path / "false" / "shots.json"), str(tmp_path / "reference"), str(tmp_path / "val.json")]  # fmt: skip
     env = command_env({"PYTHONPATH": f"{clip_benchmark_packages()}:{ROOT}"})
     proc = subprocess.run([sys.executable, str(REFERENCE), *args], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reference = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert abs(ours["top1"] - reference["lp_acc1"]) <= 0.005, (ours, reference)
-    assert abs(ours["mean_per_class_recall"] - reference["lp_mean_per_class_recall"]) <= 0.005
-    adapter = json.loads((tmp_path / "ours" / "model" / "adapter.json").read_text())
-    assert adapter["weight_decay"] == pytest.approx(reference["weight_decay"])
+    references = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for mine, reference in zip((ours["false"], ours["true"]), references, strict=True):
+        assert abs(mine["top1"] - reference["lp_acc1"]) <= 0.005, (mine, reference)
+        assert abs(mine["mean_per_class_recall"] - reference["lp_mean_per_class_recall"]) <= 0.005
+        assert mine["weight_decay"] == pytest.approx(reference["weight_decay"])
+    print(ours, references)
 
 
 def test_two_ranks_train_the_same_head_as_one(setup, tmp_path):
