@@ -132,7 +132,7 @@ def train(
     loss = torch.zeros(())
     for step in range(start, cfg.steps):
         indices = batch_indices(step, batch, samples, cfg.seed)[rank * share : (rank + 1) * share]
-        generator = torch.Generator().manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)
+        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from pretrain.adapt.registry import METHODS
@@ -21,7 +21,13 @@ DESCRIPTION = (
     "DIR/results.md, the adapted model in DIR/model and resumable checkpoints in DIR/checkpoints (a rerun "
     "with the same settings resumes). Under torchrun the training runs on every rank (DDP). Methods: "
     + "; ".join(f"{name}: {spec.trains}" for name, spec in METHODS.items())
-    + ". Hyper-parameters as KEY=VALUE (docs/adaptation.md lists each method's keys and defaults)."
+    + ". Hyper-parameters as KEY=VALUE (docs/adaptation.md says what each means); keys and defaults: "
+    + "; ".join(
+        f"{name}: " + ", ".join(f"{f.name}={getattr(spec.config(), f.name)}" for f in fields(spec.config))
+        for name, spec in METHODS.items()
+        if spec.config is not None
+    )
+    + "."
 )
 SETTINGS_FILE = "adapt.json"
 
@@ -52,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="base-to-novel: train on the first half of the classes, score base and novel classes apart "
         "(default: %(default)s)")  # fmt: skip
     add("--seed", type=int, default=0, help="seeds the shot draw and the training (default: %(default)s)")
-    add("--device", default="cpu", choices=["cpu", "cuda"])
+    add(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: this rank's GPU (default: %(default)s)",
+    )
     add("overrides", nargs="*", metavar="KEY=VALUE", help="the method's hyper-parameters (e.g. lr=0.01)")
 
 
@@ -139,7 +150,7 @@ def prepare(args: argparse.Namespace, device, is_main: bool):
         write_shots(output, shots, classnames, args.shots, args.seed)
     bundle = load_trained(args.checkpoint, device)
     cache = output / "features" if is_main else None
-    tag = f"{Path(str(args.checkpoint)).name}-{_digest(str(Path(str(args.checkpoint)).resolve()))}"
+    tag = f"{Path(str(args.checkpoint)).name}-{weights_digest(bundle.model)}"
     run = AdaptRun(bundle, str(args.checkpoint), device, tuple(classnames), train_set.templates, shots, pool,
                    output, args.seed, cache, tag)  # fmt: skip
     return run, args.shots
@@ -167,7 +178,13 @@ def read_labels_checked(root: str, classes: int):
     return images
 
 
-def _digest(text: str) -> str:
+def weights_digest(model) -> str:
+    """A short fingerprint of the model's weights (shapes and the first values of every tensor): names its
+    feature cache, so a run directory whose `latest` moved on never reuses stale features."""
     import hashlib
 
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]

@@ -23,12 +23,12 @@ import torch
 from helpers import ROOT, command_env, torchrun, write_export
 from safetensors.torch import load_file
 
+from data_tools.cli import main as data_tools_main
 from pretrain.adapt.data import LabelledImages, read_labels
 from pretrain.adapt.fewshot import sample_shots
 from pretrain.adapt.linear_probe import validation_split
 from pretrain.adapt.results import evaluate, harmonic_mean
 from pretrain.cli import main
-from webshards.demo_data import write_demo_data
 
 REQUIREMENTS = ROOT / "tests" / "requirements-clip-benchmark.txt"
 REFERENCE = Path(__file__).with_name("clip_benchmark_linear_probe.py")
@@ -58,7 +58,8 @@ def clip_benchmark_packages() -> Path:
 def setup(tmp_path_factory) -> tuple[Path, Path]:
     """(export folder, adaptation set): 16 classes, 16 labelled train images and 8 test images each."""
     tmp = tmp_path_factory.mktemp("adapt")
-    write_demo_data(tmp / "demo", samples=16, eval_samples=128, adapt_samples=256, workers=1, domain="new")
+    args = ["demo-data", "--output", str(tmp / "demo"), "--domain", "new", "--samples", "16"]
+    assert data_tools_main([*args, "--eval-samples", "128", "--adapt-samples", "256", "--workers", "1"]) == 0
     return write_export(tmp / "export"), tmp / "demo" / "adapt"
 
 

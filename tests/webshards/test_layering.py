@@ -98,6 +98,7 @@ PRETRAIN_LAYERS = (
     ("evaluation",),
     ("training",),
     ("publish",),
+    ("adapt",),
     ("train", "torchrun", "demo"),
     ("commands",),
     ("cli",),
