@@ -1,11 +1,11 @@
-"""`pretrain` command: train | config | eval | export | push | caption | plot, one module each in
+"""`pretrain` command: train | config | eval | adapt | export | push | caption | plot, one module each in
 pretrain/commands/. Thin: parse, dispatch."""
 
 from __future__ import annotations
 
 import sys
 
-from pretrain.commands import caption, config, eval, export, plot, push, train
+from pretrain.commands import adapt, caption, config, eval, export, plot, push, train
 from pretrain.train import interrupted
 from webshards.args import CommandLine
 from webshards.retries import StoreUnreachable
@@ -13,7 +13,7 @@ from webshards.retries import StoreUnreachable
 COMMAND_LINE = CommandLine(
     prog="pretrain",
     description="Contrastive image-text pretraining (CLIP) on open_clip.",
-    commands=(train, config, eval, export, push, caption, plot),  # in --help order
+    commands=(train, config, eval, adapt, export, push, caption, plot),  # in --help order
     errors=((StoreUnreachable, 1), (FileNotFoundError, 2), (ValueError, 2), (RuntimeError, 2)),
     error_names_command=True,
     interrupted=interrupted,

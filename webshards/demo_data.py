@@ -90,6 +90,9 @@ RETRIEVAL_SHARDS = 2
 RETRIEVAL_DIR = "retrieval"
 BACKGROUNDS = {"solid": "plain", "gradient": "gradient", "noise": "textured"}
 SPLIT_STREAMS = {"train": 0, "eval": 1}  # eval draws from its own seed stream: held out
+ADAPT_STREAM = 3  # the adaptation set's labelled training images (2 is the retrieval captions')
+ADAPT_DIR = "adapt"
+ADAPT_SHARD_SAMPLES = 1000
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down for anti-aliased edges
 MIN_CONTRAST = 120.0  # least RGB distance between a background and the shape colour
 GENERATOR_VERSION = 2  # bump when drawing changes, so stale folders are not mixed with new shards
@@ -127,18 +130,24 @@ def write_demo_data(
     seed: int = 0,
     workers: int = 2,
     domain: str = "default",
+    adapt_samples: int = 0,
 ) -> dict[str, Any]:
     """Write the demo set under ``output``: train/ and eval/ shards (img2dataset layout), the held-out images
     again as eval sets in clip_benchmark's layout (classification at ``output`` itself, retrieval in
     ``output/retrieval``), and demo.json (last).
 
     ``domain="new"`` draws the 16 classes of `NEW_COLOURS` x `NEW_SHAPES` instead of the default 32.
+    ``adapt_samples`` > 0 also writes ``output/adapt``: a classification set with a labelled ``train`` split
+    of that many new images (its own seed stream) and the held-out images as its ``test`` split, the input
+    of ``pretrain adapt --train`` (docs/adaptation.md).
     Returns the demo.json content plus how many shards were written and skipped.
     """
     output = Path(output)
     settings = _validate(samples, eval_samples, image_size, samples_per_shard, seed, workers)
     if domain != "default":  # the default's demo.json stays as it always was
         settings["domain"] = domain
+    if adapt_samples:
+        settings["adapt_samples"] = adapt_samples
     check_settings(output / "demo.json", settings, "demo data")  # refuse to mix shards of other settings
     output.mkdir(parents=True, exist_ok=True)
     tasks = _plan(output, settings)
@@ -146,6 +155,8 @@ def write_demo_data(
     for split in {task.split for task in tasks}:
         write_sizes(output / split)
     eval_sets = write_eval_sets(output, settings["seed"], domain) if settings["eval_samples"] else {}
+    if adapt_samples and settings["eval_samples"]:
+        eval_sets["adapt"] = write_adapt_set(output, settings["seed"], domain, adapt_samples, image_size)
     info = {
         **settings,
         "classes": len(DOMAINS[domain].classnames),
@@ -368,11 +379,36 @@ def write_eval_sets(output: Path, seed: int, domain: str = "default") -> dict[st
     return sets
 
 
-def _write_split(root: Path, samples: list, shards: int) -> None:
+def write_adapt_set(output: Path, seed: int, domain: str, samples: int, image_size: int) -> str:
+    """``output/adapt``: clip_benchmark's layout with a ``train`` split (`samples` new labelled images, classes
+    round robin, shuffled) and the held-out classification images as ``test``. Returns its root relative to
+    ``output``; skipped when written before (settings are checked)."""
+    root = output / ADAPT_DIR
+    if evalset.is_finished(root, "train") and evalset.is_finished(root):
+        return ADAPT_DIR
+    names = DOMAINS[domain].classnames
+    rng = np.random.default_rng([seed, ADAPT_STREAM])
+    labels = np.arange(samples) % len(names)
+    rng.shuffle(labels)
+    train = []
+    for j, label in enumerate(labels.tolist()):
+        image, _, _ = render_sample(rng, label, image_size, DOMAINS[domain])
+        train.append((evalset.sample_key(j), {"jpg": image, "cls": str(label).encode()}))
+    test = [s for shard in evalset.shard_urls(str(output)) for s in iter_shard(shard, decode=False)]
+    test = [(s["__key__"], {"jpg": s["jpg"], "cls": s["cls"]}) for s in test]
+    _write_split(root, train, -(-samples // ADAPT_SHARD_SAMPLES), "train")
+    _write_split(root, test, EVAL_SET_SHARDS)
+    evalset.write_metadata(root, evalset.CLASSIFICATION, names, list(TEMPLATES))
+    evalset.finish(root, -(-samples // ADAPT_SHARD_SAMPLES), "train")
+    evalset.finish(root, EVAL_SET_SHARDS)
+    return ADAPT_DIR
+
+
+def _write_split(root: Path, samples: list, shards: int, split: str = evalset.SPLIT) -> None:
     """`samples` in `shards` tars of (nearly) equal size, in order."""
     bounds = np.linspace(0, len(samples), shards + 1).astype(int)
     for i in range(shards):
-        evalset.write_shard(root / evalset.SPLIT / f"{i}.tar", samples[bounds[i] : bounds[i + 1]])
+        evalset.write_shard(root / split / f"{i}.tar", samples[bounds[i] : bounds[i + 1]])
 
 
 def _retrieval_captions(seed: int, index: int, sample: dict, domain: str = "default") -> bytes:

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--samples-per-shard", type=int_at_least(1), default=4000, metavar="N", help="samples per tar")
     add("--seed", type=int_at_least(0), default=0, metavar="N", help="same seed, same bytes")
     add("--workers", type=int_at_least(1), default=2, metavar="N", help="processes writing shards")
+    add("--adapt-samples", type=int_at_least(0), default=0, metavar="N",
+        help="also write adapt/: a labelled train split of N new images and the held-out images as test "
+        "(clip_benchmark layout), the --train set of `pretrain adapt`")  # fmt: skip
     add(
         "--domain",
         choices=["default", "new"],
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         workers=args.workers,
         domain=args.domain,
+        adapt_samples=args.adapt_samples,
     )
     seconds = time.perf_counter() - start
     print(

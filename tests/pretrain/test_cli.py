@@ -27,7 +27,7 @@ def test_help_of_the_console_scripts(script):
     assert proc.returncode == 0 and "usage" in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "export", "eval", "config"])
+@pytest.mark.parametrize("command", ["train", "export", "eval", "config", "adapt"])
 def test_help(command, capsys):
     help_text([command], capsys)
 
