@@ -20,16 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, command_env, torchrun, trained_tiny_clip
+from helpers import ROOT, command_env, torchrun
 from safetensors.torch import load_file
 
-from data_tools.cli import main as data_tools_main
 from pretrain.adapt.data import LabelledImages, read_labels
 from pretrain.adapt.fewshot import sample_shots
 from pretrain.adapt.linear_probe import validation_split
 from pretrain.adapt.results import evaluate, harmonic_mean
 from pretrain.cli import main
-from pretrain.publish.export import export
 
 REQUIREMENTS = ROOT / "tests" / "requirements-clip-benchmark.txt"
 REFERENCE = Path(__file__).with_name("clip_benchmark_linear_probe.py")
@@ -56,25 +54,9 @@ def clip_benchmark_packages() -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    """(export folder, adaptation set): tiny-clip trained 30 steps on the demo's held-out domain (~7 s: its
-    features score well above chance, so the two probes' predictions differ from class to class), and 16
-    classes with 16 labelled train images and 8 test images each."""
-    tmp = tmp_path_factory.mktemp("adapt")
-    args = ["demo-data", "--output", str(tmp / "demo"), "--domain", "new", "--samples", "512"]
-    args += [
-        "--samples-per-shard",
-        "128",
-        "--eval-samples",
-        "128",
-        "--adapt-samples",
-        "256",
-        "--workers",
-        "1",
-    ]
-    assert data_tools_main(args) == 0
-    run = trained_tiny_clip(tmp, f"{tmp}/demo/train/{{00000..00003}}.tar", steps=30, batch_size=32)
-    return export(run, tmp / "export"), tmp / "demo" / "adapt"
+def setup(adapt_setup) -> tuple[Path, Path]:
+    """(export folder, adaptation set): tests/pretrain/conftest.py's `adapt_setup`."""
+    return adapt_setup
 
 
 def adapt(setup, output: Path, *extra: str) -> int:
