@@ -80,6 +80,8 @@ class LoRAMethodConfig:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if isinstance(self.layers, int):
             self.layers = (self.layers,)
+        if self.layers is not None and not all(type(i) is int for i in self.layers):
+            raise ValueError(f"layers: block indices (whole numbers) or null, got {self.layers!r}")
         self.lora_config()  # validates rank, alpha, dropout, targets, towers, layers (ValueError naming the field)
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
             raise ValueError(f"steps: must be a whole number at least 0 (or null), got {self.steps!r}")
@@ -174,7 +176,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def glad_surrogate(module: nn.Module, task: ClassPrompts, indices: torch.Tensor, cfg: GLADConfig) -> tuple:
+def glad_surrogate(
+    module: nn.Module, task: ClassPrompts, indices: torch.Tensor, cfg: GLADConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, Σ p · ∇R) with ∇R averaged over ranks: R is computed on the unwrapped module (its extra forwards
     and double backward stay outside DDP's reducer); the second term's gradient is exactly the averaged ∇R."""
     params = lora.lora_parameters(module)

@@ -155,10 +155,19 @@ def test_two_ranks_train_as_one(lora_run, adapt_setup, tmp_path, method):
     assert max(v.abs().max().item() for k, v in two.items() if "lora_B" in k) > 1e-3
 
 
+def test_text_tower_only_trains_on_cached_image_features(adapt_setup, tmp_path, capsys):
+    adapt(adapt_setup, tmp_path / "text", capsys, "lora", "towers=text", *TRAIN)
+    adapter = load_file(tmp_path / "text" / "model" / "adapter.safetensors")
+    assert adapter and not any(k.startswith("visual.") for k in adapter)
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 1e-3
+    assert list((tmp_path / "text" / "features").glob("*.pt"))  # the shots' and the test split's
+
+
 @pytest.mark.parametrize(
     "override, message",
-    [("towers=top", "lora.towers: 'top'"), ("rank=0", "lora.rank"), ("template=a photo", "template: must")],
-)
+    [("towers=top", "lora.towers: 'top'"), ("rank=0", "lora.rank"), ("template=a photo", "template: must"),
+     ("layers=[a]", "layers: block indices")],
+)  # fmt: skip
 def test_bad_lora_settings_are_refused_with_one_line(adapt_setup, tmp_path, capsys, override, message):
     assert main(command(adapt_setup, tmp_path / "out", "glad", override)) == 2
     err = capsys.readouterr().err.strip().splitlines()
