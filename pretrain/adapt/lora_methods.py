@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -216,10 +216,23 @@ class LoRAAdapted:
     run: AdaptRun
     cfg: LoRAMethodConfig
     method: str
+    seen: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+    """Adapted image features by (root, split, key): scoring a set, then its base and novel halves, encodes
+    each image once."""
 
     @property
     def trainable_params(self) -> int:
         return lora.count_lora_parameters(self.model)
+
+    def image_features(self, images: LabelledImages) -> torch.Tensor:
+        """Normalised features of `images` through the adapted image tower (eval mode), in keys order."""
+        ids = [(images.root, images.split, key) for key in images.keys]
+        missing = [i for i, name in enumerate(ids) if name not in self.seen]
+        if missing:
+            part = images.subset(missing)
+            found = compute_features(self.model, part, self.run.bundle.preprocess_val, self.run.device)
+            self.seen.update(zip((ids[i] for i in missing), found))
+        return torch.stack([self.seen[name] for name in ids])
 
     @torch.no_grad()
     def logits(self, images: LabelledImages, classnames: Sequence[str]) -> torch.Tensor:
@@ -228,7 +241,7 @@ class LoRAAdapted:
         bundle = self.run.bundle
         text = encode_classes(self.model, bundle.tokenizer, classnames, self.cfg.template, self.run.device)
         if image_tower_adapted(self.cfg):
-            features = compute_features(self.model, images, bundle.preprocess_val, self.run.device)
+            features = self.image_features(images)
         else:
             features = self.run.features(images)
         return (self.model.logit_scale.exp() * features.to(text.device) @ text.T).float().cpu()
