@@ -19,6 +19,7 @@ from open_clip import build_zero_shot_classifier
 from safetensors.torch import load_file
 
 from pretrain.adapt.data import compute_features, read_labels
+from pretrain.adapt.loop import LoopConfig, learning_rate
 from pretrain.adapt.prompt_methods import PROMPT_FILE, load_prompt_adapter
 from pretrain.cli import main
 from webshards.evalset import read_eval_set
@@ -148,3 +149,11 @@ def test_a_bad_key_is_one_line(adapt_setup, tmp_path, capsys, method):
     )
     assert err == [expected]
     assert not (tmp_path / "out" / "adapt.json").exists()
+
+
+def test_the_loop_holds_the_papers_constant_warm_up():
+    """CoOp's and PRE's first epoch at a constant 1e-5, then cosine from lr to 0 over the remaining steps."""
+    cfg = LoopConfig(steps=10, lr=0.002, warmup=2, warmup_lr=1e-5)
+    assert [learning_rate(cfg, s) for s in (0, 1)] == [1e-5, 1e-5]
+    assert learning_rate(cfg, 2) == 0.002 and learning_rate(cfg, 6) == pytest.approx(0.001)
+    assert learning_rate(LoopConfig(steps=10, lr=0.002, warmup=2), 0) == 0.001  # linear without warmup_lr
