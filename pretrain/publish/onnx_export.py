@@ -154,7 +154,7 @@ def tokenizer_settings(tokenizer, length: int) -> dict:
         "name": name,
         "library": "transformers" if inner is not None else "open_clip",
         "context_length": length,
-        "open_clip": "open_clip.get_tokenizer('local-dir:EXPORT_DIR')",
+        "load": "open_clip.get_tokenizer('local-dir:EXPORT_DIR')",
     }
 
 
@@ -191,7 +191,8 @@ CARD_SECTION = """
 `image_encoder.onnx` and `text_encoder.onnx` give the unnormalised embeddings of `encode_image` /
 `encode_text` (batch size dynamic); `onnx_config.json` holds the preprocessing and tokenizer settings.
 ```python
-import onnxruntime as ort
+import onnxruntime as ort, open_clip
+tokens = open_clip.get_tokenizer("local-dir:PATH_TO_THIS_FOLDER")(["a photo of a cat"]).numpy()
 image_encoder = ort.InferenceSession("PATH_TO_THIS_FOLDER/image_encoder.onnx")
 text_encoder = ort.InferenceSession("PATH_TO_THIS_FOLDER/text_encoder.onnx")
 image_embeds = image_encoder.run(None, {"pixel_values": pixels})[0]  # float32 [N, 3, H, W], preprocessed

@@ -25,9 +25,11 @@ from pretrain.models.build import load_trained
 from pretrain.publish import onnx_export
 
 MODELS = ["tiny-clip", "tiny-siglip", pytest.param("tiny-coca", marks=pytest.mark.slow)]
+every_model = pytest.mark.parametrize("exported", MODELS, indirect=True)
+tiny_clip = pytest.mark.parametrize("exported", ["tiny-clip"], indirect=True)  # the same export, reused
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module")
 def exported(request, tmp_path_factory) -> tuple[str, Path, Path]:
     """(model name, run dir, `--format onnx` export) of a 1-step run of each tiny model."""
     name = request.param
@@ -44,6 +46,7 @@ def ort_run(path: Path, name: str, inputs: torch.Tensor) -> np.ndarray:
     return session.run(None, {name: inputs.numpy()})[0]
 
 
+@every_model
 def test_onnx_towers_give_the_models_embeddings(exported):
     name, run, out = exported
     assert {"image_encoder.onnx", "text_encoder.onnx", "onnx_config.json", "open_clip_config.json"} <= {
@@ -75,6 +78,7 @@ def test_onnx_towers_give_the_models_embeddings(exported):
             assert np.abs(got - expected).max() <= 1e-4, (name, tower, batch, np.abs(got - expected).max())
 
 
+@every_model
 def test_onnx_config_and_model_card_say_how_to_use_it(exported):
     name, run, out = exported
     config = json.loads((out / "onnx_config.json").read_text())
@@ -90,12 +94,11 @@ def test_onnx_config_and_model_card_say_how_to_use_it(exported):
     assert 'ort.InferenceSession("PATH_TO_THIS_FOLDER/image_encoder.onnx")' in card
 
 
+@tiny_clip
 def test_docs_inference_example_runs_as_written(exported, tmp_path):
     """The onnxruntime block of docs/export.md, its folder and image paths pointed at this export, gives
     the cosines open_clip's own transform, tokenizer and model give."""
     name, run, out = exported
-    if name != "tiny-clip":
-        pytest.skip("one model is enough for the docs example")
     block = re.search(r"## ONNX\n.*?```python\n(.*?)```", (ROOT / "docs/export.md").read_text(), re.S)[1]
     assert len(block.strip().splitlines()) <= 14
     photo = tmp_path / "photo.png"
@@ -115,21 +118,19 @@ def test_docs_inference_example_runs_as_written(exported, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+@tiny_clip
 def test_push_publishes_the_onnx_files(exported, tmp_path, capsys):
     name, _, out = exported
-    if name != "tiny-clip":
-        pytest.skip("push reads files, not models")
     cli_output(["push", "--export", str(out), "--to", str(tmp_path / "store")], capsys)
     pushed = {p.name for p in (tmp_path / "store").iterdir()}
     assert {"image_encoder.onnx", "text_encoder.onnx", "onnx_config.json", "_COMPLETE"} <= pushed
 
 
+@tiny_clip
 def test_a_tower_that_cannot_be_exported_is_refused_in_one_line(exported, tmp_path, capsys, monkeypatch):
     """A tower whose forward branches on its input's values cannot be traced: one line naming it, exit 2,
     no output folder."""
     name, run, _ = exported
-    if name != "tiny-clip":
-        pytest.skip("the refusal does not depend on the model")
 
     def branching(self, pixel_values):
         if pixel_values.mean() > 0:  # data-dependent control flow: torch.export cannot trace it
