@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -37,15 +38,24 @@ def runs(demo_data, tmp_path_factory) -> Path:
     return root
 
 
+def docs_block(kind: str) -> str:
+    """The first ```KIND block of docs/export.md's "Hugging Face transformers" section."""
+    body = (
+        (ROOT / "docs/export.md")
+        .read_text()
+        .split("## Hugging Face transformers\n", 1)[1]
+        .split("\n## ", 1)[0]
+    )
+    return body.split(f"```{kind}\n", 1)[1].split("```", 1)[0]
+
+
 @pytest.fixture(scope="module")
 def exported(runs) -> Path:
-    """The tiny-clip run exported by the CLI with `--format transformers`."""
-    out = runs / "export"
-    assert (
-        main(["export", "--checkpoint", str(runs / "clip"), "--output", str(out), "--format", "transformers"])
-        == 0
-    )
-    return out
+    """The tiny-clip run exported by the docs' command (`.venv/bin/pretrain export ... --format transformers`)."""
+    argv = shlex.split(docs_block("bash").replace("runs/demo/hf", str(runs / "export")))
+    assert argv[:2] == [".venv/bin/pretrain", "export"] and "transformers" in argv
+    assert main([a.replace("runs/demo", str(runs / "clip")) for a in argv[1:]]) == 0
+    return runs / "export"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +98,13 @@ def test_clip_model_and_processor_give_our_embeddings(exported, runs, held_out):
     assert_same_direction(out.text_embeds, text_ours)  # the long caption: truncated, pooled at its last token
     expected = ours.model.logit_scale.exp() * image_ours @ text_ours.T
     torch.testing.assert_close(out.logits_per_image, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_docs_lines_run_as_written(exported, capsys):
+    code = docs_block("python").replace("runs/demo/hf", str(exported))
+    exec(compile(code, "docs/export.md", "exec"), {})
+    probabilities = torch.tensor(json.loads(capsys.readouterr().out.replace("tensor(", "").replace(")", "")))
+    assert probabilities.shape == (1, 2) and abs(float(probabilities.sum()) - 1) < 1e-5
 
 
 def test_folder_still_loads_in_open_clip_and_card_says_how(exported):
