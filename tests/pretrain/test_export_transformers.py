@@ -114,13 +114,17 @@ def test_folder_still_loads_in_open_clip_and_card_says_how(exported):
     assert "CLIPModel.from_pretrained" in card and card.index("open_clip.create") < card.index("CLIPModel")
 
 
-def test_quick_gelu_maps_to_hidden_act(tmp_path):
-    """A model with QuickGELU (open_clip's `quick_gelu`) is CLIPModel with `hidden_act: quick_gelu`."""
+@pytest.mark.parametrize(
+    "change,act", [({"quick_gelu": True}, "quick_gelu"), ({"custom_text": True}, "gelu")]
+)
+def test_quick_gelu_and_custom_text_tower(tmp_path, change, act):
+    """QuickGELU (open_clip's `quick_gelu`) is `hidden_act: quick_gelu`; CustomTextCLIP's tower (`text.`) maps
+    as CLIP's does."""
     config = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
-    folder = open_clip_export(tmp_path / "quick", {**config, "quick_gelu": True})
+    folder = open_clip_export(tmp_path / "variant", {**config, **change})
     write_transformers(folder)
     hf_config = json.loads((folder / "config.json").read_text())
-    assert hf_config["text_config"]["hidden_act"] == hf_config["vision_config"]["hidden_act"] == "quick_gelu"
+    assert hf_config["text_config"]["hidden_act"] == hf_config["vision_config"]["hidden_act"] == act
     hf = transformers.CLIPModel.from_pretrained(str(folder)).eval()
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokens = open_clip.get_tokenizer(f"local-dir:{folder}")(["a red star", "two blue circles"])
@@ -130,6 +134,7 @@ def test_quick_gelu_maps_to_hidden_act(tmp_path):
             features(hf.get_image_features(pixel_values=images)), model.eval().encode_image(images)
         )
         assert_same_direction(features(hf.get_text_features(input_ids=tokens)), model.encode_text(tokens))
+    assert type(model).__name__ == ("CustomTextCLIP" if "custom_text" in change else "CLIP")
 
 
 def open_clip_export(folder: Path, model_cfg: dict) -> Path:
@@ -137,7 +142,8 @@ def open_clip_export(folder: Path, model_cfg: dict) -> Path:
     from safetensors.torch import save_model
 
     torch.manual_seed(0)
-    model = open_clip.model.CLIP(**model_cfg)
+    kind = open_clip.model.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.model.CLIP
+    model = kind(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
     mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64, "mean": mean, "std": std}}
     folder.mkdir(parents=True)
