@@ -19,7 +19,8 @@ from PIL import Image
 from pretrain.cli import main
 from pretrain.models.build import load_trained
 from pretrain.publish.hf_clip import NotExpressible, unsupported
-from pretrain.publish.hf_export import write_transformers
+from pretrain.publish.hf_export import FILES, write_transformers
+from pretrain.publish.push import export_files
 from webshards.layout import iter_shard
 
 transformers = pytest.importorskip("transformers")
@@ -107,9 +108,10 @@ def test_docs_lines_run_as_written(exported, capsys):
     assert probabilities.shape == (1, 2) and abs(float(probabilities.sum()) - 1) < 1e-5
 
 
-def test_folder_still_loads_in_open_clip_and_card_says_how(exported):
+def test_folder_still_loads_in_open_clip_is_pushed_whole_and_card_says_how(exported):
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{exported}")
     assert type(model).__name__ == "CLIP"
+    assert set(FILES) <= set(export_files(exported))  # `pretrain push` publishes both formats
     card = (exported / "README.md").read_text()
     assert "CLIPModel.from_pretrained" in card and card.index("open_clip.create") < card.index("CLIPModel")
 
