@@ -96,14 +96,15 @@ def add_use_section(card: str) -> str:
     return card.replace("\n## Training\n", USE + "\n## Training\n", 1)
 
 
-def write_transformers(folder: str | Path) -> Path:
+def write_transformers(folder: str | Path, source: str | Path | None = None) -> Path:
     """Add transformers' CLIP files to the open_clip export `folder` (its model as open_clip loads it) and
-    the loading lines to its model card; `NotExpressible` (nothing written) when transformers cannot hold it."""
+    the loading lines to its model card; `NotExpressible` (nothing written, the message naming `source`,
+    default `folder`) when transformers cannot hold it."""
     folder = Path(folder)
     bundle = load_trained(folder)
     problem = unsupported(bundle.model, bundle.tokenizer)
     if problem:
-        raise NotExpressible(f"cannot export {bundle.name} to transformers' CLIPModel: {problem}")
+        raise NotExpressible(f"cannot export {source or folder} to transformers' CLIPModel: {problem}")
     preprocess = json.loads((folder / "open_clip_config.json").read_text())["preprocess_cfg"]
     processor = processor_config(preprocess)
     context_length = text_tower(bundle.model).positional_embedding.shape[0]
@@ -126,7 +127,7 @@ def export_transformers(checkpoint: str | Path, output: str | Path, weights: str
     tmp = out.with_name(out.name + ".transformers.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_transformers(export(checkpoint, tmp, weights))
+        write_transformers(export(checkpoint, tmp, weights), checkpoint)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

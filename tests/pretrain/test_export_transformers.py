@@ -158,6 +158,9 @@ def test_siglip_is_refused_with_one_line(runs, capsys):
     out = runs / "siglip-export"
     argv = ["export", "--checkpoint", str(runs / "siglip"), "--output", str(out), "--format", "transformers"]
     line = refused(argv, capsys, not_made=out)
+    assert line.startswith(
+        f"pretrain export: error: cannot export {runs / 'siglip'} to transformers' CLIPModel: SigLIP"
+    )
     assert "logit bias" in line and "SiglipModel" in line
     assert not (runs / "siglip-export.transformers.tmp").exists()
 
