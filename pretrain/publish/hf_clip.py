@@ -189,6 +189,7 @@ def _encoder_weights(blocks: nn.ModuleList, prefix: str) -> dict[str, torch.Tens
 
 
 def _norm(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A LayerNorm's weight and bias under transformers' `name`."""
     return {f"{name}.weight": module.weight, f"{name}.bias": module.bias}
 
 
