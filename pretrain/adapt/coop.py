@@ -52,10 +52,13 @@ class CoOpConfig:
     """SGD weight decay (Dassl's default, which the paper's code uses)."""
     batch_size: int = 32
     epochs: int | None = None
-    """Training epochs over the K-shot set; null: the paper's 200 for 16/8 shots, 100 for 4/2, 50 for 1."""
+    """Training epochs over the K-shot set; null: the paper's 200 for 16/8 shots, 100 for 4/2, 50 for 1; 0: no
+    training (the initial prompts: with `ctx_init`, the zero-shot classifier of its words)."""
     warmup_epochs: int = 1
     """Epochs at the constant warm-up learning rate `warmup_lr` before the cosine schedule."""
     warmup_lr: float = 1e-5
+    checkpoint_every: int = 0
+    """Resumable checkpoint every N steps in `pretrain adapt` (0: at the end only)."""
 
     def __post_init__(self) -> None:
         if self.n_ctx is not None and self.n_ctx <= 0:
@@ -67,8 +70,10 @@ class CoOpConfig:
         for name in ("lr", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs: must be > 0, got {self.epochs}")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"epochs: must be >= 0, got {self.epochs}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError("momentum, weight_decay, warmup_epochs: must be in [0, 1), >= 0, >= 0")
 

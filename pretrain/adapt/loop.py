@@ -48,11 +48,16 @@ class LoopConfig:
     weight_decay: float = 0.0
     """Decoupled (AdamW) or L2 (SGD) weight decay."""
     optimizer: str = "sgd"
-    """`sgd` (momentum 0.9) or `adamw`."""
+    """`sgd` (with `momentum`) or `adamw`."""
+    momentum: float = 0.9
+    """SGD momentum."""
     schedule: str = "cosine"
     """`cosine` (to 0 at the last step, after `warmup`) or `constant`."""
     warmup: int = 0
-    """Linear warm-up steps."""
+    """Warm-up steps (before the schedule's decay starts)."""
+    warmup_lr: float | None = None
+    """None: the warm-up ramps linearly to `lr`; a value: it holds this constant learning rate (CoOp's and
+    PRE's 1e-5 for the first epoch)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     seed: int = 0
@@ -65,6 +70,10 @@ class LoopConfig:
         for name in ("lr", "weight_decay", "warmup", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.warmup_lr is not None and self.warmup_lr < 0:
+            raise ValueError(f"warmup_lr must be at least 0, got {self.warmup_lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -90,9 +99,10 @@ def batch_indices(step: int, batch: int, samples: int, seed: int) -> torch.Tenso
 
 
 def learning_rate(cfg: LoopConfig, step: int) -> float:
-    """The learning rate of `step` (0-based): linear warm-up, then constant or cosine to 0."""
+    """The learning rate of `step` (0-based): warm-up (linear, or constant at `warmup_lr`), then constant or
+    cosine to 0."""
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return cfg.lr * (step + 1) / cfg.warmup if cfg.warmup_lr is None else cfg.warmup_lr
     if cfg.schedule == "constant":
         return cfg.lr
     done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -102,7 +112,7 @@ def learning_rate(cfg: LoopConfig, step: int) -> float:
 def build_optimizer(params: list[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

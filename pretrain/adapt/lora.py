@@ -81,6 +81,9 @@ class LoRAUpdate(nn.Module):
         self.blocks = sorted(blocks)
         self.scale = cfg.scale
         self.dropout = cfg.dropout
+        self.generator: torch.Generator | None = None
+        """Draws the dropout masks when set (a CPU generator: a training loop's seeded per-step randomness);
+        torch's global generator otherwise."""
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(cfg.rank, n_in, **kw)) for _ in self.blocks])
         self.lora_B = nn.ParameterList(
@@ -94,8 +97,8 @@ class LoRAUpdate(nn.Module):
         a0 = self.lora_A[0]
         mask = None
         if self.training and self.dropout > 0:
-            keep = torch.full((a0.shape[1],), 1 - self.dropout, device=a0.device, dtype=a0.dtype)
-            mask = torch.bernoulli(keep) / (1 - self.dropout)
+            keep = torch.full((a0.shape[1],), 1 - self.dropout, dtype=a0.dtype)
+            mask = torch.bernoulli(keep, generator=self.generator).to(a0.device) / (1 - self.dropout)
         rows, pos = [], 0
         for (start, stop), a, b in zip(self.blocks, self.lora_A, self.lora_B):
             if start > pos:

@@ -11,8 +11,10 @@ from typing import Any, Protocol
 import torch
 import yaml
 
-from pretrain.adapt import linear_probe
+from pretrain.adapt import linear_probe, lora_methods, prompt_methods
+from pretrain.adapt.coop import CoOpConfig
 from pretrain.adapt.data import AdaptRun, LabelledImages
+from pretrain.adapt.pre import PREConfig
 from pretrain.config_sections import close_matches
 
 
@@ -48,10 +50,19 @@ METHODS: dict[str, MethodSpec] = {
         "linear-probe", "a linear classifier on frozen, normalised image features (CLIP paper, clip_benchmark)",
         linear_probe.LinearProbeConfig, linear_probe.fit,
     ),
-    "coop": MethodSpec("coop", "learnable prompt context vectors, CLIP frozen (CoOp)", None, None),
-    "pre": MethodSpec("pre", "CoOp's prompts through a small prompt encoder (PRE)", None, None),
-    "lora": MethodSpec("lora", "low-rank adapters on the attention layers (LoRA)", None, None),
-    "glad": MethodSpec("glad", "LoRA with GLAD's gradient-based regulariser", None, None),
+    "coop": MethodSpec(
+        "coop", "learnable prompt context vectors, CLIP frozen (CoOp)", CoOpConfig, prompt_methods.fit_coop,
+    ),
+    "pre": MethodSpec(
+        "pre", "CoOp's prompts through a small prompt encoder (PRE)", PREConfig, prompt_methods.fit_pre,
+    ),
+    "lora": MethodSpec(
+        "lora", "low-rank adapters on q, k, v of both towers, trained end to end (CLIP-LoRA)",
+        lora_methods.LoRAMethodConfig, lora_methods.fit,
+    ),
+    "glad": MethodSpec(
+        "glad", "LoRA with GLAD's gradient-based regulariser", lora_methods.GLADMethodConfig, lora_methods.fit_glad,
+    ),
 }  # fmt: skip
 
 
@@ -89,6 +100,10 @@ def _typed(key: str, value: Any, default: Any) -> Any:
     """`value` as the type of the field's default (an int where a float is expected is fine)."""
     if isinstance(default, float) and type(value) is int:
         value = float(value)
+    if isinstance(default, str) and value is None:
+        value = ""  # `key=` (an empty YAML scalar) sets an empty string
+    if isinstance(default, tuple) and isinstance(value, (list, str)):  # targets=[q,v] or targets=q,v
+        value = tuple(value) if isinstance(value, list) else tuple(v.strip() for v in value.split(","))
     if default is not None and type(value) is not type(default):
         raise ValueError(f"config key {key}: expected {type(default).__name__}, got {value!r}")
     return value

@@ -121,12 +121,12 @@ def adapt(args: argparse.Namespace, spec, cfg, device, is_main: bool) -> list[di
 
 
 def check_output(args: argparse.Namespace, cfg) -> dict:
-    """The settings DIR/adapt.json records; a DIR holding another adaptation's is refused (a rerun with the
-    same settings resumes from its checkpoints)."""
+    """The settings DIR/adapt.json records (as JSON reads them back: tuples as lists); a DIR holding another
+    adaptation's is refused (a rerun with the same settings resumes from its checkpoints)."""
     from webshards.tasks import check_settings
 
     settings = {"method": args.method, "checkpoint": str(args.checkpoint), "train": str(args.train),
-                "shots": args.shots, "split": args.split, "seed": args.seed, "config": asdict(cfg)}  # fmt: skip
+                "shots": args.shots, "split": args.split, "seed": args.seed, "config": json.loads(json.dumps(asdict(cfg)))}  # fmt: skip
     check_settings(Path(args.output) / SETTINGS_FILE, settings, "an adaptation")
     return settings
 

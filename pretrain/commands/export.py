@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "export a checkpoint to the open_clip hub layout"
+HELP = "export a checkpoint to the open_clip hub layout (and transformers' CLIP layout)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,10 +15,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--weights", choices=["final", "ensemble"], default="final",
         help="final: the checkpoint's weights (default); ensemble: its running weight average "
         "(train.weight_ensemble_every)")  # fmt: skip
+    add("--format", choices=["open_clip", "transformers", "onnx"], default="open_clip",
+        help="open_clip: the open_clip hub folder (default); transformers: that plus a transformers CLIPModel "
+        "folder (config.json, model.safetensors, tokenizer and processor files); onnx: that folder plus "
+        "image_encoder.onnx, text_encoder.onnx and onnx_config.json (docs/export.md)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
     """Export and say where."""
     from pretrain.publish.export import export
+    from pretrain.publish.hf_export import export_transformers
+    from pretrain.publish.onnx_export import export_onnx
 
-    print(f"exported to {export(args.checkpoint, args.output, args.weights)}")
+    write = {"open_clip": export, "transformers": export_transformers, "onnx": export_onnx}[args.format]
+    print(f"exported to {write(args.checkpoint, args.output, args.weights)}")
