@@ -31,6 +31,11 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
+    def format_help(self) -> str:
+        if callable(self.description):  # a subcommand's DESCRIPTION that is costly to build: built when shown
+            self.description = self.description()
+        return super().format_help()
+
 
 def say_interrupted(prog: str, error: KeyboardInterrupt | None = None, say: bool = True) -> int:
     """Ctrl-C: one line (with how far the command got, if it said) unless not ``say``, no traceback, and
@@ -43,7 +48,8 @@ def say_interrupted(prog: str, error: KeyboardInterrupt | None = None, say: bool
 @dataclass(frozen=True)
 class CommandLine:
     """A command made of subcommands, one module each, named as the module (``_`` read as ``-``): ``HELP``
-    (its line in the command's ``--help``), ``DESCRIPTION`` (optional: the top of its own ``--help``),
+    (its line in the command's ``--help``), ``DESCRIPTION`` (optional: the top of its own ``--help``; a
+    function returning it when building it is costly, called only when that help is shown),
     ``add_arguments(parser)``, ``run(args)`` (None, or what ``status`` turns into the exit status) and, to
     report errors its own way, ``ERRORS``. An error listed in ``errors`` (the first type that matches gives
     the exit status) is one line ``PROG: error: MESSAGE``, or ``PROG COMMAND: error:`` with

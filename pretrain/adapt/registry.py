@@ -3,19 +3,20 @@ Adding a method is one entry in `METHODS`; a name whose spec has no `fit` yet is
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 import yaml
 
-from pretrain.adapt import linear_probe, lora_methods, prompt_methods
-from pretrain.adapt.coop import CoOpConfig
-from pretrain.adapt.data import AdaptRun, LabelledImages
-from pretrain.adapt.pre import PREConfig
 from pretrain.config_sections import close_matches
+
+if TYPE_CHECKING:  # the methods' modules import torch and open_clip: loaded when a method is used
+    import torch
+
+    from pretrain.adapt.data import AdaptRun, LabelledImages
 
 
 class Adapted(Protocol):
@@ -34,34 +35,54 @@ class Adapted(Protocol):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One adaptation method."""
+    """One adaptation method. Its config and `fit` are named as `module:attribute` and imported when used, so
+    that `pretrain --help` and the method list need neither torch nor open_clip."""
 
     name: str
     trains: str
     """What it trains, in words (`pretrain adapt --help`)."""
-    config: type | None
+    config_ref: str | None
     """Its hyper-parameters: a dataclass, the paper's defaults, validated in `__post_init__`."""
-    fit: Callable[[AdaptRun, Any], Adapted] | None
-    """Train on the run's shots; None while the method is not built."""
+    fit_ref: str | None
+    """Train on the run's shots (`fit(run, cfg) -> Adapted`); None while the method is not built."""
+
+    @property
+    def config(self) -> type | None:
+        return _load(self.config_ref)
+
+    @property
+    def fit(self) -> Callable[[AdaptRun, Any], Adapted] | None:
+        return _load(self.fit_ref)
+
+
+def _load(ref: str | None) -> Any:
+    """The object a `module:attribute` reference names (None stays None)."""
+    if ref is None:
+        return None
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 METHODS: dict[str, MethodSpec] = {
     "linear-probe": MethodSpec(
         "linear-probe", "a linear classifier on frozen, normalised image features (CLIP paper, clip_benchmark)",
-        linear_probe.LinearProbeConfig, linear_probe.fit,
+        "pretrain.adapt.linear_probe:LinearProbeConfig", "pretrain.adapt.linear_probe:fit",
     ),
     "coop": MethodSpec(
-        "coop", "learnable prompt context vectors, CLIP frozen (CoOp)", CoOpConfig, prompt_methods.fit_coop,
+        "coop", "learnable prompt context vectors, CLIP frozen (CoOp)",
+        "pretrain.adapt.coop:CoOpConfig", "pretrain.adapt.prompt_methods:fit_coop",
     ),
     "pre": MethodSpec(
-        "pre", "CoOp's prompts through a small prompt encoder (PRE)", PREConfig, prompt_methods.fit_pre,
+        "pre", "CoOp's prompts through a small prompt encoder (PRE)",
+        "pretrain.adapt.pre:PREConfig", "pretrain.adapt.prompt_methods:fit_pre",
     ),
     "lora": MethodSpec(
         "lora", "low-rank adapters on q, k, v of both towers, trained end to end (CLIP-LoRA)",
-        lora_methods.LoRAMethodConfig, lora_methods.fit,
+        "pretrain.adapt.lora_methods:LoRAMethodConfig", "pretrain.adapt.lora_methods:fit",
     ),
     "glad": MethodSpec(
-        "glad", "LoRA with GLAD's gradient-based regulariser", lora_methods.GLADMethodConfig, lora_methods.fit_glad,
+        "glad", "LoRA with GLAD's gradient-based regulariser",
+        "pretrain.adapt.lora_methods:GLADMethodConfig", "pretrain.adapt.lora_methods:fit_glad",
     ),
 }  # fmt: skip
 

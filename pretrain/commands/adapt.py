@@ -13,22 +13,29 @@ from pathlib import Path
 from pretrain.adapt.registry import METHODS
 
 HELP = "few-shot adaptation of a checkpoint: linear probe, CoOp, PRE, LoRA, GLAD"
-DESCRIPTION = (
+ABOUT = (
     "Adapt a checkpoint on the labelled `train` split of an eval set in clip_benchmark's layout (ROOT/train/"
     "nshards.txt), K images per class drawn by --seed and recorded in DIR/shots.json; score on the `test` split "
     "of each --eval set (default: the train set's). Prints one JSON line per eval set (eval, method, shots, top1; "
     "base_top1, novel_top1, harmonic_mean with --split base-to-novel) and writes DIR/results.jsonl, "
     "DIR/results.md, the adapted model in DIR/model and resumable checkpoints in DIR/checkpoints (a rerun "
-    "with the same settings resumes). Under torchrun the training runs on every rank (DDP). Methods: "
-    + "; ".join(f"{name}: {spec.trains}" for name, spec in METHODS.items())
-    + ". Hyper-parameters as KEY=VALUE (docs/adaptation.md says what each means); keys and defaults: "
-    + "; ".join(
+    "with the same settings resumes). Under torchrun the training runs on every rank (DDP)."
+)
+
+
+def DESCRIPTION() -> str:  # noqa: N802 (a callable DESCRIPTION: built only when `adapt --help` is shown)
+    """The top of `pretrain adapt --help`: what it does, the methods, and each method's keys and defaults
+    (which imports the methods' modules, hence torch: only for this help)."""
+    keys = "; ".join(
         f"{name}: " + ", ".join(f"{f.name}={getattr(spec.config(), f.name)}" for f in fields(spec.config))
         for name, spec in METHODS.items()
         if spec.config is not None
     )
-    + "."
-)
+    methods = "; ".join(f"{name}: {spec.trains}" for name, spec in METHODS.items())
+    hyper = "Hyper-parameters as KEY=VALUE (docs/adaptation.md says what each means); keys and defaults"
+    return f"{ABOUT} Methods: {methods}. {hyper}: {keys}."
+
+
 SETTINGS_FILE = "adapt.json"
 
 

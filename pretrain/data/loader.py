@@ -127,6 +127,9 @@ class StreamLoader:
         self.micro_batch, self.accum = stream_cfg.batch_size, accum_steps
         self.global_batch = stream_cfg.batch_size * stream_cfg.world * accum_steps
         self.chosen_partitions = stream_cfg.partitions  # 0: one per slot now, or the checkpoint's
+        self.max_workers = stream_cfg.data.workers
+        if self.training and exact_batch and not self.chosen_partitions:
+            stream_cfg = self._fit_workers(stream_cfg, None)
         self.stream_cfg = self._partitioned(stream_cfg, stream_cfg.total_partitions)
         if self.chosen_partitions:  # the default is checked once a checkpoint had its say
             self._check_topology()
@@ -146,6 +149,27 @@ class StreamLoader:
         if not self.training:  # an eval pass: one partition per loader slot, units of the eval batch
             return replace(cfg, partitions=0, unit=0)
         return replace(cfg, partitions=partitions, unit=max(1, self.global_batch // partitions))
+
+    def _fit_workers(self, cfg: StreamConfig, partitions: int | None) -> StreamConfig:
+        """`cfg` with the most loader workers, up to `data.workers`, whose slots own whole partitions: of a
+        resumed run's `partitions`, or (None) of the default one per slot, which must divide the global batch
+        (14 workers cannot share a batch of 512: 8 do). Said once when fewer than asked."""
+        used = next(
+            (
+                w
+                for w in range(self.max_workers, 1, -1)
+                if (partitions or self.global_batch) % (self.world * w) == 0
+            ),
+            min(self.max_workers, 1),
+        )
+        if used != cfg.data.workers:
+            log.warning(
+                "data: %d of data.workers=%d loader workers read this run: %d rank(s) x workers must divide %s",
+                used, self.max_workers, self.world,
+                f"data.partitions={partitions}" if partitions else f"the global batch {self.global_batch}",
+            )  # fmt: skip
+        self.workers = used
+        return replace(cfg, data=replace(cfg.data, workers=used))
 
     def _check_topology(self) -> None:
         c = self.stream_cfg
@@ -301,6 +325,8 @@ class StreamLoader:
             raise ValueError(
                 "a data state saved within a step resumes only with the same ranks and micro-batch"
             )
+        if self.training and not self.chosen_partitions:
+            self.stream_cfg = self._fit_workers(self.stream_cfg, partitions)
         self.stream_cfg = self._partitioned(self.stream_cfg, partitions)
         self._check_topology()
         self.positions = {int(p): Position(**pos) for s in states for p, pos in s["positions"].items()}

@@ -10,9 +10,7 @@ open_clip's `local-dir:`); the data the demo's held-out domain with a labelled t
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, command_env, torchrun
+from helpers import ROOT, command_env, private_packages, torchrun
 from safetensors.torch import load_file
 
 from pretrain.adapt.data import LabelledImages, read_labels
@@ -37,21 +35,7 @@ SHOTS = 4  # x 16 classes: one full batch of 64, so batch order cannot tell the 
 
 def clip_benchmark_packages() -> Path:
     """The folder holding clip_benchmark and what its linear probe imports; installed on first use."""
-    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-pretrain-tests"
-    target = cache / f"clip-benchmark-{digest}"
-    if target.is_dir():
-        return target
-    tmp = cache / f".{target.name}.{os.getpid()}.tmp"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp)]
-    proc = subprocess.run([*cmd, "-r", str(REQUIREMENTS)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        reason = f"cannot install {REQUIREMENTS.name}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-        if os.environ.get("CI"):  # CI reaches the package registry: there this is a failure, not a skip
-            pytest.fail(reason)
-        pytest.skip(reason)
-    os.replace(tmp, target)
-    return target
+    return private_packages(REQUIREMENTS, "clip-benchmark")
 
 
 @pytest.fixture(scope="module")

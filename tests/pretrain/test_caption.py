@@ -7,7 +7,6 @@ generate.txt, installed once into a cache folder from the package registry).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, read_jsonl, trained_tiny_model
+from helpers import ROOT, private_packages, read_jsonl, trained_tiny_model
 from PIL import Image
 
 from pretrain.cli import main
@@ -58,24 +57,7 @@ OURS = [
 
 def generate_packages() -> Path:
     """The folder holding open_clip generate's extra packages; installed on first use, then reused."""
-    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-pretrain-tests"
-    target = cache / f"open-clip-generate-{digest}"
-    if target.is_dir():
-        return target
-    tmp = cache / f".{target.name}.{os.getpid()}.tmp"
-    # --no-compile: pip compiles all of transformers one file at a time (15 s instead of 3); the
-    # reference imports a few of its modules
-    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
-    cmd = [*pip, "--no-compile", "--no-deps", "--target", str(tmp)]
-    proc = subprocess.run([*cmd, "-r", str(REQUIREMENTS)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        reason = f"cannot install {REQUIREMENTS.name}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-        if os.environ.get("CI"):  # CI reaches the package registry: there this is a failure, not a skip
-            pytest.fail(reason)
-        pytest.skip(reason)
-    os.replace(tmp, target)
-    return target
+    return private_packages(REQUIREMENTS, "open-clip-generate")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ DeepSpeed's per-rank ZeRO partitions are refused on another world with one line.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -84,15 +85,16 @@ def test_a_two_by_two_checkpoint_resumes_exactly_on_another_topology(elastic_run
     assert want.keys() == got.keys() and worst < 1e-5, f"the weight ensembles differ by up to {worst}"
 
 
-def test_a_topology_that_cannot_own_whole_partitions_is_one_line(tmp_path, demo_data, capsys):
-    """A run started on 1 rank x 2 workers reads 2 partitions: 3 workers cannot own them whole, a global batch
-    of 12 is not the run's 16, and data.partitions cannot change; the checkpoint stays as it was."""
+def test_a_topology_that_cannot_own_whole_partitions_is_one_line(tmp_path, demo_data, capsys, caplog):
+    """A run started on 1 rank x 2 workers reads 2 partitions: 3 workers asked to own them whole cannot, a global
+    batch of 12 is not the run's 16, and data.partitions cannot change; the checkpoint stays as it was. Left to
+    the default, 3 workers become the 2 that can."""
     start = overrides(tmp_path, "run", demo_data, (1, 2, 16, 1), "ddp")
     run = train_in_process(
         tmp_path, [*start, "train.steps=1", "data.workers=0", "data.partitions=2"], name="run"
     )
     args = ["train", "--config", str(TINY), *start, "resume=latest"]
-    assert refused([*args, "data.workers=3"], capsys) == (
+    assert refused([*args, "data.workers=3", "data.partitions=2"], capsys) == (
         "pretrain: error: data.partitions=2 cannot be read by 1 rank(s) x 3 loader worker(s) = 3 slots that each "
         "own whole partitions: use ranks x max(1, data.workers) dividing 2 (the run's sample order is fixed by "
         "data.partitions, set when it started)"
@@ -106,8 +108,12 @@ def test_a_topology_that_cannot_own_whole_partitions_is_one_line(tmp_path, demo_
         "fixed when it starts; leave data.partitions unset or set it to 2"
     )
     assert (run / "checkpoints/latest").read_text() == "step_00000001"
-    # the default (unset) takes the checkpoint's partitions: 1 rank x 2 workers owns them
-    train_in_process(tmp_path, [*start, "train.steps=2", "resume=latest"], name="run")
+    # the default (unset) takes the checkpoint's partitions, and with data.workers=3 reads them with the 2
+    # workers that own them whole, saying so
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        train_in_process(tmp_path, [*start, "train.steps=2", "resume=latest", "data.workers=3"], name="run")
+    assert "data: 2 of data.workers=3 loader workers read this run" in caplog.text
+    assert (run / "checkpoints/latest").read_text() == "step_00000002"
 
 
 def test_deepspeed_refuses_another_world_in_one_line(tmp_path):

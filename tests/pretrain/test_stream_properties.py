@@ -14,11 +14,13 @@ The CI profile (tests/conftest.py) fixes the seed.
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 import tempfile
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -189,3 +191,20 @@ def test_global_batches_do_not_depend_on_the_topology_across_a_resume(
         got += resumed.steps(total - cut)
         resumed.close()
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("world", "workers", "micro", "used"),
+    [(1, 14, 512, 8), (2, 3, 6, 3), (2, 3, 8, 2), (1, 1, 5, 1), (1, 0, 5, 0), (2, 7, 7, 7)],
+)
+def test_a_default_run_uses_the_most_workers_that_share_the_global_batch(world, workers, micro, used, caplog):
+    """Left unset, data.partitions is one per loader slot, so ranks x workers must divide the global batch: the
+    loader keeps the most workers (up to data.workers) that do, and says so when that is fewer."""
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        made = loader(("unused.tar",), "epoch", 0, (world, workers, 1), micro, 1, 0)
+    assert made.workers == made.stream_cfg.data.workers == used
+    assert (
+        made.stream_cfg.partitions == world * max(1, used)
+        and (micro * world) % made.stream_cfg.partitions == 0
+    )
+    assert (f"{used} of data.workers={workers} loader workers" in caplog.text) == (used != workers)
