@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_export
+
+from pretrain.adapt.registry import available
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -80,3 +83,15 @@ def test_summary_collects_what_gpu_sh_left(tmp_path):
 def test_checkpoint_manifest_small():
     stdout = run_bench("checkpoint_manifest.py", "--small")
     assert "crc32" in stdout and "manifest cost" in stdout and "verify (resume/eval)" in stdout
+
+
+def test_adapt_small(tmp_path):
+    """bench/adapt.py on a random tiny-clip export (no demo training): zero-shot rows and every available
+    method's row for K 1, scores in percent."""
+    export = write_export(tmp_path / "export")
+    stdout = run_bench("adapt.py", "--small", "--work", str(tmp_path / "work"), "--checkpoint", str(export))
+    rows = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")}
+    assert {"zero-shot", "zero-shot 1 prompt", *available()} <= set(rows), stdout
+    for method in available():
+        cells = [c.strip() for c in rows[method].split("|")[1:-1]]
+        assert cells[1] == "1" and 0 <= float(cells[2]) <= 100, rows[method]
