@@ -98,6 +98,54 @@ def test_coop_from_a_photo_of_a_without_training_is_the_zero_shot_classifier(ada
     torch.testing.assert_close(adapter.logits(test, classnames), reference, atol=1e-5, rtol=0)
 
 
+def other_set(data: Path, folder: Path) -> Path:
+    """Another eval set with other class names (cross-dataset): 3 classes of 4 images each, taken from the
+    adaptation set's test split and filed under new names, written by `data-tools eval-set`."""
+    from data_tools.cli import main as data_tools
+    from webshards.evalset import shard_urls
+    from webshards.layout import iter_shard
+
+    names, taken = ["lemon", "tree frog", "teapot"], {}
+    for url in shard_urls(str(data)):
+        for sample in iter_shard(url, decode=False):
+            label = int(sample["cls"]) % len(names)
+            if taken.get(label, 0) < 4:
+                (folder / "images" / names[label]).mkdir(parents=True, exist_ok=True)
+                (folder / "images" / names[label] / f"{sample['__key__']}.jpg").write_bytes(sample["jpg"])
+                taken[label] = taken.get(label, 0) + 1
+    assert data_tools(["eval-set", "--input", str(folder / "images"), "--output", str(folder / "set")]) == 0
+    return folder / "set"
+
+
+def test_cross_dataset_scores_the_other_sets_classes(adapt_setup, tmp_path):
+    """Adapted on one set, scored on another with other class names: CoOp from "a photo of a" without
+    training gives there the zero-shot classifier of that set's names (open_clip's, computed here); the
+    linear probe, whose head knows only its own classes, reports null."""
+    export, data = adapt_setup
+    other = other_set(data, tmp_path)
+    assert (
+        adapt(
+            adapt_setup, tmp_path / "coop", "coop", "epochs=0", "ctx_init=a photo of a", "--eval", str(other)
+        )
+        == 0
+    )
+    model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{export}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
+    model.eval()
+    test = read_labels(str(other), "test")
+    with torch.no_grad():
+        classnames = list(read_eval_set(str(other)).classnames)
+        classifier = build_zero_shot_classifier(
+            model, tokenizer, classnames, ["a photo of a {}."], device="cpu"
+        )
+        logits = compute_features(model, test, preprocess, torch.device("cpu")) @ classifier
+    top1 = (logits.argmax(1) == torch.tensor(test.labels)).double().mean().item()
+    row = rows(tmp_path / "coop")[0]
+    assert row["eval"] == "set" and row["top1"] == top1 and row["samples"] == 12
+    assert adapt(adapt_setup, tmp_path / "probe", "linear-probe", "--eval", str(other)) == 0
+    assert rows(tmp_path / "probe")[0]["top1"] is None
+
+
 def open_clip_bundle(model, tokenizer, preprocess):
     """What `load_prompt_adapter` reads of a bundle: the model and its tokenizer."""
     return type("Bundle", (), {"model": model, "tokenizer": tokenizer, "preprocess_val": preprocess})()
