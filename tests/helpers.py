@@ -224,12 +224,20 @@ def write_export(folder: Path) -> Path:
     """A tiny-clip (seeded random weights) as an open_clip export folder, built by open_clip alone."""
     import open_clip
     import torch
-    from safetensors.torch import save_model
 
     open_clip.add_model_config(ROOT / "configs" / "models")
     torch.manual_seed(0)
     model, _, _ = open_clip.create_model_and_transforms("tiny-clip")
     model_cfg = json.loads((ROOT / "configs/models/tiny-clip.json").read_text())
+    return write_open_clip_folder(folder, model, model_cfg)
+
+
+def write_open_clip_folder(folder: Path, model, model_cfg: dict) -> Path:
+    """`model` as an open_clip export folder (its config with the 64 px OpenAI preprocessing, its weights as
+    safetensors), written with open_clip and safetensors only."""
+    import open_clip
+    from safetensors.torch import save_model
+
     mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64, "mean": mean, "std": std}}
     folder.mkdir(parents=True)
@@ -383,3 +391,11 @@ def private_packages(requirements: Path, name: str) -> Path:
         pytest.skip(reason)
     os.replace(tmp, target)
     return target
+
+
+def adapt_output_cut_at(unbroken: Path, cut: Path, step: int, last: int) -> Path:
+    """A copy of a finished `pretrain adapt` output folder as it stood after its checkpoint of `step`: the
+    checkpoint of the `last` step, the results and the model left out, `latest` naming `step`'s."""
+    shutil.copytree(unbroken, cut, ignore=shutil.ignore_patterns("model", "results.*", f"step_{last:08d}.pt"))
+    (cut / "checkpoints" / "latest").write_text(f"step_{step:08d}.pt")
+    return cut

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -68,7 +69,29 @@ def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -
     data = copy_data_card(folder.parent.parent, tmp)
     card = model_card(name, config["model_cfg"], cfg, rows, state["step"], str(folder), data)
     (tmp / "README.md").write_text(card)
+    return _replace(tmp, out)
+
+
+def export_with(
+    checkpoint: str | Path, output: str | Path, weights: str, add_format: Callable[[Path], None], suffix: str
+) -> Path:
+    """`export` into `OUTPUT.SUFFIX.tmp`, then `add_format(folder)` writes another format's files beside
+    open_clip's; the folder takes `output`'s name only once all is written, so a format that refuses the model
+    leaves `output` as it was."""
+    out = Path(output)
+    stage = out.with_name(f"{out.name}.{suffix}.tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        add_format(export(checkpoint, stage, weights))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return _replace(stage, out)
+
+
+def _replace(folder: Path, out: Path) -> Path:
+    """`folder` renamed to `out`, replacing what was there."""
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    os.replace(folder, out)
     return out

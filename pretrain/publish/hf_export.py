@@ -11,15 +11,13 @@ refused (`NotExpressible`, one line) before anything is written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import save_file
 
 from pretrain.models.build import load_trained
-from pretrain.publish.export import export
+from pretrain.publish.export import export_with
 from pretrain.publish.hf_clip import NotExpressible, clip_config, clip_state_dict, text_tower, unsupported
 
 # open_clip's interpolation names -> PIL resample codes (what CLIPImageProcessor's `resample` holds)
@@ -123,15 +121,6 @@ def write_transformers(folder: str | Path, source: str | Path | None = None) -> 
 def export_transformers(checkpoint: str | Path, output: str | Path, weights: str = "final") -> Path:
     """`export` (open_clip's files, card, data card) plus transformers' CLIP files, the whole folder written
     under a temp name and renamed; a model transformers cannot express leaves `output` as it was."""
-    out = Path(output)
-    tmp = out.with_name(out.name + ".transformers.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_transformers(export(checkpoint, tmp, weights), checkpoint)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return export_with(
+        checkpoint, output, weights, lambda folder: write_transformers(folder, checkpoint), "transformers"
+    )

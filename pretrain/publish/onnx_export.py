@@ -22,9 +22,7 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 
 from pretrain.models.build import context_length, image_size, load_trained
-from pretrain.publish.export import export, preprocess_cfg
+from pretrain.publish.export import export_with, preprocess_cfg
 
 OPSET = 18
 """ONNX opset of both graphs (torch's exporter default; onnxruntime >= 1.14 runs it)."""
@@ -214,18 +212,12 @@ def export_onnx(checkpoint: str | Path, output: str | Path, weights: str = "fina
     Raises ValueError, one line, when a package is missing or a tower cannot be exported.
     """
     check_installed()
-    out = Path(output)
-    stage = out.with_name(out.name + ".onnx.tmp")
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
-        export(checkpoint, stage, weights)
-        bundle = load_trained(stage)  # the exported weights, as a user loading the folder gets them
-        write_onnx(bundle.model, bundle.tokenizer, stage)
-        add_card_section(stage / "README.md")
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
-    return out
+    return export_with(checkpoint, output, weights, add_onnx, "onnx")
+
+
+def add_onnx(folder: Path) -> None:
+    """Both towers of the export in `folder` as ONNX, from its own weights (as a user loading the folder gets
+    them), and the card's ONNX section."""
+    bundle = load_trained(folder)
+    write_onnx(bundle.model, bundle.tokenizer, folder)
+    add_card_section(folder / "README.md")

@@ -8,13 +8,12 @@ re-scored without training, a bad key is one line. The model and data: tests/pre
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from helpers import torchrun
+from helpers import adapt_output_cut_at, torchrun
 from open_clip import build_zero_shot_classifier
 from safetensors.torch import load_file
 
@@ -170,12 +169,7 @@ def test_resumed_run_equals_unbroken_one_and_a_finished_one_is_rescored(adapt_se
     the constant warm-up rate), then rerun; the finished folder rerun with an --eval scores without training."""
     settings = ["epochs=2", "batch_size=16", "checkpoint_every=2", "lr=0.05"]
     assert adapt(adapt_setup, tmp_path / "unbroken", "coop", *settings) == 0
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "unbroken", cut)
-    (cut / "checkpoints" / "step_00000004.pt").unlink()
-    (cut / "checkpoints" / "latest").write_text("step_00000002.pt")
-    for name in ("results.jsonl", "results.md", "model"):
-        shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+    cut = adapt_output_cut_at(tmp_path / "unbroken", tmp_path / "cut", 2, 4)
     with caplog.at_level("INFO", logger="pretrain"):
         assert adapt(adapt_setup, cut, "coop", *settings) == 0
     assert "resumed from" in caplog.text and "(step 2)" in caplog.text

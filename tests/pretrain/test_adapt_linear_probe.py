@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, command_env, private_packages, torchrun
+from helpers import ROOT, adapt_output_cut_at, command_env, private_packages, torchrun
 from safetensors.torch import load_file
 
 from pretrain.adapt.data import LabelledImages, read_labels
@@ -93,12 +93,7 @@ def test_two_ranks_train_the_same_head_as_one(setup, tmp_path):
 def test_resumed_run_equals_unbroken_one(setup, tmp_path, caplog):
     """Stopped after the checkpoint of step 10 of 20 (batch 32: 2 steps an epoch), then rerun."""
     assert adapt(setup, tmp_path / "unbroken", "batch_size=32", "checkpoint_every=10") == 0
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "unbroken", cut)
-    (cut / "checkpoints" / "step_00000020.pt").unlink()
-    (cut / "checkpoints" / "latest").write_text("step_00000010.pt")
-    for name in ("results.jsonl", "results.md", "model"):
-        shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+    cut = adapt_output_cut_at(tmp_path / "unbroken", tmp_path / "cut", 10, 20)
     with caplog.at_level("INFO", logger="pretrain"):
         assert adapt(setup, cut, "batch_size=32", "checkpoint_every=10") == 0
     assert "resumed from" in caplog.text and "step 10" in caplog.text

@@ -15,7 +15,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from helpers import torchrun
+from helpers import adapt_output_cut_at, torchrun
 from safetensors.torch import load_file
 
 from pretrain.adapt.data import load_pixels, read_labels
@@ -123,8 +123,7 @@ def test_resumed_run_equals_unbroken_one(lora_run, adapt_setup, tmp_path, capsys
     """The module's run (4 steps) as if stopped after the checkpoint of step 2, then rerun."""
     unbroken, row = lora_run
     cut = tmp_path / "cut"
-    shutil.copytree(unbroken, cut, ignore=shutil.ignore_patterns("model", "results.*", "step_00000004.pt"))
-    (cut / "checkpoints" / "latest").write_text("step_00000002.pt")
+    adapt_output_cut_at(unbroken, cut, 2, 4)
     with caplog.at_level("INFO", logger="pretrain"):
         resumed = adapt(adapt_setup, cut, capsys, "lora", *TRAIN)
     assert "resumed from" in caplog.text and "step 2" in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from helpers import ROOT, one_torch_thread, refused, train_in_process
+from helpers import ROOT, one_torch_thread, refused, train_in_process, write_open_clip_folder
 from PIL import Image
 
 from pretrain.cli import main
@@ -141,17 +141,10 @@ def test_quick_gelu_and_custom_text_tower(tmp_path, change, act):
 
 def open_clip_export(folder: Path, model_cfg: dict) -> Path:
     """An open_clip export of `model_cfg` (seeded random weights), written by open_clip and safetensors only."""
-    from safetensors.torch import save_model
-
     torch.manual_seed(0)
     kind = open_clip.model.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.model.CLIP
     model = kind(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
-    mean, std = list(open_clip.OPENAI_DATASET_MEAN), list(open_clip.OPENAI_DATASET_STD)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64, "mean": mean, "std": std}}
-    folder.mkdir(parents=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    save_model(model, str(folder / "open_clip_model.safetensors"))
-    return folder
+    return write_open_clip_folder(folder, model, model_cfg)
 
 
 def test_siglip_is_refused_with_one_line(runs, capsys):
