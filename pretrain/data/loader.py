@@ -121,7 +121,7 @@ class StreamLoader:
         accum_steps: int = 1, exact_batch: bool = True,
     ) -> None:  # fmt: skip
         self.decode, self.collate, self.tokenize = decode, collate, tokenize
-        self.workers, self.world = stream_cfg.data.workers, stream_cfg.world
+        self.world = stream_cfg.world
         self.pin_memory, self.prefetch = pin_memory, stream_cfg.data.prefetch
         self.training, self.exact_batch = stream_cfg.mode != "eval", exact_batch
         self.micro_batch, self.accum = stream_cfg.batch_size, accum_steps
@@ -143,6 +143,11 @@ class StreamLoader:
         self._retries_of: dict[int, int] = {}  # per worker role: storage retries of its stream so far
         self._retries_before = 0  # of workers shut down earlier
         self._iter = None
+
+    @property
+    def workers(self) -> int:
+        """DataLoader workers this rank runs (`data.workers`, or fewer: `_fit_workers`)."""
+        return self.stream_cfg.data.workers
 
     def _partitioned(self, cfg: StreamConfig, partitions: int) -> StreamConfig:
         """`cfg` read as `partitions` partitions with units of `global batch / partitions` (training)."""
@@ -168,7 +173,6 @@ class StreamLoader:
                 used, self.max_workers, self.world,
                 f"data.partitions={partitions}" if partitions else f"the global batch {self.global_batch}",
             )  # fmt: skip
-        self.workers = used
         return replace(cfg, data=replace(cfg.data, workers=used))
 
     def _check_topology(self) -> None:
