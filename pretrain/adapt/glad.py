@@ -3,7 +3,7 @@ arXiv 2507.13089): LoRA training whose gradient is steered toward the sharpness-
 
 The paper (Fig. 1) uses the gradient computed via Sharpness-Aware Minimization (Foret et al. 2021) as a
 reference signal that steers the original gradient toward parameter regions that are both stable and fit the
-task. Written out, with θ the LoRA parameters and L the training loss on the batch:
+task. Written out, with θ the LoRA parameters and L the training loss on the (global) batch:
 
     g      = ∇θ L(θ)
     ε      = ρ · g / ‖g‖₂                        (SAM's ascent step, treated as a constant)
@@ -13,8 +13,11 @@ task. Written out, with θ the LoRA parameters and L the training loss on the ba
 Minimising L + R moves θ down the loss while turning its own gradient toward the SAM gradient; R's gradient
 differentiates g (a Hessian-vector product), so `glad_objective` builds the first gradient with
 `create_graph=True` and runs attention on PyTorch's math kernel, the one with a double backward.
-Caveat: only the paper's abstract and figure caption could be read here, not its equations; the cosine form
-above and the defaults below (ρ = 0.05, SAM's default; λ = 1) are this project's reading of that caption.
+
+RECONSTRUCTION, not the paper's equation: the paper's method section, equations and hyper-parameters could
+not be read here (only its abstract and Fig. 1 caption were reachable, and the authors' repository
+github.com/YuqiPeng77/GLAD holds a README saying the code will be released). The cosine form above and the
+defaults below (ρ = 0.05, SAM's default; λ = 1) are this project's reading of that caption.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pretrain.adapt.lora import lora_parameters
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Average = Callable[[torch.Tensor], torch.Tensor]
+"""The mean of a tensor over the ranks of a data-parallel job (each rank holding an equal share of the batch)."""
 
 
 @dataclass
 class GLADConfig:
-    """The regulariser's two hyper-parameters."""
+    """The regulariser's two hyper-parameters (a reconstruction: see the module's docstring)."""
 
     rho: float = 0.05
     """ρ: the radius of SAM's ascent step in LoRA-parameter space."""
@@ -74,26 +79,42 @@ def perturbed(params: Sequence[nn.Parameter], step: Sequence[torch.Tensor]) -> I
             p.data.copy_(s)
 
 
+def global_value(local: torch.Tensor, average: Average | None) -> torch.Tensor:
+    """`local` with the value of its mean over ranks but the derivative of `local` itself: what each rank
+    differentiates so that the mean of the ranks' gradients (DDP's) is the gradient of the global batch."""
+    if average is None:
+        return local
+    return local + (average(local.detach()) - local.detach())
+
+
 def glad_objective(
     model: nn.Module,
     batch: Any,
     compute_loss: LossFn,
     cfg: GLADConfig,
     params: Sequence[nn.Parameter] | None = None,
+    average: Average | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L(θ), R(θ)) on `batch`: back-propagate their sum. `compute_loss(model, batch)` is the training loss
-    (it runs twice: at θ and at θ + ε); `params` default to the model's LoRA parameters."""
+    (it runs twice: at θ and at θ + ε); `params` default to the model's LoRA parameters.
+
+    Data-parallel: `batch` is this rank's equal share of the global batch and `average` the mean over ranks.
+    g and g_sam are then the global batch's (the mean of the ranks' gradients, as one process computes them
+    on the whole batch), so ε and R are the global ones on every rank, and R's gradient on this rank is its
+    share H_r · ∂R/∂g of the Hessian-vector product: the mean over ranks of the returned terms' gradients,
+    which DDP's all-reduce computes, is exactly ∇R of the global batch."""
     params = list(params) if params is not None else lora_parameters(model)
     with double_backward_attention():
         loss = compute_loss(model, batch)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        g = flat(grads)
+        g = global_value(flat(torch.autograd.grad(loss, params, create_graph=True)), average)
         norm = g.detach().norm().clamp_min(1e-12)
-        step = [cfg.rho * gi.detach() / norm for gi in grads]
-        with perturbed(params, step):
+        step = torch.split(cfg.rho * g.detach() / norm, [p.numel() for p in params])
+        with perturbed(params, [s.view_as(p) for s, p in zip(step, params)]):
             g_sam = flat(torch.autograd.grad(compute_loss(model, batch), params)).detach()
+    if average is not None:
+        g_sam = average(g_sam)
     term = cfg.weight * (1 - torch.nn.functional.cosine_similarity(g, g_sam, dim=0))
     return loss, term
 
 
-__all__ = ["GLADConfig", "double_backward_attention", "glad_objective"]
+__all__ = ["Average", "GLADConfig", "double_backward_attention", "glad_objective"]

@@ -9,11 +9,11 @@ Training images use the eval transform (no augmentation): every step is then a f
 and the step's generator only, which is what makes 2 ranks equal 1 and a resumed run equal an unbroken one.
 
 GLAD under DDP: its term needs a second and third forward (at θ and θ + ε) and a gradient of a gradient, which
-DDP's reducer cannot follow. The cross-entropy goes through the DDP-wrapped model as usual; the term is
-computed on the unwrapped module, its gradient averaged over ranks by hand (`all_reduce`), and added to the
-step's loss as `Σ p · ∇R` (whose gradient is exactly ∇R), so one backward through DDP carries both. The term is
-a function of each rank's own slice of the batch (as SAM's per-device ascent step), so GLAD on 2 ranks is not
-bit-equal to 1 rank; plain LoRA is.
+DDP's forward cannot host (DDP does not support `torch.autograd.grad`). The cross-entropy goes through the
+DDP-wrapped model as usual; the term is computed on the unwrapped module with g and g_sam averaged over ranks
+(the global batch's, as one process computes them), and each rank's term carries its share of R's gradient, so
+the one backward through DDP, whose all-reduce averages every parameter's gradient, gives exactly one rank's
+update on the same global batch: GLAD on 2 ranks equals 1 rank, as plain LoRA does.
 """
 
 from __future__ import annotations
@@ -109,12 +109,13 @@ class LoRAMethodConfig:
 
 @dataclass
 class GLADMethodConfig(LoRAMethodConfig):
-    """LoRA's settings plus GLAD's regulariser (pretrain/adapt/glad.py: R = λ · (1 − cos(g, g_sam)))."""
+    """LoRA's settings plus GLAD's regulariser (pretrain/adapt/glad.py: R = λ · (1 − cos(g, g_sam)), this
+    project's reconstruction from the paper's abstract and Fig. 1; its equations could not be read)."""
 
     rho: float = 0.05
-    """ρ, the radius of SAM's ascent step."""
+    """ρ, the radius of SAM's ascent step (SAM's default; the paper's value is unknown here)."""
     weight: float = 1.0
-    """λ, the weight of R in the loss."""
+    """λ, the weight of R in the loss (this project's choice; the paper's value is unknown here)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,22 +177,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def glad_surrogate(
-    module: nn.Module, task: ClassPrompts, indices: torch.Tensor, cfg: GLADConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, Σ p · ∇R) with ∇R averaged over ranks: R is computed on the unwrapped module (its extra forwards
-    and double backward stay outside DDP's reducer); the second term's gradient is exactly the averaged ∇R."""
-    params = lora.lora_parameters(module)
-    _, term = glad_objective(module, indices, task.loss, cfg, params)
-    grads = torch.autograd.grad(term, params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    ranks = world()[1]
-    if ranks > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        grads = list(torch.split(flat / ranks, [p.numel() for p in params]))
-    surrogate = sum((p * g.view_as(p)).sum() for p, g in zip(params, grads))
-    return term.detach(), surrogate
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over the job's ranks (all-reduced: every rank gets it)."""
+    total = tensor.clone()
+    torch.distributed.all_reduce(total)
+    return total / world()[1]
 
 
 def step_loss(task: ClassPrompts, device: torch.device, glad: GLADConfig | None) -> loop.LossFn:
@@ -202,8 +192,9 @@ def step_loss(task: ClassPrompts, device: torch.device, glad: GLADConfig | None)
         value = task.loss(model, indices)
         if glad is None:
             return value
-        term, surrogate = glad_surrogate(unwrap(model), task, indices, glad)
-        return value + term + surrogate - surrogate.detach()
+        average = mean_over_ranks if world()[1] > 1 else None
+        _, term = glad_objective(unwrap(model), indices, task.loss, glad, average=average)
+        return value + term
 
     return loss
 

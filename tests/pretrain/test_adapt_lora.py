@@ -1,5 +1,6 @@
 """LoRA and GLAD (pretrain/adapt/lora.py, glad.py) against outside references: open_clip's own forward and
-loader (`local-dir:`), parameter counts from the model's shapes, and GLAD's term written out by hand."""
+loader (`local-dir:`), parameter counts from the model's shapes, and GLAD's term and update written out by hand
+(closed forms for a quadratic loss, torch.func transforms for a small network)."""
 
 from __future__ import annotations
 
@@ -162,6 +163,72 @@ def test_glad_term_matches_the_formula_written_out() -> None:
     torch.testing.assert_close(term.detach(), expected_term)
     torch.testing.assert_close(model.theta.grad, expected_grad)
     assert torch.equal(model.theta.detach(), theta)  # the SAM step is undone exactly
+
+
+def means(*values: torch.Tensor):
+    """Stands in for the mean over ranks that `glad_objective` asks for: `values` in turn (g's, then g_sam's)."""
+    found = iter(values)
+    return lambda _: next(found)
+
+
+def test_glad_on_shares_of_a_batch_averages_to_the_whole_batch() -> None:
+    """Two ranks' halves of a batch, their ranks' mean (`average`) played by the closed form of the whole
+    batch: each half's term is the whole batch's R, and the mean of the halves' gradients (what DDP averages)
+    is the whole batch's ∇R, from g and g_sam of the whole batch and the whole batch's Hessian."""
+    torch.manual_seed(4)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    cfg = GLADConfig(rho=0.3, weight=0.7)
+    theta = torch.randn(5, dtype=torch.float64)
+    hess, b = x.t() @ x / len(x), x.t() @ y / len(x)
+    g = hess @ theta - b
+    g_sam = hess @ (theta + cfg.rho * g / g.norm()) - b
+    cos = g @ g_sam / (g.norm() * g_sam.norm())
+    expected_grad = -cfg.weight * hess @ (g_sam / (g.norm() * g_sam.norm()) - cos * g / g.norm() ** 2)
+    grads = []
+    for half in (slice(0, 8), slice(8, 16)):
+        model = Quadratic(x[half], y[half])
+        model.theta.data.copy_(theta)
+        _, term = glad_objective(model, None, lambda m, _: m.loss(), cfg, [model.theta], means(g, g_sam))
+        term.backward()
+        torch.testing.assert_close(term.detach(), cfg.weight * (1 - cos))
+        grads.append(model.theta.grad)
+    torch.testing.assert_close((grads[0] + grads[1]) / 2, expected_grad)
+
+
+def test_glad_update_matches_torch_func_on_a_small_network() -> None:
+    """∇θ(L + R) for a two-layer network, against the same objective composed from torch.func transforms:
+    g = func.grad(L)(θ), g_sam = func.grad(L)(θ + ρ·g/‖g‖) held constant, then func.grad of L + λ(1 − cos)."""
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, labels = torch.randn(12, 3, dtype=torch.float64), torch.arange(12) % 2
+    cfg = GLADConfig(rho=0.2, weight=0.9)
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+
+    def loss_at(params: dict) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(net, params, (x,)), labels)
+
+    def flat_grad(params: dict) -> torch.Tensor:
+        return torch.cat([v.reshape(-1) for v in torch.func.grad(loss_at)(params).values()])
+
+    g = flat_grad(theta)
+    shifted, start = {}, 0
+    for name, value in theta.items():
+        shifted[name] = value + cfg.rho * g[start : start + value.numel()].view_as(value) / g.norm()
+        start += value.numel()
+    g_sam = flat_grad(shifted)
+
+    def objective(params: dict) -> torch.Tensor:
+        return loss_at(params) + cfg.weight * (1 - F.cosine_similarity(flat_grad(params), g_sam, dim=0))
+
+    expected = torch.func.grad(objective)(theta)
+    loss, term = glad_objective(
+        net, None, lambda m, _: F.cross_entropy(m(x), labels), cfg, list(net.parameters())
+    )
+    (loss + term).backward()
+    torch.testing.assert_close(term.detach(), objective(theta) - loss_at(theta))
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name])
+        assert torch.equal(p.detach(), theta[name])  # the SAM step is undone exactly
 
 
 @pytest.mark.parametrize("glad", [None, GLADConfig()], ids=["lora", "glad"])
