@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from pretrain.data import decode as dec
 from pretrain.data.plan import ShardPlan
 from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig, check_topology
-from pretrain.data.transform import TensorTransform, seeded, split_transform
+from pretrain.data.transform import TensorTransform, split_transform
 from webshards.spec import parse_spec
 
 log = logging.getLogger("pretrain")
@@ -99,7 +99,9 @@ class DeviceFinish:
             images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
         out, patches = [], []
         for image, seed in zip(images, seeds, strict=True):
-            with seeded(seed, restore=True):  # the main process's own random streams are left as they were
+            with dec.seeded(
+                seed, restore=True
+            ):  # the main process's own random streams are left as they were
                 x = self.transform.apply(image.to(self.device, non_blocking=True))
                 patches.append(self.transform.draw_erasing(x.shape[-2:]))
             out.append(x)

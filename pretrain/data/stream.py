@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.config import DataConfig
+from pretrain.data.decode import seeded
 from pretrain.data.plan import ShardPlan
-from pretrain.data.transform import seeded
 from webshards.layout import UNSAFE_MEMBER, iter_shard
 from webshards.retries import retries_so_far
 from webshards.samples import BadSample

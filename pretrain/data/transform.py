@@ -18,15 +18,14 @@ per sample by the step itself (`draw_erasing`) and pasted into the normalised ba
 transform runs as it is.
 
 Steps draw from torch's CPU generator (torchvision) and from Python's `random` (open_clip's probability
-wrappers, timm's crop and erasing): `seeded` seeds both per sample, so a sample's augmentation depends on
-its seed alone, wherever and whenever it runs.
+wrappers, timm's crop and erasing): `pretrain.data.decode.seeded` seeds both per sample, so a sample's
+augmentation depends on its seed alone, wherever and whenever it runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from open_clip import transform as oc
@@ -47,23 +46,6 @@ COLOUR = (T.ColorJitter, T.Grayscale, T.RandomGrayscale, oc.color_jitter, oc.gra
 
 Patches = list[tuple[tuple[slice, ...], torch.Tensor]]
 """One image's erased rectangles: (index into the CHW image, the values put there)."""
-
-
-@contextlib.contextmanager
-def seeded(seed: int, restore: bool) -> Iterator[None]:
-    """Seed torch's CPU generator and Python's `random` (what the transforms draw from) for one sample;
-    `restore`: put both back after (in the training process, whose random streams are its own). The CPU
-    generator alone: torch.manual_seed also seeds CUDA and goes through dynamo's wrappers, ~75 us per call."""
-    generator = torch.default_generator
-    saved = (generator.get_state(), random.getstate()) if restore else None
-    generator.manual_seed(seed)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            generator.set_state(saved[0])
-            random.setstate(saved[1])
 
 
 def _resampling_safe(t) -> bool:
