@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from omegaconf import MISSING
 
@@ -100,6 +100,90 @@ class ModelConfig:
 
 
 @dataclass
+class AugConfig:
+    """open_clip's `AugmentationCfg` (open_clip_train's `--aug-cfg`), same names and defaults: the training
+    transform open_clip builds with it runs on the `cpu`, `device` and `nvjpeg` paths alike (docs/data.md).
+    Settings open_clip would ignore with a warning are errors here, naming the key."""
+
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    """RandomResizedCrop's range of the crop's area, as fractions of the image's: [min, max] in (0, 1]."""
+    ratio: list[float] | None = None
+    """Range of the crop's aspect ratio (w/h), [min, max] (timm's transform only: needs use_timm;
+    null: [3/4, 4/3])."""
+    color_jitter: list[float] | None = None
+    """ColorJitter strengths [brightness, contrast, saturation, hue] (hue <= 0.5). open_clip's transform
+    needs all four and color_jitter_prob; timm's (use_timm) jitters every image and also takes three."""
+    re_prob: float | None = None
+    """timm's RandomErasing: the chance an image gets erased rectangles of per-pixel noise, after
+    normalisation (needs use_timm)."""
+    re_count: int | None = None
+    """RandomErasing: up to this many rectangles per erased image (needs re_prob; null: 1)."""
+    use_timm: bool = False
+    """Build the transform with timm's `create_transform` (RandomResizedCrop with ratio, ColorJitter,
+    RandomErasing) instead of open_clip's own (RandomResizedCrop, jitter and grayscale with probabilities)."""
+    color_jitter_prob: float | None = None
+    """open_clip's transform: the chance of colour jitter per image (needs color_jitter, not use_timm)."""
+    gray_scale_prob: float | None = None
+    """open_clip's transform: the chance an image is made grayscale (3 channels; not with use_timm)."""
+
+    def __post_init__(self) -> None:
+        self._check_ranges()
+        timm_only = {"ratio": self.ratio, "re_prob": self.re_prob, "re_count": self.re_count}
+        for name, value in timm_only.items():
+            _check(
+                value is None or self.use_timm,
+                f"data.aug.{name}",
+                "open_clip uses it only with use_timm=true",
+            )
+        for name in ("color_jitter_prob", "gray_scale_prob"):
+            _check(
+                getattr(self, name) is None or not self.use_timm,
+                f"data.aug.{name}",
+                "timm's transform (use_timm=true) has no such setting; open_clip drops it",
+            )
+        _check(self.re_count is None or self.re_prob, "data.aug.re_count", "needs data.aug.re_prob")
+        jitter, prob = self.color_jitter, self.color_jitter_prob
+        _check(
+            prob is None or jitter is not None, "data.aug.color_jitter_prob", "needs data.aug.color_jitter"
+        )
+        _check(
+            jitter is None or self.use_timm or (prob is not None and len(jitter) == 4),
+            "data.aug.color_jitter",
+            "open_clip's transform takes 4 values [brightness, contrast, saturation, hue] with "
+            "data.aug.color_jitter_prob (or set use_timm=true)",
+        )
+
+    def _check_ranges(self) -> None:
+        for name, (lo, hi) in {"scale": (0, 1), "ratio": (0, float("inf"))}.items():
+            value = getattr(self, name)
+            _check(
+                value is None or (len(value) == 2 and lo < value[0] <= value[1] <= hi),
+                f"data.aug.{name}",
+                f"must be [min, max] with {lo} < min <= max{f' <= {hi}' if hi == 1 else ''}, got {value}",
+            )
+        jitter = self.color_jitter
+        _check(
+            jitter is None
+            or (len(jitter) in (3, 4) and min(jitter) >= 0 and (len(jitter) == 3 or jitter[3] <= 0.5)),
+            "data.aug.color_jitter",
+            f"must be 3 or 4 values >= 0 (hue <= 0.5), got {jitter}",
+        )
+        for name in ("re_prob", "color_jitter_prob", "gray_scale_prob"):
+            value = getattr(self, name)
+            _check(value is None or 0 <= value <= 1, f"data.aug.{name}", f"must be in [0, 1], got {value}")
+        _check(
+            self.re_count is None or self.re_count >= 1,
+            "data.aug.re_count",
+            f"must be >= 1, got {self.re_count}",
+        )
+
+    def to_open_clip(self) -> dict:
+        """The settings as open_clip's `aug_cfg` (its `AugmentationCfg` fields; unset ones left out)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+
+
+@dataclass
 class DataConfig:
     train: str = "synthetic"
     """Shard spec (brace-expanded, `::`-joined sources) or the word `synthetic`."""
@@ -133,6 +217,8 @@ class DataConfig:
     s3:// requests are retried by the S3 client (AWS_MAX_ATTEMPTS, see docs/scaling.md)."""
     synthetic_classes: int = 16
     """Synthetic data: number of latent classes (images and texts of a class correlate, so loss falls)."""
+    aug: AugConfig = field(default_factory=AugConfig)
+    """Training augmentation: open_clip's `AugmentationCfg` settings (`data.aug.*`)."""
 
     def __post_init__(self) -> None:
         _check(

@@ -85,8 +85,9 @@ def _close_running_loaders() -> None:
 
 class DeviceFinish:
     """The model's transform on the device: decode JPEGs there first when given encoded bytes (nvJPEG
-    through torchvision on CUDA), then its resize/crop steps, each image's random crop replayed from the
-    seed the worker drew it with (the crops the `cpu` path would take), then normalise the batch."""
+    through torchvision on CUDA), then its per-sample steps (resize/crop, colour jitter, grayscale), each
+    image's random draws replayed from the seed the worker drew it with (the draws the `cpu` path makes),
+    then normalise the batch and erase the rectangles RandomErasing drew for each image."""
 
     def __init__(self, transform: TensorTransform, device: torch.device, encoded: bool) -> None:
         self.transform, self.device, self.encoded = transform, device, encoded
@@ -96,16 +97,27 @@ class DeviceFinish:
             from torchvision.io import ImageReadMode, decode_jpeg
 
             images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
-        generator = torch.default_generator
-        state = generator.get_state()  # the main process's own random stream is left as it was
-        try:
-            out = []
-            for image, seed in zip(images, seeds, strict=True):
-                generator.manual_seed(seed)
-                out.append(self.transform.apply(image.to(self.device, non_blocking=True)))
-        finally:
-            generator.set_state(state)
-        return self.transform.normalize(torch.stack(out))
+        out, patches = [], []
+        for image, seed in zip(images, seeds, strict=True):
+            with dec.seeded(
+                seed, restore=True
+            ):  # the main process's own random streams are left as they were
+                x = self.transform.apply(image.to(self.device, non_blocking=True))
+                patches.append(self.transform.draw_erasing(x.shape[-2:]))
+            out.append(x)
+        return self.transform.erase(self.transform.normalize(torch.stack(out)), patches)
+
+
+def _device_form(transform, decode: str) -> TensorTransform | None:
+    """The transform's tensor form for `data.decode=device|nvjpeg`; None (logged) when it has a step that
+    only runs on PIL images: it then runs whole in the loader workers, as with `data.decode=cpu`."""
+    fast = TensorTransform.wrap(transform)
+    if fast is None:
+        log.warning(
+            "data.decode=%s: the training transform has a step that only runs on PIL images, so it runs in "
+            "the loader workers (as data.decode=cpu): %s", decode, " ".join(str(transform).split()),
+        )  # fmt: skip
+    return fast
 
 
 class StreamLoader:
@@ -431,9 +443,9 @@ class WebDatasetSource(StreamLoader):
 
         size = image_size(bundle.model)
         benchmark = self.targets != "tokens"
-        kind = "cpu" if benchmark else self.cfg.decode  # eval sets: the plain CPU path
         transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
-        if kind == "cpu":
+        fast = None if benchmark or self.cfg.decode == "cpu" else _device_form(transform, self.cfg.decode)
+        if fast is None:  # eval sets: the plain CPU path
             text_key = "cls" if self.targets == "labels" else "txt"
             sample_transform, normalize = split_transform(transform)
             finish = functools.partial(_normalize_on, normalize, self.device) if normalize else None
@@ -448,15 +460,9 @@ class WebDatasetSource(StreamLoader):
                 _stack,
                 finish,
             )
-        fast = TensorTransform.wrap(transform)
-        if fast is None:
-            raise ValueError(
-                f"data.decode={kind} runs the model's transform on the device, and this one has a step that "
-                f"only runs on PIL images ({transform}); use data.decode=cpu"
-            )
-        finish = DeviceFinish(fast, self.device, encoded=kind == "nvjpeg")
-        decode = dec.raw_image_bytes if kind == "nvjpeg" else functools.partial(dec.decode_uint8, size=size)
-        return decode, _as_list, finish
+        nvjpeg = self.cfg.decode == "nvjpeg"
+        decode = dec.raw_image_bytes if nvjpeg else functools.partial(dec.decode_uint8, size=size)
+        return decode, _as_list, DeviceFinish(fast, self.device, encoded=nvjpeg)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts, _ = self.next_batch_with_info()

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.config import DataConfig
+from pretrain.data.decode import seeded
 from pretrain.data.plan import ShardPlan
 from webshards.layout import UNSAFE_MEMBER, iter_shard
 from webshards.retries import retries_so_far
@@ -279,20 +280,13 @@ class ShardStream(IterableDataset):
             pos = replace(end, block=pos.block + 1, emitted=0, skipped=pos.skipped)
 
     def _decode_seeded(self, raw: dict, seed: int, keep_rng: bool) -> tuple:
-        """Decode with the global CPU generator seeded for this sample, so augmentation replays on resume.
-        In the training process itself (`data.workers=0`) the trainer's random state is put back after.
-        The CPU generator alone: torch.manual_seed also seeds CUDA and goes through dynamo's wrappers,
-        ~75 us per call."""
+        """Decode with the CPU random streams the transforms draw from (torch's generator, Python's
+        `random`) seeded for this sample, so augmentation replays on resume. In the training process itself
+        (`data.workers=0`) the trainer's random state is put back after."""
         if UNSAFE_MEMBER in raw:  # the tar reader left its members unread: a member name escaped the sample
             raise BadSample(UNSAFE_MEMBER, raw[UNSAFE_MEMBER])
-        generator = torch.default_generator
-        state = generator.get_state() if keep_rng else None
-        generator.manual_seed(seed)
-        try:
+        with seeded(seed, restore=keep_rng):
             return self.decode(raw)
-        finally:
-            if state is not None:
-                generator.set_state(state)
 
     def _order(self, plan: ShardPlan, block: int, n: int) -> np.ndarray:
         if self.cfg.mode == "eval" or self.cfg.data.shuffle_buffer <= 1:

@@ -6,6 +6,7 @@ import logging
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,18 +118,16 @@ def build_tokenizer(name: str) -> Callable[..., torch.Tensor]:
     return open_clip.get_tokenizer(name)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", aug: dict | None = None) -> ModelBundle:
     """Create the model (fp32 weights; autocast handles bf16) with its tokenizer and transforms, load its
-    starting weights (`model.pretrained`), then lock the towers `model.lock_*` asks for."""
+    starting weights (`model.pretrained`), then lock the towers `model.lock_*` asks for. `aug`: open_clip's
+    `aug_cfg` for the training transform (`AugConfig.to_open_clip()`; None: open_clip's defaults)."""
     name = resolve_model_name(cfg.name)
     check_pretrained(name, cfg.pretrained)
     local = cfg.pretrained is not None and Path(cfg.pretrained).exists()
     tag = None if local else cfg.pretrained  # open_clip downloads tags; local starting points are read here
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device,
-            force_patch_dropout=cfg.patch_dropout or None,  # FLIP; open_clip drops patches in training only
-        )  # fmt: skip
+        model, preprocess_train, preprocess_val = _create(name, tag, device, cfg.patch_dropout, aug)
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
         if tag is None:
             raise
@@ -142,6 +141,19 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     apply_locks(model, cfg)
     return ModelBundle(model, build_tokenizer(name), preprocess_train, preprocess_val, name)
+
+
+def _create(name: str, tag: str | None, device, patch_dropout: float, aug: dict | None) -> tuple:
+    """open_clip's model with its training and eval transforms."""
+    with warnings.catch_warnings():
+        # open_clip's own transform takes only `scale` off the settings it reads, so it reports the jitter
+        # and grayscale settings it applies as "unused"; AugConfig refuses those it would really leave unused
+        warnings.filterwarnings("ignore", "Unused augmentation cfg items")
+        return open_clip.create_model_and_transforms(
+            name, pretrained=tag, device=device,
+            force_patch_dropout=patch_dropout or None,  # FLIP; open_clip drops patches in training only
+            aug_cfg=aug,
+        )  # fmt: skip
 
 
 def init_uninitialised(model: torch.nn.Module) -> None:

@@ -47,7 +47,7 @@ class Trainer:
         self.device = select_device(cfg.train.device, self.info)
         self._owns_group = init_distributed(self.info, self.device, cfg.dist.backend, cfg.dist.timeout)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        self.bundle = build_model(cfg.model, self.device)
+        self.bundle = build_model(cfg.model, self.device, aug=cfg.data.aug.to_open_clip())
         self.model = self.bundle.model
         use_dict_outputs(self.model)  # outputs read by name: CLIP, SigLIP and CoCa alike
         self.strategy = build_strategy(cfg, self.info)

@@ -17,6 +17,20 @@ from pretrain.training.state import RunDirError
 from pretrain.training.telemetry import NonFiniteLossError
 from pretrain.training.trainer import Trainer
 
+PIL_AUG = [
+    "data.aug.color_jitter=[0.4,0.4,0.4,0.1]",
+    "data.aug.color_jitter_prob=0.8",
+    "data.aug.gray_scale_prob=0.2",
+]
+"""open_clip's jitter and grayscale: on PIL images in a worker process, whose Python `random` (what they draw
+from) no checkpoint holds; each sample seeds it."""
+TIMM_AUG = [
+    "data.aug.use_timm=true",
+    "data.aug.ratio=[0.5,2.0]",
+    "data.aug.color_jitter=[0.4,0.4,0.4]",
+    "data.aug.re_prob=0.5",
+]
+"""timm's crop, jitter and erasing, replayed on the device."""
 COMPARED = ("step", "samples_seen", "loss", "lr", "logit_scale", "data_skipped")
 
 
@@ -37,6 +51,8 @@ def assert_same_run(a: Path, b: Path, steps: int) -> None:
         ("synthetic", ["train.accum_steps=2", "train.batch_size=8"]),
         ("shards", []),
         ("shards", ["data.decode=device"]),  # random crops on the device, replayed from the workers' seeds
+        ("shards", ["data.workers=1", *PIL_AUG]),
+        ("shards", ["data.decode=device", *TIMM_AUG]),
     ],
 )
 def test_resume_equals_uninterrupted(tmp_path, demo_data, data, extra):
