@@ -28,7 +28,7 @@ from timm.models.vision_transformer import _create_vision_transformer
 from pretrain.cli import main
 from pretrain.models.build import load_trained
 from pretrain.publish.hf_export import write_transformers
-from pretrain.publish.hf_siglip import unsupported
+from pretrain.publish.hf_siglip import siglip_config, siglip_state_dict, unsupported
 
 transformers = pytest.importorskip("transformers")
 TIMM_NAME = "vit_test_patch16_siglip_64"
@@ -200,3 +200,23 @@ def test_hugging_face_tokenizer_is_exported_as_open_clip_uses_it(tmp_path, held_
     assert set(inputs) == {"input_ids"} and torch.equal(inputs["input_ids"], ids)
     with torch.no_grad():
         assert_same_direction(features(hf.get_text_features(**inputs)), ours.eval().encode_text(ids))
+
+
+@pytest.mark.slow
+def test_open_clip_siglip_architecture_maps_whole(tmp_path):
+    """open_clip's own ViT-B-16-SigLIP (random init; ~200M parameters, so slow): nothing refused, every weight
+    placed in transformers' SiglipModel, the same image and text embeddings."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-SigLIP").eval()
+    tokenizer = small_hf_tokenizer(tmp_path / "tokenizer", ["a red star"])  # its T5 tokenizer is a download
+    hf_tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer), context_length=64)
+    assert unsupported(model, hf_tokenizer) is None
+    config = siglip_config(model, hf_tokenizer)
+    hf = transformers.SiglipModel(transformers.SiglipConfig(**config)).eval()
+    hf.load_state_dict(siglip_state_dict(model), strict=True)
+    images, ids = torch.randn(2, 3, 224, 224), torch.randint(0, 32000, (2, 64))
+    with torch.no_grad():
+        assert_same_direction(
+            features(hf.get_image_features(pixel_values=images)), model.encode_image(images)
+        )
+        assert_same_direction(features(hf.get_text_features(input_ids=ids)), model.encode_text(ids))
