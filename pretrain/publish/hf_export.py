@@ -14,11 +14,13 @@ anything is written.
 from __future__ import annotations
 
 import json
+import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer, _clean_canonicalize, _clean_lower
 from safetensors.torch import save_file
 from torch import nn
 
@@ -101,18 +103,42 @@ def tokenizer_files(tokenizer: SimpleTokenizer, context_length: int, siglip: boo
     }
 
 
-def hf_tokenizer_config(folder: Path, context_length: int) -> dict[str, str]:
-    """The `tokenizer_config.json` of the Hugging Face tokenizer open_clip's export saved in `folder`, set to
-    open_clip's context length and to give no attention mask (SigLIP's text tower takes none)."""
+def clean_normalizers(clean_fn: Callable[[str], str]) -> list:
+    """tokenizers' normalizers doing what open_clip's text cleaning `clean_fn` does before its Hugging Face
+    tokenizer (`tokenizer_kwargs.clean`; all but ftfy's repair of broken text, which leaves sound text as is):
+    `canonicalize` (SigLIP's) drops punctuation and lowercases, `lower` lowercases, all collapse whitespace."""
+    from tokenizers import Regex, normalizers  # transformers' own dependency, as is open_clip's HFTokenizer
+
+    spaces = [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    if clean_fn is _clean_canonicalize:
+        punctuation = Regex("[" + re.escape(string.punctuation) + "]")
+        return [normalizers.Replace("_", " "), normalizers.Replace(punctuation, ""), normalizers.Lowercase(),
+                *spaces]  # fmt: skip
+    return [*spaces, normalizers.Lowercase()] if clean_fn is _clean_lower else spaces
+
+
+def hf_tokenizer_files(folder: Path, tokenizer: HFTokenizer, context_length: int) -> dict[str, str]:
+    """The Hugging Face tokenizer open_clip's export saved in `folder`, made to tokenize as open_clip does:
+    its `tokenizer.json` (where it has one) cleans the text first as open_clip does before calling it (cleaning
+    twice changes nothing, so open_clip reading the folder is unchanged), its config sets open_clip's context
+    length and no attention mask (SigLIP's text tower takes none)."""
+    from tokenizers import Tokenizer, normalizers
+
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.update(model_max_length=context_length, model_input_names=["input_ids"])
-    return {"tokenizer_config.json": json.dumps(config, indent=2)}
+    files = {"tokenizer_config.json": json.dumps(config, indent=2)}
+    if (folder / "tokenizer.json").is_file():
+        fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        own = [fast.normalizer] if fast.normalizer is not None else []
+        fast.normalizer = normalizers.Sequence([*clean_normalizers(tokenizer.clean_fn), *own])
+        files["tokenizer.json"] = fast.to_str(pretty=True)
+    return files
 
 
 def target_tokenizer_files(target: Target, folder: Path, tokenizer: object, context_length: int) -> dict:
     """The tokenizer files `target` needs beside the open_clip export in `folder`."""
-    if not isinstance(tokenizer, SimpleTokenizer):  # a Hugging Face tokenizer: its files are there already
-        return hf_tokenizer_config(folder, context_length)
+    if isinstance(tokenizer, HFTokenizer):  # its files are there already
+        return hf_tokenizer_files(folder, tokenizer, context_length)
     return tokenizer_files(tokenizer, context_length, siglip=target is SIGLIP)
 
 

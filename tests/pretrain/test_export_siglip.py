@@ -177,26 +177,40 @@ def small_hf_tokenizer(folder: Path, captions: list[str]) -> Path:
     return folder
 
 
-def test_hugging_face_tokenizer_is_exported_as_open_clip_uses_it(tmp_path, held_out):
-    """A SigLIP text tower with a Hugging Face tokenizer (open_clip's HFTokenizer): the folder's tokenizer, as
-    AutoProcessor loads it, gives open_clip's ids (padded to the context length, no attention mask) and so
-    SiglipModel gives open_clip's text embeddings."""
+@pytest.mark.parametrize("clean", ["canonicalize", "whitespace"])
+def test_hugging_face_tokenizer_is_exported_as_open_clip_uses_it(tmp_path, held_out, clean):
+    """A SigLIP text tower with a Hugging Face tokenizer (open_clip's HFTokenizer, cleaning the text first as
+    `tokenizer_kwargs.clean` says; SigLIP's configs: canonicalize): the folder's tokenizer, as AutoProcessor
+    loads it, gives the ids open_clip's tokenizer gave in training (padded to the context length, no attention
+    mask), also for text with capitals, punctuation and extra spaces, and so SiglipModel gives open_clip's text
+    embeddings."""
     captions = held_out[1]
-    tokenizer = small_hf_tokenizer(tmp_path / "tokenizer", captions[:32])  # the rest has unknown words
-    config = {**SIGLIP_CFG, "text_cfg": {**SIGLIP_CFG["text_cfg"], "hf_tokenizer_name": str(tokenizer)}}
-    config["text_cfg"]["vocab_size"] = len(
-        json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
-    )
+    tokenizer = small_hf_tokenizer(tmp_path / "tokenizer", [c.replace("-", " ") for c in captions])
+    text_cfg = {
+        **SIGLIP_CFG["text_cfg"],
+        "hf_tokenizer_name": str(tokenizer),
+        "tokenizer_kwargs": {"clean": clean},
+    }
+    text_cfg["vocab_size"] = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+    config = {**SIGLIP_CFG, "text_cfg": text_cfg}
     torch.manual_seed(0)
     model = open_clip.model.CustomTextCLIP(**{k: v for k, v in config.items() if k != "custom_text"})
     folder = write_open_clip_folder(tmp_path / "export", model, config)
-    open_clip.tokenizer.HFTokenizer(str(tokenizer)).save_pretrained(str(folder))  # as our export saves it
+    trained_with = open_clip.tokenizer.HFTokenizer(str(tokenizer), context_length=32, clean=clean)
+    trained_with.save_pretrained(str(folder))  # as our export saves it
     write_transformers(folder)
     hf = transformers.SiglipModel.from_pretrained(str(folder)).eval()
     processor = transformers.AutoProcessor.from_pretrained(str(folder))
     ours, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    ids = open_clip.get_tokenizer(f"local-dir:{folder}")([*captions, LONG])
-    inputs = processor(text=[*captions, LONG], return_tensors="pt", padding="max_length", truncation=True)
+    texts = [
+        *captions,
+        LONG,
+        "  A Medium-Sized RED circle!  ",
+        'the_square is "orange"; (a plain background)',
+    ]
+    ids = trained_with(texts)
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{folder}")(texts), ids)  # open_clip reads it alike
+    inputs = processor(text=texts, return_tensors="pt", padding="max_length", truncation=True)
     assert set(inputs) == {"input_ids"} and torch.equal(inputs["input_ids"], ids)
     with torch.no_grad():
         assert_same_direction(features(hf.get_text_features(**inputs)), ours.eval().encode_text(ids))
