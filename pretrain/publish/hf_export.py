@@ -105,7 +105,8 @@ def tokenizer_files(tokenizer: SimpleTokenizer, context_length: int, siglip: boo
 
 def clean_normalizers(clean_fn: Callable[[str], str]) -> list:
     """tokenizers' normalizers doing what open_clip's text cleaning `clean_fn` does before its Hugging Face
-    tokenizer (`tokenizer_kwargs.clean`; all but ftfy's repair of broken text, which leaves sound text as is):
+    tokenizer (`tokenizer_kwargs.clean`; all but its ftfy repair of broken text and unescaping of HTML entities
+    such as `&amp;`, which leave ordinary text as it is):
     `canonicalize` (SigLIP's) drops punctuation and lowercases, `lower` lowercases, all collapse whitespace."""
     from tokenizers import Regex, normalizers  # transformers' own dependency, as is open_clip's HFTokenizer
 
@@ -124,7 +125,8 @@ def hf_tokenizer_files(folder: Path, tokenizer: HFTokenizer, context_length: int
     length and no attention mask (SigLIP's text tower takes none)."""
     from tokenizers import Tokenizer, normalizers
 
-    config = json.loads((folder / "tokenizer_config.json").read_text())
+    saved = folder / "tokenizer_config.json"
+    config = json.loads(saved.read_text()) if saved.is_file() else {}
     config.update(model_max_length=context_length, model_input_names=["input_ids"])
     files = {"tokenizer_config.json": json.dumps(config, indent=2)}
     if (folder / "tokenizer.json").is_file():
