@@ -232,6 +232,20 @@ def write_export(folder: Path) -> Path:
     return write_open_clip_folder(folder, model, model_cfg)
 
 
+def features(output):
+    """transformers' `get_*_features` embedding: a tensor before transformers 5, the output's `pooler_output`
+    since."""
+    return getattr(output, "pooler_output", output)
+
+
+def assert_same_direction(theirs, ours, min_cosine: float = 0.9999) -> None:
+    """Row by row, `theirs` (another library's embeddings) points where `ours` does: cosine >= `min_cosine`."""
+    import torch
+
+    cosine = torch.nn.functional.cosine_similarity(theirs, ours, dim=-1)
+    assert theirs.shape == ours.shape and cosine.min() >= min_cosine, cosine.min()
+
+
 def write_open_clip_folder(folder: Path, model, model_cfg: dict) -> Path:
     """`model` as an open_clip export folder (its config with the 64 px OpenAI preprocessing, its weights as
     safetensors), written with open_clip and safetensors only."""

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(train.weight_ensemble_every)")  # fmt: skip
     add("--format", choices=["open_clip", "transformers", "onnx"], default="open_clip",
         help="open_clip: the open_clip hub folder (default); transformers: that plus a transformers CLIPModel "
-        "folder (config.json, model.safetensors, tokenizer and processor files); onnx: that folder plus "
+        "(SiglipModel for SigLIP models) folder (config.json, model.safetensors, tokenizer and processor files); onnx: that folder plus "
         "image_encoder.onnx, text_encoder.onnx and onnx_config.json (docs/export.md)")  # fmt: skip
 
 

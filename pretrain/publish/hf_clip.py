@@ -16,26 +16,30 @@ from __future__ import annotations
 import torch
 from open_clip.tokenizer import SimpleTokenizer, _clean_lower
 from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU
+from timm.layers.activations import GELU, GELUTanh
 from torch import nn
 
 
 class NotExpressible(ValueError):
-    """The model has a part transformers' CLIPModel has no counterpart for (one line naming it)."""
+    """The model has a part the transformers class it maps to (CLIPModel, SiglipModel) cannot hold (one line
+    naming it)."""
 
 
-_LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNormFp32)  # what CLIPModel's nn.LayerNorm computes
+LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNormFp32)  # what CLIPModel's nn.LayerNorm computes
 
 
-def _activation(module: nn.Module) -> str | None:
+def hidden_act(module: nn.Module) -> str | None:
     """transformers' `hidden_act` name computing exactly what `module` does, or None."""
     if isinstance(module, QuickGELU):
         return "quick_gelu"
     if isinstance(module, nn.GELU):
         return {"none": "gelu", "tanh": "gelu_pytorch_tanh"}.get(module.approximate)
+    if isinstance(module, (GELU, GELUTanh)):  # timm's (its towers and `act_layer: gelu_tanh`)
+        return "gelu" if isinstance(module, GELU) else "gelu_pytorch_tanh"
     return None
 
 
-def _blocks_problem(blocks: nn.ModuleList, tower: str) -> str | None:
+def blocks_problem(blocks: nn.ModuleList, tower: str) -> str | None:
     """What a tower's residual blocks have that CLIPEncoderLayer does not, or None."""
     for block in blocks:
         if type(block).__name__ != "ResidualAttentionBlock":
@@ -50,11 +54,11 @@ def _blocks_problem(blocks: nn.ModuleList, tower: str) -> str | None:
             return f"{tower} blocks have a norm after attention (scale_attn)"
         if not isinstance(getattr(block.mlp, "ln", nn.Identity()), nn.Identity):
             return f"{tower} MLPs have an inner norm (scale_fc)"
-        if _activation(block.mlp.gelu) is None:
+        if hidden_act(block.mlp.gelu) is None:
             return f"{tower} activation {block.mlp.gelu} (transformers' hidden_act: gelu or quick_gelu)"
-        if type(block.ln_1) not in _LAYER_NORMS or type(block.ln_2) not in _LAYER_NORMS:
-            return f"{tower} norm is {type(block.ln_1).__name__} (CLIPModel: LayerNorm)"
-    if len({_activation(b.mlp.gelu) for b in blocks}) > 1 or len({b.ln_1.eps for b in blocks}) > 1:
+        if type(block.ln_1) not in LAYER_NORMS or type(block.ln_2) not in LAYER_NORMS:
+            return f"{tower} norm is {type(block.ln_1).__name__} (transformers: LayerNorm)"
+    if len({hidden_act(b.mlp.gelu) for b in blocks}) > 1 or len({b.ln_1.eps for b in blocks}) > 1:
         return f"{tower} blocks differ in activation or norm eps (transformers has one per tower)"
     return None
 
@@ -77,7 +81,7 @@ def _vision_problem(visual: nn.Module) -> str | None:
         return "image projection is not one bias-free matrix (vision_cfg.proj_type / proj_bias)"
     if len(set(visual.image_size)) > 1 or len(set(visual.patch_size)) > 1:
         return f"non-square images or patches {visual.image_size}/{visual.patch_size} (CLIPModel: square)"
-    return _blocks_problem(visual.transformer.resblocks, "image")
+    return blocks_problem(visual.transformer.resblocks, "image")
 
 
 def text_tower(model: nn.Module) -> nn.Module:
@@ -106,7 +110,7 @@ def _text_problem(model: nn.Module, tokenizer: object) -> str | None:
         return "tokenizer cleaning other than 'lower' or a reduction mask (CLIPTokenizer lowercases only)"
     if len(tokenizer.encoder) != text.token_embedding.num_embeddings:
         return f"tokenizer of {len(tokenizer.encoder)} tokens for {text.token_embedding.num_embeddings} embeddings"
-    return _blocks_problem(text.transformer.resblocks, "text")
+    return blocks_problem(text.transformer.resblocks, "text")
 
 
 def unsupported(model: nn.Module, tokenizer: object) -> str | None:
@@ -116,8 +120,7 @@ def unsupported(model: nn.Module, tokenizer: object) -> str | None:
         return f"{kind} model (transformers has CLIPModel for open_clip's CLIP; no {kind} counterpart)"
     if getattr(model, "logit_bias", None) is not None:
         return (
-            "SigLIP logit bias: CLIPModel has none, and SiglipModel's towers differ from this model's "
-            "(no class token nor pre-norm, attention-pooling image head; last-position text pooling, no causal mask)"
+            "SigLIP logit bias (CLIPModel has none; SigLIP models are exported as SiglipModel, hf_siglip.py)"
         )
     return _vision_problem(model.visual) or _text_problem(model, tokenizer)
 
@@ -130,7 +133,7 @@ def _tower_config(blocks: nn.ModuleList, width: int) -> dict:
         "intermediate_size": first.mlp.c_fc.out_features,
         "num_hidden_layers": len(blocks),
         "num_attention_heads": first.attn.num_heads,
-        "hidden_act": _activation(first.mlp.gelu),
+        "hidden_act": hidden_act(first.mlp.gelu),
         "layer_norm_eps": first.ln_1.eps,
     }
 
@@ -169,7 +172,7 @@ def clip_config(model: nn.Module, tokenizer: SimpleTokenizer) -> dict:
     }
 
 
-def _encoder_weights(blocks: nn.ModuleList, prefix: str) -> dict[str, torch.Tensor]:
+def encoder_weights(blocks: nn.ModuleList, prefix: str) -> dict[str, torch.Tensor]:
     """CLIPEncoder's weights from open_clip's residual blocks; the packed in_proj split into q, k, v."""
     out = {}
     for i, block in enumerate(blocks):
@@ -201,12 +204,12 @@ def clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         "vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
         "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
         **_norm(visual.ln_pre, "vision_model.pre_layrnorm"),  # transformers' spelling
-        **_encoder_weights(visual.transformer.resblocks, "vision_model"),
+        **encoder_weights(visual.transformer.resblocks, "vision_model"),
         **_norm(visual.ln_post, "vision_model.post_layernorm"),
         "visual_projection.weight": visual.proj.T,
         "text_model.embeddings.token_embedding.weight": text.token_embedding.weight,
         "text_model.embeddings.position_embedding.weight": text.positional_embedding,
-        **_encoder_weights(text.transformer.resblocks, "text_model"),
+        **encoder_weights(text.transformer.resblocks, "text_model"),
         **_norm(text.ln_final, "text_model.final_layer_norm"),
         "text_projection.weight": text.text_projection.T,
         "logit_scale": model.logit_scale.reshape(()),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 from helpers import trained_tiny_clip
+from PIL import Image
 
 from data_tools.cli import main as data_tools_main
 from pretrain.publish.export import export
+from webshards.layout import iter_shard
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +26,11 @@ def adapt_setup(tmp_path_factory) -> tuple[Path, Path]:
     assert data_tools_main(args) == 0
     run = trained_tiny_clip(tmp, f"{tmp}/demo/train/{{00000..00003}}.tar", steps=30, batch_size=32)
     return export(run, tmp / "export"), tmp / "demo" / "adapt"
+
+
+@pytest.fixture(scope="module")
+def held_out(demo_data) -> tuple[list[Image.Image], list[str]]:
+    """The 64 held-out demo images and their captions (the transformers export tests compare on them)."""
+    samples = [s for shard in sorted((demo_data / "eval").glob("*.tar")) for s in iter_shard(shard)]
+    images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in samples]
+    return images, [s["txt"] for s in samples]
