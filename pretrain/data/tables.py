@@ -1,7 +1,7 @@
 """`data.train` a table of image paths and captions (.csv/.tsv/.parquet/.jsonl, open_clip's `--train-data
-x.csv`): the run's first start turns it into shards with `data-tools build` into `{run}/table_shards/{table name}/`, and the
-run trains on those, so a table run resumes exactly like any shard run. A resume (or a restart after a crash
-mid-build) reuses them: complete shards are never rebuilt.
+x.csv`): the run's first start turns it into shards with `data-tools build`, into
+`{run}/table_shards/{table name}-{path hash}/`, and the run trains on those, so a table run resumes exactly like
+any shard run. A resume (or a restart after a crash mid-build) reuses them: complete shards are never rebuilt.
 
 The build runs as the `data-tools build` command, not by import: pretrain stands beside data_tools, not on it
 (`tests/webshards/test_layering.py`), and the command is exactly what a person would run by hand, so the two
@@ -42,8 +42,10 @@ def is_table(train: str) -> bool:
 
 
 def shards_dir(run_dir: Path, table: str) -> Path:
-    """Where a run's shards of `table` are built (one folder per table: ZSCL's reference data may be one too)."""
-    return Path(run_dir) / SHARDS_DIR / Path(table).stem
+    """Where a run's shards of `table` are built: one folder per table (ZSCL's reference data may be one too,
+    perhaps of the same name in another folder), named by the table and a hash of its absolute path."""
+    where = hashlib.sha256(str(Path(table).resolve()).encode()).hexdigest()[:8]
+    return Path(run_dir) / SHARDS_DIR / f"{Path(table).stem}-{where}"
 
 
 def table_data(cfg: Config, is_main: bool) -> DataConfig:
@@ -95,8 +97,10 @@ def _ensure_shards(data: DataConfig, table: Path, folder: Path) -> None:
         folder,
         per_shard,
     )
-    _run_build(table, folder, data, separator, per_shard)
+    # what it is built from, first: a restart mid-build knows it too
+    folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / TABLE_FILE, {"table": str(table.resolve()), "sha256": digest})
+    _run_build(table, folder, data, separator, per_shard)
 
 
 def _run_build(table: Path, folder: Path, data: DataConfig, separator: str | None, per_shard: int) -> None:

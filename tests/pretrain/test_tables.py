@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import TINY, read_jsonl, refused, train_in_process, write_image_folder
+from helpers import TINY, read_jsonl, refused, train_in_process, train_runs, write_image_folder
 from safetensors.torch import load_file
 
 from data_tools.cli import main as data_tools
@@ -100,7 +100,8 @@ def test_open_clip_reads_the_same_pairs_from_the_table(tables, csv_run):
 
     reference = CsvDataset(str(tables / "t.csv"), None, "filepath", "title")
     pairs = []
-    for shard in sorted((csv_run / "table_shards" / "t").glob("*.tar")):
+    (built,) = (csv_run / "table_shards").iterdir()
+    for shard in sorted(built.glob("*.tar")):
         with tarfile.open(shard) as tar:
             pairs += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
     assert [(p["path"], p["caption"]) for p in pairs] == list(zip(reference.images, reference.captions))
@@ -130,3 +131,23 @@ def test_a_missing_column_is_one_line_naming_the_file_and_the_key(tables, tmp_pa
     ]
     line = refused(args, capsys, not_made=tmp_path / "tiny")
     assert line == (f"pretrain: error: data.{key}: no column 'caption' in {table} (columns: filepath, title)")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_a_table_as_one(tables, tmp_path):
+    """Rank 0 builds the shards while rank 1 waits; 2 ranks x batch 2 then equal 1 rank x batch 4 (the same
+    canonical partitions), several captions drawn alike."""
+    args = [f"data.train={tables / 'lists.parquet'}", f"data.table_samples_per_shard={PER_SHARD}", "data.partitions=2",
+            "checkpoint.every=2", "train.steps=4", "data.shuffle_buffer=4"]  # fmt: skip
+    one = train_in_process(tmp_path, [*args, "train.batch_size=4"], name="one")
+    train_runs(
+        [{"train": [f"run.dir={tmp_path}", "run.name=two", "log.every=1", *args, "train.batch_size=2"]}]
+    )
+    losses = [
+        [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+        for run in (one, tmp_path / "two")
+    ]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    final = "checkpoints/step_00000004/model.safetensors"
+    wa, wb = load_file(one / final), load_file(tmp_path / "two" / final)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
