@@ -48,7 +48,14 @@ ROWS_DIR = ".build"  # per-shard input rows, removed once the shard is complete
 SETTINGS_FILE = "build.json"
 _ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # the warning is an error in a task
-_ROWS_SCHEMA = pa.schema([("kind", pa.string()), ("source", pa.string()), ("caption", pa.string())])
+_ROWS_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("captions", pa.list_(pa.string())),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -92,16 +99,17 @@ def build(
     caption_col: str | None = None,
     options: RunnerOptions | None = None,
     missing_caption: str = "skip",
+    separator: str | None = None,
 ) -> RunSummary:
     """Build shards from ``input_path`` into ``output`` (a folder or an fsspec URL such as ``s3://…``);
     returns the run summary of this node. An image without a caption is a `missing_caption` row (``skip``)
-    or stored with an empty caption (``keep``)."""
+    or stored with an empty caption (``keep``). ``separator``: a CSV/TSV table's (None: by its suffix)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     if missing_caption not in MISSING_CAPTION:
         raise ValueError(f"missing_caption must be one of {MISSING_CAPTION}, got {missing_caption!r}")
     image, fetching = image or ImageConfig(), fetching or FetchConfig()
-    spec = resolve_input(input_path, source_col, caption_col)
+    spec = resolve_input(input_path, source_col, caption_col, separator)
     output = outputs.resolve(output)
     outputs.make_folder(output)
     settings = {**_settings(spec, samples_per_shard, image), "missing_caption": missing_caption}
@@ -129,6 +137,8 @@ def _counts(output: Location) -> dict[str, Any]:
 def _settings(spec: InputSpec, samples_per_shard: int, image: ImageConfig) -> dict[str, Any]:
     """What the output depends on, so a rerun into the same folder cannot mix two builds."""
     columns = {"source_col": spec.source_col, "caption_col": spec.caption_col}
+    if spec.separator is not None:  # only when given: earlier builds' settings stay as they were
+        columns["separator"] = spec.separator
     return {
         "input": str(spec.path),
         **columns,
@@ -247,6 +257,8 @@ def _add(writer: ShardWriter, key: str, row: InputRow, result: tuple) -> None:
         return
     data, width, height = result
     meta = {**source, "uid": uid, "original_width": width, "original_height": height}
+    if row.captions is not None:  # several captions: `data.text_key=json:captions` draws one per epoch
+        meta["captions"] = row.captions
     writer.add(key, data, row.caption, meta)
 
 

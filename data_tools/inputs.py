@@ -33,6 +33,8 @@ class InputRow:
     kind: str
     source: str
     caption: str
+    captions: list[str] | None = None
+    """A table cell holding a list: its captions (``caption`` is them one per line), kept in KEY.json."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class InputSpec:
     base: Path
     source_col: str | None = None
     caption_col: str | None = None
+    separator: str | None = None
+    """A CSV/TSV table's separator; None: by its suffix (a tab for .tsv, else a comma)."""
 
     @property
     def is_table(self) -> bool:
@@ -50,7 +54,10 @@ class InputSpec:
 
 
 def resolve_input(
-    path: str | Path, source_col: str | None = None, caption_col: str | None = None
+    path: str | Path,
+    source_col: str | None = None,
+    caption_col: str | None = None,
+    separator: str | None = None,
 ) -> InputSpec:
     """Check the input and pick its columns (given names win over auto-detection)."""
     path = Path(path).resolve()
@@ -63,10 +70,10 @@ def resolve_input(
         raise ValueError(f"input not found: {path}")
     if path.suffix.lower() not in TABLE_SUFFIXES:
         raise ValueError(f"input must be a folder or a {'/'.join(TABLE_SUFFIXES)} table, got {path.name}")
-    columns = _columns(path)
+    columns = _columns(path, separator)
     source = _pick_column(columns, source_col, SOURCE_COLUMNS, "--url-col", path)
     caption = _pick_column(columns, caption_col, CAPTION_COLUMNS, "--caption-col", path)
-    return InputSpec(path, path.parent, source, caption)
+    return InputSpec(path, path.parent, source, caption, separator)
 
 
 def _pick_column(
@@ -85,7 +92,7 @@ def _pick_column(
     return found
 
 
-def _columns(path: Path) -> list[str]:
+def _columns(path: Path, separator: str | None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return pq.ParquetFile(path).schema_arrow.names
@@ -93,7 +100,7 @@ def _columns(path: Path) -> list[str]:
         first = next(_jsonl_records(path), None)
         return list(first) if first else []
     with open(path, newline="", encoding="utf-8") as f:
-        return next(csv.reader(f, delimiter=_delimiter(path)), [])
+        return next(csv.reader(f, delimiter=separator or _delimiter(path)), [])
 
 
 def iter_rows(spec: InputSpec) -> Iterator[InputRow]:
@@ -106,7 +113,11 @@ def iter_rows(spec: InputSpec) -> Iterator[InputRow]:
         caption = record.get(spec.caption_col)
         source = "" if source is None else str(source).strip()
         kind = "url" if "://" in source else "path"
-        yield InputRow(kind, source, "" if caption is None else str(caption))
+        if isinstance(caption, list):  # a parquet list column or a JSONL list: several captions
+            captions = [str(c) for c in caption if c is not None and str(c).strip()]
+            yield InputRow(kind, source, "\n".join(captions), captions)
+        else:
+            yield InputRow(kind, source, "" if caption is None else str(caption))
 
 
 def _table_records(spec: InputSpec) -> Iterator[dict]:
@@ -119,7 +130,7 @@ def _table_records(spec: InputSpec) -> Iterator[dict]:
         yield from _jsonl_records(spec.path)
     else:
         with open(spec.path, newline="", encoding="utf-8") as f:
-            yield from csv.DictReader(f, delimiter=_delimiter(spec.path))
+            yield from csv.DictReader(f, delimiter=spec.separator or _delimiter(spec.path))
 
 
 def _jsonl_records(path: Path) -> Iterator[dict]:

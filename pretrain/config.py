@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.config_sections import (
+    NOT_SECRETS,
     PRECISIONS,
     SCHEDULES,
     SECRET_WORDS,
@@ -203,7 +204,8 @@ def redacted(cfg: Config) -> dict:
     def scrub(value: Any, key: str = "") -> Any:
         if isinstance(value, dict):
             return {k: scrub(v, str(k)) for k, v in value.items()}
-        if any(w in key.lower() for w in SECRET_WORDS) and value is not None:
+        secret = any(w in key.lower() for w in SECRET_WORDS) and key not in NOT_SECRETS
+        if secret and value is not None:
             return "***"
         if isinstance(value, list):
             return [scrub(v) for v in value]

@@ -18,6 +18,8 @@ from webshards.evalset import TASKS as EVAL_TASKS
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 SECRET_WORDS = ("key", "token", "secret", "password")
+NOT_SECRETS = ("text_key", "image_key", "table_image_key", "table_caption_key")
+"""Keys with a secret word in their name that hold no secret: they name a sample's members or a table's columns."""
 SCHEDULES = ("cosine", "const", "const_cooldown")
 
 log = logging.getLogger("pretrain")
@@ -219,8 +221,30 @@ class DataConfig:
     """Synthetic data: number of latent classes (images and texts of a class correlate, so loss falls)."""
     aug: AugConfig = field(default_factory=AugConfig)
     """Training augmentation: open_clip's `AugmentationCfg` settings (`data.aug.*`)."""
+    text_key: str = "txt"
+    """Where a sample's caption is: a tar member's extension (`txt`: the whole text is one caption, as
+    img2dataset writes it), or `json:FIELD`, a field of its KEY.json; a field holding a list is several
+    captions, one drawn per sample per epoch from the sample's seed (open_clip's webdataset reader: `txt`)."""
+    image_key: str = "jpg;jpeg;png;webp"
+    """Tar member extensions that may hold the image, `;`-separated; the first present is used (open_clip's
+    webdataset reader: `jpg;png;jpeg;webp`)."""
+    table_image_key: str = "filepath"
+    """`data.train` a .csv/.tsv/.parquet/.jsonl table: the column of image paths (relative to the table's
+    folder) or URLs (open_clip's `--csv-img-key`)."""
+    table_caption_key: str = "title"
+    """A table's caption column; a column of lists gives several captions (open_clip's `--csv-caption-key`)."""
+    table_separator: str | None = None
+    """A .csv/.tsv table's separator (open_clip's `--csv-separator`; `\\t` or `tab` for a tab); null: a tab if
+    the header line has one (open_clip's default), else a comma."""
+    table_samples_per_shard: int | None = None
+    """A table's rows per shard when its shards are built; null: enough for 64 shards, at most 10000."""
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.image_key.split(";") if k.strip())
 
     def __post_init__(self) -> None:
+        self._check_keys()
         _check(
             self.sampling in ("epoch", "resampled"),
             "data.sampling",
@@ -246,6 +270,31 @@ class DataConfig:
         for name in ("shuffle_buffer", "prefetch", "bad_window", "synthetic_classes"):
             _check(getattr(self, name) > 0, f"data.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in (0, 1]")
+
+    def _check_keys(self) -> None:
+        member, colon, field = self.text_key.partition(":")
+        _check(
+            bool(member)
+            and member == member.strip()
+            and (not colon or (member == "json" and bool(field.strip()))),
+            "data.text_key",
+            f"must be a member extension (txt) or json:FIELD, got {self.text_key!r}",
+        )
+        _check(bool(self.image_keys), "data.image_key", f"names no extension: {self.image_key!r}")
+        _check(
+            self.table_samples_per_shard is None or self.table_samples_per_shard > 0,
+            "data.table_samples_per_shard",
+            f"must be > 0 or null, got {self.table_samples_per_shard}",
+        )
+        for name in ("table_image_key", "table_caption_key"):
+            _check(bool(getattr(self, name)), f"data.{name}", "must name a column")
+        if self.table_separator in ("\\t", "tab"):  # what a shell passes for a tab
+            self.table_separator = "\t"
+        _check(
+            self.table_separator is None or len(self.table_separator) == 1,
+            "data.table_separator",
+            f"must be one character or null, got {self.table_separator!r}",
+        )
 
 
 @dataclass

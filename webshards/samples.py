@@ -17,6 +17,6 @@ class BadSample(ValueError):
         self.reason = reason
 
 
-def image_extension(sample: dict[str, Any]) -> str | None:
-    """The extension of the sample's image member (the first of IMAGE_EXTENSIONS present), or None."""
-    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+def image_extension(sample: dict[str, Any], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> str | None:
+    """The extension of the sample's image member (the first of `extensions` present), or None."""
+    return next((ext for ext in extensions if ext in sample), None)

@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--jpeg-quality", type=int_at_least(1), default=95, metavar="Q", help="quality of re-encoded JPEGs")
     add("--max-aspect-ratio", type=float_at_least(1.0), metavar="R", help="reject more elongated images")
     add("--url-col", metavar="C", help="table column with URLs or paths (default: url/path/image/...)")
-    add("--caption-col", metavar="C", help="table column with captions (default: caption/text/title)")
+    add("--caption-col", metavar="C",
+        help="table column with captions (default: caption/text/title); a column of lists: several captions")  # fmt: skip
+    add("--separator", type=one_character, metavar="S",
+        help="a CSV/TSV table's separator, '\\t' for a tab (default: a tab for .tsv, else a comma)")  # fmt: skip
     add("--threads", type=int_at_least(1), default=8, metavar="N", help="images fetched at once per worker")
     add("--timeout", type=float_at_least(0.1), default=10.0, metavar="S", help="seconds per URL download")
     add("--retries", type=int_at_least(0), default=2, metavar="N", help="retries of a failed download")
@@ -46,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--missing-caption", choices=MISSING_CAPTION, default="skip",
         help="an image without a caption: skip it (status missing_caption) or keep it with an empty caption")  # fmt: skip
     add_runner_args(parser)
+
+
+def one_character(text: str) -> str:
+    """An argparse type for ``--separator``: one character, or ``\\t`` / ``tab`` for a tab."""
+    text = "\t" if text in ("\\t", "tab") else text
+    if len(text) != 1:
+        raise argparse.ArgumentTypeError(f"expected one character, got {text!r}")
+    return text
 
 
 def run(args: argparse.Namespace) -> RunSummary:
@@ -67,6 +78,7 @@ def run(args: argparse.Namespace) -> RunSummary:
         args.caption_col,
         runner_options(args),
         missing_caption=args.missing_caption,
+        separator=args.separator,
     )
     print(f"build: {describe_shards(args.output)}")
     counts = status_counts(args.output)

@@ -7,9 +7,12 @@ in the whole pipeline. Shard specs, URL opening and the shard layout live in `we
 
 from __future__ import annotations
 
+import dataclasses
+
 
 def build_source(cfg, bundle, info, device, exact_batch: bool = True):
-    """The micro-batch source for this rank: synthetic data or the sharded WebDataset pipeline.
+    """The micro-batch source for this rank: synthetic data or the sharded WebDataset pipeline (of a table:
+    the shards built from it).
     `exact_batch=False`: a checkpoint of another global batch resumes (see `StreamLoader`)."""
     from pretrain.models.build import context_length, image_size
 
@@ -26,7 +29,10 @@ def build_source(cfg, bundle, info, device, exact_batch: bool = True):
             classes=cfg.data.synthetic_classes,
         )
     from pretrain.data.loader import WebDatasetSource
+    from pretrain.data.tables import is_table, table_data
 
+    if is_table(cfg.data.train):  # built into shards on the run's first start (pretrain.data.tables)
+        cfg = dataclasses.replace(cfg, data=table_data(cfg, info.is_main))
     return WebDatasetSource(
         cfg.data.train, cfg.data, cfg.data.sampling, cfg.train.seed, cfg.train.batch_size,
         info.rank, info.world, bundle, device, accum_steps=cfg.train.accum_steps, exact_batch=exact_batch,

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pretrain.data.tables import is_table, shards_dir
 from webshards.atomic import write_json_atomic
 from webshards.lineage import FORMAT, describe_input
 from webshards.spec import expand_sources
@@ -49,7 +50,11 @@ def record_data_card(
     """Write `run_dir/data_card.json` at the start of a run, or check the one a resumed run has (see the
     module docstring); returns the card as written. A resumed run without one (it began before data cards)
     gets one marked `recorded_on_resume`: what the steps before read is not known."""
-    card, path = data_card(train, weights), Path(run_dir) / CARD_FILE
+    if is_table(train):  # the shards built from it, whose lineage names the table
+        card = {**data_card(str(shards_dir(run_dir, train)), weights), "table": train}
+    else:
+        card = data_card(train, weights)
+    path = Path(run_dir) / CARD_FILE
     if not path.exists():
         card = {**card, "recorded_on_resume": True} if resumed else card
         write_json_atomic(path, card)

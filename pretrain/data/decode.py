@@ -9,32 +9,54 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import random
 from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
 
-from webshards.samples import BadSample, image_extension
+from webshards.samples import IMAGE_EXTENSIONS, BadSample, image_extension
+
+JSON_FIELD = "json:"
+"""`data.text_key` prefix naming a field of the sample's KEY.json (`json:captions`) instead of a member."""
 
 
 def caption_of(raw: dict, key: str = "txt") -> str:
-    """The sample's text under `key` (`txt` captions; `cls` labels in eval shards)."""
-    data = raw.get(key)
+    """The sample's caption under `key`: a member's text, whole (`txt`; `cls` labels in eval shards), or a
+    field of its KEY.json (`json:FIELD`). A field holding a list is several captions: one is drawn from the
+    sample's seed (`__seed__`, set by the stream), so the draw is the same on any ranks, workers or resume and
+    differs between epochs."""
+    captions = _texts(raw, key)
+    if not captions:
+        raise BadSample("empty_caption", f"no non-empty caption under data.text_key={key}")
+    # the stream's seed is already a hash of (seed, partition, block, index): its residue is a fair draw
+    return captions[raw.get("__seed__", 0) % len(captions)]
+
+
+def _texts(raw: dict, key: str) -> list[str]:
+    """The non-empty captions a sample holds under `key`."""
+    member, _, field = key.partition(":") if key.startswith(JSON_FIELD) else (key, "", "")
+    data = raw.get(member)
     if data is None:
-        raise BadSample("missing_caption")
+        raise BadSample("missing_caption", f"no KEY.{member} (data.text_key={key})")
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
-    except UnicodeDecodeError as e:
-        raise BadSample("bad_caption", str(e)) from None
-    if not text.strip():
-        raise BadSample("empty_caption")
-    return text
+        value = json.loads(text).get(field) if field else text
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise BadSample("bad_caption", f"KEY.{member}: {e}") from None
+    if value is None:
+        raise BadSample("missing_caption", f"no {field!r} in KEY.json (data.text_key={key})")
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in values):
+        raise BadSample("bad_caption", f"{key} holds {type(value).__name__}, not text or a list of texts")
+    return [v for v in values if v.strip()]
 
 
-def open_image(raw: dict, min_size: int) -> Image.Image:
-    """Decode the sample's image in RGB, at reduced size when it is at least twice `min_size` (0: full size)."""
-    ext = image_extension(raw)
+def open_image(raw: dict, min_size: int, image_keys: tuple[str, ...] = IMAGE_EXTENSIONS) -> Image.Image:
+    """Decode the sample's image (its first member of `image_keys`) in RGB, at reduced size when it is at least
+    twice `min_size` (0: full size)."""
+    ext = image_extension(raw, image_keys)
     if ext is None:
         raise BadSample("missing_image")
     try:
@@ -50,11 +72,15 @@ def open_image(raw: dict, min_size: int) -> Image.Image:
 
 
 def decode_cpu(
-    raw: dict, transform: Callable[[Image.Image], torch.Tensor], size: int, text_key: str = "txt"
+    raw: dict,
+    transform: Callable[[Image.Image], torch.Tensor],
+    size: int,
+    text_key: str = "txt",
+    image_keys: tuple[str, ...] = IMAGE_EXTENSIONS,
 ) -> tuple[torch.Tensor, str]:
     """(image tensor, caption): the model's own transform runs in the loader worker."""
     caption = caption_of(raw, text_key)
-    return transform(open_image(raw, size)), caption
+    return transform(open_image(raw, size, image_keys)), caption
 
 
 def to_uint8(image: Image.Image) -> torch.Tensor:
@@ -64,14 +90,16 @@ def to_uint8(image: Image.Image) -> torch.Tensor:
     return tensor.view(image.height, image.width, 3).permute(2, 0, 1)
 
 
-def decode_uint8(raw: dict, size: int) -> tuple[torch.Tensor, str]:
+def decode_uint8(
+    raw: dict, size: int, text_key: str = "txt", image_keys: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> tuple[torch.Tensor, str]:
     """(uint8 CHW tensor at reduced-decode size, caption): resizing and normalising happen on the device."""
-    return decode_cpu(raw, to_uint8, size)
+    return decode_cpu(raw, to_uint8, size, text_key, image_keys)
 
 
-def raw_image_bytes(raw: dict) -> tuple[torch.Tensor, str]:
+def raw_image_bytes(raw: dict, text_key: str = "txt") -> tuple[torch.Tensor, str]:
     """(encoded JPEG bytes as a uint8 tensor, caption): for nvJPEG decoding on the GPU."""
-    caption = caption_of(raw)
+    caption = caption_of(raw, text_key)
     data = next((raw[e] for e in ("jpg", "jpeg") if e in raw), None)
     if data is None:
         raise BadSample("missing_image", "gpu decoding needs JPEG")

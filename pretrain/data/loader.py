@@ -27,6 +27,7 @@ from pretrain.data import decode as dec
 from pretrain.data.plan import ShardPlan
 from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig, check_topology
 from pretrain.data.transform import TensorTransform, split_transform
+from webshards.samples import IMAGE_EXTENSIONS
 from webshards.spec import parse_spec
 
 log = logging.getLogger("pretrain")
@@ -445,8 +446,10 @@ class WebDatasetSource(StreamLoader):
         benchmark = self.targets != "tokens"
         transform = bundle.preprocess_train if self.stream_cfg.mode != "eval" else bundle.preprocess_val
         fast = None if benchmark or self.cfg.decode == "cpu" else _device_form(transform, self.cfg.decode)
-        if fast is None:  # eval sets: the plain CPU path
-            text_key = "cls" if self.targets == "labels" else "txt"
+        # eval sets are clip_benchmark's layout (KEY.cls / KEY.txt); training reads data.text_key / image_key
+        text_key = {"labels": "cls", "captions": "txt"}.get(self.targets, self.cfg.text_key)
+        image_keys = self.cfg.image_keys if not benchmark else IMAGE_EXTENSIONS
+        if fast is None:  # eval sets, data.decode=cpu, or a transform only PIL runs: the plain CPU path
             sample_transform, normalize = split_transform(transform)
             finish = functools.partial(_normalize_on, normalize, self.device) if normalize else None
             # eval sets decode in full, as clip_benchmark does, so results match it exactly
@@ -456,12 +459,17 @@ class WebDatasetSource(StreamLoader):
                     transform=sample_transform,
                     size=0 if benchmark else size,
                     text_key=text_key,
+                    image_keys=image_keys,
                 ),
                 _stack,
                 finish,
             )
         nvjpeg = self.cfg.decode == "nvjpeg"
-        decode = dec.raw_image_bytes if nvjpeg else functools.partial(dec.decode_uint8, size=size)
+        decode = (
+            functools.partial(dec.raw_image_bytes, text_key=text_key)
+            if nvjpeg
+            else functools.partial(dec.decode_uint8, size=size, text_key=text_key, image_keys=image_keys)
+        )
         return decode, _as_list, DeviceFinish(fast, self.device, encoded=nvjpeg)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

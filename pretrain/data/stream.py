@@ -252,7 +252,7 @@ class ShardStream(IterableDataset):
         reader = ShardReader(plan, c.data.retries)
         pos = replace(self.positions.get(partition, Position()))
         pos.skipped = Counter(pos.skipped)
-        window: deque[tuple[bool, str]] = deque(maxlen=c.data.bad_window)
+        window: deque[tuple[str, str]] = deque(maxlen=c.data.bad_window)  # (what was bad or '', url)
         in_worker = get_worker_info() is not None
         while True:
             block, end = reader.read_block(
@@ -272,9 +272,9 @@ class ShardStream(IterableDataset):
                     image, caption = self._decode_seeded(raw, seed, keep_rng=not in_worker)
                 except BadSample as e:
                     pos.skipped[e.reason] += 1
-                    self._watch(window, True, raw["__url__"], plan, pos)
+                    self._watch(window, str(e), raw["__url__"], plan, pos)
                     continue
-                self._watch(window, False, raw["__url__"], plan, pos)
+                self._watch(window, "", raw["__url__"], plan, pos)
                 position = replace(pos, skipped=dict(pos.skipped), epoch=end.epoch)
                 yield image, caption, raw["__key__"], seed, position, raw["__shard__"]
             pos = replace(end, block=pos.block + 1, emitted=0, skipped=pos.skipped)
@@ -285,6 +285,7 @@ class ShardStream(IterableDataset):
         (`data.workers=0`) the trainer's random state is put back after."""
         if UNSAFE_MEMBER in raw:  # the tar reader left its members unread: a member name escaped the sample
             raise BadSample(UNSAFE_MEMBER, raw[UNSAFE_MEMBER])
+        raw["__seed__"] = seed  # several captions: the one drawn (`decode.caption_of`)
         with seeded(seed, restore=keep_rng):
             return self.decode(raw)
 
@@ -298,15 +299,18 @@ class ShardStream(IterableDataset):
             np.random.SeedSequence([self.cfg.seed, plan.slot, plan.slots, block, idx]).generate_state(1)[0]
         )
 
-    def _watch(self, window: deque, bad: bool, url: str, plan: ShardPlan, pos: Position) -> None:
+    def _watch(self, window: deque, bad: str, url: str, plan: ShardPlan, pos: Position) -> None:
+        """Record one sample (`bad`: why it was bad, '' if good); stop when too many of the last were bad,
+        naming the shards and the last reason (a wrong data.text_key makes every sample bad)."""
         window.append((bad, url))
         if len(window) < window.maxlen:
             return
-        fraction = sum(b for b, _ in window) / len(window)
+        fraction = sum(bool(b) for b, _ in window) / len(window)
         if fraction > self.cfg.data.max_bad_fraction:
             shards = sorted({u for b, u in window if b})
+            last = next(b for b, _ in reversed(window) if b)
             raise DataError(
                 f"{fraction:.0%} of the last {len(window)} samples were bad (data.max_bad_fraction="
-                f"{self.cfg.data.max_bad_fraction}); shards: {', '.join(shards[:10])} (partition {plan.slot} "
-                f"of {plan.slots}, block from its shard #{pos.shard} sample {pos.offset})"
+                f"{self.cfg.data.max_bad_fraction}); shards: {', '.join(shards[:10])}; the last: {last} "
+                f"(partition {plan.slot} of {plan.slots}, block from its shard #{pos.shard} sample {pos.offset})"
             )

@@ -176,6 +176,31 @@ def test_captions_table_in_a_folder(folder: Path, tmp_path: Path) -> None:
     assert sample["txt"] == "a captioned picture" and sample["json"]["path"] == "x.png"
 
 
+def test_a_list_cell_is_several_captions_and_the_separator_is_a_flag(folder: Path, tmp_path: Path) -> None:
+    """A parquet list cell: KEY.json `captions` holds the list, KEY.txt and `caption` them one per line (as
+    clip_benchmark's retrieval sets); a `;`-separated CSV reads with `--separator ';'`."""
+    (tmp_path / "x.png").write_bytes((folder / "img000.png").read_bytes())
+    table = pa.table({"path": ["x.png", "x.png"], "caption": [["one", "two"], []]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert main(["build", "--input", str(tmp_path / "t.parquet"), "--output", str(tmp_path / "lists")]) == 0
+    (sample,) = iter_shard(tmp_path / "lists" / "00000.tar")  # the empty list is a missing caption
+    assert sample["json"]["captions"] == ["one", "two"]
+    assert sample["txt"] == sample["json"]["caption"] == "one\ntwo"
+    (tmp_path / "t.csv").write_text("path;caption\nx.png;a, b\n")
+    semi = [
+        "build",
+        "--input",
+        str(tmp_path / "t.csv"),
+        "--output",
+        str(tmp_path / "semi"),
+        "--separator",
+        ";",
+    ]
+    assert main(semi) == 0
+    (sample,) = iter_shard(tmp_path / "semi" / "00000.tar")
+    assert sample["txt"] == "a, b" and "captions" not in sample["json"]
+
+
 def test_resize_modes() -> None:
     image = Image.new("RGB", (80, 40), (10, 200, 30))
     assert resize(image, 32, "keep_ratio").size == (64, 32)
