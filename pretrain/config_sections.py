@@ -85,9 +85,25 @@ class ModelConfig:
     """Fraction of image patch tokens dropped in training (FLIP; open_clip's `force_patch_dropout`): 0 off.
     Eval and the exported model see all patches."""
 
+    # open_clip's create_model overrides (open_clip_train's --force-*); checkpoints and exports keep them.
+    force_quick_gelu: bool = False
+    """QuickGELU (x * sigmoid(1.702 x), OpenAI CLIP's activation) in place of the config's GELU (open_clip's
+    `force_quick_gelu`): for weights trained with it."""
+    force_custom_text: bool = False
+    """Build the text tower as its own module (open_clip's CustomTextCLIP, weights under `text.`) even where
+    the config has the built-in one (open_clip's `force_custom_text`)."""
+    force_image_size: int | None = None
+    """Image size S (S x S) instead of the config's `vision_cfg.image_size` (open_clip's `force_image_size`;
+    square only, as the data pipeline is); the transforms and the export follow it. null: the config's."""
+
     def __post_init__(self) -> None:
         _check(
             0 <= self.patch_dropout < 1, "model.patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
+        )
+        _check(
+            self.force_image_size is None or self.force_image_size > 0,
+            "model.force_image_size",
+            f"must be > 0 or null, got {self.force_image_size}",
         )
         for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
             value = getattr(self, key)
@@ -336,6 +352,12 @@ class DistConfig:
     deepspeed_config: str | None = None
     """A DeepSpeed JSON config used whole instead of the one built from these keys (batch keys are set to
     match train.*)."""
+    sync_bn: bool = False
+    """ddp: BatchNorm statistics over the global batch (torch's SyncBatchNorm; open_clip's `--use-bn-sync`),
+    for image towers with BatchNorm (e.g. ResNets); a model without BatchNorm is left as it is."""
+    static_graph: bool = False
+    """ddp: DistributedDataParallel(static_graph=True) (open_clip's `--ddp-static-graph`): DDP records the
+    first iteration's graph and reuses it."""
 
     def __post_init__(self) -> None:
         _check(
@@ -349,6 +371,16 @@ class DistConfig:
         for name, allowed in (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16"))):
             value = getattr(self, name)
             _check(value in allowed, f"dist.{name}", f"must be one of {allowed}, got {value!r}")
+        why = {
+            "sync_bn": "BatchNorm is synced only under DDP here",
+            "static_graph": "an option of DDP's wrapper",
+        }
+        for name, reason in why.items():
+            _check(
+                not getattr(self, name) or self.strategy == "ddp",
+                f"dist.{name}",
+                f"needs dist.strategy=ddp ({reason}), got dist.strategy={self.strategy}",
+            )
 
 
 @dataclass

@@ -126,7 +126,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     tag = None if local else cfg.pretrained  # open_clip downloads tags; local starting points are read here
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device,
+            name, pretrained=tag, device=device, **arch_overrides(cfg),
             force_patch_dropout=cfg.patch_dropout or None,  # FLIP; open_clip drops patches in training only
         )  # fmt: skip
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
@@ -142,6 +142,35 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     apply_locks(model, cfg)
     return ModelBundle(model, build_tokenizer(name), preprocess_train, preprocess_val, name)
+
+
+ARCH_KEYS = ("force_quick_gelu", "force_custom_text", "force_image_size")
+"""`model.*` keys that change the architecture open_clip builds: a model rebuilt from a checkpoint needs them."""
+
+
+def arch_overrides(cfg: ModelConfig) -> dict:
+    """open_clip create_model's `force_*` arguments from `model.force_*`."""
+    return {k: getattr(cfg, k) for k in ARCH_KEYS}
+
+
+def resolved_model_cfg(name: str, cfg: ModelConfig) -> dict | None:
+    """open_clip's config of model `name` with `model.force_*` applied as create_model applies them: what an
+    export writes, so that `local-dir:` builds the architecture that was trained. None for an unknown name."""
+    model_cfg = open_clip.get_model_config(name)  # a fresh copy
+    if model_cfg is None:
+        return None
+    if cfg.force_quick_gelu:
+        model_cfg["quick_gelu"] = True
+    if cfg.force_custom_text:
+        model_cfg["custom_text"] = True
+    if cfg.force_image_size is not None:
+        model_cfg["vision_cfg"]["image_size"] = cfg.force_image_size
+    return model_cfg
+
+
+def saved_model_config(saved: dict) -> ModelConfig:
+    """The architecture part of a checkpoint's saved `model` section (older checkpoints lack the keys)."""
+    return ModelConfig(name=saved["name"], **{k: saved[k] for k in ARCH_KEYS if k in saved})
 
 
 def init_uninitialised(model: torch.nn.Module) -> None:
@@ -196,7 +225,7 @@ def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelB
 def load_checkpoint_model(folder: Path, device: torch.device | str = "cpu") -> ModelBundle:
     """The model of checkpoint `folder` (verified by the caller: `verify_checkpoint`), with its weights."""
     saved = load_trainer_state(folder)["config"]
-    bundle = build_model(ModelConfig(name=saved["model"]["name"]), device)  # weights come from the checkpoint
+    bundle = build_model(saved_model_config(saved["model"]), device)  # weights come from the checkpoint
     load_model_weights(folder, bundle.model)
     return bundle
 
