@@ -121,6 +121,10 @@ class DataConfig:
     """Shard spec (brace-expanded, `::`-joined sources) or the word `synthetic`."""
     train_weights: list[float] | None = None
     """Sampling weight of each `::`-joined source (needs `sampling=resampled`)."""
+    train_upsampling_factors: list[float] | None = None
+    """open_clip's `--train-data-upsampling-factors`: a factor per `::` source that weighs each of its shards,
+    so a source is drawn in proportion to factor x its shard count (`train_weights` sets the sources'
+    proportions directly). Needs `sampling=resampled`; not with `train_weights`."""
     sampling: str = "epoch"
     """`epoch` (every shard once per epoch, split across ranks and workers) or `resampled` (shards drawn
     with replacement by weight, the LAION-5B recipe)."""
@@ -165,6 +169,22 @@ class DataConfig:
             self.train_weights is None or self.sampling == "resampled",
             "data.train_weights",
             "needs data.sampling=resampled (epoch sampling reads every shard once and ignores weights)",
+        )
+        _check(
+            self.train_upsampling_factors is None or self.sampling == "resampled",
+            "data.train_upsampling_factors",
+            "needs data.sampling=resampled (as open_clip's needs --dataset-resampled)",
+        )
+        _check(
+            self.train_upsampling_factors is None or self.train_weights is None,
+            "data.train_upsampling_factors",
+            "give it or data.train_weights, not both (both set the sources' proportions)",
+        )
+        factors = self.train_upsampling_factors or [1.0]
+        _check(
+            min(factors) >= 0 and sum(factors) > 0,
+            "data.train_upsampling_factors",
+            f"must be >= 0 with a positive sum, got {factors}",
         )
         _check(
             self.decode in ("cpu", "device", "nvjpeg"),

@@ -125,6 +125,12 @@ def test_static_graph_reaches_ddp_and_sync_bn_on_cpu_is_refused(tmp_path):
         (["dist.static_graph=true", "dist.strategy=fsdp"], "dist.static_graph"),
         (["dist.static_graph=true", "dist.strategy=deepspeed"], "dist.static_graph"),
         (["dist.static_graph=true", "train.accum_steps=2"], "dist.static_graph"),
+        (["data.train_upsampling_factors=[1, 2]"], "data.train_upsampling_factors"),
+        (
+            ["data.train_upsampling_factors=[1]", "data.train_weights=[1]", "data.sampling=resampled"],
+            "data.train_upsampling_factors",
+        ),
+        (["data.train_upsampling_factors=[-1]", "data.sampling=resampled"], "data.train_upsampling_factors"),
         (["model.force_image_size=0"], "model.force_image_size"),
         (["model.force_image_size=[32, 48]"], "model.force_image_size"),
     ],
@@ -157,3 +163,13 @@ def test_static_graph_trains_like_the_default_graph(tmp_path):
     weights = [load_trained(run).model.state_dict() for run in runs.values()]
     for key, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][key], rtol=0, atol=0)
+
+
+def test_a_run_with_upsampling_factors_weighs_sources_by_factor_times_shards(tmp_path, demo_data):
+    """`data.train_upsampling_factors=[1, 3]` over sources of 1 and 3 shards trains, and the data card records
+    the weights the sampler used: factor x shard count (open_clip's per-shard factors)."""
+    train = f"{demo_data}/train/00000.tar::{demo_data}/train/{{00001..00003}}.tar"
+    overrides = [f"data.train={train}", "data.sampling=resampled", "data.train_upsampling_factors=[1, 3]"]
+    run = train_in_process(tmp_path, ["train.steps=1", "train.batch_size=4", *overrides], name="r")
+    card = json.loads((run / "data_card.json").read_text())
+    assert [source["weight"] for source in card["sources"]] == [1.0, 9.0]
