@@ -95,16 +95,30 @@ class ModelConfig:
     force_image_size: int | None = None
     """Image size S (S x S) instead of the config's `vision_cfg.image_size` (open_clip's `force_image_size`;
     square only, as the data pipeline is); the transforms and the export follow it. null: the config's."""
+    force_context_length: int | None = None
+    """Text context length instead of the config's (open_clip's `force_context_length`); the tokenizer and
+    the export follow it. null: the config's."""
+    # open_clip's preprocessing overrides (open_clip_train's --image-*): the transforms and the export's
+    # preprocess_cfg follow them.
+    image_mean: list[float] | None = None
+    """Per-channel normalisation mean instead of the model's (open_clip's `image_mean`); null: the model's."""
+    image_std: list[float] | None = None
+    """Per-channel normalisation std instead of the model's (open_clip's `image_std`); null: the model's."""
+    image_interpolation: str | None = None
+    """Resize interpolation instead of the model's: bicubic, bilinear or random (open_clip's
+    `image_interpolation`); null: the model's."""
+    image_resize_mode: str | None = None
+    """Eval resize mode instead of the model's: shortest, longest or squash (open_clip's `image_resize_mode`;
+    training crops as before); null: the model's."""
 
     def __post_init__(self) -> None:
         _check(
             0 <= self.patch_dropout < 1, "model.patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
         )
-        _check(
-            self.force_image_size is None or self.force_image_size > 0,
-            "model.force_image_size",
-            f"must be > 0 or null, got {self.force_image_size}",
-        )
+        for name in ("force_image_size", "force_context_length"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"model.{name}", f"must be > 0 or null, got {value}")
+        self._check_preprocess()
         for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
             value = getattr(self, key)
             _check(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
@@ -112,6 +126,27 @@ class ModelConfig:
                 value == 0 or getattr(self, f"lock_{tower}"),
                 f"model.{key}",
                 f"only applies to a locked tower; set model.lock_{tower}=true (got {key}={value})",
+            )
+
+    def _check_preprocess(self) -> None:
+        """The preprocessing overrides: open_clip_train's choices, one or three channels."""
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            _check(
+                value is None or len(value) in (1, 3), f"model.{name}", f"needs 1 or 3 values, got {value}"
+            )
+        _check(
+            self.image_std is None or min(self.image_std) > 0,
+            "model.image_std",
+            f"must be > 0, got {self.image_std}",
+        )
+        for name, allowed in (
+            ("image_interpolation", ("bicubic", "bilinear", "random")),
+            ("image_resize_mode", ("shortest", "longest", "squash")),
+        ):
+            value = getattr(self, name)
+            _check(
+                value in (None, *allowed), f"model.{name}", f"must be one of {allowed} or null, got {value!r}"
             )
 
 

@@ -101,8 +101,8 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
     raise ConfigError(f"model.pretrained: unknown tag {pretrained!r} for {name}{hint}; {known}")
 
 
-def build_tokenizer(name: str) -> Callable[..., torch.Tensor]:
-    """open_clip's tokenizer for model `name`.
+def build_tokenizer(name: str, context: int | None = None) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for model `name`, of the config's context length or `context`.
 
     open_clip takes any bare name containing "siglip" whose config names no HF tokenizer for one of its
     T5 SigLIP tokenizers (which need `transformers` and a download). A config like `tiny-siglip` means
@@ -112,9 +112,10 @@ def build_tokenizer(name: str) -> Callable[..., torch.Tensor]:
     text_cfg = (config or {}).get("text_cfg", {})
     if "siglip" in name.lower() and config and not text_cfg.get("hf_tokenizer_name"):
         return open_clip.SimpleTokenizer(
-            context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {})
+            context_length=context or text_cfg.get("context_length", 77),
+            **text_cfg.get("tokenizer_kwargs", {}),
         )
-    return open_clip.get_tokenizer(name)
+    return open_clip.get_tokenizer(name, context_length=context)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBundle:
@@ -126,7 +127,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     tag = None if local else cfg.pretrained  # open_clip downloads tags; local starting points are read here
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device, **arch_overrides(cfg),
+            name, pretrained=tag, device=device, **build_overrides(cfg),
             force_patch_dropout=cfg.patch_dropout or None,  # FLIP; open_clip drops patches in training only
         )  # fmt: skip
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
@@ -141,16 +142,21 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     apply_locks(model, cfg)
-    return ModelBundle(model, build_tokenizer(name), preprocess_train, preprocess_val, name)
+    tokenizer = build_tokenizer(name, cfg.force_context_length)
+    return ModelBundle(model, tokenizer, preprocess_train, preprocess_val, name)
 
 
-ARCH_KEYS = ("force_quick_gelu", "force_custom_text", "force_image_size")
-"""`model.*` keys that change the architecture open_clip builds: a model rebuilt from a checkpoint needs them."""
+ARCH_KEYS = ("force_quick_gelu", "force_custom_text", "force_image_size", "force_context_length")
+"""`model.*` keys that change the architecture open_clip builds."""
+PREPROCESS_KEYS = ("image_mean", "image_std", "image_interpolation", "image_resize_mode")
+"""`model.*` keys that change the model's preprocessing (its transforms and preprocess_cfg)."""
 
 
-def arch_overrides(cfg: ModelConfig) -> dict:
-    """open_clip create_model's `force_*` arguments from `model.force_*`."""
-    return {k: getattr(cfg, k) for k in ARCH_KEYS}
+def build_overrides(cfg: ModelConfig) -> dict:
+    """open_clip create_model_and_transforms' override arguments from `model.*` (a model rebuilt from a
+    checkpoint needs them too)."""
+    tuples = {k: tuple(v) for k in ("image_mean", "image_std") if (v := getattr(cfg, k)) is not None}
+    return {**{k: getattr(cfg, k) for k in (*ARCH_KEYS, *PREPROCESS_KEYS)}, **tuples}
 
 
 def resolved_model_cfg(name: str, cfg: ModelConfig) -> dict | None:
@@ -165,12 +171,16 @@ def resolved_model_cfg(name: str, cfg: ModelConfig) -> dict | None:
         model_cfg["custom_text"] = True
     if cfg.force_image_size is not None:
         model_cfg["vision_cfg"]["image_size"] = cfg.force_image_size
+    if cfg.force_context_length is not None:
+        model_cfg["text_cfg"]["context_length"] = cfg.force_context_length
     return model_cfg
 
 
 def saved_model_config(saved: dict) -> ModelConfig:
-    """The architecture part of a checkpoint's saved `model` section (older checkpoints lack the keys)."""
-    return ModelConfig(name=saved["name"], **{k: saved[k] for k in ARCH_KEYS if k in saved})
+    """What rebuilds a checkpoint's model from its saved `model` section (older checkpoints lack the keys)."""
+    return ModelConfig(
+        name=saved["name"], **{k: saved[k] for k in (*ARCH_KEYS, *PREPROCESS_KEYS) if k in saved}
+    )
 
 
 def init_uninitialised(model: torch.nn.Module) -> None:

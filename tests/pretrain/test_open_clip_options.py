@@ -1,5 +1,6 @@
-"""open_clip_train's model and DDP options under our keys, against open_clip and torch: `model.force_*` build
-what open_clip's create_model builds with the same arguments (and an export keeps it), `dist.sync_bn` turns
+"""open_clip_train's model and DDP options under our keys, against open_clip and torch: `model.force_*` and
+`model.image_*` build what open_clip's create_model_and_transforms builds with the same arguments (and
+checkpoints and exports keep it), `dist.sync_bn` turns
 every BatchNorm of open_clip's ResNet tower into SyncBatchNorm, `dist.static_graph` reaches DDP, and both are
 refused, naming the key, where they cannot apply."""
 
@@ -13,6 +14,7 @@ import open_clip
 import pytest
 import torch
 from helpers import cli_output, read_jsonl, torchrun, train_in_process, train_runs
+from PIL import Image
 
 from pretrain.config import ConfigError, ModelConfig, load_config
 from pretrain.models.build import build_model, load_trained, register_model_configs
@@ -28,7 +30,10 @@ FORCED = [
     {"force_quick_gelu": True},
     {"force_custom_text": True},
     {"force_image_size": 96},
+    {"force_context_length": 16},
     {"force_quick_gelu": True, "force_custom_text": True, "force_image_size": 32},
+    {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2], "image_interpolation": "bilinear"},
+    {"image_resize_mode": "longest", "image_interpolation": "random"},
 ]
 
 
@@ -37,9 +42,11 @@ def signature(model: torch.nn.Module) -> list[tuple[str, str]]:
     return [(name, type(module).__name__) for name, module in model.named_modules()]
 
 
-def image_shape(preprocess) -> tuple:
-    from PIL import Image
+def shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
+
+def image_shape(preprocess) -> tuple:
     return tuple(preprocess(Image.new("RGB", (200, 150))).shape)
 
 
@@ -47,11 +54,18 @@ def image_shape(preprocess) -> tuple:
 def test_force_keys_build_what_open_clip_builds(forced):
     register_model_configs()
     ours = build_model(ModelConfig(name="tiny-clip", **forced))
-    ref, ref_train, ref_val = open_clip.create_model_and_transforms("tiny-clip", **forced)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in forced.items()}
+    ref, ref_train, ref_val = open_clip.create_model_and_transforms("tiny-clip", **kwargs)
     assert signature(ours.model) == signature(ref)
     assert type(ours.model) is type(ref) and ours.model.visual.image_size == ref.visual.image_size
+    assert ours.model.visual.preprocess_cfg == ref.visual.preprocess_cfg
+    assert repr(ours.preprocess_train) == repr(ref_train) and repr(ours.preprocess_val) == repr(ref_val)
     assert image_shape(ours.preprocess_train) == image_shape(ref_train)
     assert image_shape(ours.preprocess_val) == image_shape(ref_val)
+    context = forced.get("force_context_length")
+    reference_tokens = open_clip.get_tokenizer("tiny-clip", context_length=context)(["a red circle"])
+    assert torch.equal(ours.tokenizer(["a red circle"]), reference_tokens)
+    assert shapes(ours.model) == shapes(ref)
     gelu = {type(m).__name__ for m in ours.model.modules() if "GELU" in type(m).__name__}
     assert gelu == ({"QuickGELU"} if forced.get("force_quick_gelu") else {"GELU"})
 
@@ -59,16 +73,28 @@ def test_force_keys_build_what_open_clip_builds(forced):
 def test_force_keys_survive_checkpoint_and_export(tmp_path, capsys):
     """A model trained with the overrides is rebuilt from its checkpoint and from its export (open_clip's
     `local-dir:`) with the same architecture and embeddings."""
-    forced = ["model.force_quick_gelu=true", "model.force_custom_text=true", "model.force_image_size=48"]
+    forced = ["model.force_quick_gelu=true", "model.force_custom_text=true", "model.force_image_size=48",
+              "model.force_context_length=16", "model.image_mean=[0.5, 0.4, 0.3]", "model.image_std=[0.2, 0.3, 0.4]"]  # fmt: skip
     run = train_in_process(tmp_path, ["train.steps=1", "train.batch_size=4", *forced], name="r")
     out = tmp_path / "export"
     cli_output(["export", "--checkpoint", str(run), "--output", str(out)], capsys)
-    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    ours = load_trained(run).model
-    reference = open_clip.create_model(
-        "tiny-clip", force_quick_gelu=True, force_custom_text=True, force_image_size=48
+    exported, _, exported_val = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    ours = load_trained(run)
+    reference, _, reference_val = open_clip.create_model_and_transforms(
+        "tiny-clip", force_quick_gelu=True, force_custom_text=True, force_image_size=48, force_context_length=16,
+        image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.3, 0.4),
+    )  # fmt: skip
+    assert signature(ours.model) == signature(exported) == signature(reference)
+    image = Image.effect_mandelbrot((90, 70), (-2, -1.5, 1, 1.5), 50).convert("RGB")
+    pixels = [preprocess(image) for preprocess in (ours.preprocess_val, exported_val, reference_val)]
+    assert (
+        pixels[0].shape == (3, 48, 48)
+        and torch.equal(pixels[0], pixels[1])
+        and torch.equal(pixels[0], pixels[2])
     )
-    assert signature(ours) == signature(exported) == signature(reference)
+    tokens = open_clip.get_tokenizer(f"local-dir:{out}")(["a red circle"])
+    assert torch.equal(tokens, ours.tokenizer(["a red circle"])) and tokens.shape == (1, 16)
+    ours = ours.model
     images = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(exported.eval().encode_image(images), ours.eval().encode_image(images))
@@ -132,6 +158,11 @@ def test_static_graph_reaches_ddp_and_sync_bn_on_cpu_is_refused(tmp_path):
         ),
         (["data.train_upsampling_factors=[-1]", "data.sampling=resampled"], "data.train_upsampling_factors"),
         (["model.force_image_size=0"], "model.force_image_size"),
+        (["model.force_context_length=0"], "model.force_context_length"),
+        (["model.image_mean=[0.5, 0.5]"], "model.image_mean"),
+        (["model.image_std=[0.0]"], "model.image_std"),
+        (["model.image_interpolation=nearest"], "model.image_interpolation"),
+        (["model.image_resize_mode=crop"], "model.image_resize_mode"),
         (["model.force_image_size=[32, 48]"], "model.force_image_size"),
     ],
 )
