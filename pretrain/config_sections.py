@@ -64,6 +64,9 @@ class ModelConfig:
     """Weights to start from: an open_clip pretrained tag, a weights file (open_clip_train `epoch_N.pt`,
     `.safetensors`, a state dict), an export folder, or a checkpoint folder / run directory of ours (its
     model weights only); null: random init."""
+    pretrained_image: bool = False
+    """Start a timm image tower from timm's ImageNet weights (open_clip's `pretrained_image`; downloaded by
+    timm), when `pretrained` gives no weights; other towers ignore it."""
 
     # Locked towers (continued pretraining): open_clip's lock_image_tower / lock_text_tower.
     lock_image: bool = False

@@ -128,6 +128,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ModelBu
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=tag, device=device, **build_overrides(cfg),
+            pretrained_image=cfg.pretrained_image and cfg.pretrained is None,  # weights given: no download
             force_patch_dropout=cfg.patch_dropout or None,  # FLIP; open_clip drops patches in training only
         )  # fmt: skip
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file

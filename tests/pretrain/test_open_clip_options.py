@@ -100,6 +100,29 @@ def test_force_keys_survive_checkpoint_and_export(tmp_path, capsys):
         torch.testing.assert_close(exported.eval().encode_image(images), ours.eval().encode_image(images))
 
 
+def test_pretrained_image_asks_timm_for_its_weights_as_open_clip_does(tmp_path, monkeypatch):
+    """`model.pretrained_image` reaches timm as open_clip's `pretrained_image` does (timm's download itself
+    is replaced by a record of what was asked), and weights given in `model.pretrained` skip it."""
+    import timm
+
+    config = tmp_path / "tiny-timm.json"
+    config.write_text(
+        json.dumps({**TINY_RESNET, "vision_cfg": {"timm_model_name": "resnet10t", "image_size": 32}})
+    )
+    asked, create = [], timm.create_model
+    monkeypatch.setattr(
+        timm, "create_model", lambda *a, pretrained=False, **k: asked.append(pretrained) or create(*a, **k)
+    )
+    build_model(ModelConfig(name=str(config), pretrained_image=True))
+    open_clip.create_model("tiny-timm", pretrained_image=True)
+    build_model(ModelConfig(name=str(config)))
+    assert asked == [True, True, False]
+    weights = tmp_path / "weights.pt"
+    torch.save(open_clip.create_model("tiny-timm").state_dict(), weights)
+    build_model(ModelConfig(name=str(config), pretrained=str(weights), pretrained_image=True))
+    assert asked[-1] is False
+
+
 def tiny_resnet(tmp_path: Path) -> Path:
     config = tmp_path / "tiny-resnet.json"
     config.write_text(json.dumps(TINY_RESNET))
