@@ -95,6 +95,13 @@ class Config:
             log.warning("dist.compile is deprecated: use train.compile (set to %s)", self.dist.compile)
             self.train.compile = self.train.compile or self.dist.compile
             self.dist.compile = None
+        # torch's DDP fails (an internal assert) on a backward under no_sync with static_graph, and the
+        # micro-steps of one step use different parameters (the logit scale learns in the last only)
+        if self.dist.static_graph and self.train.accum_steps > 1:
+            raise ConfigError(
+                f"dist.static_graph: needs train.accum_steps=1 (torch's DDP cannot keep a static graph across "
+                f"accumulation micro-steps), got train.accum_steps={self.train.accum_steps}"
+            )
 
     @property
     def run_dir(self) -> Path:

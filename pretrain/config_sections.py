@@ -66,6 +66,9 @@ class ModelConfig:
     """Weights to start from: an open_clip pretrained tag, a weights file (open_clip_train `epoch_N.pt`,
     `.safetensors`, a state dict), an export folder, or a checkpoint folder / run directory of ours (its
     model weights only); null: random init."""
+    pretrained_image: bool = False
+    """Start a timm image tower from timm's ImageNet weights (open_clip's `pretrained_image`; downloaded by
+    timm), when `pretrained` gives no weights; other towers ignore it."""
 
     # Locked towers (continued pretraining): open_clip's lock_image_tower / lock_text_tower.
     lock_image: bool = False
@@ -87,10 +90,40 @@ class ModelConfig:
     """Fraction of image patch tokens dropped in training (FLIP; open_clip's `force_patch_dropout`): 0 off.
     Eval and the exported model see all patches."""
 
+    # open_clip's create_model overrides (open_clip_train's --force-*); checkpoints and exports keep them.
+    force_quick_gelu: bool = False
+    """QuickGELU (x * sigmoid(1.702 x), OpenAI CLIP's activation) in place of the config's GELU (open_clip's
+    `force_quick_gelu`): for weights trained with it."""
+    force_custom_text: bool = False
+    """Build the text tower as its own module (open_clip's CustomTextCLIP, weights under `text.`) even where
+    the config has the built-in one (open_clip's `force_custom_text`)."""
+    force_image_size: int | None = None
+    """Image size S (S x S) instead of the config's `vision_cfg.image_size` (open_clip's `force_image_size`;
+    square only, as the data pipeline is); the transforms and the export follow it. null: the config's."""
+    force_context_length: int | None = None
+    """Text context length instead of the config's (open_clip's `force_context_length`); the tokenizer and
+    the export follow it. null: the config's."""
+    # open_clip's preprocessing overrides (open_clip_train's --image-*): the transforms and the export's
+    # preprocess_cfg follow them.
+    image_mean: list[float] | None = None
+    """Per-channel normalisation mean instead of the model's (open_clip's `image_mean`); null: the model's."""
+    image_std: list[float] | None = None
+    """Per-channel normalisation std instead of the model's (open_clip's `image_std`); null: the model's."""
+    image_interpolation: str | None = None
+    """Resize interpolation instead of the model's: bicubic, bilinear or random (open_clip's
+    `image_interpolation`); null: the model's."""
+    image_resize_mode: str | None = None
+    """Eval resize mode instead of the model's: shortest, longest or squash (open_clip's `image_resize_mode`;
+    training crops as before); null: the model's."""
+
     def __post_init__(self) -> None:
         _check(
             0 <= self.patch_dropout < 1, "model.patch_dropout", f"must be in [0, 1), got {self.patch_dropout}"
         )
+        for name in ("force_image_size", "force_context_length"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"model.{name}", f"must be > 0 or null, got {value}")
+        self._check_preprocess()
         for tower, key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
             value = getattr(self, key)
             _check(value >= 0, f"model.{key}", f"must be >= 0, got {value}")
@@ -98,6 +131,27 @@ class ModelConfig:
                 value == 0 or getattr(self, f"lock_{tower}"),
                 f"model.{key}",
                 f"only applies to a locked tower; set model.lock_{tower}=true (got {key}={value})",
+            )
+
+    def _check_preprocess(self) -> None:
+        """The preprocessing overrides: open_clip_train's choices, one or three channels."""
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            _check(
+                value is None or len(value) in (1, 3), f"model.{name}", f"needs 1 or 3 values, got {value}"
+            )
+        _check(
+            self.image_std is None or min(self.image_std) > 0,
+            "model.image_std",
+            f"must be > 0, got {self.image_std}",
+        )
+        for name, allowed in (
+            ("image_interpolation", ("bicubic", "bilinear", "random")),
+            ("image_resize_mode", ("shortest", "longest", "squash")),
+        ):
+            value = getattr(self, name)
+            _check(
+                value in (None, *allowed), f"model.{name}", f"must be one of {allowed} or null, got {value!r}"
             )
 
 
@@ -191,6 +245,10 @@ class DataConfig:
     """Shard spec (brace-expanded, `::`-joined sources) or the word `synthetic`."""
     train_weights: list[float] | None = None
     """Sampling weight of each `::`-joined source (needs `sampling=resampled`)."""
+    train_upsampling_factors: list[float] | None = None
+    """open_clip's `--train-data-upsampling-factors`: a factor per `::` source that weighs each of its shards,
+    so a source is drawn in proportion to factor x its shard count (`train_weights` sets the sources'
+    proportions directly). Needs `sampling=resampled`; not with `train_weights`."""
     sampling: str = "epoch"
     """`epoch` (every shard once per epoch, split across ranks and workers) or `resampled` (shards drawn
     with replacement by weight, the LAION-5B recipe)."""
@@ -259,6 +317,22 @@ class DataConfig:
             self.train_weights is None or self.sampling == "resampled",
             "data.train_weights",
             "needs data.sampling=resampled (epoch sampling reads every shard once and ignores weights)",
+        )
+        _check(
+            self.train_upsampling_factors is None or self.sampling == "resampled",
+            "data.train_upsampling_factors",
+            "needs data.sampling=resampled (as open_clip's needs --dataset-resampled)",
+        )
+        _check(
+            self.train_upsampling_factors is None or self.train_weights is None,
+            "data.train_upsampling_factors",
+            "give it or data.train_weights, not both (both set the sources' proportions)",
+        )
+        factors = self.train_upsampling_factors or [1.0]
+        _check(
+            min(factors) >= 0 and sum(factors) > 0,
+            "data.train_upsampling_factors",
+            f"must be >= 0 with a positive sum, got {factors}",
         )
         _check(
             self.decode in ("cpu", "device", "nvjpeg"),
@@ -471,6 +545,12 @@ class DistConfig:
     deepspeed_config: str | None = None
     """A DeepSpeed JSON config used whole instead of the one built from these keys (batch keys are set to
     match train.*)."""
+    sync_bn: bool = False
+    """ddp: BatchNorm statistics over the global batch (torch's SyncBatchNorm; open_clip's `--use-bn-sync`),
+    for image towers with BatchNorm (e.g. ResNets); a model without BatchNorm is left as it is."""
+    static_graph: bool = False
+    """ddp: DistributedDataParallel(static_graph=True) (open_clip's `--ddp-static-graph`): DDP records the
+    first iteration's graph and reuses it."""
 
     def __post_init__(self) -> None:
         _check(
@@ -484,6 +564,16 @@ class DistConfig:
         for name, allowed in (("param_dtype", ("auto", "fp32", "bf16")), ("reduce_dtype", ("fp32", "bf16"))):
             value = getattr(self, name)
             _check(value in allowed, f"dist.{name}", f"must be one of {allowed}, got {value!r}")
+        why = {
+            "sync_bn": "BatchNorm is synced only under DDP here",
+            "static_graph": "an option of DDP's wrapper",
+        }
+        for name, reason in why.items():
+            _check(
+                not getattr(self, name) or self.strategy == "ddp",
+                f"dist.{name}",
+                f"needs dist.strategy=ddp ({reason}), got dist.strategy={self.strategy}",
+            )
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pretrain.data import decode as dec
-from pretrain.data.plan import ShardPlan
+from pretrain.data.plan import ShardPlan, source_weights
 from pretrain.data.stream import DataError, Position, ShardStream, StreamConfig, check_topology
 from pretrain.data.transform import TensorTransform, split_transform
 from webshards.samples import IMAGE_EXTENSIONS
@@ -420,7 +420,8 @@ class WebDatasetSource(StreamLoader):
         """`targets`: `tokens` (tokenised captions), or for eval sets `labels` (KEY.cls class indices) or
         `captions` (KEY.txt lines, untokenised). `batch_size`: the micro-batch (training) or eval batch."""
         self.cfg, self.device, self.targets = data_cfg, device, targets
-        sources = parse_spec(spec, data_cfg.train_weights if mode != "eval" else None)
+        weights = source_weights(spec, data_cfg.train_weights, data_cfg.train_upsampling_factors)
+        sources = parse_spec(spec, weights if mode != "eval" else None)
         stream_cfg = StreamConfig(
             sources=tuple(s.urls for s in sources),
             weights=tuple(s.weight for s in sources),

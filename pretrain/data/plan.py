@@ -18,7 +18,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from webshards.spec import expand_sources
+
 MODES = ("resampled", "epoch", "eval")
+
+
+def source_weights(spec: str, weights: list[float] | None, factors: list[float] | None) -> list[float] | None:
+    """The weight of each `::` source of `spec`: `data.train_weights`, or from open_clip's upsampling factors
+    (`data.train_upsampling_factors`), which weigh every shard of a source, so a source weighs its factor
+    times its shard count. None: every source weighs the same."""
+    if factors is None:
+        return weights
+    counts = [len(urls) for urls in expand_sources(spec)]
+    if len(factors) != len(counts):
+        raise ValueError(
+            f"data.train_upsampling_factors has {len(factors)} values for {len(counts)} sources in {spec!r}"
+        )
+    return [float(f) * n for f, n in zip(factors, counts)]
 
 
 @dataclass(frozen=True)

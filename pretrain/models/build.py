@@ -102,8 +102,8 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
     raise ConfigError(f"model.pretrained: unknown tag {pretrained!r} for {name}{hint}; {known}")
 
 
-def build_tokenizer(name: str) -> Callable[..., torch.Tensor]:
-    """open_clip's tokenizer for model `name`.
+def build_tokenizer(name: str, context: int | None = None) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for model `name`, of the config's context length or `context`.
 
     open_clip takes any bare name containing "siglip" whose config names no HF tokenizer for one of its
     T5 SigLIP tokenizers (which need `transformers` and a download). A config like `tiny-siglip` means
@@ -113,9 +113,10 @@ def build_tokenizer(name: str) -> Callable[..., torch.Tensor]:
     text_cfg = (config or {}).get("text_cfg", {})
     if "siglip" in name.lower() and config and not text_cfg.get("hf_tokenizer_name"):
         return open_clip.SimpleTokenizer(
-            context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {})
+            context_length=context or text_cfg.get("context_length", 77),
+            **text_cfg.get("tokenizer_kwargs", {}),
         )
-    return open_clip.get_tokenizer(name)
+    return open_clip.get_tokenizer(name, context_length=context)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", aug: dict | None = None) -> ModelBundle:
@@ -127,7 +128,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", aug: dict 
     local = cfg.pretrained is not None and Path(cfg.pretrained).exists()
     tag = None if local else cfg.pretrained  # open_clip downloads tags; local starting points are read here
     try:
-        model, preprocess_train, preprocess_val = _create(name, tag, device, cfg.patch_dropout, aug)
+        model, preprocess_train, preprocess_val = _create(name, tag, device, cfg, aug)
     except (RuntimeError, OSError, pickle.UnpicklingError) as e:  # a failed download, a bad weights file
         if tag is None:
             raise
@@ -140,18 +141,57 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", aug: dict 
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     apply_locks(model, cfg)
-    return ModelBundle(model, build_tokenizer(name), preprocess_train, preprocess_val, name)
+    tokenizer = build_tokenizer(name, cfg.force_context_length)
+    return ModelBundle(model, tokenizer, preprocess_train, preprocess_val, name)
 
 
-def _create(name: str, tag: str | None, device, patch_dropout: float, aug: dict | None) -> tuple:
-    """open_clip's model with its training and eval transforms."""
+ARCH_KEYS = ("force_quick_gelu", "force_custom_text", "force_image_size", "force_context_length")
+"""`model.*` keys that change the architecture open_clip builds."""
+PREPROCESS_KEYS = ("image_mean", "image_std", "image_interpolation", "image_resize_mode")
+"""`model.*` keys that change the model's preprocessing (its transforms and preprocess_cfg)."""
+
+
+def build_overrides(cfg: ModelConfig) -> dict:
+    """open_clip create_model_and_transforms' override arguments from `model.*` (a model rebuilt from a
+    checkpoint needs them too)."""
+    tuples = {k: tuple(v) for k in ("image_mean", "image_std") if (v := getattr(cfg, k)) is not None}
+    return {**{k: getattr(cfg, k) for k in (*ARCH_KEYS, *PREPROCESS_KEYS)}, **tuples}
+
+
+def resolved_model_cfg(name: str, cfg: ModelConfig) -> dict | None:
+    """open_clip's config of model `name` with `model.force_*` applied as create_model applies them: what an
+    export writes, so that `local-dir:` builds the architecture that was trained. None for an unknown name."""
+    model_cfg = open_clip.get_model_config(name)  # a fresh copy
+    if model_cfg is None:
+        return None
+    if cfg.force_quick_gelu:
+        model_cfg["quick_gelu"] = True
+    if cfg.force_custom_text:
+        model_cfg["custom_text"] = True
+    if cfg.force_image_size is not None:
+        model_cfg["vision_cfg"]["image_size"] = cfg.force_image_size
+    if cfg.force_context_length is not None:
+        model_cfg["text_cfg"]["context_length"] = cfg.force_context_length
+    return model_cfg
+
+
+def saved_model_config(saved: dict) -> ModelConfig:
+    """What rebuilds a checkpoint's model from its saved `model` section (older checkpoints lack the keys)."""
+    return ModelConfig(
+        name=saved["name"], **{k: saved[k] for k in (*ARCH_KEYS, *PREPROCESS_KEYS) if k in saved}
+    )
+
+
+def _create(name: str, tag: str | None, device, cfg: ModelConfig, aug: dict | None) -> tuple:
+    """open_clip's model with its training and eval transforms, `model.*`'s overrides applied."""
     with warnings.catch_warnings():
         # open_clip's own transform takes only `scale` off the settings it reads, so it reports the jitter
         # and grayscale settings it applies as "unused"; AugConfig refuses those it would really leave unused
         warnings.filterwarnings("ignore", "Unused augmentation cfg items")
         return open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device,
-            force_patch_dropout=patch_dropout or None,  # FLIP; open_clip drops patches in training only
+            name, pretrained=tag, device=device, **build_overrides(cfg),
+            pretrained_image=cfg.pretrained_image and cfg.pretrained is None,  # weights given: no download
+            force_patch_dropout=cfg.patch_dropout or None,  # FLIP; open_clip drops patches in training only
             aug_cfg=aug,
         )  # fmt: skip
 
@@ -208,7 +248,7 @@ def load_trained(spec: str | Path, device: torch.device | str = "cpu") -> ModelB
 def load_checkpoint_model(folder: Path, device: torch.device | str = "cpu") -> ModelBundle:
     """The model of checkpoint `folder` (verified by the caller: `verify_checkpoint`), with its weights."""
     saved = load_trainer_state(folder)["config"]
-    bundle = build_model(ModelConfig(name=saved["model"]["name"]), device)  # weights come from the checkpoint
+    bundle = build_model(saved_model_config(saved["model"]), device)  # weights come from the checkpoint
     load_model_weights(folder, bundle.model)
     return bundle
 

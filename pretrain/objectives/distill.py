@@ -191,8 +191,9 @@ def build_reference_source(cfg: Config, bundle: ModelBundle, info: DistInfo, dev
 
     dcfg = cfg.distill
     data = dataclasses.replace(
-        cfg.data, train=dcfg.reference_data, train_weights=None, sampling="epoch", partitions=None
-    )
+        cfg.data, train=dcfg.reference_data, train_weights=None, train_upsampling_factors=None, sampling="epoch",
+        partitions=None,
+    )  # fmt: skip
     train = dataclasses.replace(
         cfg.train, seed=cfg.train.seed + 1, batch_size=dcfg.reference_batch_size, accum_steps=1
     )

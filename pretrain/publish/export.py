@@ -8,11 +8,15 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import open_clip
 from safetensors.torch import save_file
 
 from pretrain.data.card import CARD_FILE
-from pretrain.models.build import load_checkpoint_model, resolve_model_name
+from pretrain.models.build import (
+    load_checkpoint_model,
+    resolve_model_name,
+    resolved_model_cfg,
+    saved_model_config,
+)
 from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint, verify_checkpoint
 from pretrain.publish.model_card import model_card
 from pretrain.training.ensemble import apply_ensemble
@@ -59,7 +63,8 @@ def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": preprocess_cfg(bundle.model)}
+    model_cfg = resolved_model_cfg(name, saved_model_config(cfg["model"]))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(bundle.model)}
     (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.model.state_dict().items()}
     save_file(tensors, str(tmp / "open_clip_model.safetensors"))

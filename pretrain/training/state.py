@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config, redacted, save_config
 from pretrain.data.card import record_data_card
+from pretrain.data.plan import source_weights
 from pretrain.models import checkpoint as ckpt
 from pretrain.parallel.base import Strategy
 from pretrain.parallel.distributed import DistInfo, barrier, gather_objects, world
@@ -151,7 +152,13 @@ class CheckpointManager:
         if self.info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
-            record_data_card(self.cfg.data.train, self.cfg.data.train_weights, run_dir, folder is not None)
+            data = self.cfg.data
+            weights = (
+                None
+                if data.train == "synthetic"
+                else source_weights(data.train, data.train_weights, data.train_upsampling_factors)
+            )
+            record_data_card(data.train, weights, run_dir, folder is not None)
             restart.record_launch(self.cfg)
         return folder
 

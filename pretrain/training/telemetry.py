@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.evaluation.tasks import write_results
+from pretrain.models.build import resolved_model_cfg
 from pretrain.parallel.distributed import DistInfo, all_reduce_mean, world
-from pretrain.training.flops import mfu, model_config, peak_flops, train_flops_per_sample
+from pretrain.training.flops import mfu, peak_flops, train_flops_per_sample
 from pretrain.training.metrics import MetricsWriter, first_step_line
 from pretrain.training.state import TrainState
 from webshards.retries import retries_so_far
@@ -51,7 +52,7 @@ class MetricsProcessor:
         self.source, self.parts = source, parts
         self.writer = MetricsWriter(cfg, info.is_main, resume_step=state.step)
         self.global_batch = cfg.train.batch_size * info.world * cfg.train.accum_steps
-        self.flops_per_sample = train_flops_per_sample(model_config(model_name))
+        self.flops_per_sample = train_flops_per_sample(resolved_model_cfg(model_name, cfg.model))
         self.peak_flops = peak_flops(device, cfg.train.precision, cfg.log.peak_tflops)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self._loss, self._parts, self._grad_norm, self._lr, self._last_skipped = None, {}, None, 0.0, 0

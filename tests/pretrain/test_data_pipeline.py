@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from pretrain.config import load_config
 from pretrain.data.loader import WebDatasetSource
-from pretrain.data.plan import ShardPlan
+from pretrain.data.plan import ShardPlan, source_weights
 from pretrain.models.build import build_model
 from webshards.layout import iter_shard
+from webshards.spec import expand_sources
 
 SPEC = "train/{00000..00003}.tar"
 
@@ -209,6 +210,23 @@ def test_resampled_sources_follow_their_weights():
     drawn = Counter(plan.shard(n)[0][0] for n in range(4000))
     assert 2.7 < drawn["a"] / drawn["b"] < 3.3
     assert [plan.shard(n) for n in range(50)] == [plan.shard(n) for n in range(50)]  # a pure function of n
+
+
+def test_upsampling_factors_draw_shards_as_open_clip_train_does():
+    """`data.train_upsampling_factors` against open_clip_train's `--train-data-upsampling-factors`: its
+    `expand_urls` gives each shard its source's factor, and its resampler draws shards by those weights."""
+    from open_clip_train.data import expand_urls
+
+    spec, factors = "a/{00000..00002}.tar::b/{00000..00004}.tar", [1.0, 2.0]
+    urls, per_shard = expand_urls(spec, "::".join(map(str, factors)))
+    theirs = {url: w / sum(per_shard) for url, w in zip(urls, per_shard)}
+    sources = tuple(tuple(u) for u in expand_sources(spec))
+    weights = source_weights(spec, None, factors)
+    ours = {u: w / sum(weights) / len(src) for src, w in zip(sources, weights) for u in src}
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    plan = ShardPlan(sources, tuple(weights), "resampled", seed=0, slot=0, slots=1)
+    drawn = Counter(plan.shard(n)[0] for n in range(8000))
+    assert all(abs(drawn[u] / 8000 - p) < 0.02 for u, p in theirs.items())
 
 
 def test_epoch_plan_deals_every_shard_once_per_epoch():

@@ -83,3 +83,26 @@ def test_forked_ranks_get_torchruns_variables_and_a_failed_rank_ends_the_job(tmp
     assert sorted(proc.stdout.splitlines()) == [f"{r} 2 {r} 127.0.0.1 ['ok']" for r in (0, 1)]
     proc = torchrun(2, [str(script), "fail"], timeout=60)
     assert proc.returncode == 1 and "rank 1 gives up" in proc.stderr
+
+
+def test_against_open_clip_local_loss_and_gather_with_grad_flags(tmp_path):
+    """open_clip_train's `--local-loss` / `--gather-with-grad` (open_clip's ClipLoss) against ours on 2 gloo
+    ranks, per rank: ours is `--local-loss --gather-with-grad` exactly (loss and feature gradients);
+    `--gather-with-grad` alone has the same gradients, the global loss on every rank (the mean of ours);
+    without `--gather-with-grad` the gradients are 1/W of ours (the defaults) or differ (`--local-loss`)."""
+    world = 2
+    torch.save(features(), tmp_path / "features.pt")
+    worker = Path(__file__).with_name("clip_loss_flags_worker.py")
+    proc = torchrun(world, [str(worker), str(tmp_path / "features.pt"), str(tmp_path / "rank")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    mean_loss = sum(r["ours"][0] for r in results) / world
+    for r in results:
+        ours = r["ours"]
+        for a, b in zip(r["local+grad"], ours):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r["grad"][0], mean_loss)
+        torch.testing.assert_close(r["grad"][1:], ours[1:])
+        torch.testing.assert_close(r["none"][0], mean_loss)
+        torch.testing.assert_close(r["none"][1:], tuple(g / world for g in ours[1:]))
+        assert not torch.allclose(r["local"][1], ours[1])
