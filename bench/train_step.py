@@ -182,7 +182,8 @@ def main() -> None:
 def report(args: argparse.Namespace, rates: dict[str, float], syncs: dict[str, list] | None) -> None:
     """The table: samples/s, model TFLOP/s and MFU of each, and the ratio; the host syncs of the timed
     steps on CUDA (also as JSON with --json)."""
-    from pretrain.training.flops import model_config, peak_flops, train_flops_per_sample
+    from pretrain.models.build import model_config
+    from pretrain.training.flops import peak_flops, train_flops_per_sample
 
     per_sample = train_flops_per_sample(model_config(args.model))
     peak = peak_flops(torch.device(args.device), args.precision, args.peak_tflops)

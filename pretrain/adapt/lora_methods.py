@@ -35,7 +35,6 @@ from pretrain.adapt.data import AdaptRun, LabelledImages, compute_features, load
 from pretrain.adapt.glad import GLADConfig, glad_objective
 from pretrain.parallel.distributed import world
 from pretrain.publish.export import preprocess_cfg
-from pretrain.training.flops import model_config
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
@@ -243,7 +242,7 @@ class LoRAAdapted:
         (`adapter.safetensors`: `lora_state_dict`; `adapter.json`: method, checkpoint, settings)."""
         folder.mkdir(parents=True, exist_ok=True)
         bundle = self.run.bundle
-        config = {"model_cfg": model_config(bundle.name), "preprocess_cfg": preprocess_cfg(self.model)}
+        config = {"model_cfg": bundle.model_cfg, "preprocess_cfg": preprocess_cfg(self.model)}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         save_file(merged_state_dict(self.model), str(folder / WEIGHTS_FILE))
         if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers; open_clip's BPE needs no files

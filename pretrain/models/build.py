@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -50,6 +51,8 @@ class ModelBundle:
     preprocess_train: Callable[[Any], torch.Tensor]
     preprocess_val: Callable[[Any], torch.Tensor]
     name: str
+    model_cfg: dict | None = None
+    """open_clip's config of the model as built (`model.force_*` applied): what an export writes."""
 
 
 _registered: set[Path] = set()
@@ -142,7 +145,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", aug: dict 
     log.info("model %s: %.2fM parameters", name, n_params / 1e6)
     apply_locks(model, cfg)
     tokenizer = build_tokenizer(name, cfg.force_context_length)
-    return ModelBundle(model, tokenizer, preprocess_train, preprocess_val, name)
+    return ModelBundle(
+        model, tokenizer, preprocess_train, preprocess_val, name, resolved_model_cfg(name, cfg)
+    )
 
 
 ARCH_KEYS = ("force_quick_gelu", "force_custom_text", "force_image_size", "force_context_length")
@@ -158,10 +163,18 @@ def build_overrides(cfg: ModelConfig) -> dict:
     return {**{k: getattr(cfg, k) for k in (*ARCH_KEYS, *PREPROCESS_KEYS)}, **tuples}
 
 
+def model_config(name: str) -> dict | None:
+    """The open_clip config dict of a resolved model name (`local-dir:` reads its export; None if unknown)."""
+    if name.startswith("local-dir:"):
+        path = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
+        return json.loads(path.read_text()).get("model_cfg") if path.is_file() else None
+    return open_clip.get_model_config(name)
+
+
 def resolved_model_cfg(name: str, cfg: ModelConfig) -> dict | None:
     """open_clip's config of model `name` with `model.force_*` applied as create_model applies them: what an
     export writes, so that `local-dir:` builds the architecture that was trained. None for an unknown name."""
-    model_cfg = open_clip.get_model_config(name)  # a fresh copy
+    model_cfg = model_config(name)  # a fresh copy; `local-dir:` reads its export's (overrides applied)
     if model_cfg is None:
         return None
     if cfg.force_quick_gelu:

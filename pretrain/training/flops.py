@@ -15,9 +15,6 @@ hardware's.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 TRAIN_FACTOR = 3
@@ -97,16 +94,6 @@ def train_flops_per_sample(cfg: dict | None) -> float | None:
     """Model FLOPs of one training sample (forward + backward), or None when the model is not covered."""
     forward = clip_forward_flops(cfg) if cfg else None
     return None if forward is None else TRAIN_FACTOR * forward
-
-
-def model_config(name: str) -> dict | None:
-    """The open_clip config dict of a resolved model name (`local-dir:` reads its export; None if unknown)."""
-    import open_clip
-
-    if name.startswith("local-dir:"):
-        path = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
-        return json.loads(path.read_text()).get("model_cfg") if path.is_file() else None
-    return open_clip.get_model_config(name)
 
 
 def matmul_kind(precision: str) -> str:

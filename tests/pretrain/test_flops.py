@@ -9,11 +9,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.models.build import register_model_configs
+from pretrain.models.build import model_config, register_model_configs
 from pretrain.training.flops import (
     clip_forward_flops,
     mfu,
-    model_config,
     peak_flops,
     text_forward_flops,
     train_flops_per_sample,

@@ -68,6 +68,10 @@ def test_force_keys_build_what_open_clip_builds(forced):
     assert shapes(ours.model) == shapes(ref)
     gelu = {type(m).__name__ for m in ours.model.modules() if "GELU" in type(m).__name__}
     assert gelu == ({"QuickGELU"} if forced.get("force_quick_gelu") else {"GELU"})
+    # the config an export (and `pretrain adapt`'s merged LoRA model) writes builds the same architecture
+    cfg = dict(ours.model_cfg)
+    cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+    assert signature(cls(**cfg)) == signature(ref)
 
 
 def test_force_keys_survive_checkpoint_and_export(tmp_path, capsys):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import ROOT, TINY, read_jsonl, run_cmd, train_in_process
 
-from pretrain.training.flops import model_config, train_flops_per_sample
+from pretrain.models.build import model_config
+from pretrain.training.flops import train_flops_per_sample
 
 TELEMETRY = ("samples_per_s", "data_wait", "step_time", "grad_norm", "peak_memory_gib", "eta_s")
 
