@@ -282,7 +282,9 @@ class DataConfig:
     text_key: str = "txt"
     """Where a sample's caption is: a tar member's extension (`txt`: the whole text is one caption, as
     img2dataset writes it), or `json:FIELD`, a field of its KEY.json; a field holding a list is several
-    captions, one drawn per sample per epoch from the sample's seed (open_clip's webdataset reader: `txt`)."""
+    captions, one drawn per sample per epoch from the sample's seed. `;` separates alternatives tried in order
+    (`txt;caption`, `json:a;b`: the first holding a caption wins), as open_clip's `--text-key` and
+    `--json-text-key`."""
     image_key: str = "jpg;jpeg;png;webp"
     """Tar member extensions that may hold the image, `;`-separated; the first present is used (open_clip's
     webdataset reader: `jpg;png;jpeg;webp`)."""
@@ -346,13 +348,12 @@ class DataConfig:
         _check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in (0, 1]")
 
     def _check_keys(self) -> None:
-        member, colon, field = self.text_key.partition(":")
+        member, colon, fields = self.text_key.partition(":")
+        names = fields.split(";") if colon else member.split(";")
         _check(
-            bool(member)
-            and member == member.strip()
-            and (not colon or (member == "json" and bool(field.strip()))),
+            all(name and name == name.strip() for name in names) and (not colon or member == "json"),
             "data.text_key",
-            f"must be a member extension (txt) or json:FIELD, got {self.text_key!r}",
+            f"must be member extensions (txt, or txt;caption) or json:FIELD[;FIELD], got {self.text_key!r}",
         )
         _check(bool(self.image_keys), "data.image_key", f"names no extension: {self.image_key!r}")
         _check(

@@ -35,22 +35,32 @@ def caption_of(raw: dict, key: str = "txt") -> str:
 
 
 def _texts(raw: dict, key: str) -> list[str]:
-    """The non-empty captions a sample holds under `key`."""
-    member, _, field = key.partition(":") if key.startswith(JSON_FIELD) else (key, "", "")
+    """The non-empty captions a sample holds under `key`; `;`-separated alternatives (`txt;caption`,
+    `json:a;b`) are tried in order and the first that holds a caption wins, as open_clip's `--text-key` and
+    `--json-text-key` do."""
+    is_json = key.startswith(JSON_FIELD)
+    names = key.removeprefix(JSON_FIELD).split(";") if is_json else key.split(";")
+    member = "json" if is_json else next((m for m in names if raw.get(m) is not None), names[0])
     data = raw.get(member)
     if data is None:
         raise BadSample("missing_caption", f"no KEY.{member} (data.text_key={key})")
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
-        value = json.loads(text).get(field) if field else text
+        values = [json.loads(text).get(field) for field in names] if is_json else [text]
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise BadSample("bad_caption", f"KEY.{member}: {e}") from None
-    if value is None:
-        raise BadSample("missing_caption", f"no {field!r} in KEY.json (data.text_key={key})")
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, str) for v in values):
-        raise BadSample("bad_caption", f"{key} holds {type(value).__name__}, not text or a list of texts")
-    return [v for v in values if v.strip()]
+    if all(value is None for value in values):
+        raise BadSample(
+            "missing_caption", f"no {' or '.join(map(repr, names))} in KEY.json (data.text_key={key})"
+        )
+    for value in values:
+        texts = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(v, str) for v in texts):
+            raise BadSample("bad_caption", f"{key} holds {type(value).__name__}, not text or a list of texts")
+        texts = [v for v in texts if v is not None and v.strip()]
+        if texts:
+            return texts
+    return []
 
 
 def open_image(raw: dict, min_size: int, image_keys: tuple[str, ...] = IMAGE_EXTENSIONS) -> Image.Image:

@@ -156,7 +156,19 @@ def test_text_keys_read_a_member_whole_or_a_json_field():
     assert caption_of(sample, "json:captions") == "only"
 
 
-@pytest.mark.parametrize("key", ["json:", "txt:lines", " txt", ""])
+def test_text_key_alternatives_take_the_first_that_holds_a_caption():
+    """open_clip main's `--text-key txt;caption` (first member present) and `--json-text-key a;b` (first
+    non-empty field in order wins)."""
+    sample = raw(caption=b"member two", json={"empty": "", "none": [], "second": ["b1", "b2"], "third": "c"})
+    assert caption_of(sample, "txt;caption") == "member two"
+    assert caption_of(sample, "json:missing;empty;none;second;third") in ("b1", "b2")
+    assert caption_of(sample, "json:third;second") == "c"
+    with pytest.raises(BadSample) as e:
+        caption_of(sample, "json:x;y")
+    assert e.value.reason == "missing_caption"
+
+
+@pytest.mark.parametrize("key", ["json:", "txt:lines", " txt", "", "txt;", "json:a;"])
 def test_a_malformed_text_key_is_a_config_error(key):
     with pytest.raises(ConfigError, match="data.text_key"):
         load_config(TINY, [f"data.text_key='{key}'"])
