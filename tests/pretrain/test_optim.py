@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import TINY, one_torch_thread, read_jsonl, train_in_process, train_runs
+from helpers import TINY, one_torch_thread, read_jsonl, refused, train_in_process, train_runs
 from open_clip_train.scheduler import cosine_lr
 from safetensors.torch import load_file
 from timm.optim import Adafactor, Lamb, Lion, param_groups_layer_decay
@@ -20,6 +20,7 @@ from pretrain.models.build import build_model, load_trained
 from pretrain.parallel.deepspeed import check_deepspeed_optimizer
 from pretrain.training.optim import build_optimizer, build_scheduler
 from pretrain.training.param_groups import param_groups
+from pretrain.training.trainer import Trainer
 
 LR, IMAGE_LR, TEXT_LR, IMAGE_DECAY, TEXT_DECAY = 1e-3, 4e-4, 2e-4, 0.5, 0.75
 DECAYED = TrainConfig(
@@ -247,3 +248,34 @@ def test_strategies_agree_with_a_timm_optimizer_and_layer_decay(tmp_path):
         wa = load_trained(tmp_path / "ddp").model.state_dict()
         wb = load_trained(tmp_path / name).model.state_dict()
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6, name  # measured: 0.0
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ("train.optimizer=timm/lion", "was saved with train.optimizer=adamw, this run has timm/lion"),
+        ("train.image_layer_decay=0.9", "was saved with train.image_layer_decay=1.0, this run has 0.9"),
+    ],
+)
+def test_resuming_with_another_optimizer_or_group_split_is_one_line(tmp_path, capsys, changed, message):
+    run_dir = train_in_process(tmp_path, name="saved", overrides=["train.steps=1"])
+    args = ["--config", str(TINY), f"run.dir={tmp_path}", "run.name=saved", "resume=latest", changed]
+    line = refused(["train", *args], capsys)
+    assert line.startswith(f"pretrain: error: {run_dir}/checkpoints/step_00000001 {message}: the optimizer")
+
+
+def test_a_resumed_run_uses_its_own_tower_rate(tmp_path):
+    """Same group split, another `train.image_lr`: from the first resumed step on, the image groups follow the
+    new rate (StepSchedule keeps this run's base rates, not the checkpoint's)."""
+    base = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every=3"]
+    train_in_process(tmp_path, name="run", overrides=[*base, "train.image_lr=1e-4"], until=3)
+    cfg = load_config(
+        TINY, [f"run.dir={tmp_path}", "run.name=run", *base, "train.image_lr=3e-4", "resume=latest"]
+    )
+    trainer = Trainer(cfg)
+    try:
+        factor = cosine_lr(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), 1.0, 2, 6)(3)
+        rates = [g["lr"] for g in trainer.optimizer.param_groups]
+        assert rates == pytest.approx([1e-3 * factor] * 2 + [3e-4 * factor] * 2, rel=1e-12)
+    finally:
+        trainer.close()
