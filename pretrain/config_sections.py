@@ -452,7 +452,8 @@ class TrainConfig:
     """Peak rate of the text tower (null: lr); CoCa's text decoder is outside it and keeps lr."""
     image_layer_decay: float = 1.0
     """Layer-wise rate decay of the image tower (EVA-CLIP's --visual-ld): embeddings are layer 0, block i layer
-    i+1, the head layer N+1; a layer's rate is image_lr x decay ** (N+1 - layer). 1.0: off."""
+    i+1, the head layer N+1; a layer's rate is image_lr x decay ** (N+1 - layer); a timm tower is numbered by
+    its trunk's group_matcher. 1.0: off."""
     text_layer_decay: float = 1.0
     """Layer-wise rate decay of the text tower, numbered as image_layer_decay's (EVA-CLIP's --text-ld). 1.0: off."""
 

@@ -3,19 +3,21 @@
 
 Layers are numbered as EVA-CLIP's `--ld` (and timm's `param_groups_layer_decay` on a ViT) number them: a
 tower of N transformer blocks has its embeddings at layer 0, block i at layer i + 1 and everything above the
-blocks (final norm, attention pooler, projection) at N + 1; a layer's rate is the tower's rate times
-decay ** (N + 1 - layer). Parameters outside both towers (logit scale and bias, CoCa's text decoder) keep
-`train.lr`.
+blocks (final norm, attention pooler, projection) at the top, N + 1; a layer's rate is the tower's rate times
+decay ** (top - layer). A timm image tower is numbered by its trunk's own `group_matcher` (timm's layer
+decay), open_clip's projection head above it at the top. Parameters outside both towers (logit scale and
+bias, CoCa's text decoder) keep `train.lr`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from open_clip import CLIP
 from open_clip.transformer import TextTransformer, VisionTransformer
+from timm.models import group_parameters
 from torch import nn
 
 from pretrain.config import ConfigError, TrainConfig
@@ -50,12 +52,21 @@ def tower_of(model: nn.Module, name: str) -> tuple[str, str]:
     return "other", name
 
 
-def tower_depth(model: nn.Module, tower: str) -> int | None:
-    """Transformer blocks of an open_clip ViT / text transformer tower; None for a tower whose layers
-    this project does not number (timm, Hugging Face, ModifiedResNet)."""
+def tower_layers(model: nn.Module, tower: str) -> tuple[Callable[[str], int], int] | None:
+    """(layer of a parameter by its name inside the tower, the top layer) for an open_clip ViT or text
+    transformer, or a timm image tower (its trunk's `group_matcher`); None for a tower whose layers this
+    project does not number (Hugging Face, ModifiedResNet)."""
     module = model.visual if tower == "image" else getattr(model, "text", model)
     known = VisionTransformer if tower == "image" else (TextTransformer, CLIP)
-    return len(module.transformer.resblocks) if isinstance(module, known) else None
+    if isinstance(module, known):
+        depth = len(module.transformer.resblocks)
+        return (lambda inner: layer_id(tower, inner, depth)), depth + 1
+    trunk = getattr(module, "trunk", None)
+    if tower == "image" and callable(getattr(trunk, "group_matcher", None)):
+        ids = group_parameters(trunk, trunk.group_matcher(coarse=False), reverse=True)  # {name: layer}
+        top = max(ids.values()) + 1  # open_clip's head (pooler, projection) above the trunk
+        return (lambda inner: ids.get(inner.removeprefix("trunk."), top)), top
+    return None
 
 
 def layer_id(tower: str, inner: str, depth: int) -> int:
@@ -77,31 +88,31 @@ class GroupPlan:
         # a tower gets groups of its own only when asked to: by default the two groups of CLIP and open_clip
         self.own = {"other"} | {t for t in ("image", "text") if getattr(cfg, f"{t}_lr") is not None}
         self.own |= set(self.decay)
-        self.depth = {tower: self._depth(tower) for tower in self.decay}
+        self.layers = {tower: self._layers(tower) for tower in self.decay}
 
-    def _depth(self, tower: str) -> int:
-        depth = tower_depth(self.model, tower)
-        if depth is None:
+    def _layers(self, tower: str) -> tuple[Callable[[str], int], int]:
+        layers = tower_layers(self.model, tower)
+        if layers is None:
             module = self.model.visual if tower == "image" else getattr(self.model, "text", self.model)
             raise ConfigError(
                 f"train.{tower}_layer_decay: this {tower} tower ({type(module).__name__}) has no layers this "
-                f"project can number (open_clip ViT and text transformers only); leave it 1.0"
+                "project can number (open_clip's ViT and text transformers, timm image towers); leave it 1.0"
             )
-        return depth
+        return layers
 
     def key(self, name: str, param: nn.Parameter) -> tuple:
         """(tower, layer or -1, decayed): the same structure for any rates, so a resumed run may change them."""
         tower, inner = tower_of(self.model, name)
         if tower not in self.own:
             tower = "other"
-        layer = layer_id(tower, inner, self.depth[tower]) if tower in self.decay else -1
+        layer = self.layers[tower][0](inner) if tower in self.decay else -1
         return TOWERS.index(tower), layer, not _no_decay(name, param)
 
     def lr(self, key: tuple) -> float:
         tower, layer = TOWERS[key[0]], key[1]
         if tower not in self.decay:
             return self.tower_lr[tower]
-        return self.tower_lr[tower] * self.decay[tower] ** (self.depth[tower] + 1 - layer)
+        return self.tower_lr[tower] * self.decay[tower] ** (self.layers[tower][1] - layer)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:

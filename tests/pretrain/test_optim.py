@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 from helpers import TINY, one_torch_thread, read_jsonl, refused, train_in_process, train_runs
+from open_clip import CLIP
 from open_clip_train.scheduler import cosine_lr
 from safetensors.torch import load_file
 from timm.optim import Adafactor, Lamb, Lion, param_groups_layer_decay
@@ -198,6 +199,28 @@ def test_bad_optimizer_keys_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_timm_image_tower_is_numbered_by_timms_own_layer_decay():
+    """A timm trunk under open_clip's projection head: each trunk parameter at timm's own lr_scale one layer
+    further down (open_clip's head is the layer above the trunk, as in open_clip's TimmModel.layer_groups),
+    the head at the image rate."""
+    vision = {
+        "timm_model_name": "vit_tiny_patch16_224",
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": 32,
+    }
+    text = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 1}
+    with one_torch_thread():
+        model = CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text)
+    cfg = TrainConfig(lr=LR, image_lr=IMAGE_LR, image_layer_decay=IMAGE_DECAY)
+    timm_groups = param_groups_layer_decay(model.visual.trunk, weight_decay=0.2, layer_decay=IMAGE_DECAY)
+    expected = {id(p): IMAGE_LR * g["lr_scale"] * IMAGE_DECAY for g in timm_groups for p in g["params"]}
+    expected |= {id(p): IMAGE_LR for p in model.visual.head.parameters()}
+    ours = {id(p): g["lr"] for g in param_groups(model, cfg) for p in g["params"]}
+    assert {k: ours[k] for k in expected} == pytest.approx(expected, rel=1e-12)
+    assert len(expected) == len(list(model.visual.parameters())) and len(set(expected.values())) == 14
 
 
 def test_a_tower_without_numbered_layers_refuses_layer_decay_in_one_line(model):
