@@ -247,30 +247,40 @@ def test_locked_parameters_stay_out_of_every_group(model):
     assert grouped == {id(p) for p in locked.parameters() if p.requires_grad} and grouped
 
 
-STRATEGIES = {
-    "ddp": ["dist.strategy=ddp"],
-    "fsdp": ["dist.strategy=fsdp"],
-    "deepspeed": ["dist.strategy=deepspeed", "dist.zero_stage=2"],
+RUNS = {  # name: (reference run, overrides)
+    "ddp": (None, ["dist.strategy=ddp", "train.optimizer=timm/lion"]),
+    "fsdp": ("ddp", ["dist.strategy=fsdp", "train.optimizer=timm/lion"]),
+    "deepspeed2": ("ddp", ["dist.strategy=deepspeed", "dist.zero_stage=2", "train.optimizer=timm/lion"]),
+    "deepspeed3": ("ddp", ["dist.strategy=deepspeed", "dist.zero_stage=3", "train.optimizer=timm/lion"]),
+    "ddp-lamb": (None, ["dist.strategy=ddp", "train.optimizer=timm/lamb"]),
+    "fsdp-lamb": ("ddp-lamb", ["dist.strategy=fsdp", "train.optimizer=timm/lamb"]),
 }
 
 
 @pytest.mark.slow
 def test_strategies_agree_with_a_timm_optimizer_and_layer_decay(tmp_path):
-    """2 gloo ranks, one torchrun: FSDP2 (DTensor parameters) and DeepSpeed ZeRO-2 (flat partitions, the
-    client optimizer) step timm's Lion on the decayed groups as DDP does."""
-    base = ["train.steps=4", "train.batch_size=8", "train.optimizer=timm/lion", *LAYER_DECAY]
+    """2 gloo ranks, one torchrun: FSDP2 (DTensor parameters: LAMB's per-tensor norms over shards) and
+    DeepSpeed ZeRO-2/3 (flat partitions, the client optimizer) step timm's optimizers on the decayed groups
+    as DDP does: the same losses, and the same weights but where Lion takes the sign of float noise (the key
+    bias of attention has no true gradient; measured: FSDP and ZeRO-2 0 elements apart, ZeRO-3 ~420 of 7.2M,
+    FSDP LAMB 2 by 7e-6)."""
+    base = ["train.steps=4", "train.batch_size=8", *LAYER_DECAY]
     plan = [
         {"train": [f"run.dir={tmp_path}", f"run.name={name}", "log.every=1", *base, *extra]}
-        for name, extra in STRATEGIES.items()
+        for name, (_, extra) in RUNS.items()
     ]
     train_runs(plan, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
-    ddp = [r["loss"] for r in read_jsonl(tmp_path / "ddp/metrics.jsonl") if "loss" in r]
-    for name in ("fsdp", "deepspeed"):
-        other = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
-        assert other == pytest.approx(ddp, rel=1e-4), name
-        wa = load_trained(tmp_path / "ddp").model.state_dict()
+    for name, (reference, _) in RUNS.items():
+        if reference is None:
+            continue
+        ours, theirs = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in (name, reference))
+        assert [r["loss"] for r in ours if "loss" in r] == pytest.approx(
+            [r["loss"] for r in theirs if "loss" in r], rel=1e-4
+        ), name
+        wa = load_trained(tmp_path / reference).model.state_dict()
         wb = load_trained(tmp_path / name).model.state_dict()
-        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6, name  # measured: 0.0
+        apart = sum(((wa[k] - wb[k]).abs() > 1e-5).sum().item() for k in wa)
+        assert apart < 2e-4 * sum(v.numel() for v in wa.values()), name
 
 
 @pytest.mark.parametrize(
