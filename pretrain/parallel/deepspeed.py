@@ -90,9 +90,14 @@ def load_deepspeed_weights(folder: Path, model: nn.Module) -> None:
                 target.copy_(state[name].reshape(target.shape))
 
 
-def check_deepspeed_optimizer(optimizer: str) -> None:
+def check_deepspeed_optimizer(train: TrainConfig) -> None:
     """ZeRO hands the client optimizer flat partitions of many tensors: fine for an elementwise update, wrong
     for one that reads whole tensors, so those are refused (one line naming the key)."""
+    optimizer = train.optimizer
+    if train.optimizer_kwargs.get("caution"):  # the cautious mask is scaled by its mean over each tensor
+        raise ConfigError(
+            "train.optimizer_kwargs: caution reads whole tensors; not with dist.strategy=deepspeed"
+        )
     if optimizer == "adamw" or optimizer.removeprefix("timm/") in DEEPSPEED_TIMM_OPTIMIZERS:
         return
     fits = ", ".join(f"timm/{name}" for name in DEEPSPEED_TIMM_OPTIMIZERS)
@@ -109,7 +114,7 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(cfg, precision)
         if train.accum_steps != 1:
             raise ConfigError("train.accum_steps: must be 1 with dist.strategy=deepspeed (not supported yet)")
-        check_deepspeed_optimizer(train.optimizer)
+        check_deepspeed_optimizer(train)
         self.train_cfg = train
         self.stage = cfg.zero_stage  # the config file's stage once the engine is built
 

@@ -232,11 +232,13 @@ def test_a_tower_without_numbered_layers_refuses_layer_decay_in_one_line(model):
 
 
 def test_deepspeed_refuses_an_optimizer_that_reads_whole_tensors():
-    check_deepspeed_optimizer("adamw")
-    check_deepspeed_optimizer("timm/lion")
+    check_deepspeed_optimizer(TrainConfig())
+    check_deepspeed_optimizer(TrainConfig(optimizer="timm/lion"))
     with pytest.raises(ConfigError, match=r"^train\.optimizer: timm/lamb reads whole tensors") as err:
-        check_deepspeed_optimizer("timm/lamb")
+        check_deepspeed_optimizer(TrainConfig(optimizer="timm/lamb"))
     assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^train\.optimizer_kwargs: caution reads whole tensors"):
+        check_deepspeed_optimizer(TrainConfig(optimizer="timm/lion", optimizer_kwargs={"caution": True}))
 
 
 def test_locked_parameters_stay_out_of_every_group(model):
