@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.config_sections import (
+    DEEPSPEED_TIMM_OPTIMIZERS,
     NOT_SECRETS,
     PRECISIONS,
     SCHEDULES,
@@ -47,6 +48,7 @@ from webshards.atomic import write_atomic
 from webshards.urls import redact_url
 
 __all__ = [
+    "DEEPSPEED_TIMM_OPTIMIZERS",
     "PRECISIONS",
     "SCHEDULES",
     "STRATEGIES",

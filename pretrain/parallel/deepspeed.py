@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (stage 1: optimizer states, 2: + gradients, 3: + weights sharded across ranks).
 
-The engine owns backward, gradient clipping and the optimizer step; the optimizer (AdamW, our parameter
-groups) and the LR schedule stay the project's. Checkpoints are DeepSpeed's own folder (`engine.
+The engine owns backward, gradient clipping and the optimizer step; the optimizer (`train.optimizer` on our
+parameter groups, handed over as DeepSpeed's client optimizer) and the LR schedule stay the project's. Checkpoints are DeepSpeed's own folder (`engine.
 save_checkpoint`) inside the step folder; `load_deepspeed_weights` reads them back with DeepSpeed's
 zero_to_fp32 utility, without a process group. DeepSpeed calls `torch.load(weights_only=False)` itself;
 every load here runs inside `weights_only_loads`, so a downloaded checkpoint cannot run code.
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError, DistConfig, TrainConfig
+from pretrain.config import DEEPSPEED_TIMM_OPTIMIZERS, ConfigError, DistConfig, TrainConfig
 from pretrain.parallel.base import Strategy, apply_vector_scalars, vector_scalar_views
 from pretrain.parallel.distributed import world
 from pretrain.parallel.safe_load import weights_only_loads
@@ -90,6 +90,23 @@ def load_deepspeed_weights(folder: Path, model: nn.Module) -> None:
                 target.copy_(state[name].reshape(target.shape))
 
 
+def check_deepspeed_optimizer(train: TrainConfig) -> None:
+    """ZeRO hands the client optimizer flat partitions of many tensors: fine for an elementwise update, wrong
+    for one that reads whole tensors, so those are refused (one line naming the key)."""
+    optimizer = train.optimizer
+    if train.optimizer_kwargs.get("caution"):  # the cautious mask is scaled by its mean over each tensor
+        raise ConfigError(
+            "train.optimizer_kwargs: caution reads whole tensors; not with dist.strategy=deepspeed"
+        )
+    if optimizer == "adamw" or optimizer.removeprefix("timm/") in DEEPSPEED_TIMM_OPTIMIZERS:
+        return
+    fits = ", ".join(f"timm/{name}" for name in DEEPSPEED_TIMM_OPTIMIZERS)
+    raise ConfigError(
+        f"train.optimizer: {optimizer} reads whole tensors, and DeepSpeed ZeRO steps the optimizer on flat "
+        f"partitions of them; with dist.strategy=deepspeed use adamw or an elementwise one ({fits})"
+    )
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -97,6 +114,7 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(cfg, precision)
         if train.accum_steps != 1:
             raise ConfigError("train.accum_steps: must be 1 with dist.strategy=deepspeed (not supported yet)")
+        check_deepspeed_optimizer(train)
         self.train_cfg = train
         self.stage = cfg.zero_stage  # the config file's stage once the engine is built
 

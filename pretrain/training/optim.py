@@ -1,39 +1,56 @@
-"""AdamW with CLIP's parameter groups, and the learning-rate schedules (warmup, then cosine, constant, or
-constant with a cooldown: the shapes of open_clip_train's scheduler.py)."""
+"""The optimizer (`train.optimizer`: AdamW or one of timm's) over our parameter groups (param_groups.py), and
+the learning-rate schedules (warmup, then cosine, constant, or constant with a cooldown: the shapes of
+open_clip_train's scheduler.py), which scale each group's own base rate."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
-from pretrain.config import TrainConfig
+from pretrain.config import ConfigError, TrainConfig
 from pretrain.training.fast import build_adamw
+from pretrain.training.param_groups import param_groups
 
-
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Gains, biases, norms and the logit scale are not decayed (as in CLIP and open_clip)."""
-    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decayed and undecayed trainable parameters; locked ones (requires_grad False) are in neither, so
-    the optimizer keeps no state for them. A group left empty by locking is dropped."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-    return [group for group in groups if group["params"]]
+log = logging.getLogger("pretrain")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return build_adamw(param_groups(model, cfg.weight_decay), cfg)  # fused per train.fused_adamw
+    """`train.optimizer` over our parameter groups: AdamW (fused per `train.fused_adamw`), or a timm optimizer."""
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "adamw":
+        return build_adamw(groups, cfg)
+    return build_timm_optimizer(groups, cfg)
+
+
+def build_timm_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer `train.optimizer` = `timm/NAME` (open_clip_train's `--opt timm/NAME`), built by timm's
+    factory on our groups with timm's defaults for it, and `train.optimizer_kwargs` over them (betas, eps,
+    momentum, ...: their meaning differs between optimizers, so AdamW's `train.beta1/beta2/eps` stay AdamW's)."""
+    from timm.optim import create_optimizer_v2
+
+    name = cfg.optimizer.removeprefix("timm/")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.optimizer_kwargs.items()}
+    try:
+        optimizer = create_optimizer_v2(groups, name, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+    except ImportError as e:  # timm's bitsandbytes / apex optimizers need those packages
+        raise ConfigError(
+            f"train.optimizer: {cfg.optimizer} needs a package not installed here: {e}"
+        ) from None
+    except TypeError as e:  # a keyword this optimizer does not take
+        raise ConfigError(f"train.optimizer_kwargs: {e}") from None
+    log.info(
+        "optimizer: %s (timm, %s, %s)", type(optimizer).__name__, cfg.optimizer, options or "timm's defaults"
+    )
+    return optimizer
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of `cfg.lr` at optimizer step `step` (0-based): linear warmup, then `cfg.schedule`."""
+    """Multiplier of each group's base rate at optimizer step `step` (0-based): linear warmup, then
+    `cfg.schedule`. `min_lr` and `cooldown_end_lr` are fractions of `cfg.lr`, so they scale with a group's
+    rate (as open_clip's `lr_scale` scales the whole schedule)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "const":
@@ -58,15 +75,15 @@ def _cooldown_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
-    """`cfg.lr * lr_factor(step, cfg)` for every parameter group, a pure function of the step and this run's
-    config: of a checkpoint's scheduler state only the step count is kept. Loading it sets every group's
-    rate for the next step from this run's settings, so a run resumed with more `train.steps` (or another
-    `train.lr`, warmup, schedule, ...) continues exactly as a run started with them would, from the first
-    resumed step on. Without this, the groups would keep the rate the optimizer state saved (the old
+    """`base * lr_factor(step, cfg)` for every parameter group (its base: `train.lr`, or its tower's rate
+    scaled by layer decay), a pure function of the step and this run's config: of a checkpoint's scheduler
+    state only the step count is kept. Loading it sets every group's rate for the next step from this run's
+    settings, so a run resumed with more `train.steps` (or another `train.lr`, tower rate, layer decay,
+    warmup, schedule, ...) continues exactly as a run started with them would, from the first resumed step on. Without this, the groups would keep the rate the optimizer state saved (the old
     schedule's, e.g. 0 at the end of its cosine) for one step, and the base rates the saved schedule held."""
 
     def load_state_dict(self, state_dict: dict) -> None:
-        base_lrs = list(self.base_lrs)  # this run's `train.lr`, not the saved one
+        base_lrs = list(self.base_lrs)  # this run's group rates, not the saved ones
         super().load_state_dict(state_dict)
         self.base_lrs = base_lrs
         for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas, strict=True):

@@ -78,9 +78,15 @@ class GlobalRng:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-OPTIMIZER_KEPT = ("weight_decay", "beta1", "beta2", "eps")
+OPTIMIZER_KEPT = ("weight_decay", "beta1", "beta2", "eps", "optimizer_kwargs")
 """`train.*` keys whose checkpoint values a resumed run keeps: loading the optimizer's state restores its
 parameter groups' settings as saved. A changed value is warned about, not used."""
+OPTIMIZER_SHAPE = {
+    "optimizer": "adamw", "image_lr": None, "text_lr": None, "image_layer_decay": 1.0, "text_layer_decay": 1.0,
+}  # fmt: skip
+"""`train.*` keys (and their defaults, for checkpoints written before them) that decide the optimizer's
+class and how its parameter groups split: a resumed run must keep which of them are set, or the saved
+optimizer state cannot be loaded (its rates may change: each group's base rate is this run's)."""
 
 
 class RunDirError(RuntimeError):
@@ -259,6 +265,7 @@ class CheckpointManager:
         of ranks, `gathered` parts get every saved rank's state and a new rank's `rank` parts keep theirs."""
         shared = ckpt.load_trainer_state(folder)
         self._check_same_model(folder, shared)
+        self._check_same_groups(folder, shared)
         self._warn_kept(folder, shared)
         saved_world = shared.get("world", len(ckpt.rank_files(folder)))
         if saved_world != self.info.world:
@@ -306,6 +313,22 @@ class CheckpointManager:
                 f"{folder} was written by model {saved!r}, not this run's model.name {self.cfg.model.name!r}: "
                 "resume it with that model, or start this run under another run.name"
             )
+
+    def _check_same_groups(self, folder: Path, trainer_state: dict) -> None:
+        """Refuse, in one line naming the key, a run whose optimizer or group split differs from the
+        checkpoint's (torch would fail on the group count, or load one optimizer's state into another)."""
+        saved = trainer_state.get("config", {}).get("train", {})
+
+        def shape(key: str, value: Any) -> Any:
+            return value if key == "optimizer" else value != OPTIMIZER_SHAPE[key]  # set or not
+
+        for key, default in OPTIMIZER_SHAPE.items():
+            was, now = saved.get(key, default), getattr(self.cfg.train, key)
+            if shape(key, was) != shape(key, now):
+                raise RunDirError(
+                    f"{folder} was saved with train.{key}={was}, this run has {now}: the optimizer state "
+                    "does not fit another optimizer or parameter-group split; resume with the saved value"
+                )
 
     def _warn_kept(self, folder: Path, trainer_state: dict) -> None:
         """Say which changed `train.*` values the restored optimizer overrides (`OPTIMIZER_KEPT`)."""

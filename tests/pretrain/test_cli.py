@@ -45,7 +45,9 @@ def test_train_help_says_where_the_keys_are_documented(capsys):
 def flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
-        out |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        # an empty mapping is a key's value (train.optimizer_kwargs), not a section
+        nested = isinstance(value, dict) and value
+        out |= flatten(value, f"{prefix}{key}.") if nested else {f"{prefix}{key}": value}
     return out
 
 
