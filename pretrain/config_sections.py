@@ -447,6 +447,9 @@ class TrainConfig:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     """timm/NAME only: keyword arguments of the optimizer over timm's defaults (open_clip_train's --opt-kwargs),
     e.g. {betas: [0.9, 0.99], eps: 1.0e-8, momentum: 0.9}."""
+    wd_exclude: list[str] = field(default_factory=list)
+    """Parameter-name patterns (fnmatch, full names, e.g. `*pos_embed*`, `visual.proj*`) that get no weight decay,
+    on top of the default rule (gains, biases, norms, the logit scale): open_clip_train's --wd-exclude."""
     image_lr: float | None = None
     """Peak rate of the image tower (null: lr); the logit scale/bias and anything outside both towers keep lr."""
     text_lr: float | None = None

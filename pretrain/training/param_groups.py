@@ -11,6 +11,7 @@ bias, CoCa's text decoder) keep `train.lr`.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -106,7 +107,8 @@ class GroupPlan:
         if tower not in self.own:
             tower = "other"
         layer = self.layers[tower][0](inner) if tower in self.decay else -1
-        return TOWERS.index(tower), layer, not _no_decay(name, param)
+        excluded = any(fnmatch.fnmatchcase(name, pattern) for pattern in self.cfg.wd_exclude)
+        return TOWERS.index(tower), layer, not (_no_decay(name, param) or excluded)
 
     def lr(self, key: tuple) -> float:
         tower, layer = TOWERS[key[0]], key[1]

@@ -83,6 +83,7 @@ OPTIMIZER_KEPT = ("weight_decay", "beta1", "beta2", "eps", "optimizer_kwargs")
 parameter groups' settings as saved. A changed value is warned about, not used."""
 OPTIMIZER_SHAPE = {
     "optimizer": "adamw", "image_lr": None, "text_lr": None, "image_layer_decay": 1.0, "text_layer_decay": 1.0,
+    "wd_exclude": [],
 }  # fmt: skip
 """`train.*` keys (and their defaults, for checkpoints written before them) that decide the optimizer's
 class and how its parameter groups split: a resumed run must keep which of them are set, or the saved

@@ -97,6 +97,21 @@ def test_default_groups_are_open_clips_two(model):
     assert [(g["weight_decay"], g["lr"]) for g in groups] == [(0.0, LR), (0.2, LR)]
 
 
+def test_wd_exclude_patterns_join_the_undecayed_group(model):
+    """open_clip_train's --wd-exclude: fnmatch over full parameter names, on top of the default rule."""
+    patterns = ["*positional_embedding", "visual.proj"]
+    named = list(model.named_parameters())
+    exclude = [
+        p for n, p in named
+        if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+        or n.endswith("positional_embedding") or n == "visual.proj"
+    ]  # fmt: skip
+    assert len(exclude) > len(param_groups(model, TrainConfig(lr=LR))[0]["params"]) + 2
+    groups = param_groups(model, TrainConfig(lr=LR, wd_exclude=patterns))
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in exclude]
+    assert groups[0]["weight_decay"] == 0.0
+
+
 def test_each_group_follows_warmup_and_cosine_from_its_own_rate(model):
     expected = expected_base_lrs(model)
     optimizer = build_optimizer(model, DECAYED)
