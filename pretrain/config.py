@@ -2,7 +2,7 @@
 
 Every key can be overridden as `section.key=value`. Unknown keys and values of the wrong type raise
 `ConfigError` with one line that names the key, so the CLI can exit 2 with a message a user can act on.
-The sections live in `config_sections.py`; this module assembles, loads, describes and saves them, and is
+The sections live in `config_sections/`; this module assembles, loads, describes and saves them, and is
 the one to import from.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import logging
 import os
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -42,7 +43,6 @@ from pretrain.config_sections import (
     RunConfig,
     TrainConfig,
     close_matches,
-    log,
 )
 from webshards.atomic import write_atomic
 from webshards.urls import redact_url
@@ -75,6 +75,8 @@ __all__ = [
     "save_config",
     "to_dict",
 ]
+
+log = logging.getLogger("pretrain")
 
 
 @dataclass

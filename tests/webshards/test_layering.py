@@ -104,7 +104,7 @@ PRETRAIN_LAYERS = (
     ("cli",),
 )
 """pretrain's subpackages and top-level modules, bottom first: each imports only its own layer and those below."""
-LAYER_DOORS = {("pretrain/config_sections.py", "objectives")}
+LAYER_DOORS = {("pretrain/config_sections/run.py", "objectives")}
 """Upward imports on purpose: the config lists the names of `pretrain.objectives.specs` (torch-free, nothing in
 them imported) so that a typo in loss.name fails when the config loads."""
 
