@@ -413,3 +413,20 @@ def adapt_output_cut_at(unbroken: Path, cut: Path, step: int, last: int) -> Path
     shutil.copytree(unbroken, cut, ignore=shutil.ignore_patterns("model", "results.*", f"step_{last:08d}.pt"))
     (cut / "checkpoints" / "latest").write_text(f"step_{step:08d}.pt")
     return cut
+
+
+class LoaderRanks:
+    """Every rank's stream loader of one topology, in this process: the global batches they read together."""
+
+    def __init__(self, loaders: list, state: list | None = None) -> None:
+        self.loaders = loaders
+        for source in loaders if state is not None else ():
+            source.load_state_dict(state)
+
+    def state(self) -> list[dict]:
+        """What a checkpoint gathers: every rank's state, in rank order."""
+        return [source.state_dict() for source in self.loaders]
+
+    def close(self) -> None:
+        for source in self.loaders:
+            source.close()

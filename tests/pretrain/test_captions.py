@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, read_jsonl, train_in_process
+from helpers import TINY, LoaderRanks, read_jsonl, train_in_process
 
 from pretrain.config import ConfigError, DataConfig, load_config
 from pretrain.data.decode import caption_of
@@ -57,7 +57,7 @@ def caption_shards(tmp_path_factory) -> tuple[str, ...]:
     return tuple(urls)
 
 
-class Ranks:
+class Ranks(LoaderRanks):
     """Every rank's loader of one topology (world, workers) in this process: the global batches together."""
 
     def __init__(self, urls: tuple[str, ...], world: int, workers: int, state: list | None = None) -> None:
@@ -67,10 +67,7 @@ class Ranks:
                                batch_size=SHARDS * PER_SHARD // world, data=data, partitions=PARTITIONS)  # fmt: skip
             return StreamLoader(cfg, key_and_caption, as_list, as_list)
 
-        self.loaders = [loader(r) for r in range(world)]
-        for source in self.loaders:
-            if state is not None:
-                source.load_state_dict(state)
+        super().__init__([loader(r) for r in range(world)], state)
 
     def steps(self, n: int) -> list[list[str]]:
         """Each global batch's captions, in rank order."""
@@ -78,13 +75,6 @@ class Ranks:
         for _ in range(n):
             out.append([caption for source in self.loaders for caption in source.next_micro_batch()[1]])
         return out
-
-    def state(self) -> list[dict]:
-        return [source.state_dict() for source in self.loaders]
-
-    def close(self) -> None:
-        for source in self.loaders:
-            source.close()
 
 
 def read(urls, world: int, workers: int, steps: int, state: list | None = None) -> tuple[list, list]:

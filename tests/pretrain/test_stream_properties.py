@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import LoaderRanks
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -100,16 +101,15 @@ def feasible(shards: list[list[bool]], partitions: int, mode: str) -> bool:
     return has_good and (mode != "epoch" or len(shards) >= partitions)
 
 
-class Run:
+class Run(LoaderRanks):
     """Every rank's loader of one topology, in one process: the global batches they read together."""
 
     def __init__(self, urls, mode, topology, unit, buffer, partitions, state: list | None = None) -> None:
         self.topology = topology
         size = micro(topology, partitions, unit)
-        self.loaders = [loader(urls, mode, r, topology, size, buffer, partitions) for r in range(topology[0])]
-        for source in self.loaders:
-            if state is not None:
-                source.load_state_dict(state)
+        super().__init__(
+            [loader(urls, mode, r, topology, size, buffer, partitions) for r in range(topology[0])], state
+        )
 
     def steps(self, n: int) -> list[tuple]:
         """Each global batch's (keys, seeds), in rank order as gathered negatives see it."""
@@ -123,14 +123,6 @@ class Run:
                     seeds += info["seeds"]
             out.append((tuple(keys), tuple(seeds)))
         return out
-
-    def state(self) -> list[dict]:
-        """What a checkpoint gathers: every rank's state, in rank order."""
-        return [source.state_dict() for source in self.loaders]
-
-    def close(self) -> None:
-        for source in self.loaders:
-            source.close()
 
 
 @given(**settings_, topology=topologies, epochs=st.integers(1, 3))
