@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ open_clip.add_model_config(sys.argv[1])  # configs/models/ (tiny-clip, tiny-sigl
 from open_clip_train.main import main
 main(sys.argv[2:])
 """
+OPEN_CLIP_NAMES = {"tiny-siglip": "tiny-sigmoid"}  # see open_clip_models()
 LOSS = re.compile(r"(\w+): ([-+0-9.eE]+) \(")  # open_clip_train's `Contrastive_loss: 4.1 (4.2)` (val (avg))
 
 
@@ -152,8 +154,9 @@ def train_ours(args: argparse.Namespace, model: str, seed: int, spec: str, work:
     }  # fmt: skip
 
 
-def train_open_clip(args: argparse.Namespace, model: str, seed: int, spec: str, work: Path) -> dict:
+def train_open_clip(args: argparse.Namespace, name: str, seed: int, spec: str, work: Path) -> dict:
     """open_clip_train.main with the recipe, on webdataset 0.2.86 (its loader dies on 1.x)."""
+    model = OPEN_CLIP_NAMES.get(name, name)
     argv = [
         "--train-data", spec, "--dataset-type", "webdataset", "--train-num-samples", str(args.steps * args.batch_size),
         "--epochs", "1", "--model", model, "--batch-size", str(args.batch_size), "--workers", "1",
@@ -163,9 +166,9 @@ def train_open_clip(args: argparse.Namespace, model: str, seed: int, spec: str, 
         "--logs", str(work), "--name", "open_clip", "--save-frequency", "1", "--zeroshot-frequency", "0",
         "--report-to", "", "--seed", str(seed),
     ]  # fmt: skip
-    if model == "tiny-siglip":
+    if name == "tiny-siglip":
         argv.append("--siglip")
-    if model == "tiny-coca":
+    if name == "tiny-coca":
         argv += [
             "--coca-caption-loss-weight",
             str(args.caption_weight),
@@ -173,7 +176,7 @@ def train_open_clip(args: argparse.Namespace, model: str, seed: int, spec: str, 
             "1",
         ]
     env = environment(args, old_webdataset())
-    out, seconds, cpu = run([sys.executable, "-c", OPEN_CLIP_MAIN, str(ROOT / "configs/models"), *argv], env)
+    out, seconds, cpu = run([sys.executable, "-c", OPEN_CLIP_MAIN, str(args.open_clip_models), *argv], env)
     steps = [dict(LOSS.findall(line)) for line in out.splitlines() if "Train Epoch:" in line]
     checkpoint = work / "open_clip/checkpoints/epoch_1.pt"
     return {
@@ -184,13 +187,16 @@ def train_open_clip(args: argparse.Namespace, model: str, seed: int, spec: str, 
     }  # fmt: skip
 
 
+TRAINERS = {"ours": train_ours, "open_clip_train": train_open_clip}
+
+
 def score(args: argparse.Namespace, data: Path, results: list[dict]) -> None:
     """clip_benchmark's scores of every trained model, in one subprocess; added to each result."""
     models = [x for r in results for x in (r["model"], r["pretrained"])]
     cmd = [
         sys.executable,
         str(ROOT / "bench/parity_score.py"),
-        str(ROOT / "configs/models"),
+        str(args.open_clip_models),
         str(data),
         str(data / "retrieval"),
         *models,
@@ -253,6 +259,9 @@ def parse_args() -> argparse.Namespace:
         help="run both trainers of a model and seed at once (each on its own core when two are free): both then "
         "see the same load from anything else on the machine",
     )
+    add(
+        "--work", type=Path, help="keep the runs here (default: a temporary folder); a rerun skips those done"
+    )
     add("--json", type=Path, help="also write every result here")
     add("--smoke", action="store_true", help="tiny-clip, seed 0, 4 steps at batch 16 (the smoke test's)")
     args = parser.parse_args()
@@ -268,6 +277,60 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def open_clip_models(folder: Path) -> Path:
+    """configs/models' JSONs in `folder`, with tiny-siglip also as `tiny-sigmoid`: open_clip's get_tokenizer
+    gives any name containing "siglip" a T5 SigLIP tokenizer (a download), so open_clip_train trains, and
+    clip_benchmark loads, the same config under that name, with open_clip's BPE tokenizer as ours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for config in (ROOT / "configs/models").glob("*.json"):
+        shutil.copy(config, folder / config.name)
+    shutil.copy(folder / "tiny-siglip.json", folder / f"{OPEN_CLIP_NAMES['tiny-siglip']}.json")
+    return folder
+
+
+def fresh(folder: Path) -> Path:
+    """`folder`, emptied of what a stopped run left (open_clip_train refuses to start over its own logs)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def train_all(args: argparse.Namespace, spec: str, work: Path) -> list[dict]:
+    """Every model, seed and trainer, skipping those `work/results.jsonl` already holds (a rerun resumes)."""
+    log = work / "results.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    results = []
+    with ThreadPoolExecutor(2 if args.side_by_side else 1) as pool:
+        for name, seed in ((n, s) for n in args.models for s in args.seeds):
+            old = {
+                r["trainer"]: r
+                for r in done
+                if (r["name"], r["seed"], r["steps"]) == (name, seed, args.steps)
+            }
+            runs = {
+                t: pool.submit(f, args, name, seed, spec, fresh(work / f"{name}-{seed}-{t}"))
+                for t, f in TRAINERS.items()
+                if t not in old
+            }
+            for trainer in TRAINERS:
+                result = old.get(trainer) or {
+                    "name": name,
+                    "seed": seed,
+                    "trainer": trainer,
+                    **runs[trainer].result(),
+                }
+                if result["steps"] != args.steps:
+                    raise RuntimeError(f"{trainer} ran {result['steps']} steps, not {args.steps}")
+                if trainer not in old:
+                    with log.open("a") as f:
+                        f.write(json.dumps(result) + "\n")
+                results.append(result)
+                print(
+                    f"{name} seed {seed} {trainer}: loss {result['loss']:.4f}, {result['seconds']:.0f} s",
+                    flush=True,
+                )
+    return results
+
+
 def main() -> None:
     args = parse_args()
     if not (args.data / "demo.json").is_file():
@@ -275,27 +338,10 @@ def main() -> None:
 
         write_demo_data(args.data)
     spec = str(args.data / json.loads((args.data / "demo.json").read_text())["train"])
-    results = []
-    trainers = {"ours": train_ours, "open_clip_train": train_open_clip}
-    with (
-        tempfile.TemporaryDirectory(prefix="parity-") as tmp,
-        ThreadPoolExecutor(2 if args.side_by_side else 1) as pool,
-    ):
-        for name in args.models:
-            for seed in args.seeds:
-                runs = {
-                    t: pool.submit(f, args, name, seed, spec, Path(tmp) / f"{name}-{seed}-{t}")
-                    for t, f in trainers.items()
-                }
-                for trainer, future in runs.items():
-                    result = future.result()
-                    if result["steps"] != args.steps:
-                        raise RuntimeError(f"{trainer} ran {result['steps']} steps, not {args.steps}")
-                    results.append({"name": name, "seed": seed, "trainer": trainer, **result})
-                    print(
-                        f"{name} seed {seed} {trainer}: loss {result['loss']:.4f}, {result['seconds']:.0f} s",
-                        flush=True,
-                    )
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        work = args.work or Path(tmp)
+        args.open_clip_models = open_clip_models(work / "open_clip_models")
+        results = train_all(args, spec, work)
         score(args, args.data, results)
     print_table(args, results)
     if args.json:
