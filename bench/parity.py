@@ -7,7 +7,8 @@ betas / eps / weight decay (matrices only, in both), peak lr, linear warmup + co
 step count, fp32 on CPU, one loader worker, and the same OMP_NUM_THREADS. open_clip_train is epoch-based and
 steps its scheduler once per batch: one epoch of `--train-num-samples steps x batch` is exactly `steps`
 batches with one worker (fewer samples than the shards hold, so no pass ends early). Each trainer runs in its
-own subprocess, one after the other; wall time is that process's, start-up included.
+own subprocess, one after the other (both at once with --side-by-side: then both see the same load from other
+jobs); wall time is that process's, start-up included, and CPU time its and its loader worker's.
 
 Scores: clip_benchmark's zeroshot_classification top-1 on the demo's classification set and
 zeroshot_retrieval recall@5 (text->image, clip_benchmark's `image_retrieval`; and image->text) on its
@@ -16,12 +17,15 @@ open_clip_train's from its epoch_1.pt.
 
 What is not the same, by construction: the sample order (ours: data.sampling=epoch, 1000-sample shuffle
 blocks; open_clip_train: its shard shuffle and 5000-sample buffer), the model's initial weights (each
-trainer draws them from the seed its own way), and the random crops. "loss" is each trainer's training loss
-(for CoCa contrastive + caption_weight x caption) averaged over the last `--loss-window` steps, both read from
-per-step logs (ours: metrics.jsonl with log.every=1, the step's loss; open_clip_train: its `Loss: val` of
-each batch with --log-every-n-steps 1). Both compute it on that step's batch alone, before the update.
+trainer draws them from the seed its own way), and the random crops. CoCa's caption head starts differently:
+open_clip never initialises `text_decoder.text_projection` (torch.empty: zeros in practice), ours draws it
+N(0, width^-0.5) (pretrain/models/build.py). tiny-siglip is trained and scored on open_clip's side under the
+alias tiny-sigmoid (open_clip_models()). "loss" is each trainer's training loss (for CoCa contrastive +
+caption_weight x caption; "caption" is the unweighted caption loss) averaged over the last `--loss-window`
+steps, both read from per-step logs (ours: metrics.jsonl with log.every=1, the step's loss; open_clip_train:
+its `Loss: val` of each batch with --log-every-n-steps 1). Both compute it on that step's batch alone, before the update.
 
-    .venv/bin/python bench/parity.py                       # 3 models x 3 seeds at the default recipe
+    .venv/bin/python bench/parity.py --side-by-side        # 3 models x 3 seeds, 250 steps of batch 32
     .venv/bin/python bench/parity.py --smoke --data DIR     # tiny-clip, one seed, a few steps (the test's)
 """
 
@@ -182,7 +186,7 @@ def train_open_clip(args: argparse.Namespace, name: str, seed: int, spec: str, w
     return {
         "seconds": seconds, "cpu_seconds": cpu, "steps": len(steps),
         "loss": window_mean([float(s["Loss"]) for s in steps], args.loss_window),
-        "caption_loss": window_mean([float(s["Caption_loss"]) for s in steps], args.loss_window) if "Caption_loss" in steps[-1] else None,
+        "caption_loss": window_mean([float(s["Caption_loss"]) / args.caption_weight for s in steps], args.loss_window) if "Caption_loss" in steps[-1] else None,
         "model": model, "pretrained": str(checkpoint),
     }  # fmt: skip
 
@@ -239,10 +243,10 @@ def parse_args() -> argparse.Namespace:
     add = parser.add_argument
     add("--models", nargs="+", choices=MODELS, default=list(MODELS))
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    add("--steps", type=int, default=300)
+    add("--steps", type=int, default=250)
     add("--batch-size", type=int, default=32)
     add("--lr", type=float, default=1e-3)
-    add("--warmup", type=int, default=30)
+    add("--warmup", type=int, default=25)
     add("--weight-decay", type=float, default=0.1)
     add("--betas", type=float, nargs=2, default=[0.9, 0.98])
     add("--eps", type=float, default=1e-6)
