@@ -95,3 +95,21 @@ def test_adapt_small(tmp_path):
     for method in available():
         cells = [c.strip() for c in rows[method].split("|")[1:-1]]
         assert cells[1] == "1" and 0 <= float(cells[2]) <= 100, rows[method]
+
+
+@pytest.mark.slow  # ~40 s of CPU: two trainers' start-up, an export, clip_benchmark's imports
+def test_parity_smoke(tmp_path, demo_data):
+    """bench/parity.py at a few steps for tiny-clip: both trainers ran the same number of steps, clip_benchmark
+    scored both, and the table has a row (and a mean row) for each."""
+    out = tmp_path / "parity.json"
+    stdout = run_bench("parity.py", "--smoke", "--data", str(demo_data), "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert [(r["name"], r["trainer"], r["steps"]) for r in results] == [
+        ("tiny-clip", "ours", 4), ("tiny-clip", "open_clip_train", 4)
+    ], results  # fmt: skip
+    for result in results:
+        assert 0 <= result["top1"] <= 1 and 0 <= result["t2i_r5"] <= 1 and result["loss"] > 0, result
+    rows = [line.split("|") for line in stdout.splitlines() if line.startswith("tiny-clip") and "|" in line]
+    assert sorted((row[1].strip(), row[2].strip()) for row in rows) == [
+        ("0", "open_clip_train"), ("0", "ours"), ("mean", "open_clip_train"), ("mean", "ours")
+    ], stdout  # fmt: skip
