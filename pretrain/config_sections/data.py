@@ -141,6 +141,10 @@ class DataConfig:
     image_key: str = "jpg;jpeg;png;webp"
     """Tar member extensions that may hold the image, `;`-separated; the first present is used (open_clip's
     webdataset reader: `jpg;png;jpeg;webp`)."""
+    max_image_pixels: int | None = None
+    """A training image of more pixels (width x height, read from its header before decoding) is a bad sample,
+    `too_many_pixels` (open_clip main's `--max-image-pixels`, whose default is 25,000,000); null: only PIL's own
+    decompression-bomb limit."""
     table_image_key: str = "filepath"
     """`data.train` a .csv/.tsv/.parquet/.jsonl table: the column of image paths (relative to the table's
     folder) or URLs (open_clip's `--csv-img-key`)."""
@@ -199,6 +203,11 @@ class DataConfig:
         for name in ("shuffle_buffer", "prefetch", "bad_window", "synthetic_classes"):
             _check(getattr(self, name) > 0, f"data.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in (0, 1]")
+        _check(
+            self.max_image_pixels is None or self.max_image_pixels > 0,
+            "data.max_image_pixels",
+            f"must be > 0 or null, got {self.max_image_pixels}",
+        )
 
     def _check_keys(self) -> None:
         member, colon, fields = self.text_key.partition(":")

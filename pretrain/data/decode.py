@@ -63,22 +63,36 @@ def _texts(raw: dict, key: str) -> list[str]:
     return []
 
 
-def open_image(raw: dict, min_size: int, image_keys: tuple[str, ...] = IMAGE_EXTENSIONS) -> Image.Image:
+def open_image(
+    raw: dict, min_size: int, image_keys: tuple[str, ...] = IMAGE_EXTENSIONS, max_pixels: int | None = None
+) -> Image.Image:
     """Decode the sample's image (its first member of `image_keys`) in RGB, at reduced size when it is at least
-    twice `min_size` (0: full size)."""
+    twice `min_size` (0: full size). An image of more than `max_pixels` pixels is a bad sample, refused from its
+    header before the costly decode (open_clip's `--max-image-pixels`)."""
     ext = image_extension(raw, image_keys)
     if ext is None:
         raise BadSample("missing_image")
     try:
         image = Image.open(io.BytesIO(raw[ext]))
+        check_pixels(image, max_pixels)
         if image.format == "JPEG" and min_size:
             image.draft("RGB", (min_size, min_size))  # keeps both sides >= min_size
         image.load()
         if image.mode != "RGB":  # convert() copies even when there is nothing to convert
             image = image.convert("RGB")
+    except BadSample:  # too many pixels (a ValueError too)
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSample("bad_image", str(e)) from None
     return image
+
+
+def check_pixels(image: Image.Image, max_pixels: int | None) -> None:
+    """A bad sample (`too_many_pixels`) when the image's header says it has more than `max_pixels` pixels."""
+    if max_pixels and image.width * image.height > max_pixels:
+        raise BadSample(
+            "too_many_pixels", f"{image.width}x{image.height} > data.max_image_pixels={max_pixels}"
+        )
 
 
 def decode_cpu(
@@ -87,10 +101,11 @@ def decode_cpu(
     size: int,
     text_key: str = "txt",
     image_keys: tuple[str, ...] = IMAGE_EXTENSIONS,
+    max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, str]:
     """(image tensor, caption): the model's own transform runs in the loader worker."""
     caption = caption_of(raw, text_key)
-    return transform(open_image(raw, size, image_keys)), caption
+    return transform(open_image(raw, size, image_keys, max_pixels)), caption
 
 
 def to_uint8(image: Image.Image) -> torch.Tensor:
@@ -101,18 +116,30 @@ def to_uint8(image: Image.Image) -> torch.Tensor:
 
 
 def decode_uint8(
-    raw: dict, size: int, text_key: str = "txt", image_keys: tuple[str, ...] = IMAGE_EXTENSIONS
+    raw: dict,
+    size: int,
+    text_key: str = "txt",
+    image_keys: tuple[str, ...] = IMAGE_EXTENSIONS,
+    max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, str]:
     """(uint8 CHW tensor at reduced-decode size, caption): resizing and normalising happen on the device."""
-    return decode_cpu(raw, to_uint8, size, text_key, image_keys)
+    return decode_cpu(raw, to_uint8, size, text_key, image_keys, max_pixels)
 
 
-def raw_image_bytes(raw: dict, text_key: str = "txt") -> tuple[torch.Tensor, str]:
+def raw_image_bytes(
+    raw: dict, text_key: str = "txt", max_pixels: int | None = None
+) -> tuple[torch.Tensor, str]:
     """(encoded JPEG bytes as a uint8 tensor, caption): for nvJPEG decoding on the GPU."""
     caption = caption_of(raw, text_key)
     data = next((raw[e] for e in ("jpg", "jpeg") if e in raw), None)
     if data is None:
         raise BadSample("missing_image", "gpu decoding needs JPEG")
+    if max_pixels:
+        try:
+            image = Image.open(io.BytesIO(data))  # the header only
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadSample("bad_image", str(e)) from None
+        check_pixels(image, max_pixels)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), caption
 
 

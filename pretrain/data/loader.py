@@ -450,6 +450,7 @@ class WebDatasetSource(StreamLoader):
         # eval sets are clip_benchmark's layout (KEY.cls / KEY.txt); training reads data.text_key / image_key
         text_key = {"labels": "cls", "captions": "txt"}.get(self.targets, self.cfg.text_key)
         image_keys = self.cfg.image_keys if not benchmark else IMAGE_EXTENSIONS
+        max_pixels = None if benchmark else self.cfg.max_image_pixels
         if fast is None:  # eval sets, data.decode=cpu, or a transform only PIL runs: the plain CPU path
             sample_transform, normalize = split_transform(transform)
             finish = functools.partial(_normalize_on, normalize, self.device) if normalize else None
@@ -461,15 +462,18 @@ class WebDatasetSource(StreamLoader):
                     size=0 if benchmark else size,
                     text_key=text_key,
                     image_keys=image_keys,
+                    max_pixels=max_pixels,
                 ),
                 _stack,
                 finish,
             )
         nvjpeg = self.cfg.decode == "nvjpeg"
         decode = (
-            functools.partial(dec.raw_image_bytes, text_key=text_key)
+            functools.partial(dec.raw_image_bytes, text_key=text_key, max_pixels=max_pixels)
             if nvjpeg
-            else functools.partial(dec.decode_uint8, size=size, text_key=text_key, image_keys=image_keys)
+            else functools.partial(
+                dec.decode_uint8, size=size, text_key=text_key, image_keys=image_keys, max_pixels=max_pixels
+            )
         )
         return decode, _as_list, DeviceFinish(fast, self.device, encoded=nvjpeg)
 

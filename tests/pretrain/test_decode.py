@@ -3,6 +3,7 @@ to resampling differences (the GPU paths run here on the CPU, through the same c
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -12,7 +13,7 @@ from helpers import TINY
 from PIL import Image
 
 from pretrain.config import load_config
-from pretrain.data.decode import decode_cpu, open_image
+from pretrain.data.decode import decode_cpu, decode_uint8, open_image, raw_image_bytes
 from pretrain.data.loader import WebDatasetSource
 from pretrain.models.build import build_model
 from webshards.layout import ShardWriter, key_for, write_sizes
@@ -142,3 +143,36 @@ def test_transforms_that_differ_on_tensors_are_left_to_pil():
     )
     assert TensorTransform.wrap(T.Compose([T.Resize(32), T.ToTensor()])) is None  # no Normalize
     assert TensorTransform.wrap(lambda im: im) is None
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [functools.partial(decode_cpu, transform=lambda im: im, size=64), functools.partial(decode_uint8, size=64),
+     raw_image_bytes],
+    ids=["cpu", "device", "nvjpeg"],
+)  # fmt: skip
+def test_images_over_max_image_pixels_are_bad_samples_on_every_path(decode):
+    """open_clip main's `--max-image-pixels`: width x height from the header, over the limit: a bad sample."""
+    small, big = {"jpg": photo(1, 400, 300), "txt": b"x"}, {"jpg": photo(0, 1000, 600), "txt": b"x"}
+    decode(small, max_pixels=500_000)
+    decode(big, max_pixels=None)
+    with pytest.raises(BadSample) as err:
+        decode(big, max_pixels=500_000)
+    assert err.value.reason == "too_many_pixels" and "1000x600" in str(err.value)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_training_stream_skips_images_over_data_max_image_pixels(large_shard, decode):
+    """The large shard's photos are (640 + 37 i) x (480 + 23 i): the limit keeps exactly those within it (the
+    shard shuffled whole, so without the limit the first batch would hold larger ones too)."""
+    limit = 600_000
+    within = {key_for(0, i) for i in range(12) if (640 + 37 * i) * (480 + 23 * i) <= limit}
+    bundle = build_model(load_config(TINY).model)
+    cfg = load_config(
+        TINY, [f"data.decode={decode}", f"data.max_image_pixels={limit}", "data.shuffle_buffer=12"]
+    )
+    source = WebDatasetSource(
+        str(large_shard), cfg.data, "epoch", 0, len(within), 0, 1, bundle, torch.device("cpu")
+    )
+    _, _, info = source.next_batch_with_info()
+    assert set(info["keys"]) == within and 0 < len(within) < 12
