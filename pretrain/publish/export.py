@@ -13,9 +13,6 @@ from safetensors.torch import save_file
 from pretrain.data.card import CARD_FILE
 from pretrain.models.build import (
     load_checkpoint_model,
-    resolve_model_name,
-    resolved_model_cfg,
-    saved_model_config,
 )
 from pretrain.models.checkpoint import load_trainer_state, resolve_checkpoint, verify_checkpoint
 from pretrain.publish.model_card import model_card
@@ -58,13 +55,11 @@ def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -
     bundle = load_checkpoint_model(folder)
     if weights == "ensemble":
         apply_ensemble(folder, bundle.model)
-    name = resolve_model_name(cfg["model"]["name"])
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model_cfg = resolved_model_cfg(name, saved_model_config(cfg["model"]))
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(bundle.model)}
+    config = {"model_cfg": bundle.model_cfg, "preprocess_cfg": preprocess_cfg(bundle.model)}
     (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     tensors = {k: v.detach().contiguous().cpu() for k, v in bundle.model.state_dict().items()}
     save_file(tensors, str(tmp / "open_clip_model.safetensors"))
@@ -72,7 +67,7 @@ def export(checkpoint: str | Path, output: str | Path, weights: str = "final") -
         bundle.tokenizer.save_pretrained(str(tmp))
     rows = read_metrics(folder.parent.parent / "metrics.jsonl")
     data = copy_data_card(folder.parent.parent, tmp)
-    card = model_card(name, config["model_cfg"], cfg, rows, state["step"], str(folder), data)
+    card = model_card(bundle.name, config["model_cfg"], cfg, rows, state["step"], str(folder), data)
     (tmp / "README.md").write_text(card)
     return _replace(tmp, out)
 

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.evaluation.tasks import write_results
-from pretrain.models.build import resolved_model_cfg
 from pretrain.parallel.distributed import DistInfo, all_reduce_mean, world
 from pretrain.training.flops import mfu, peak_flops, train_flops_per_sample
 from pretrain.training.metrics import MetricsWriter, first_step_line
@@ -42,17 +41,18 @@ class MetricsProcessor:
     """The rows of a training run: `record` each step (device values kept, only `time.perf_counter` read),
     `log_train` on log steps (whose sync makes the interval's wall time cover the device work it queued),
     `log_first_step` once, `log_eval` after an eval. `parts` names the objective's logged loss parts;
-    `source` may count skipped samples (`skipped`, `skipped_by_reason()`)."""
+    `source` may count skipped samples (`skipped`, `skipped_by_reason()`); `model_cfg`: open_clip's config of
+    the model as built, for MFU."""
 
     def __init__(
         self, cfg: Config, info: DistInfo, device: torch.device, state: TrainState, source, parts: tuple,
-        model_name: str,
+        model_cfg: dict | None,
     ) -> None:  # fmt: skip
         self.cfg, self.info, self.device, self.state = cfg, info, device, state
         self.source, self.parts = source, parts
         self.writer = MetricsWriter(cfg, info.is_main, resume_step=state.step)
         self.global_batch = cfg.train.batch_size * info.world * cfg.train.accum_steps
-        self.flops_per_sample = train_flops_per_sample(resolved_model_cfg(model_name, cfg.model))
+        self.flops_per_sample = train_flops_per_sample(model_cfg)  # the model as built (force_* applied)
         self.peak_flops = peak_flops(device, cfg.train.precision, cfg.log.peak_tflops)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self._loss, self._parts, self._grad_norm, self._lr, self._last_skipped = None, {}, None, 0.0, 0

@@ -70,7 +70,7 @@ class Trainer:
         self._register_state()
         self.checkpoints.start()  # prepares the run directory; resumes the checkpoint `resume` selects
         self.metrics = MetricsProcessor(
-            cfg, self.info, self.device, self.state, self.source, self.objective.parts, self.bundle.name
+            cfg, self.info, self.device, self.state, self.source, self.objective.parts, self.bundle.model_cfg
         )
         self.preemption = Preemption(cfg.dist.timeout)  # last: nothing after it can fail
         self.preempted = self.interrupted = False  # stopped early by SIGUSR1/SIGTERM (requeue), by Ctrl-C
