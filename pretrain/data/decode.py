@@ -72,27 +72,34 @@ def open_image(
     ext = image_extension(raw, image_keys)
     if ext is None:
         raise BadSample("missing_image")
+    image = open_header(raw[ext], max_pixels)
     try:
-        image = Image.open(io.BytesIO(raw[ext]))
-        check_pixels(image, max_pixels)
         if image.format == "JPEG" and min_size:
             image.draft("RGB", (min_size, min_size))  # keeps both sides >= min_size
         image.load()
         if image.mode != "RGB":  # convert() copies even when there is nothing to convert
             image = image.convert("RGB")
-    except BadSample:  # too many pixels (a ValueError too)
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except BAD_IMAGE as e:
         raise BadSample("bad_image", str(e)) from None
     return image
 
 
-def check_pixels(image: Image.Image, max_pixels: int | None) -> None:
-    """A bad sample (`too_many_pixels`) when the image's header says it has more than `max_pixels` pixels."""
+BAD_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises for bytes that are no image it can read."""
+
+
+def open_header(data: bytes, max_pixels: int | None) -> Image.Image:
+    """The image of `data`, its header read (PIL decodes lazily); a bad sample when PIL cannot read it
+    (`bad_image`) or it has more than `max_pixels` pixels (`too_many_pixels`)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except BAD_IMAGE as e:
+        raise BadSample("bad_image", str(e)) from None
     if max_pixels and image.width * image.height > max_pixels:
         raise BadSample(
             "too_many_pixels", f"{image.width}x{image.height} > data.max_image_pixels={max_pixels}"
         )
+    return image
 
 
 def decode_cpu(
@@ -135,11 +142,7 @@ def raw_image_bytes(
     if data is None:
         raise BadSample("missing_image", "gpu decoding needs JPEG")
     if max_pixels:
-        try:
-            image = Image.open(io.BytesIO(data))  # the header only
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadSample("bad_image", str(e)) from None
-        check_pixels(image, max_pixels)
+        open_header(data, max_pixels)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), caption
 
 
