@@ -100,9 +100,8 @@ class DeviceFinish:
             images = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device)
         out, patches = [], []
         for image, seed in zip(images, seeds, strict=True):
-            with dec.seeded(
-                seed, restore=True
-            ):  # the main process's own random streams are left as they were
+            # restore: the main process's own random streams are left as they were
+            with dec.seeded(seed, restore=True):
                 x = self.transform.apply(image.to(self.device, non_blocking=True))
                 patches.append(self.transform.draw_erasing(x.shape[-2:]))
             out.append(x)

@@ -181,10 +181,8 @@ def _apply(step, x: torch.Tensor) -> torch.Tensor:
     if isinstance(step, CROPS):
         top, left, h, w = step.get_params(x, step.scale, step.ratio)
         mode = step.interpolation
-        if isinstance(
-            mode, (tuple, list)
-        ):  # timm's 'random' interpolation: drawn after the box, as timm does
-            mode = random.choice(mode)
+        if isinstance(mode, (tuple, list)):  # timm's 'random' interpolation
+            mode = random.choice(mode)  # drawn after the box, as timm does
         return F.resized_crop(x, top, left, h, w, list(step.size), mode, antialias=True)
     if isinstance(step, T.Resize):
         return F.resize(x, step.size, step.interpolation, step.max_size, antialias=True)

@@ -79,8 +79,9 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
     scaled by layer decay), a pure function of the step and this run's config: of a checkpoint's scheduler
     state only the step count is kept. Loading it sets every group's rate for the next step from this run's
     settings, so a run resumed with more `train.steps` (or another `train.lr`, tower rate, layer decay,
-    warmup, schedule, ...) continues exactly as a run started with them would, from the first resumed step on. Without this, the groups would keep the rate the optimizer state saved (the old
-    schedule's, e.g. 0 at the end of its cosine) for one step, and the base rates the saved schedule held."""
+    warmup, schedule, ...) continues exactly as a run started with them would, from the first resumed step
+    on. Without this, the groups would keep the rate the optimizer state saved (the old schedule's, e.g. 0 at
+    the end of its cosine) for one step, and the base rates the saved schedule held."""
 
     def load_state_dict(self, state_dict: dict) -> None:
         base_lrs = list(self.base_lrs)  # this run's group rates, not the saved ones
