@@ -26,12 +26,13 @@ import pyarrow.parquet as pq
 from pretrain.config import Config, ConfigError, DataConfig
 from pretrain.parallel.distributed import gather_objects
 from webshards.atomic import write_json_atomic
+from webshards.fingerprints import file_record
 
 log = logging.getLogger("pretrain")
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
 SHARDS_DIR = "table_shards"
-TABLE_FILE = "table.json"  # the table the shards were built from, and its content's sha256
+TABLE_FILE = "table.json"  # the table the shards were built from, and its content's fingerprint (sha256)
 MAX_SAMPLES_PER_SHARD = 10000  # data-tools build's default
 LIST_FIELD = "captions"  # KEY.json field data-tools build writes a list cell's captions to
 
@@ -82,7 +83,7 @@ def _ensure_shards(data: DataConfig, table: Path, folder: Path) -> None:
         column = getattr(data, key)
         if column not in columns:
             raise ConfigError(f"data.{key}: no column {column!r} in {table} (columns: {', '.join(columns)})")
-    digest = _sha256(table)
+    digest = file_record("table", table)["fingerprint"]  # the lineage's fingerprint of a file: its sha256
     if (folder / "sizes.json").is_file():
         built = json.loads((folder / TABLE_FILE).read_text()) if (folder / TABLE_FILE).is_file() else {}
         if built.get("sha256") != digest:
@@ -164,11 +165,3 @@ def _samples_per_shard(table: Path) -> int:
         with open(table, "rb") as f:
             rows = sum(1 for _ in f) - (table.suffix.lower() != ".jsonl")
     return max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(rows / 64)))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
