@@ -53,11 +53,16 @@ def tower_of(model: nn.Module, name: str) -> tuple[str, str]:
     return "other", name
 
 
+def tower_module(model: nn.Module, tower: str) -> nn.Module:
+    """The module holding `tower` (`image` or `text`): open_clip's CLIP keeps its text tower on itself."""
+    return model.visual if tower == "image" else getattr(model, "text", model)
+
+
 def tower_layers(model: nn.Module, tower: str) -> tuple[Callable[[str], int], int] | None:
     """(layer of a parameter by its name inside the tower, the top layer) for an open_clip ViT or text
     transformer, or a timm image tower (its trunk's `group_matcher`); None for a tower whose layers this
     project does not number (Hugging Face, ModifiedResNet)."""
-    module = model.visual if tower == "image" else getattr(model, "text", model)
+    module = tower_module(model, tower)
     known = VisionTransformer if tower == "image" else (TextTransformer, CLIP)
     if isinstance(module, known):
         depth = len(module.transformer.resblocks)
@@ -94,7 +99,7 @@ class GroupPlan:
     def _layers(self, tower: str) -> tuple[Callable[[str], int], int]:
         layers = tower_layers(self.model, tower)
         if layers is None:
-            module = self.model.visual if tower == "image" else getattr(self.model, "text", self.model)
+            module = tower_module(self.model, tower)
             raise ConfigError(
                 f"train.{tower}_layer_decay: this {tower} tower ({type(module).__name__}) has no layers this "
                 "project can number (open_clip's ViT and text transformers, timm image towers); leave it 1.0"
