@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from pretrain.adapt import loop, lora
 from pretrain.adapt.data import AdaptRun, LabelledImages, compute_features, load_pixels
 from pretrain.adapt.glad import GLADConfig, glad_objective
-from pretrain.parallel.distributed import world
+from pretrain.parallel.distributed import all_reduce_mean, world
 from pretrain.publish.export import preprocess_cfg
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -176,13 +176,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over the job's ranks (all-reduced: every rank gets it)."""
-    total = tensor.clone()
-    torch.distributed.all_reduce(total)
-    return total / world()[1]
-
-
 def step_loss(task: ClassPrompts, device: torch.device, glad: GLADConfig | None) -> loop.LossFn:
     """The shared loop's loss: CLIP-LoRA's cross-entropy through `model` (plus GLAD's term when given)."""
 
@@ -191,7 +184,7 @@ def step_loss(task: ClassPrompts, device: torch.device, glad: GLADConfig | None)
         value = task.loss(model, indices)
         if glad is None:
             return value
-        average = mean_over_ranks if world()[1] > 1 else None
+        average = all_reduce_mean if world()[1] > 1 else None
         _, term = glad_objective(unwrap(model), indices, task.loss, glad, average=average)
         return value + term
 
