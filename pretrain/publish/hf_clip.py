@@ -178,22 +178,28 @@ def encoder_weights(blocks: nn.ModuleList, prefix: str) -> dict[str, torch.Tenso
     for i, block in enumerate(blocks):
         layer = f"{prefix}.encoder.layers.{i}"
         attn = block.attn
-        width = attn.embed_dim
-        bias = attn.in_proj_bias if attn.in_proj_bias is not None else torch.zeros(3 * width)
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[f"{layer}.self_attn.{name}.weight"] = attn.in_proj_weight[j * width : (j + 1) * width]
-            out[f"{layer}.self_attn.{name}.bias"] = bias[j * width : (j + 1) * width]
+        out.update(qkv_weights(attn.in_proj_weight, attn.in_proj_bias, f"{layer}.self_attn"))
         parts = {"self_attn.out_proj": attn.out_proj, "layer_norm1": block.ln_1, "layer_norm2": block.ln_2,
                  "mlp.fc1": block.mlp.c_fc, "mlp.fc2": block.mlp.c_proj}  # fmt: skip
         for name, module in parts.items():
-            out[f"{layer}.{name}.weight"] = module.weight
-            out[f"{layer}.{name}.bias"] = module.bias
+            out.update(weight_and_bias(module, f"{layer}.{name}"))
     return out
 
 
-def _norm(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """A LayerNorm's weight and bias under transformers' `name`."""
-    return {f"{name}.weight": module.weight, f"{name}.bias": module.bias}
+def qkv_weights(weight: torch.Tensor, bias: torch.Tensor | None, prefix: str) -> dict[str, torch.Tensor]:
+    """A packed (q, k, v) projection split into transformers' `q_proj`, `k_proj`, `v_proj` under `prefix`
+    (zero biases where it has none)."""
+    bias = bias if bias is not None else torch.zeros(weight.shape[0])
+    out = {}
+    for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weight.chunk(3), bias.chunk(3), strict=True):
+        out.update({f"{prefix}.{name}.weight": w, f"{prefix}.{name}.bias": b})
+    return out
+
+
+def weight_and_bias(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A Linear's, convolution's or LayerNorm's weight and bias (zeros where it has none) under `name`."""
+    bias = module.bias if module.bias is not None else torch.zeros(module.weight.shape[0])
+    return {f"{name}.weight": module.weight, f"{name}.bias": bias}
 
 
 def clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -203,14 +209,14 @@ def clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         "vision_model.embeddings.class_embedding": visual.class_embedding,
         "vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
         "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
-        **_norm(visual.ln_pre, "vision_model.pre_layrnorm"),  # transformers' spelling
+        **weight_and_bias(visual.ln_pre, "vision_model.pre_layrnorm"),  # transformers' spelling
         **encoder_weights(visual.transformer.resblocks, "vision_model"),
-        **_norm(visual.ln_post, "vision_model.post_layernorm"),
+        **weight_and_bias(visual.ln_post, "vision_model.post_layernorm"),
         "visual_projection.weight": visual.proj.T,
         "text_model.embeddings.token_embedding.weight": text.token_embedding.weight,
         "text_model.embeddings.position_embedding.weight": text.positional_embedding,
         **encoder_weights(text.transformer.resblocks, "text_model"),
-        **_norm(text.ln_final, "text_model.final_layer_norm"),
+        **weight_and_bias(text.ln_final, "text_model.final_layer_norm"),
         "text_projection.weight": text.text_projection.T,
         "logit_scale": model.logit_scale.reshape(()),
     }

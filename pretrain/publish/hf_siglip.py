@@ -19,7 +19,15 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
-from pretrain.publish.hf_clip import LAYER_NORMS, blocks_problem, encoder_weights, hidden_act, text_tower
+from pretrain.publish.hf_clip import (
+    LAYER_NORMS,
+    blocks_problem,
+    encoder_weights,
+    hidden_act,
+    qkv_weights,
+    text_tower,
+    weight_and_bias,
+)
 
 NORMS = (*LAYER_NORMS, TimmLayerNorm)  # each computes nn.LayerNorm's function
 TIMM_HINT = (
@@ -211,41 +219,32 @@ def siglip_config(model: nn.Module, tokenizer: object) -> dict:
             "text_config": text_cfg, "vision_config": vision_cfg}  # fmt: skip
 
 
-def _linear(module: nn.Linear, name: str) -> dict[str, torch.Tensor]:
-    """A Linear's or LayerNorm's weight and bias (zeros where it has none) under transformers' `name`."""
-    bias = module.bias if module.bias is not None else torch.zeros(module.weight.shape[0])
-    return {f"{name}.weight": module.weight, f"{name}.bias": bias}
-
-
 def _vision_layers(trunk: VisionTransformer) -> dict[str, torch.Tensor]:
     """SiglipEncoder's layers from timm's blocks; the packed `qkv` split into q, k, v (timm's order)."""
     out = {}
     for i, block in enumerate(trunk.blocks):
         layer = f"vision_model.encoder.layers.{i}"
-        qkv = _linear(block.attn.qkv, "qkv")
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            for kind in ("weight", "bias"):
-                out[f"{layer}.self_attn.{name}.{kind}"] = qkv[f"qkv.{kind}"].chunk(3)[j]
+        out.update(qkv_weights(block.attn.qkv.weight, block.attn.qkv.bias, f"{layer}.self_attn"))
         parts = {"self_attn.out_proj": block.attn.proj, "layer_norm1": block.norm1, "layer_norm2": block.norm2,
                  "mlp.fc1": block.mlp.fc1, "mlp.fc2": block.mlp.fc2}  # fmt: skip
         for name, module in parts.items():
-            out.update(_linear(module, f"{layer}.{name}"))
+            out.update(weight_and_bias(module, f"{layer}.{name}"))
     return out
 
 
 def _vision_head(pool: AttentionPoolLatent) -> dict[str, torch.Tensor]:
     """SiglipMultiheadAttentionPoolingHead from timm's MAP head: its latent is the probe; the query and the
     packed key/value Linears make nn.MultiheadAttention's packed in_proj (q, k, v)."""
-    q, kv = _linear(pool.q, "q"), _linear(pool.kv, "kv")
+    q, kv = weight_and_bias(pool.q, "q"), weight_and_bias(pool.kv, "kv")
     head = "vision_model.head"
     return {
         f"{head}.probe": pool.latent,
         f"{head}.attention.in_proj_weight": torch.cat([q["q.weight"], kv["kv.weight"]]),
         f"{head}.attention.in_proj_bias": torch.cat([q["q.bias"], kv["kv.bias"]]),
-        **_linear(pool.proj, f"{head}.attention.out_proj"),
-        **_linear(pool.norm, f"{head}.layernorm"),
-        **_linear(pool.mlp.fc1, f"{head}.mlp.fc1"),
-        **_linear(pool.mlp.fc2, f"{head}.mlp.fc2"),
+        **weight_and_bias(pool.proj, f"{head}.attention.out_proj"),
+        **weight_and_bias(pool.norm, f"{head}.layernorm"),
+        **weight_and_bias(pool.mlp.fc1, f"{head}.mlp.fc1"),
+        **weight_and_bias(pool.mlp.fc2, f"{head}.mlp.fc2"),
     }
 
 
@@ -254,15 +253,15 @@ def siglip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     trunk, text = model.visual.trunk, text_tower(model)
     weight, bias = _text_projection(text)
     state = {
-        **_linear(trunk.patch_embed.proj, "vision_model.embeddings.patch_embedding"),
+        **weight_and_bias(trunk.patch_embed.proj, "vision_model.embeddings.patch_embedding"),
         "vision_model.embeddings.position_embedding.weight": trunk.pos_embed[0],
         **_vision_layers(trunk),
-        **_linear(trunk.norm, "vision_model.post_layernorm"),
+        **weight_and_bias(trunk.norm, "vision_model.post_layernorm"),
         **_vision_head(trunk.attn_pool),
         "text_model.embeddings.token_embedding.weight": text.token_embedding.weight,
         "text_model.embeddings.position_embedding.weight": text.positional_embedding,
         **encoder_weights(text.transformer.resblocks, "text_model"),
-        **_linear(text.ln_final, "text_model.final_layer_norm"),
+        **weight_and_bias(text.ln_final, "text_model.final_layer_norm"),
         "text_model.head.weight": weight,
         "text_model.head.bias": bias,
         "logit_scale": model.logit_scale.reshape(1),
